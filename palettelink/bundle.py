@@ -1,0 +1,180 @@
+"""Versioned bundle folders: ``<root>/<name>/<version>/manifest.json`` plus the files it lists.
+
+The manifest holds the sha256 of every file; :meth:`Bundle.load` refuses a folder whose files do not
+match. The *table hash* (sent in every stream header) covers exactly what encoder and decoder must
+agree on: the split spec and the frozen codec tables. It does not cover the ONNX front, whose bytes
+may differ between exports that compute the same thing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from palettelink.errors import BundleError, BundleNotFound
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def default_root() -> Path:
+    """Where bundles live: ``$PALETTELINK_BUNDLES`` or ``./bundles``."""
+    return Path(os.environ.get("PALETTELINK_BUNDLES", "bundles"))
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor that crosses the split: produced by ``layer`` of the full network."""
+
+    name: str
+    layer: int
+    shape: tuple[int, int, int]  # C, h, w at the bundle's input size
+
+
+def table_hash_of(manifest: dict[str, Any]) -> str:
+    """sha256 over the canonical JSON of the split spec and the frozen codec tables' hashes."""
+    files = manifest.get("files", {})
+    body = {
+        "split": manifest["split"],
+        "tables": {k: files[k] for k in sorted(manifest.get("tables", []))},
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write through a temporary file and rename, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_manifest(folder: str | os.PathLike[str], manifest: dict[str, Any]) -> dict[str, Any]:
+    """Fill in ``files`` (sha256 of every file in the folder) and ``table_hash``; write atomically."""
+    folder = Path(folder)
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith("."):
+            files[p.relative_to(folder).as_posix()] = sha256_file(p)
+    m = dict(manifest, format=MANIFEST_FORMAT, files=files)
+    missing = [t for t in m.get("tables", []) if t not in files]
+    if missing:
+        raise BundleError(f"tables listed but not present in {folder}: {missing}")
+    m["table_hash"] = table_hash_of(m)
+    atomic_write_bytes(folder / MANIFEST, (json.dumps(m, indent=2, sort_keys=True) + "\n").encode())
+    return m
+
+
+class Bundle:
+    """A loaded, verified bundle. Holds paths and metadata only; sessions are made by the users."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.name: str = manifest["name"]
+        self.version: str = str(manifest["version"])
+        self.task: str = manifest.get("task", "detect")
+        self.class_names: list[str] = list(manifest.get("class_names", []))
+        self.input_size: int = int(manifest.get("input_size", 640))
+        self.tensors = [
+            TensorSpec(t["name"], int(t["layer"]), tuple(int(x) for x in t["shape"]))  # type: ignore[arg-type]
+            for t in manifest["split"]["tensors"]
+        ]
+        self.table_hash_hex: str = manifest["table_hash"]
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}/{self.version}"
+
+    @property
+    def table_hash(self) -> bytes:
+        """The 8-byte prefix sent in stream headers."""
+        return bytes.fromhex(self.table_hash_hex)[:8]
+
+    @property
+    def codecs(self) -> dict[str, Any]:
+        return dict(self.manifest.get("codecs", {}))
+
+    def file(self, name: str) -> Path:
+        if name not in self.manifest.get("files", {}):
+            raise BundleError(f"bundle {self.id} has no file {name!r}")
+        return self.path / name
+
+    def has_file(self, name: str) -> bool:
+        return name in self.manifest.get("files", {})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], verify: bool = True) -> Bundle:
+        path = Path(path)
+        mpath = path / MANIFEST
+        if not mpath.is_file():
+            raise BundleNotFound(f"no bundle at {path} (missing {MANIFEST}); build one with "
+                                 "`palettelink build-bundle`")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise BundleError(f"unreadable manifest {mpath}: {e}") from e
+        for key in ("name", "version", "split", "files", "table_hash"):
+            if key not in manifest:
+                raise BundleError(f"manifest {mpath} lacks {key!r}")
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise BundleError(f"manifest {mpath} has format {manifest.get('format')}, "
+                              f"this build reads {MANIFEST_FORMAT}")
+        if verify:
+            for rel, digest in manifest["files"].items():
+                fp = path / rel
+                if not fp.is_file():
+                    raise BundleError(f"bundle {path} is missing {rel}")
+                if sha256_file(fp) != digest:
+                    raise BundleError(f"bundle {path}: {rel} does not match its sha256 in the manifest")
+            if table_hash_of(manifest) != manifest["table_hash"]:
+                raise BundleError(f"bundle {path}: table hash does not match the manifest")
+        return cls(path, manifest)
+
+
+def find_bundle(name: str, root: str | os.PathLike[str] | None = None, verify: bool = True) -> Bundle:
+    """Resolve ``name`` (a folder path, ``name`` or ``name/version``) to a loaded bundle.
+
+    A bare name picks the highest version (numeric versions compare as numbers).
+    """
+    p = Path(name)
+    if (p / MANIFEST).is_file():
+        return Bundle.load(p, verify)
+    root = Path(root) if root is not None else default_root()
+    if "/" in name:
+        return Bundle.load(root / name, verify)
+    base = root / name
+    versions = [d for d in base.iterdir() if (d / MANIFEST).is_file()] if base.is_dir() else []
+    if not versions:
+        raise BundleNotFound(f"no bundle named {name!r} under {root.resolve()}; "
+                             "build one with `palettelink build-bundle`")
+
+    def key(d: Path) -> tuple[int, int | str]:
+        return (0, int(d.name)) if d.name.isdigit() else (1, d.name)
+
+    return Bundle.load(max(versions, key=key), verify)
+
+
+def list_bundles(root: str | os.PathLike[str] | None = None) -> list[Path]:
+    root = Path(root) if root is not None else default_root()
+    if not root.is_dir():
+        return []
+    return sorted(p.parent for p in root.glob(f"*/*/{MANIFEST}"))

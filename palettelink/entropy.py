@@ -1,0 +1,132 @@
+"""Entropy coding over integer frequency tables, with ``constriction``'s ANS coder.
+
+Every model that reaches the coder is an *integer* table (frozen in a bundle, or sent in the stream).
+It is turned into float64 probabilities by one exact IEEE division per entry, which every machine
+computes identically, and constriction's fixed-point quantisation of those floats is deterministic.
+So encoder and decoder agree bit-exactly on any machine (the failure CompressAI users hit when float
+CDFs are recomputed on another device cannot happen here).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import constriction
+
+from palettelink.errors import InvalidStream
+
+Categorical = constriction.stream.model.Categorical
+AnsCoder = constriction.stream.stack.AnsCoder
+
+PROB_BITS = 16  # integer tables are normalised to sum to 2**16 before use
+_ROW_MODEL = Categorical(perfect=False)
+
+
+def normalise_counts(counts: np.ndarray, total: int = 1 << PROB_BITS, floor: int = 1) -> np.ndarray:
+    """Integer frequencies summing exactly to ``total`` along the last axis, each ≥ ``floor``.
+
+    Deterministic integer arithmetic only (largest-remainder rounding), so a table computed from
+    the same counts is the same everywhere.
+    """
+    c = np.asarray(counts, dtype=np.int64)
+    if c.ndim == 1:
+        return normalise_counts(c[None], total, floor)[0]
+    n = c.shape[-1]
+    budget = total - floor * n
+    if budget < 0:
+        raise ValueError("alphabet too large for the table precision")
+    c = np.where(c.sum(axis=-1, keepdims=True) == 0, 1, c)
+    s = c.sum(axis=-1, keepdims=True)
+    scaled = c * budget
+    base = scaled // s
+    rem = scaled - base * s
+    short = budget - base.sum(axis=-1)
+    order = np.argsort(-rem, axis=-1, kind="stable")
+    rank = np.argsort(order, axis=-1, kind="stable")
+    base = base + (rank < short[..., None])
+    return base + floor
+
+
+def _probs(table: np.ndarray) -> np.ndarray:
+    t = np.asarray(table, dtype=np.float64)
+    return t / t.sum(axis=-1, keepdims=True)
+
+
+def _to_bytes(words: np.ndarray) -> bytes:
+    return np.asarray(words, dtype="<u4").tobytes()
+
+
+def _from_bytes(data: bytes) -> np.ndarray:
+    if len(data) % 4:
+        raise InvalidStream(f"entropy-coded layer of {len(data)} bytes is not a whole number of words")
+    return np.frombuffer(data, dtype="<u4").astype(np.uint32)
+
+
+def encode(symbols: np.ndarray, table: np.ndarray) -> bytes:
+    """Code i.i.d. ``symbols`` under one integer ``table`` (1-D frequencies)."""
+    coder = AnsCoder()
+    sym = np.ascontiguousarray(symbols, dtype=np.int32).ravel()
+    if sym.size:
+        coder.encode_reverse(sym, Categorical(_probs(table), perfect=False))
+    return _to_bytes(coder.get_compressed())
+
+
+def decode(data: bytes, n: int, table: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`encode`; raises :class:`InvalidStream` unless the layer is consumed exactly."""
+    coder = AnsCoder(_from_bytes(data))
+    out = coder.decode(Categorical(_probs(table), perfect=False), n) if n else np.zeros(0, np.int32)
+    if not coder.is_empty():
+        raise InvalidStream("entropy-coded layer does not decode cleanly (corrupt or wrong model)")
+    return np.asarray(out, dtype=np.int32)
+
+
+def encode_rows(symbols: np.ndarray, tables: np.ndarray) -> bytes:
+    """Code ``symbols[i]`` under its own integer table ``tables[i]`` (context-adaptive models)."""
+    coder = AnsCoder()
+    sym = np.ascontiguousarray(symbols, dtype=np.int32).ravel()
+    if sym.size:
+        coder.encode_reverse(sym, _ROW_MODEL, _probs(tables))
+    return _to_bytes(coder.get_compressed())
+
+
+def decode_rows(data: bytes, tables: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`encode_rows`."""
+    coder = AnsCoder(_from_bytes(data))
+    n = len(tables)
+    out = coder.decode(_ROW_MODEL, _probs(tables)) if n else np.zeros(0, np.int32)
+    if not coder.is_empty():
+        raise InvalidStream("entropy-coded layer does not decode cleanly (corrupt or wrong model)")
+    return np.asarray(out, dtype=np.int32)
+
+
+def encode_uvarints(values: np.ndarray) -> bytes:
+    """Small side information (histograms) as LEB128 unsigned varints."""
+    out = bytearray()
+    for v in np.asarray(values, dtype=np.int64).ravel().tolist():
+        if v < 0:
+            raise ValueError("uvarint values must be ≥ 0")
+        while True:
+            b = v & 0x7F
+            v >>= 7
+            out.append(b | (0x80 if v else 0))
+            if not v:
+                break
+    return bytes(out)
+
+
+def decode_uvarints(data: bytes, n: int, offset: int = 0) -> tuple[np.ndarray, int]:
+    """Read ``n`` uvarints from ``data[offset:]``; returns (values, new offset)."""
+    vals = []
+    pos = offset
+    for _ in range(n):
+        v, shift = 0, 0
+        while True:
+            if pos >= len(data) or shift > 35:
+                raise InvalidStream("truncated or malformed side information")
+            b = data[pos]
+            pos += 1
+            v |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                break
+        vals.append(v)
+    return np.asarray(vals, dtype=np.int64), pos

@@ -1,0 +1,48 @@
+"""Typed errors of the core. Transports map ``code`` to their own status in exactly one place each
+(gRPC: ``server/grpc_service.py``; HTTP: ``server/http_app.py``)."""
+
+from __future__ import annotations
+
+
+class PaletteLinkError(Exception):
+    """Base class. ``code`` is the gRPC status name the error maps to."""
+
+    code = "INTERNAL"
+
+
+class InvalidStream(PaletteLinkError):
+    """A payload that is not a well-formed PaletteLink bitstream (truncated, junk, absurd sizes)."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class InvalidRequest(PaletteLinkError):
+    """A well-formed request asking for something impossible (unknown level, bad rate, bad task)."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class BundleMismatch(PaletteLinkError):
+    """A stream made for another bundle (name, version or table hash differs)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class BundleNotFound(PaletteLinkError):
+    """No bundle with that name is loaded or present on disk."""
+
+    code = "NOT_FOUND"
+
+
+class BundleError(PaletteLinkError):
+    """A bundle folder that is incomplete or whose files do not match its manifest."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class Unauthenticated(PaletteLinkError):
+    code = "UNAUTHENTICATED"
+
+
+class ResourceExhausted(PaletteLinkError):
+    code = "RESOURCE_EXHAUSTED"
