@@ -9,8 +9,8 @@ CDFs are recomputed on another device cannot happen here).
 
 from __future__ import annotations
 
-import numpy as np
 import constriction
+import numpy as np
 
 from palettelink.errors import InvalidStream
 
