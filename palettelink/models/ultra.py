@@ -149,7 +149,8 @@ class SplitDetector:
                        iou: float = 0.45) -> list[Detection]:
         torch = self._torch
         with torch.inference_mode():
-            ts = [torch.from_numpy(np.ascontiguousarray(t, dtype=np.float32)).to(self.device) for t in tensors]
+            ts = [torch.from_numpy(np.ascontiguousarray(t, dtype=np.float32)).to(self.device)
+                  for t in tensors]
             return self.postprocess(self.tail(ts), letterbox, conf, iou)
 
     def detect_image(self, x: np.ndarray, letterbox: Letterbox, conf: float = 0.25,
