@@ -48,3 +48,13 @@ def detector(bundle):  # noqa: ANN001, ANN201
     from palettelink.models.ultra import SplitDetector
 
     return SplitDetector.from_bundle(bundle)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--regenerate-golden", action="store_true",
+                     help="rewrite committed golden streams (only when the format changes on purpose)")
+
+
+@pytest.fixture(scope="session")
+def regenerate(request: pytest.FixtureRequest) -> bool:
+    return bool(request.config.getoption("--regenerate-golden"))
