@@ -16,8 +16,8 @@ def make_bundle(root: Path, version: str, payload: bytes = b"tables") -> Path:
     d = root / "toy" / version
     d.mkdir(parents=True)
     (d / "palette.npz").write_bytes(payload)
-    write_manifest(d, {"name": "toy", "version": version, "tables": ["palette.npz"],
-                       "split": {"after_layer": 1, "tensors": [{"name": "t1", "layer": 1, "shape": [4, 2, 2]}]}})
+    split = {"after_layer": 1, "tensors": [{"name": "t1", "layer": 1, "shape": [4, 2, 2]}]}
+    write_manifest(d, {"name": "toy", "version": version, "tables": ["palette.npz"], "split": split})
     return d
 
 
