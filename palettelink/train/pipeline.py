@@ -1,0 +1,226 @@
+"""``palettelink train``: train the palette codec of a bundle on unlabelled images, stage by stage.
+
+Stages (DESIGN §1, "Hence the codec we build"), each cached in the work folder and skipped when done,
+so an interrupted run resumes where it stopped:
+
+  a. bottleneck   distil an edge encoder (crossing tensors → z) and a server decoder from the frozen
+                  network, no labels
+  b. pseudolabels texture-semantic labels per latent position (FFT descriptors, K at the elbow)
+  c. contrastive  a projection head per channel group, supervised-contrastive on the pseudo-labels
+  d. palette      product palette over channel groups, each entry decoding to its members' mean
+  e. (palette)    Ward hierarchy cut into nested levels: the Markov forward diffusion
+  f. finetune     the level-conditioned decoder on palette-decoded z at every level
+  g. context      the backward model as integer context tables (static tables as fallback)
+
+The result is an assets folder (``assets/codecs/<name>/``) with a manifest of sha256s, which
+``palettelink build-bundle`` installs into a bundle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from palettelink.bundle import find_bundle, sha256_file, write_manifest
+
+STAGES = ("bottleneck", "pseudolabels", "contrastive", "palette", "finetune", "context")
+
+
+@dataclass
+class TrainConfig:
+    latent_channels: int = 32
+    groups: int = 4
+    k0: int = 256
+    n_levels: int = 8
+    palette_space: str = "raw"  # or "contrastive"
+    bottleneck_minutes: float = 15.0
+    finetune_minutes: float = 5.0
+    max_images: int | None = None
+    augment: int = 2
+    seed: int = 0
+    tiny: bool = False  # CI smoke run: a few steps on a few images
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Stage:
+    """A cached step: ``done`` when its marker file exists."""
+
+    def __init__(self, work: Path, name: str) -> None:
+        self.dir = work / name
+        self.marker = self.dir / "done.json"
+
+    @property
+    def done(self) -> bool:
+        return self.marker.is_file()
+
+    def finish(self, info: dict[str, Any]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.marker.write_text(json.dumps(info, indent=2, default=str))
+
+    def info(self) -> dict[str, Any]:
+        return json.loads(self.marker.read_text())
+
+
+def train(bundle_name: str, images: list[str] | None, work: Path, out: Path, cfg: TrainConfig,
+          bundles_root: str | None = None, vgg16_weights: str | None = None, force: list[str] | None = None,
+          ) -> Path:
+    """Run every stage not yet done; write the assets folder ``out``. Returns ``out``."""
+    import torch
+
+    from palettelink.models.ultra import SplitDetector
+    from palettelink.train import bottleneck, context, contrastive, data, palette, pseudolabels
+
+    seed_everything(cfg.seed)
+    bundle = find_bundle(bundle_name, bundles_root)
+    det = SplitDetector.from_bundle(bundle, "cuda" if torch.cuda.is_available() else "cpu")
+    work.mkdir(parents=True, exist_ok=True)
+    for name in force or []:
+        shutil.rmtree(work / name, ignore_errors=True)
+    report: dict[str, Any] = {"config": asdict(cfg), "bundle": bundle.id, "stages": {}}
+
+    items = data.training_images(images, max_images=cfg.max_images)
+    report["train_images"] = data.describe_sources(items)
+    print(f"[train] {len(items)} training items from {len(report['train_images'])} sources")
+    cache = data.CrossingCache(det, items, work / "cache", augment=cfg.augment, seed=cfg.seed)
+
+    t0 = time.perf_counter()
+    st = Stage(work, "bottleneck")
+    if not st.done:
+        info = bottleneck.train_bottleneck(det, cache, cfg, st.dir)
+        st.finish(info)
+    enc, dec = bottleneck.load(st.dir, cfg)
+    report["stages"]["bottleneck"] = st.info()
+
+    latents = bottleneck.encode_latents(enc, cache)
+    group_bounds = np.linspace(0, cfg.latent_channels, cfg.groups + 1).astype(np.int32)
+
+    st = Stage(work, "pseudolabels")
+    if not st.done:
+        labels, k, curve = pseudolabels.pseudo_labels_for(det, cache, st.dir / "elbow.png",
+                                                          vgg16_weights=vgg16_weights)
+        np.save(st.dir / "labels.npy", labels)
+        st.finish({"k": int(k), "curve": curve})
+    labels = np.load(st.dir / "labels.npy")
+    report["stages"]["pseudolabels"] = st.info()
+
+    heads = None
+    st = Stage(work, "contrastive")
+    if cfg.palette_space == "contrastive":
+        if not st.done:
+            heads = contrastive.train_heads(latents, labels, group_bounds, seed=cfg.seed)
+            np.savez(st.dir / "heads.npz", **{f"w{i}": w for i, (w, _) in enumerate(heads)},
+                     **{f"b{i}": b for i, (_, b) in enumerate(heads)})
+            st.finish({"groups": len(heads)})
+        z = np.load(st.dir / "heads.npz")
+        heads = [(z[f"w{i}"], z[f"b{i}"]) for i in range(cfg.groups)]
+        report["stages"]["contrastive"] = st.info()
+
+    st = Stage(work, "palette")
+    if not st.done:
+        tables = palette.build_palette(latents, group_bounds, cfg.k0, cfg.n_levels, heads=heads, seed=cfg.seed)
+        np.savez(st.dir / "palette.npz", **tables)
+        st.finish({"level_sizes": tables["level_sizes"].tolist()})
+    tables = dict(np.load(st.dir / "palette.npz"))
+    report["stages"]["palette"] = st.info()
+
+    st = Stage(work, "finetune")
+    if not st.done:
+        info = bottleneck.finetune_decoder(det, enc, dec, cache, palette.torch_quantiser(tables),
+                                           levels=list(range(len(tables["level_sizes"]))), cfg=cfg,
+                                           out=st.dir)
+        st.finish(info)
+    dec = bottleneck.load_decoder(st.dir, cfg)
+    report["stages"]["finetune"] = st.info()
+
+    st = Stage(work, "context")
+    if not st.done:
+        maps = palette.index_maps(latents, tables)
+        ctx = context.fit_context_tables(maps, tables)
+        np.savez(st.dir / "ctx.npz", **ctx)
+        st.finish({"keys": sorted(ctx)})
+    tables.update(dict(np.load(st.dir / "ctx.npz")))
+    report["stages"]["context"] = st.info()
+    report["train_minutes"] = (time.perf_counter() - t0) / 60
+
+    return write_assets(out, bundle, enc, dec, tables, cfg, report, work)
+
+
+def write_assets(out: Path, bundle: Any, enc: Any, dec: Any, tables: dict[str, np.ndarray], cfg: TrainConfig,
+                 report: dict[str, Any], work: Path) -> Path:
+    """Write the assets folder atomically (temp folder, then rename) with a sha256 manifest."""
+    import torch
+
+    from palettelink.codecs.palette import PaletteTables, mean_level_bits
+
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(enc.state_dict(), tmp / "encoder.pt")
+    torch.save(dec.state_dict(), tmp / "decoder.pt")
+    np.savez(tmp / "palette.npz", **tables)
+    elbow = work / "pseudolabels" / "elbow.png"
+    if elbow.is_file():
+        shutil.copyfile(elbow, tmp / "elbow.png")
+    maps_bits = mean_level_bits(PaletteTables.load(tmp / "palette.npz"), work)
+    codec = {
+        "latent_channels": cfg.latent_channels, "stride": 16, "groups": cfg.groups,
+        "level_sizes": tables["level_sizes"].tolist(), "levels": list(range(len(tables["level_sizes"]))),
+        "mean_bits": maps_bits, "palette_space": cfg.palette_space, "config": asdict(cfg),
+    }
+    (tmp / "codec.json").write_text(json.dumps(codec, indent=2))
+    (tmp / "training.json").write_text(json.dumps(report, indent=2, default=str))
+    write_manifest(tmp, {"name": f"{bundle.name}-palette", "version": "1", "split": bundle.manifest["split"],
+                         "detector_sha256": bundle.manifest["source"]["sha256"], "tables": ["palette.npz"]})
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    print(f"[train] assets written to {out} ({sum(p.stat().st_size for p in out.iterdir()) / 1e6:.1f} MB)")
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", default="fall-yolov8", help="bundle name or folder (built by build-bundle)")
+    p.add_argument("--bundles", help="bundles root (default $PALETTELINK_BUNDLES or ./bundles)")
+    p.add_argument("--images", nargs="*", help="image folders/files/videos (default: the offline sources)")
+    p.add_argument("--work", default=".cache/palettelink-train", help="stage cache (resumable)")
+    p.add_argument("--out", help="assets folder (default assets/codecs/<bundle name>)")
+    p.add_argument("--k0", type=int, default=256)
+    p.add_argument("--levels", type=int, default=8)
+    p.add_argument("--groups", type=int, default=4)
+    p.add_argument("--palette-space", choices=["raw", "contrastive"], default="raw")
+    p.add_argument("--minutes", type=float, default=15.0, help="bottleneck training budget")
+    p.add_argument("--finetune-minutes", type=float, default=5.0)
+    p.add_argument("--max-images", type=int)
+    p.add_argument("--vgg16-weights", help="torchvision VGG16 state dict for the paper's pseudo-labels")
+    p.add_argument("--force", nargs="*", choices=STAGES, default=[], help="re-run these stages")
+    p.add_argument("--tiny", action="store_true", help="smoke run: seconds, not minutes")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = TrainConfig(groups=args.groups, k0=args.k0, n_levels=args.levels, palette_space=args.palette_space,
+                      bottleneck_minutes=args.minutes, finetune_minutes=args.finetune_minutes,
+                      max_images=args.max_images, seed=args.seed, tiny=args.tiny)
+    bundle_name = Path(args.bundle).name if Path(args.bundle).is_dir() else args.bundle.split("/")[0]
+    out = Path(args.out) if args.out else Path("assets/codecs") / bundle_name
+    train(args.bundle, args.images, Path(args.work), out, cfg, args.bundles, args.vgg16_weights, args.force)
+    print(f"install it with: palettelink build-bundle --force --codec-assets {out}")
+    return 0
+
+
+__all__ = ["TrainConfig", "train", "sha256_file"]
