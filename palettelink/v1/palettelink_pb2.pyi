@@ -1,10 +1,8 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf.internal import containers as _containers
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -18,7 +16,7 @@ class StreamHeader(_message.Message):
     bundle: str
     task: str
     want_preview: bool
-    def __init__(self, client_id: str | None = ..., bundle: str | None = ..., task: str | None = ..., want_preview: bool | None = ...) -> None: ...
+    def __init__(self, client_id: _Optional[str] = ..., bundle: _Optional[str] = ..., task: _Optional[str] = ..., want_preview: _Optional[bool] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("frame_id", "payload", "edge_front_ms", "edge_encode_ms", "capture_time_us")
@@ -32,7 +30,7 @@ class Frame(_message.Message):
     edge_front_ms: float
     edge_encode_ms: float
     capture_time_us: int
-    def __init__(self, frame_id: int | None = ..., payload: bytes | None = ..., edge_front_ms: float | None = ..., edge_encode_ms: float | None = ..., capture_time_us: int | None = ...) -> None: ...
+    def __init__(self, frame_id: _Optional[int] = ..., payload: _Optional[bytes] = ..., edge_front_ms: _Optional[float] = ..., edge_encode_ms: _Optional[float] = ..., capture_time_us: _Optional[int] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
     __slots__ = ("header", "frame")
@@ -40,7 +38,7 @@ class StreamRequest(_message.Message):
     FRAME_FIELD_NUMBER: _ClassVar[int]
     header: StreamHeader
     frame: Frame
-    def __init__(self, header: StreamHeader | _Mapping | None = ..., frame: Frame | _Mapping | None = ...) -> None: ...
+    def __init__(self, header: _Optional[_Union[StreamHeader, _Mapping]] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ...) -> None: ...
 
 class Box(_message.Message):
     __slots__ = ("x1", "y1", "x2", "y2", "class_id", "class_name", "score")
@@ -58,7 +56,7 @@ class Box(_message.Message):
     class_id: int
     class_name: str
     score: float
-    def __init__(self, x1: float | None = ..., y1: float | None = ..., x2: float | None = ..., y2: float | None = ..., class_id: int | None = ..., class_name: str | None = ..., score: float | None = ...) -> None: ...
+    def __init__(self, x1: _Optional[float] = ..., y1: _Optional[float] = ..., x2: _Optional[float] = ..., y2: _Optional[float] = ..., class_id: _Optional[int] = ..., class_name: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class Mask(_message.Message):
     __slots__ = ("width", "height", "counts", "class_id", "score")
@@ -72,7 +70,7 @@ class Mask(_message.Message):
     counts: _containers.RepeatedScalarFieldContainer[int]
     class_id: int
     score: float
-    def __init__(self, width: int | None = ..., height: int | None = ..., counts: _Iterable[int] | None = ..., class_id: int | None = ..., score: float | None = ...) -> None: ...
+    def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., counts: _Optional[_Iterable[int]] = ..., class_id: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
 
 class Landmark(_message.Message):
     __slots__ = ("x", "y", "visibility")
@@ -82,7 +80,7 @@ class Landmark(_message.Message):
     x: float
     y: float
     visibility: float
-    def __init__(self, x: float | None = ..., y: float | None = ..., visibility: float | None = ...) -> None: ...
+    def __init__(self, x: _Optional[float] = ..., y: _Optional[float] = ..., visibility: _Optional[float] = ...) -> None: ...
 
 class LandmarkSet(_message.Message):
     __slots__ = ("points", "scheme", "score")
@@ -92,7 +90,7 @@ class LandmarkSet(_message.Message):
     points: _containers.RepeatedCompositeFieldContainer[Landmark]
     scheme: str
     score: float
-    def __init__(self, points: _Iterable[Landmark | _Mapping] | None = ..., scheme: str | None = ..., score: float | None = ...) -> None: ...
+    def __init__(self, points: _Optional[_Iterable[_Union[Landmark, _Mapping]]] = ..., scheme: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("decode_ms", "task_ms", "queue_ms", "total_ms")
@@ -104,7 +102,7 @@ class Timings(_message.Message):
     task_ms: float
     queue_ms: float
     total_ms: float
-    def __init__(self, decode_ms: float | None = ..., task_ms: float | None = ..., queue_ms: float | None = ..., total_ms: float | None = ...) -> None: ...
+    def __init__(self, decode_ms: _Optional[float] = ..., task_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class FrameError(_message.Message):
     __slots__ = ("code", "status", "message")
@@ -114,7 +112,7 @@ class FrameError(_message.Message):
     code: int
     status: str
     message: str
-    def __init__(self, code: int | None = ..., status: str | None = ..., message: str | None = ...) -> None: ...
+    def __init__(self, code: _Optional[int] = ..., status: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class FrameResult(_message.Message):
     __slots__ = ("frame_id", "boxes", "masks", "landmarks", "preview_jpeg", "timings", "payload_bytes", "bpp", "codec", "level", "truncated", "image_width", "image_height", "error")
@@ -146,13 +144,13 @@ class FrameResult(_message.Message):
     image_width: int
     image_height: int
     error: FrameError
-    def __init__(self, frame_id: int | None = ..., boxes: _Iterable[Box | _Mapping] | None = ..., masks: _Iterable[Mask | _Mapping] | None = ..., landmarks: _Iterable[LandmarkSet | _Mapping] | None = ..., preview_jpeg: bytes | None = ..., timings: Timings | _Mapping | None = ..., payload_bytes: int | None = ..., bpp: float | None = ..., codec: str | None = ..., level: int | None = ..., truncated: bool | None = ..., image_width: int | None = ..., image_height: int | None = ..., error: FrameError | _Mapping | None = ...) -> None: ...
+    def __init__(self, frame_id: _Optional[int] = ..., boxes: _Optional[_Iterable[_Union[Box, _Mapping]]] = ..., masks: _Optional[_Iterable[_Union[Mask, _Mapping]]] = ..., landmarks: _Optional[_Iterable[_Union[LandmarkSet, _Mapping]]] = ..., preview_jpeg: _Optional[bytes] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., payload_bytes: _Optional[int] = ..., bpp: _Optional[float] = ..., codec: _Optional[str] = ..., level: _Optional[int] = ..., truncated: _Optional[bool] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., error: _Optional[_Union[FrameError, _Mapping]] = ...) -> None: ...
 
 class StreamResponse(_message.Message):
     __slots__ = ("result",)
     RESULT_FIELD_NUMBER: _ClassVar[int]
     result: FrameResult
-    def __init__(self, result: FrameResult | _Mapping | None = ...) -> None: ...
+    def __init__(self, result: _Optional[_Union[FrameResult, _Mapping]] = ...) -> None: ...
 
 class AnalyzeRequest(_message.Message):
     __slots__ = ("bundle", "task", "payload", "want_preview")
@@ -164,13 +162,13 @@ class AnalyzeRequest(_message.Message):
     task: str
     payload: bytes
     want_preview: bool
-    def __init__(self, bundle: str | None = ..., task: str | None = ..., payload: bytes | None = ..., want_preview: bool | None = ...) -> None: ...
+    def __init__(self, bundle: _Optional[str] = ..., task: _Optional[str] = ..., payload: _Optional[bytes] = ..., want_preview: _Optional[bool] = ...) -> None: ...
 
 class AnalyzeResponse(_message.Message):
     __slots__ = ("result",)
     RESULT_FIELD_NUMBER: _ClassVar[int]
     result: FrameResult
-    def __init__(self, result: FrameResult | _Mapping | None = ...) -> None: ...
+    def __init__(self, result: _Optional[_Union[FrameResult, _Mapping]] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()
@@ -186,7 +184,7 @@ class LevelInfo(_message.Message):
     palette_size: int
     mean_bits: float
     mean_bpp: float
-    def __init__(self, level: int | None = ..., palette_size: int | None = ..., mean_bits: float | None = ..., mean_bpp: float | None = ...) -> None: ...
+    def __init__(self, level: _Optional[int] = ..., palette_size: _Optional[int] = ..., mean_bits: _Optional[float] = ..., mean_bpp: _Optional[float] = ...) -> None: ...
 
 class CodecInfo(_message.Message):
     __slots__ = ("name", "levels", "progressive")
@@ -196,7 +194,7 @@ class CodecInfo(_message.Message):
     name: str
     levels: _containers.RepeatedCompositeFieldContainer[LevelInfo]
     progressive: bool
-    def __init__(self, name: str | None = ..., levels: _Iterable[LevelInfo | _Mapping] | None = ..., progressive: bool | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., levels: _Optional[_Iterable[_Union[LevelInfo, _Mapping]]] = ..., progressive: _Optional[bool] = ...) -> None: ...
 
 class TensorInfo(_message.Message):
     __slots__ = ("name", "layer", "shape")
@@ -206,7 +204,7 @@ class TensorInfo(_message.Message):
     name: str
     layer: int
     shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: str | None = ..., layer: int | None = ..., shape: _Iterable[int] | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., layer: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class BundleInfo(_message.Message):
     __slots__ = ("name", "version", "table_hash", "tasks", "class_names", "codecs", "tensors", "input_size")
@@ -226,7 +224,7 @@ class BundleInfo(_message.Message):
     codecs: _containers.RepeatedCompositeFieldContainer[CodecInfo]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorInfo]
     input_size: int
-    def __init__(self, name: str | None = ..., version: str | None = ..., table_hash: str | None = ..., tasks: _Iterable[str] | None = ..., class_names: _Iterable[str] | None = ..., codecs: _Iterable[CodecInfo | _Mapping] | None = ..., tensors: _Iterable[TensorInfo | _Mapping] | None = ..., input_size: int | None = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., table_hash: _Optional[str] = ..., tasks: _Optional[_Iterable[str]] = ..., class_names: _Optional[_Iterable[str]] = ..., codecs: _Optional[_Iterable[_Union[CodecInfo, _Mapping]]] = ..., tensors: _Optional[_Iterable[_Union[TensorInfo, _Mapping]]] = ..., input_size: _Optional[int] = ...) -> None: ...
 
 class GetInfoResponse(_message.Message):
     __slots__ = ("bundles", "server_version")
@@ -234,4 +232,4 @@ class GetInfoResponse(_message.Message):
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     bundles: _containers.RepeatedCompositeFieldContainer[BundleInfo]
     server_version: str
-    def __init__(self, bundles: _Iterable[BundleInfo | _Mapping] | None = ..., server_version: str | None = ...) -> None: ...
+    def __init__(self, bundles: _Optional[_Iterable[_Union[BundleInfo, _Mapping]]] = ..., server_version: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,132 @@
+"""The one place where errors become transport statuses.
+
+Every failure inside the server is a :class:`~palettelink.errors.PaletteLinkError` whose ``code`` is a
+gRPC status name; this module maps that name to a :class:`grpc.StatusCode` and to an HTTP status
+(the Google API mapping, AIP-193). Anything else is a bug: it is logged with its traceback and
+answered as ``INTERNAL`` with a generic message, so a broken frame never takes the server down and
+internals never leak to clients. The gRPC servicer uses :func:`grpc_errors`; the HTTP app uses
+:func:`http_status`; the stream uses :func:`status_of` for per-frame errors.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import grpc
+
+from palettelink.errors import PaletteLinkError
+
+log = logging.getLogger("palettelink.server")
+
+HTTP_STATUS: dict[str, int] = {
+    "OK": 200,
+    "CANCELLED": 499,
+    "UNKNOWN": 500,
+    "INVALID_ARGUMENT": 400,
+    "DEADLINE_EXCEEDED": 504,
+    "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409,
+    "PERMISSION_DENIED": 403,
+    "RESOURCE_EXHAUSTED": 429,
+    "FAILED_PRECONDITION": 400,
+    "ABORTED": 409,
+    "OUT_OF_RANGE": 400,
+    "UNIMPLEMENTED": 501,
+    "INTERNAL": 500,
+    "UNAVAILABLE": 503,
+    "DATA_LOSS": 500,
+    "UNAUTHENTICATED": 401,
+}
+
+
+class ServiceUnavailable(PaletteLinkError):
+    """The server cannot take the request now (bundles still loading, shutting down)."""
+
+    code = "UNAVAILABLE"
+
+
+@dataclass(frozen=True)
+class ErrorStatus:
+    """A failure as every transport sees it."""
+
+    grpc_code: grpc.StatusCode
+    message: str
+
+    @property
+    def name(self) -> str:
+        return self.grpc_code.name
+
+    @property
+    def number(self) -> int:
+        """The google.rpc.Code value (what ``FrameError.code`` carries)."""
+        return int(self.grpc_code.value[0])
+
+    @property
+    def http(self) -> int:
+        return HTTP_STATUS.get(self.name, 500)
+
+
+class ErrorCounter(Protocol):
+    def count_error(self, status: str) -> None: ...
+
+
+def status_of(exc: BaseException, counter: ErrorCounter | None = None) -> ErrorStatus:
+    """Classify ``exc``; log unexpected ones with their traceback; count it when asked."""
+    if isinstance(exc, PaletteLinkError):
+        code = getattr(grpc.StatusCode, exc.code, None)
+        if not isinstance(code, grpc.StatusCode):
+            log.error("error %s carries unknown status name %r", type(exc).__name__, exc.code)
+            code = grpc.StatusCode.INTERNAL
+        status = ErrorStatus(code, str(exc) or type(exc).__name__)
+    else:
+        log.error("unexpected error", exc_info=(type(exc), exc, exc.__traceback__))
+        status = ErrorStatus(grpc.StatusCode.INTERNAL,
+                             f"internal error ({type(exc).__name__}); see the server log")
+    if counter is not None:
+        counter.count_error(status.name)
+    return status
+
+
+def http_status(exc: BaseException, counter: ErrorCounter | None = None) -> tuple[int, dict[str, Any]]:
+    """HTTP status and JSON body for ``exc``."""
+    s = status_of(exc, counter)
+    return s.http, {"error": {"code": s.number, "status": s.name, "message": s.message}}
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def grpc_errors(fn: F) -> F:
+    """Decorate a servicer method (unary or response-streaming) so any exception becomes a gRPC
+    status via ``context.abort``. The servicer's ``metrics`` attribute, if any, counts it."""
+
+    def fail(self: Any, context: grpc.ServicerContext, exc: Exception) -> None:
+        if isinstance(exc, grpc.RpcError) and not context.is_active():
+            return  # the client went away (cancelled, deadline): nobody to answer, nothing to log
+        s = status_of(exc, getattr(self, "metrics", None))
+        context.abort(s.grpc_code, s.message)
+
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def gen_wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                yield from fn(self, request, context)
+            except Exception as e:  # the one catch-all of the gRPC transport
+                fail(self, context, e)
+
+        return gen_wrapper  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return fn(self, request, context)
+        except Exception as e:
+            fail(self, context, e)
+
+    return wrapper  # type: ignore[return-value]

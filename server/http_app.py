@@ -1,0 +1,156 @@
+"""HTTP transport (FastAPI): probes, Prometheus metrics, JSON status, a small dashboard, and a REST
+twin of ``Analyze`` — all thin routes over the same :class:`~server.service.Service`.
+
+Probes, metrics and the dashboard are open (put them behind the cluster network); ``/api/analyze``
+carries coded frames and needs a bearer token when tokens are configured. Errors reach clients only
+through ``server/errors.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from palettelink.errors import PaletteLinkError
+from server import __version__
+from server.auth import TokenAuth
+from server.errors import http_status
+from server.service import Service
+
+
+def create_app(service: Service, auth: TokenAuth | None = None) -> FastAPI:
+    auth = auth or TokenAuth({})
+    app = FastAPI(title="PaletteLink server", version=__version__, docs_url="/docs", redoc_url=None)
+
+    async def _error(request: Request, exc: Exception) -> JSONResponse:
+        status, body = http_status(exc, service.metrics)
+        return JSONResponse(body, status_code=status)
+
+    # Our errors are answered quietly; anything else is also answered as JSON (and logged once more
+    # by the ASGI server, since Starlette re-raises unexpected exceptions after answering).
+    app.add_exception_handler(PaletteLinkError, _error)
+    app.add_exception_handler(Exception, _error)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        """Readiness: 503 until the bundles are loaded, so no traffic reaches a cold replica."""
+        ok = service.ready
+        return JSONResponse({"ready": ok, "bundles": sorted(service.bundles) if ok else []},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(service.metrics.render(), media_type=service.metrics.content_type)
+
+    @app.get("/api/info")
+    def info() -> dict[str, Any]:
+        return service.status()
+
+    @app.get("/api/frames")
+    def frames(limit: int = Query(50, ge=0, le=1000)) -> list[dict[str, Any]]:
+        """Recent frames, newest first (successes and errors)."""
+        return service.recent_frames(limit)
+
+    @app.post("/api/analyze")
+    async def analyze(request: Request, bundle: str = "", task: str = "", want_preview: bool = False,
+                      frame_id: int = 0) -> dict[str, Any]:
+        """Body: one coded frame (``application/octet-stream``). Same checks and results as the
+        gRPC ``Analyze``; errors as JSON ``{"error": {code, status, message}}``."""
+        client = auth.client_for(request.headers.get("authorization"))
+        payload = await request.body()
+        result = await run_in_threadpool(service.analyze, bundle, task, payload, want_preview,
+                                         frame_id=frame_id, client=client)
+        return result.to_dict()
+
+    @app.get("/", response_class=HTMLResponse)
+    def dashboard() -> str:
+        return DASHBOARD
+
+    app.state.service = service
+    return app
+
+
+DASHBOARD = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>PaletteLink server</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+ body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d232b}
+ header{background:#1d232b;color:#fff;padding:10px 20px;display:flex;gap:16px;align-items:baseline}
+ header h1{font-size:18px;margin:0} header span{opacity:.75}
+ main{padding:16px 20px;display:grid;gap:16px}
+ section{background:#fff;border:1px solid #dde1e6;border-radius:6px;padding:12px 16px}
+ h2{font-size:15px;margin:0 0 8px} table{border-collapse:collapse;width:100%}
+ th,td{text-align:left;padding:3px 8px;border-bottom:1px solid #eef0f2;white-space:nowrap}
+ th{font-weight:600;color:#555} td.n{text-align:right;font-variant-numeric:tabular-nums}
+ .err{color:#b3261e} .ok{color:#1b7f3b} .muted{color:#888} code{font-size:12px}
+</style></head><body>
+<header><h1>PaletteLink</h1><span id="state">…</span><span id="meta"></span>
+ <span style="margin-left:auto"><a style="color:#9cf" href="/metrics">metrics</a> ·
+ <a style="color:#9cf" href="/docs">API</a></span></header>
+<main>
+<section><h2>Bundles</h2><table id="bundles"><thead><tr><th>bundle</th><th>tasks</th><th>classes</th>
+ <th>codecs and levels</th><th>table hash</th></tr></thead><tbody></tbody></table></section>
+<section><h2>Open streams</h2><table id="streams"><thead><tr><th>client</th><th>bundle</th><th>task</th>
+ <th class="n">frames</th><th class="n">bytes</th><th class="n">errors</th><th>since</th></tr></thead>
+ <tbody></tbody></table></section>
+<section><h2>Recent frames</h2><table id="frames"><thead><tr><th>time</th><th>client</th><th>frame</th>
+ <th>bundle</th><th>codec/level</th><th class="n">bytes</th><th class="n">bpp</th><th class="n">boxes</th>
+ <th>detections</th><th class="n">decode ms</th><th class="n">queue ms</th><th class="n">task ms</th>
+ <th class="n">total ms</th><th>status</th></tr></thead><tbody></tbody></table></section>
+</main>
+<script>
+const ESC = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"};
+const esc = s => String(s ?? "").replace(/[&<>"']/g, c => ESC[c]);
+const num = (v, d = 1) => v == null ? "" : Number(v).toFixed(d);
+const t = s => new Date(s * 1000).toLocaleTimeString();
+const td = (v, cls = "") => `<td${cls ? ` class="${cls}"` : ""}>${v}</td>`;
+const row = cells => `<tr>${cells.join("")}</tr>`;
+function fill(id, rows) {
+  document.querySelector(`#${id} tbody`).innerHTML =
+    rows.join("") || `<tr><td class="muted" colspan="14">none</td></tr>`;
+}
+const levels = c => c.levels.map(l => esc(l.level) + (l.mean_bpp ? ` (${num(l.mean_bpp, 3)} bpp)` : ""));
+const bundleRow = b => row([
+  td(esc(`${b.name}/${b.version}`)), td(esc(b.tasks.join(", "))), td(esc(b.class_names.join(", "))),
+  td(b.codecs.map(c => `${esc(c.name)}: ${levels(c).join(" ")}`).join("<br>")),
+  td(`<code>${esc(b.table_hash.slice(0, 16))}</code>`)]);
+const streamRow = s => row([
+  td(esc(s.client)), td(esc(s.bundle)), td(esc(s.task)), td(s.frames, "n"), td(s.bytes, "n"),
+  td(s.errors, "n"), td(t(s.opened))]);
+const status = f => f.error
+  ? `<span class="err" title="${esc(f.error.message)}">${esc(f.error.status)}</span>`
+  : '<span class="ok">OK</span>';
+const frameRow = f => row([
+  td(t(f.time)), td(esc(f.client)), td(esc(f.frame_id)), td(esc(f.bundle)),
+  td(f.codec ? `${esc(f.codec)}/${esc(f.level)}${f.truncated ? " (cut)" : ""}` : ""),
+  td(f.bytes, "n"), td(num(f.bpp, 3), "n"), td(f.boxes ?? "", "n"),
+  td((f.detections || []).map(d => `${esc(d[0])} ${num(d[1], 2)}`).join(", ")),
+  td(num(f.timings?.decode_ms), "n"), td(num(f.timings?.queue_ms), "n"),
+  td(num(f.timings?.task_ms), "n"), td(num(f.timings?.total_ms), "n"), td(status(f))]);
+async function refresh() {
+  const state = document.getElementById("state");
+  try {
+    const [info, frames] = await Promise.all([
+      fetch("api/info").then(r => r.json()), fetch("api/frames?limit=50").then(r => r.json())]);
+    state.innerHTML = info.ready ? '<b class="ok">ready</b>' : '<b class="err">loading</b>';
+    document.getElementById("meta").textContent =
+      `v${info.server_version} · ${info.device} · up ${Math.round(info.uptime_s)} s`;
+    fill("bundles", info.bundles.map(bundleRow));
+    fill("streams", info.streams.map(streamRow));
+    fill("frames", frames.map(frameRow));
+  } catch (e) {
+    state.innerHTML = '<b class="err">unreachable</b>';
+  }
+}
+refresh();
+setInterval(refresh, 2000);
+</script></body></html>
+"""

@@ -1,0 +1,55 @@
+"""Prometheus metrics of one :class:`~server.service.Service`.
+
+Each service owns its own :class:`~prometheus_client.CollectorRegistry` (not the global default), so
+several servers can live in one process (tests) without clashing. Latencies are in seconds, as
+Prometheus expects; labels stay low-cardinality (bundle, codec, level, task, status; never client
+or frame ids).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BPP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        p = "palettelink_"
+        self.frames = Counter(p + "frames_received", "Coded frames received",
+                              ["bundle", "codec", "level"], registry=r)
+        self.bytes = Counter(p + "bytes_received", "Coded payload bytes received",
+                             ["bundle", "codec", "level"], registry=r)
+        self.bpp = Histogram(p + "frame_bpp", "Bits per pixel of the original image", ["bundle", "codec"],
+                             buckets=BPP_BUCKETS, registry=r)
+        self.decode = Histogram(p + "decode_seconds", "Bitstream → tensors", ["bundle", "codec"],
+                                buckets=LATENCY_BUCKETS, registry=r)
+        self.task = Histogram(p + "task_seconds", "Task model time per batch", ["bundle", "task"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram(p + "queue_seconds", "Wait for the task worker", ["bundle", "task"],
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self.total = Histogram(p + "frame_seconds", "Server time per frame, decode to results",
+                               ["bundle", "task"], buckets=LATENCY_BUCKETS, registry=r)
+        self.edge_front = Histogram(p + "edge_front_seconds", "Edge front time reported by clients",
+                                    ["bundle"], buckets=LATENCY_BUCKETS, registry=r)
+        self.edge_encode = Histogram(p + "edge_encode_seconds", "Edge encode time reported by clients",
+                                     ["bundle"], buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram(p + "capture_to_result_seconds", "Capture (edge clock) to result (server clock)",
+                             ["bundle"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch = Histogram(p + "batch_size", "Frames per task batch", ["bundle", "task"],
+                               buckets=BATCH_BUCKETS, registry=r)
+        self.active_streams = Gauge(p + "active_streams", "Open Stream calls", registry=r)
+        self.errors = Counter(p + "errors", "Errors answered, by status code", ["status"], registry=r)
+        self.bundles_loaded = Gauge(p + "bundles_loaded", "Bundles loaded and serving", registry=r)
+
+    def count_error(self, status: str) -> None:
+        self.errors.labels(status).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

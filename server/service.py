@@ -1,0 +1,396 @@
+"""The one data plane: decode → task → results, with timings and metrics.
+
+Both transports (``grpc_service``, ``http_app``) are a few lines over :class:`Service`; all the real
+work and every check lives here, so the two behave the same and are tested once. Every failure is a
+:class:`~palettelink.errors.PaletteLinkError` (or a bug); transports map them in ``server/errors.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from palettelink import codecs
+from palettelink.bundle import Bundle, find_bundle, list_bundles
+from palettelink.errors import (
+    BundleNotFound,
+    InvalidRequest,
+    InvalidStream,
+    PaletteLinkError,
+    ResourceExhausted,
+)
+from server import __version__
+from server.batching import Batcher
+from server.errors import ServiceUnavailable
+from server.metrics import Metrics
+from server.results import FrameResult, Timings
+from server.tasks import MODULES, make_runner, tasks_for
+
+log = logging.getLogger("palettelink.server")
+
+
+@dataclass(frozen=True)
+class EdgeReport:
+    """Edge-side timings a client sends along with a frame (echoed into metrics only)."""
+
+    front_ms: float = 0.0
+    encode_ms: float = 0.0
+    capture_time_us: int = 0
+
+
+@dataclass(frozen=True)
+class LevelInfo:
+    level: int
+    palette_size: int = 0
+    mean_bits: float = 0.0
+    mean_bpp: float = 0.0
+
+
+@dataclass(frozen=True)
+class CodecInfo:
+    name: str
+    levels: list[LevelInfo]
+    progressive: bool = False
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    layer: int
+    shape: list[int]
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    name: str
+    version: str
+    table_hash: str
+    tasks: list[str]
+    class_names: list[str]
+    codecs: list[CodecInfo]
+    tensors: list[TensorInfo]
+    input_size: int
+
+
+def _per_level(value: Any, level: int, index: int) -> float:
+    """Read a per-level number from a list (by position) or a dict (by level)."""
+    if isinstance(value, dict):
+        v = value.get(str(level), value.get(level, 0))  # type: ignore[call-overload]
+    elif isinstance(value, list | tuple) and index < len(value):
+        v = value[index]
+    else:
+        v = 0
+    return float(v or 0)
+
+
+def codec_info(name: str, entry: dict[str, Any]) -> CodecInfo:
+    """A codec's levels from its manifest entry. Levels may be plain ints or dicts; per-level
+    sizes and measured bits may sit beside them as lists or ``{level: value}`` maps."""
+    levels = []
+    for i, lv in enumerate(entry.get("levels", [])):
+        if isinstance(lv, dict):
+            t = int(lv.get("level", i))
+            levels.append(LevelInfo(t, int(lv.get("palette_size", lv.get("size", 0)) or 0),
+                                    float(lv.get("mean_bits", 0) or 0), float(lv.get("mean_bpp", 0) or 0)))
+        else:
+            t = int(lv)
+            levels.append(LevelInfo(t, int(_per_level(entry.get("level_sizes"), t, i)),
+                                    _per_level(entry.get("mean_bits"), t, i),
+                                    _per_level(entry.get("mean_bpp"), t, i)))
+    return CodecInfo(name, levels, bool(entry.get("progressive", False)))
+
+
+@dataclass
+class LoadedBundle:
+    bundle: Bundle
+    decoder: codecs.Decoder
+    batchers: dict[str, Batcher]
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.batchers)
+
+    def info(self) -> BundleInfo:
+        b = self.bundle
+        return BundleInfo(
+            name=b.name, version=b.version, table_hash=b.table_hash_hex, tasks=self.tasks,
+            class_names=list(b.class_names),
+            codecs=[codec_info(c, b.codecs.get(c, {})) for c in codecs.available(b)],
+            tensors=[TensorInfo(t.name, t.layer, list(t.shape)) for t in b.tensors],
+            input_size=b.input_size,
+        )
+
+
+def _version_key(version: str) -> tuple[int, int | str]:
+    return (0, int(version)) if version.isdigit() else (1, version)
+
+
+@dataclass
+class StreamSession:
+    """One open Stream: bundle and task fixed by its header; frames go through :meth:`analyze`."""
+
+    service: Service
+    bundle: str
+    task: str
+    client: str
+    want_preview: bool = False
+    opened: float = field(default_factory=time.time)
+    frames: int = 0
+    bytes: int = 0
+    errors: int = 0
+
+    def analyze(self, frame_id: int, payload: bytes, edge: EdgeReport | None = None) -> FrameResult:
+        self.frames += 1
+        self.bytes += len(payload)
+        try:
+            return self.service.analyze(self.bundle, self.task, payload, self.want_preview,
+                                        frame_id=frame_id, client=self.client, edge=edge)
+        except Exception:
+            self.errors += 1
+            raise
+
+
+class Service:
+    """Loads bundles and answers frames. Thread-safe: transports call it from many threads.
+
+    ``device`` is the torch device of the task models; ``threads`` caps torch's intra-op threads
+    (default: the CPUs this process may run on, which in a container can be far fewer than the
+    host's cores torch would otherwise use). ``max_batch`` defaults to 1 on CPU (batching buys
+    nothing there) and 8 on a GPU.
+    """
+
+    def __init__(self, bundles_root: str | os.PathLike[str], bundles: Sequence[str] | None = None, *,
+                 device: str = "cpu", threads: int | None = None, max_batch: int | None = None,
+                 batch_wait_ms: float = 2.0, max_queue: int = 64, max_streams: int = 64,
+                 max_pixels: int = 1 << 26, recent_frames: int = 200, warmup: bool = True,
+                 verify: bool = True) -> None:
+        self.root = Path(bundles_root)
+        self.names = list(bundles) if bundles else None
+        self.device = device
+        self.threads = threads
+        self.max_batch = max_batch if max_batch is not None else (1 if device == "cpu" else 8)
+        self.batch_wait_ms = batch_wait_ms
+        self.max_queue = max_queue
+        self.max_streams = max_streams
+        self.max_pixels = max_pixels
+        self.warmup = warmup
+        self.verify = verify
+        self.metrics = Metrics()
+        self.bundles: dict[str, LoadedBundle] = {}
+        self.load_errors: dict[str, str] = {}
+        self.started = time.time()
+        self._ready = threading.Event()
+        self._lock = threading.Lock()
+        self._recent: deque[dict[str, Any]] = deque(maxlen=recent_frames)
+        self._streams: dict[int, StreamSession] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    def load(self) -> None:
+        """Load and verify every bundle (or the named ones), build their task runners, warm them up.
+
+        A broken bundle folder is logged and skipped (listed in ``load_errors``) so one bad copy does
+        not keep the others offline; no usable bundle at all is an error.
+        """
+        if self.names is not None:
+            sources: list[tuple[str, Any]] = [(n, lambda n=n: find_bundle(n, self.root, self.verify))
+                                              for n in self.names]
+        else:
+            sources = [(str(p), lambda p=p: Bundle.load(p, self.verify)) for p in list_bundles(self.root)]
+        for label, load in sources:
+            try:
+                self._add(load())
+            except PaletteLinkError as e:
+                log.error("bundle %s not loaded: %s", label, e)
+                self.load_errors[label] = str(e)
+        if not self.bundles:
+            raise BundleNotFound(f"no usable bundle under {self.root.resolve()}"
+                                 + (f": {self.load_errors}" if self.load_errors else
+                                    "; build one with `palettelink build-bundle`"))
+        self.metrics.bundles_loaded.set(len(self.bundles))
+        self._ready.set()
+        log.info("serving bundles %s", ", ".join(f"{k} {v.tasks}" for k, v in self.bundles.items()))
+
+    def _add(self, bundle: Bundle) -> None:
+        if bundle.id in self.bundles:
+            return
+        batchers = {}
+        for task in tasks_for(bundle):
+            runner = make_runner(task, bundle, self.device)
+            self._set_torch_threads()
+            if self.warmup:
+                runner.warmup()
+            batchers[task] = Batcher(
+                runner, name=f"{bundle.id}:{task}", max_batch=self.max_batch, max_wait_ms=self.batch_wait_ms,
+                max_queue=self.max_queue,
+                on_batch=self.metrics.batch.labels(bundle.id, task).observe,
+            )
+        if not batchers:
+            raise InvalidRequest(f"bundle {bundle.id} has task {bundle.task!r}; "
+                                 f"this server runs {sorted(MODULES)}")
+        self.bundles[bundle.id] = LoadedBundle(bundle, codecs.Decoder(bundle), batchers)
+        log.info("loaded bundle %s from %s", bundle.id, bundle.path)
+
+    def _set_torch_threads(self) -> None:
+        if "torch" not in sys.modules or not self.device.startswith("cpu"):
+            return
+        import torch
+
+        n = self.threads
+        if not n:
+            n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(max(1, int(n or 1)))
+
+    def close(self) -> None:
+        self._ready.clear()
+        for lb in self.bundles.values():
+            for b in lb.batchers.values():
+                b.close()
+
+    # -- data plane ------------------------------------------------------------------------------
+
+    def resolve(self, name: str) -> LoadedBundle:
+        """``""`` (the only bundle), ``name`` (its highest loaded version) or ``name/version``."""
+        if not self.ready:
+            raise ServiceUnavailable("bundles are still loading")
+        if not name:
+            if len(self.bundles) == 1:
+                return next(iter(self.bundles.values()))
+            raise InvalidRequest(f"several bundles are loaded ({sorted(self.bundles)}): name one")
+        if name in self.bundles:
+            return self.bundles[name]
+        versions = [lb for lb in self.bundles.values() if lb.bundle.name == name]
+        if not versions:
+            raise BundleNotFound(f"no bundle {name!r} on this server; it serves {sorted(self.bundles)}")
+        return max(versions, key=lambda lb: _version_key(lb.bundle.version))
+
+    def _batcher(self, lb: LoadedBundle, task: str) -> tuple[str, Batcher]:
+        task = task or lb.bundle.task
+        if task not in lb.batchers:
+            raise InvalidRequest(f"bundle {lb.bundle.id} serves tasks {lb.tasks}, not {task!r}")
+        return task, lb.batchers[task]
+
+    def analyze(self, bundle: str, task: str, payload: bytes, want_preview: bool = False, *,
+                frame_id: int = 0, client: str = "", edge: EdgeReport | None = None) -> FrameResult:
+        """Decode one coded frame and run ``task`` on it (``""`` = the bundle's own task)."""
+        t0 = time.perf_counter()
+        summary: dict[str, Any] = {"time": time.time(), "client": client, "frame_id": frame_id,
+                                   "bundle": bundle, "task": task, "bytes": len(payload)}
+        try:
+            lb = self.resolve(bundle)
+            task, batcher = self._batcher(lb, task)
+            summary.update(bundle=lb.bundle.id, task=task)
+            if not payload:
+                raise InvalidStream("empty payload")
+            decoded = lb.decoder.decode(bytes(payload))
+            t1 = time.perf_counter()
+            w, h = decoded.image_size
+            if w * h > self.max_pixels:
+                raise ResourceExhausted(f"image {w}x{h} exceeds this server's limit of "
+                                        f"{self.max_pixels} pixels")
+            bid, level = lb.bundle.id, str(decoded.level)
+            self.metrics.frames.labels(bid, decoded.codec, level).inc()
+            self.metrics.bytes.labels(bid, decoded.codec, level).inc(decoded.n_bytes)
+            self.metrics.decode.labels(bid, decoded.codec).observe(t1 - t0)
+            br = batcher.submit(decoded, want_preview)
+            total_ms = (time.perf_counter() - t0) * 1e3
+        except Exception as e:
+            summary["error"] = {"status": e.code if isinstance(e, PaletteLinkError) else "INTERNAL",
+                                "message": str(e)[:300]}
+            self._remember(summary)
+            raise
+        bpp = 8.0 * decoded.n_bytes / (w * h)
+        result = FrameResult(
+            frame_id=frame_id, bundle=bid, task=task, codec=decoded.codec, level=decoded.level,
+            payload_bytes=decoded.n_bytes, bpp=bpp, truncated=decoded.truncated, image_width=w,
+            image_height=h, output=br.output, batch_size=br.batch_size,
+            timings=Timings(decode_ms=(t1 - t0) * 1e3, task_ms=br.task_ms, queue_ms=br.queue_ms,
+                            total_ms=total_ms),
+        )
+        m = self.metrics
+        m.bpp.labels(bid, decoded.codec).observe(bpp)
+        m.task.labels(bid, task).observe(br.task_ms / 1e3)
+        m.queue.labels(bid, task).observe(br.queue_ms / 1e3)
+        m.total.labels(bid, task).observe(total_ms / 1e3)
+        if edge is not None:
+            if edge.front_ms > 0:
+                m.edge_front.labels(bid).observe(edge.front_ms / 1e3)
+            if edge.encode_ms > 0:
+                m.edge_encode.labels(bid).observe(edge.encode_ms / 1e3)
+            if edge.capture_time_us > 0:
+                lag = time.time() - edge.capture_time_us / 1e6
+                if 0 <= lag < 3600:  # clocks of edge and server disagree otherwise; do not record junk
+                    m.e2e.labels(bid).observe(lag)
+        summary.update(codec=decoded.codec, level=decoded.level, bpp=bpp, truncated=decoded.truncated,
+                       image=[w, h], boxes=len(br.output.boxes), batch=br.batch_size,
+                       detections=[[b.class_name, round(b.score, 3)] for b in br.output.boxes[:8]],
+                       timings=asdict(result.timings))
+        self._remember(summary)
+        return result
+
+    @contextmanager
+    def open_stream(self, bundle: str, task: str, client: str = "",
+                    want_preview: bool = False) -> Iterator[StreamSession]:
+        """Validate a stream header (bundle, task, stream limit) and account for the open stream."""
+        lb = self.resolve(bundle)
+        task, _ = self._batcher(lb, task)
+        session = StreamSession(self, lb.bundle.id, task, client, want_preview)
+        with self._lock:
+            if len(self._streams) >= self.max_streams:
+                raise ResourceExhausted(f"this server already holds {self.max_streams} streams")
+            self._streams[id(session)] = session
+        self.metrics.active_streams.inc()
+        try:
+            yield session
+        finally:
+            with self._lock:
+                self._streams.pop(id(session), None)
+            self.metrics.active_streams.dec()
+
+    # -- introspection ---------------------------------------------------------------------------
+
+    def _remember(self, summary: dict[str, Any]) -> None:
+        with self._lock:
+            self._recent.append(summary)
+
+    def recent_frames(self, limit: int = 50) -> list[dict[str, Any]]:
+        """Newest first."""
+        with self._lock:
+            items = list(self._recent)
+        return items[::-1][: max(0, limit)]
+
+    def streams(self) -> list[dict[str, Any]]:
+        with self._lock:
+            sessions = list(self._streams.values())
+        return [{"client": s.client, "bundle": s.bundle, "task": s.task, "opened": s.opened,
+                 "frames": s.frames, "bytes": s.bytes, "errors": s.errors} for s in sessions]
+
+    def info(self) -> list[BundleInfo]:
+        return [lb.info() for lb in self.bundles.values()]
+
+    def status(self) -> dict[str, Any]:
+        """Everything the dashboard shows, as JSON-ready data."""
+        return {
+            "server_version": __version__, "ready": self.ready, "device": self.device,
+            "uptime_s": time.time() - self.started, "bundles": [asdict(b) for b in self.info()],
+            "load_errors": dict(self.load_errors), "streams": self.streams(),
+            "queues": {f"{k}:{t}": b.depth() for k, lb in self.bundles.items()
+                       for t, b in lb.batchers.items()},
+        }
