@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 import uvicorn
@@ -74,6 +75,75 @@ def _fmt(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class PaletteLinkServer:
+    """gRPC server + HTTP app over one :class:`Service`, started and stopped together.
+
+    Used by :func:`main` and by tests (which run it in-process on free ports). Ports are bound in
+    the constructor, so :attr:`grpc_address` and :attr:`http_url` are known before :meth:`start`.
+    """
+
+    def __init__(self, service: Service, *, host: str = "127.0.0.1", grpc_port: int = 0, http_port: int = 0,
+                 auth: TokenAuth | None = None, tls: TLSConfig | None = None, http_tls: bool = False,
+                 max_message_bytes: int = 16 * MiB, workers: int | None = None,
+                 log_level: str = "warning") -> None:
+        self.service = service
+        self.host = host
+        auth = auth or TokenAuth({})
+        self.auth = auth
+        self.tls = tls
+        self.grpc = GrpcServer(service, host=host, port=grpc_port, auth=auth, tls=tls,
+                               max_message_bytes=max_message_bytes, workers=workers)
+        self._sock = _bind(host, http_port)
+        self.http_port = int(self._sock.getsockname()[1])
+        ssl = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)} if http_tls and tls else {}
+        self.http_scheme = "https" if ssl else "http"
+        config = uvicorn.Config(create_app(service, auth), log_level=log_level.lower(), access_log=False,
+                                lifespan="off", timeout_graceful_shutdown=3, **ssl)
+        self.http = uvicorn.Server(config)
+        self._http_thread = threading.Thread(target=self.http.run, kwargs={"sockets": [self._sock]},
+                                             name="http", daemon=True)
+
+    @property
+    def grpc_address(self) -> str:
+        return self.grpc.address
+
+    @property
+    def http_address(self) -> str:
+        return _fmt(self.host, self.http_port)
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.http_scheme}://{self.http_address}"
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start both transports (bundles may still be loading: probes say so)."""
+        self.grpc.start()
+        self._http_thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.http.started and self._http_thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not self.http.started:
+            raise RuntimeError("HTTP server did not start")
+
+    def load(self) -> None:
+        """Load the service's bundles, then report SERVING."""
+        if not self.service.ready:
+            self.service.load()
+        self.grpc.set_serving(True)
+
+    def stop(self, grace: float = 5.0, close_service: bool = True) -> None:
+        """NOT_SERVING, finish running calls (up to ``grace`` s), stop HTTP, stop the task workers
+        (unless the service is shared with another server: ``close_service=False``)."""
+        self.grpc.stop(grace)
+        self.http.should_exit = True
+        if self._http_thread.is_alive():
+            self._http_thread.join(timeout=grace + 5)
+        else:
+            self._sock.close()
+        if close_service:
+            self.service.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -81,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         print("palettelink-server: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
-    if args.tls_client_ca and not args.tls_cert:
-        print("palettelink-server: --tls-client-ca needs --tls-cert/--tls-key", file=sys.stderr)
+    if (args.tls_client_ca or args.http_tls) and not args.tls_cert:
+        print("palettelink-server: --tls-client-ca and --http-tls need --tls-cert/--tls-key", file=sys.stderr)
         return 2
     try:
         auth = TokenAuth.from_sources(args.tokens_file)
@@ -90,20 +160,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"palettelink-server: {e}", file=sys.stderr)
         return 2
     tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
-
     service = Service(args.bundles or default_root(), args.bundle, device=args.device,
                       threads=args.threads, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                       max_streams=args.max_streams, verify=not args.no_verify)
-    grpc_server = GrpcServer(service, host=args.host, port=args.grpc_port, auth=auth, tls=tls,
-                             max_message_bytes=int(args.max_message_mb * MiB), workers=args.workers)
-    sock = _bind(args.host, args.http_port)
-    http_port = sock.getsockname()[1]
-    ssl = {"ssl_certfile": str(args.tls_cert), "ssl_keyfile": str(args.tls_key)} if args.http_tls else {}
-    config = uvicorn.Config(create_app(service, auth), log_level=args.log_level.lower(), access_log=False,
-                            lifespan="off", timeout_graceful_shutdown=3, **ssl)
-    http = uvicorn.Server(config)
-    http_thread = threading.Thread(target=http.run, kwargs={"sockets": [sock]}, name="http", daemon=True)
-
+    server = PaletteLinkServer(service, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
+                               auth=auth, tls=tls, http_tls=args.http_tls,
+                               max_message_bytes=int(args.max_message_mb * MiB), workers=args.workers,
+                               log_level=args.log_level)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -113,26 +176,21 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
-    grpc_server.start()
-    http_thread.start()
-    ports = f"grpc={grpc_server.address} http={_fmt(args.host, http_port)}"
+    server.start()
+    ports = f"grpc={server.grpc_address} http={server.http_address}"
     print(f"LISTENING {ports}", flush=True)
     code = 0
     try:
-        service.load()
+        server.load()
     except PaletteLinkError as e:
         print(f"palettelink-server: {e}", file=sys.stderr)
         code = 2
     else:
-        grpc_server.set_serving(True)
-        print(f"READY {ports} bundles={','.join(service.bundles)}"
-              f"{' tls' if tls else ''}{' auth' if auth.enabled else ''}", flush=True)
+        flags = [f for f, on in (("tls", tls), ("mtls", tls and tls.client_ca), ("auth", auth.enabled)) if on]
+        print(" ".join(["READY", ports, f"bundles={','.join(service.bundles)}", *flags]), flush=True)
         while not stop.wait(0.5):
             pass
-    grpc_server.stop(grace=5.0)
-    http.should_exit = True
-    http_thread.join(timeout=10)
-    service.close()
+    server.stop(grace=5.0)
     log.info("stopped")
     return code
 

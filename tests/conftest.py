@@ -58,3 +58,51 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.fixture(scope="session")
 def regenerate(request: pytest.FixtureRequest) -> bool:
     return bool(request.config.getoption("--regenerate-golden"))
+
+
+# -- server fixtures (tests/test_server_*.py; usable by any test that needs a live server) ---------
+
+
+@pytest.fixture(scope="session")
+def coded_frames(bundle, images: list[Path]) -> dict[str, bytes]:  # noqa: ANN001
+    """Baseline-coded frames (4 bits) of the sample images: ``{"bus": payload, "zidane": payload}``."""
+    from palettelink.codecs import make_encoder
+    from palettelink.image import load_image
+
+    enc = make_encoder(bundle, "baseline")
+    return {p.stem: enc.encode(load_image(p), 4).payload for p in images}
+
+
+@pytest.fixture(scope="session")
+def server_service(bundles_root: Path):  # noqa: ANN201 - server.service.Service
+    """A loaded :class:`server.service.Service` over ``bundles_root``. It batches up to 4 frames (20 ms
+    window) so concurrent streams really share batches in the tests."""
+    from server.service import Service
+
+    svc = Service(bundles_root, max_batch=4, batch_wait_ms=20)
+    svc.load()
+    yield svc
+    svc.close()
+
+
+@pytest.fixture(scope="session")
+def live_server(server_service):  # noqa: ANN001, ANN201 - server.main.PaletteLinkServer
+    """An in-process server (gRPC + HTTP, no auth, no TLS) on free 127.0.0.1 ports.
+    ``live_server.grpc_address`` is ``host:port``; ``live_server.http_url`` is ``http://host:port``."""
+    from server.main import PaletteLinkServer
+
+    srv = PaletteLinkServer(server_service)
+    srv.start()
+    srv.load()
+    yield srv
+    srv.stop(grace=1.0, close_service=False)
+
+
+@pytest.fixture(scope="session")
+def grpc_stub(live_server):  # noqa: ANN001, ANN201 - palettelink_pb2_grpc.PaletteLinkStub
+    import grpc
+
+    from palettelink.v1 import palettelink_pb2_grpc
+
+    with grpc.insecure_channel(live_server.grpc_address) as channel:
+        yield palettelink_pb2_grpc.PaletteLinkStub(channel)
