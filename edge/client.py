@@ -1,0 +1,223 @@
+"""``palettelink-edge``: capture → ONNX front → codec → gRPC stream → print the server's results.
+
+Exit codes: 0 all frames answered; 1 some frames came back with an error; 2 bad arguments, inputs or
+bundle; 3 server unreachable (after bounded retries); 4 the server refused the stream (token,
+unknown bundle, …). This module and everything it imports stay free of torch (tested).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from edge import capture
+from edge.ratecontrol import LevelCoder, controller_from
+from edge.transport import (
+    Backoff,
+    EdgeStream,
+    Reply,
+    ServerUnavailable,
+    StreamFailed,
+    make_channel,
+    wait_ready,
+)
+from palettelink.bundle import find_bundle
+from palettelink.codecs import EdgeEncoder, available, make_encoder
+from palettelink.errors import BundleNotFound, PaletteLinkError
+from palettelink.v1 import palettelink_pb2 as pb
+
+EXIT_OK, EXIT_FRAME_ERRORS, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_REFUSED = 0, 1, 2, 3, 4
+PROG = "palettelink-edge"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Stream images, folders or videos to a PaletteLink server as coded features.",
+        epilog="exit codes: 0 ok, 1 some frames failed, 2 bad input/bundle, 3 server unreachable, "
+               "4 server refused the stream",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="image files, folders (recursive) or video files; camera:N for a camera")
+    p.add_argument("--server", required=True, metavar="HOST:PORT", help="gRPC address of the server")
+    p.add_argument("--bundle", required=True, help="bundle name, name/version, or a bundle folder")
+    p.add_argument("--bundles", type=Path, default=None, metavar="DIR",
+                   help="bundle root (default: $PALETTELINK_BUNDLES or ./bundles)")
+    p.add_argument("--codec", default=None, help="baseline or palette (default: the bundle's best)")
+    rate = p.add_mutually_exclusive_group()
+    rate.add_argument("--bits", type=int, default=None, help="baseline: bits per value (2..8)")
+    rate.add_argument("--level", type=int, default=None, help="codec level (palette: diffusion step)")
+    rate.add_argument("--target-bpp", type=float, default=None, metavar="BPP",
+                      help="per frame, the finest level within BPP bits per pixel")
+    rate.add_argument("--target-bytes", type=int, default=None, metavar="N",
+                      help="per frame, the finest level within N bytes")
+    rate.add_argument("--kbps", type=float, default=None, help="stream budget in kbit/s (with --fps)")
+    p.add_argument("--fps", type=float, default=None, help="frame rate the --kbps budget is spread over")
+    p.add_argument("--every", type=int, default=1, metavar="N", help="keep every N-th video frame")
+    p.add_argument("--max-frames", type=int, default=None, metavar="N", help="stop after N frames in all")
+    p.add_argument("--json", action="store_true", help="one JSON object per frame on stdout")
+    p.add_argument("--token", default=os.environ.get("PALETTELINK_TOKEN"),
+                   help="client token sent as 'authorization: Bearer T' (default: $PALETTELINK_TOKEN)")
+    p.add_argument("--tls-ca", type=Path, default=None, metavar="FILE", help="CA certificate: use TLS")
+    p.add_argument("--tls-cert", type=Path, default=None, metavar="FILE", help="client certificate (mTLS)")
+    p.add_argument("--tls-key", type=Path, default=None, metavar="FILE", help="client key (mTLS)")
+    p.add_argument("--tls-server-name", default=None, help="expected server name in its certificate")
+    p.add_argument("--client-id", default=f"{socket.gethostname()}-{os.getpid()}")
+    p.add_argument("--window", type=int, default=2, help="frames in flight (default 2)")
+    p.add_argument("--retries", type=int, default=8, help="reconnect attempts in a row (default 8)")
+    p.add_argument("--connect-timeout", type=float, default=2.0, metavar="S",
+                   help="seconds per connection attempt (default 2)")
+    return p
+
+
+@dataclass
+class FrameMeta:
+    label: str
+    source: str
+    index: int
+    n_bytes: int
+    level: int
+    image_size: tuple[int, int]
+    timings_ms: dict[str, float]
+
+
+def _box_dict(b: pb.Box, names: Sequence[str]) -> dict[str, Any]:
+    name = b.class_name or (names[b.class_id] if 0 <= b.class_id < len(names) else str(b.class_id))
+    return {"class_id": b.class_id, "class_name": name, "score": round(float(b.score), 4),
+            "xyxy": [round(float(v), 1) for v in (b.x1, b.y1, b.x2, b.y2)]}
+
+
+def reply_record(reply: Reply, names: Sequence[str]) -> dict[str, Any]:
+    """What one answered frame turns into: the ``--json`` line, also the source of the text line."""
+    r, m = reply.result, reply.meta
+    assert isinstance(m, FrameMeta)
+    w, h = m.image_size
+    n_bytes = int(r.payload_bytes) or m.n_bytes
+    rec: dict[str, Any] = {
+        "source": m.source, "frame": m.index, "frame_id": reply.frame_id,
+        "codec": r.codec or None, "level": r.level if r.codec else m.level,
+        "bytes": n_bytes, "bpp": round(8.0 * n_bytes / (w * h), 4), "width": w, "height": h,
+        "boxes": [_box_dict(b, names) for b in r.boxes],
+        "latency_ms": round(reply.latency_ms, 2),
+        "edge_ms": {k: round(v, 2) for k, v in m.timings_ms.items()},
+        "server_ms": {k: round(getattr(r.timings, k), 2)
+                      for k in ("decode_ms", "task_ms", "queue_ms", "total_ms")},
+        "truncated": bool(r.truncated),
+        "error": None,
+    }
+    if r.HasField("error") and r.error.status:
+        rec["error"] = {"status": r.error.status, "message": r.error.message}
+    return rec
+
+
+def print_record(rec: dict[str, Any], label: str, out: TextIO, as_json: bool) -> None:
+    if as_json:
+        out.write(json.dumps(rec) + "\n")
+        out.flush()
+        return
+    head = (f"{label}  {rec['bytes']:,} B  {rec['bpp']:.3f} bpp  {rec['codec'] or '?'}/{rec['level']}  "
+            f"rtt {rec['latency_ms']:.1f} ms  (front {rec['edge_ms'].get('front_ms', 0):.1f}, "
+            f"encode {rec['edge_ms'].get('encode_ms', 0):.1f}, server {rec['server_ms']['total_ms']:.1f})")
+    if rec["error"]:
+        out.write(f"{head}  ERROR {rec['error']['status']}: {rec['error']['message']}\n")
+    else:
+        out.write(f"{head}  {len(rec['boxes'])} box(es)\n")
+        for b in rec["boxes"]:
+            x1, y1, x2, y2 = b["xyxy"]
+            out.write(f"    {b['class_name']:<12} {b['score']:.2f}  "
+                      f"[{x1:7.1f} {y1:7.1f} {x2:7.1f} {y2:7.1f}]\n")
+    out.flush()
+
+
+def _fail(code: int, msg: str) -> int:
+    print(f"{PROG}: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _level_for(args: argparse.Namespace, codec: str) -> int | None:
+    if args.bits is not None and codec != "baseline":
+        raise PaletteLinkError(f"--bits is for the baseline codec; use --level with {codec}")
+    return args.bits if args.bits is not None else args.level
+
+
+def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    try:
+        sources = capture.expand(args.paths)
+        frames = capture.iter_frames(sources, args.every, args.max_frames)
+        bundle = find_bundle(args.bundle, args.bundles)
+        codec = args.codec or available(bundle)[0]
+        encoder: EdgeEncoder = make_encoder(bundle, codec)
+        coder = LevelCoder(encoder, controller_from(_level_for(args, codec), args.target_bpp,
+                                                    args.target_bytes, args.kbps, args.fps))
+        channel = make_channel(args.server, args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    except BundleNotFound as e:
+        hint = f" (to build it there: palettelink build-bundle --out {args.bundles})" if args.bundles else ""
+        return _fail(EXIT_USAGE, f"{e}{hint}")
+    except (PaletteLinkError, ValueError, OSError) as e:
+        return _fail(EXIT_USAGE, str(e))
+
+    backoff = Backoff(retries=args.retries)
+    metadata = [("authorization", f"Bearer {args.token}")] if args.token else []
+    names = bundle.class_names
+    n_frames = n_errors = 0
+    stream: EdgeStream | None = None
+    try:
+        wait_ready(channel, args.server, args.connect_timeout, backoff)
+        header = pb.StreamHeader(client_id=args.client_id, bundle=bundle.id, task=bundle.task)
+        stream = EdgeStream(channel, header, metadata, window=args.window, backoff=backoff)
+
+        def emit(replies: Any) -> None:
+            nonlocal n_frames, n_errors
+            for reply in replies:
+                rec = reply_record(reply, names)
+                print_record(rec, reply.meta.label, out, args.json)
+                n_frames += 1
+                n_errors += rec["error"] is not None
+
+        for frame_id, cap in enumerate(frames):
+            coded = coder.encode(cap.rgb)
+            enc = coded.encoded
+            if coded.choice is not None and coded.choice.warning:
+                print(f"{PROG}: {cap.label}: {coded.choice.warning}", file=sys.stderr)
+            meta = FrameMeta(cap.label, cap.source, cap.index, len(enc.payload), enc.level,
+                             enc.image_size, enc.timings_ms)
+            req = pb.Frame(frame_id=frame_id, payload=enc.payload, capture_time_us=cap.capture_time_us,
+                           edge_front_ms=enc.timings_ms.get("front_ms", 0.0),
+                           edge_encode_ms=enc.timings_ms.get("encode_ms", 0.0))
+            emit(stream.send(req, meta))
+        emit(stream.finish())
+    except PaletteLinkError as e:
+        return _fail(EXIT_USAGE, str(e))
+    except ServerUnavailable as e:
+        return _fail(EXIT_UNREACHABLE, str(e))
+    except StreamFailed as e:
+        hint = {"UNAUTHENTICATED": " (pass --token or set $PALETTELINK_TOKEN)",
+                "NOT_FOUND": " (the server does not hold this bundle)"}.get(e.code.name, "")
+        return _fail(EXIT_REFUSED, f"server refused the stream: {e}{hint}")
+    except KeyboardInterrupt:
+        return _fail(130, "interrupted")
+    finally:
+        if stream is not None:
+            stream.close()
+        channel.close()
+    if stream is not None and stream.reconnects:
+        print(f"{PROG}: reconnected {stream.reconnects} time(s)", file=sys.stderr)
+    if n_errors:
+        print(f"{PROG}: {n_errors} of {n_frames} frame(s) failed", file=sys.stderr)
+        return EXIT_FRAME_ERRORS
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

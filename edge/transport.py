@@ -1,0 +1,253 @@
+"""The edge side of the bidi ``Stream`` RPC: a window of frames in flight, reconnect on UNAVAILABLE.
+
+One :class:`EdgeStream` owns one logical stream. Frames are queued to the current gRPC call; a
+reader thread hands responses back. When the call dies with UNAVAILABLE (server restarted, a load
+balancer dropped the connection) the stream re-opens with exponential backoff and re-sends every
+frame that had no answer yet, so the caller sees each frame answered exactly once, in any order.
+Frame ids are the caller's; the server echoes them.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from palettelink.v1 import palettelink_pb2 as pb
+from palettelink.v1 import palettelink_pb2_grpc as pb_grpc
+
+MAX_MESSAGE_BYTES = 64 << 20
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+
+
+class ServerUnavailable(Exception):
+    """The server could not be reached within the retry budget."""
+
+
+class StreamFailed(Exception):
+    """The server ended the stream with a non-retryable status (bad token, unknown bundle, …)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff: ``initial``·2^k seconds, capped, at most ``retries`` attempts in a row."""
+
+    retries: int = 5
+    initial: float = 0.2
+    maximum: float = 5.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before attempt ``attempt`` (1-based)."""
+        return min(self.initial * 2 ** (attempt - 1), self.maximum)
+
+    def delays(self) -> Iterator[float]:
+        for attempt in range(1, self.retries + 1):
+            yield self.delay(attempt)
+
+
+@dataclass
+class Reply:
+    """A frame's answer plus what only the edge knows (send time → round-trip latency)."""
+
+    frame_id: int
+    result: pb.FrameResult
+    latency_ms: float
+    meta: Any = None
+
+
+@dataclass
+class _Pending:
+    request: pb.StreamRequest
+    meta: Any
+    sent: float = field(default_factory=time.perf_counter)
+
+
+def make_channel(
+    target: str,
+    tls_ca: Path | None = None,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    server_name: str | None = None,
+) -> grpc.Channel:
+    """Insecure channel, TLS when ``tls_ca`` is given, mTLS when a client cert and key are too."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        # Our own reconnect logic decides; don't let the channel wait forever on a dead target.
+        ("grpc.enable_retries", 0),
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+    ]
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    if tls_ca is None:
+        if tls_cert or tls_key:
+            raise ValueError("--tls-cert/--tls-key need --tls-ca")
+        return grpc.insecure_channel(target, options=options)
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("mTLS needs both --tls-cert and --tls-key")
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=Path(tls_ca).read_bytes(),
+        private_key=Path(tls_key).read_bytes() if tls_key else None,
+        certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None,
+    )
+    return grpc.secure_channel(target, creds, options=options)
+
+
+def wait_ready(channel: grpc.Channel, target: str, timeout: float, backoff: Backoff) -> None:
+    """Block until the channel connects; raise :class:`ServerUnavailable` after the retry budget."""
+    waited = 0.0
+    for delay in [0.0, *backoff.delays()]:
+        time.sleep(delay)
+        waited += delay
+        try:
+            grpc.channel_ready_future(channel).result(timeout=timeout)
+            return
+        except grpc.FutureTimeoutError:
+            waited += timeout
+    raise ServerUnavailable(
+        f"cannot reach a PaletteLink server at {target} ({backoff.retries + 1} attempts over "
+        f"{waited:.1f} s); is `palettelink-server` running there (and TLS set up alike on both ends)?"
+    )
+
+
+class _Call:
+    """One gRPC ``Stream`` call: a request queue feeding it and a reader thread draining it."""
+
+    def __init__(self, stub: pb_grpc.PaletteLinkStub, header: pb.StreamRequest,
+                 metadata: Sequence[tuple[str, str]], events: queue.Queue[tuple[int, str, Any]],
+                 generation: int) -> None:
+        self.requests: queue.Queue[pb.StreamRequest | None] = queue.Queue()
+        self.generation = generation
+        self._events = events
+
+        def gen() -> Iterator[pb.StreamRequest]:
+            yield header
+            while (item := self.requests.get()) is not None:
+                yield item
+
+        self.call = stub.Stream(gen(), metadata=list(metadata))
+        self._thread = threading.Thread(target=self._read, name=f"edge-stream-{generation}", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for resp in self.call:
+                self._events.put((self.generation, "result", resp.result))
+        except grpc.RpcError as e:
+            self._events.put((self.generation, "error", e))
+        else:
+            self._events.put((self.generation, "end", None))
+
+    def send(self, request: pb.StreamRequest) -> None:
+        self.requests.put(request)
+
+    def close_requests(self) -> None:
+        self.requests.put(None)
+
+    def cancel(self) -> None:
+        self.requests.put(None)
+        self.call.cancel()
+
+
+class EdgeStream:
+    """Send frames with at most ``window`` unanswered; yield :class:`Reply` objects as they come."""
+
+    def __init__(self, channel: grpc.Channel, header: pb.StreamHeader,
+                 metadata: Sequence[tuple[str, str]] = (), window: int = 2,
+                 backoff: Backoff | None = None) -> None:
+        if window < 1:
+            raise ValueError("window must be ≥ 1")
+        self.stub = pb_grpc.PaletteLinkStub(channel)
+        self.header = pb.StreamRequest(header=header)
+        self.metadata = tuple(metadata)
+        self.window = window
+        self.backoff = backoff or Backoff()
+        self.reconnects = 0
+        self._failures = 0
+        self._events: queue.Queue[tuple[int, str, Any]] = queue.Queue()
+        self._pending: OrderedDict[int, _Pending] = OrderedDict()
+        self._generation = 0
+        self._call = self._open()
+
+    def _open(self) -> _Call:
+        self._generation += 1
+        return _Call(self.stub, self.header, self.metadata, self._events, self._generation)
+
+    def send(self, frame: pb.Frame, meta: Any = None) -> Iterator[Reply]:
+        """Queue ``frame``; yields the replies that arrive meanwhile (blocking while the window is full)."""
+        while len(self._pending) >= self.window:
+            yield from self._next_event()
+        req = pb.StreamRequest(frame=frame)
+        self._pending[frame.frame_id] = _Pending(req, meta)
+        self._call.send(req)
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                return
+            yield from self._handle(event)
+
+    def finish(self) -> Iterator[Reply]:
+        """Close the request side and yield the remaining replies."""
+        while self._pending:
+            yield from self._next_event()
+        self._call.close_requests()
+
+    def close(self) -> None:
+        self._call.cancel()
+
+    def _next_event(self) -> Iterator[Reply]:
+        yield from self._handle(self._events.get())
+
+    def _handle(self, event: tuple[int, str, Any]) -> Iterator[Reply]:
+        generation, kind, value = event
+        if generation != self._generation:
+            return  # a late event from a call we already gave up on
+        if kind == "result":
+            self._failures = 0
+            pending = self._pending.pop(value.frame_id, None)
+            if pending is None:
+                return  # an answer to a frame re-sent after reconnect that was already answered
+            yield Reply(value.frame_id, value, (time.perf_counter() - pending.sent) * 1e3, pending.meta)
+            return
+        if kind == "end":
+            if self._pending:
+                raise StreamFailed(grpc.StatusCode.INTERNAL,
+                                   f"server closed the stream with {len(self._pending)} frame(s) unanswered")
+            return
+        err: grpc.RpcError = value
+        code = err.code()  # type: ignore[attr-defined]
+        if code not in RETRYABLE:
+            raise StreamFailed(code, err.details() or "")  # type: ignore[attr-defined]
+        self._reconnect(err)
+
+    def _reconnect(self, err: grpc.RpcError) -> None:
+        """Re-open the call after a backoff and re-send the unanswered frames. The budget counts
+        failures in a row: any answered frame resets it, so a long stream survives many blips."""
+        self._call.cancel()
+        self._failures += 1
+        if self._failures > self.backoff.retries:
+            raise ServerUnavailable(
+                f"lost the server and could not reconnect after {self.backoff.retries} attempts: "
+                f"{err.details()}"  # type: ignore[attr-defined]
+            )
+        time.sleep(self.backoff.delay(self._failures))
+        self.reconnects += 1
+        self._call = self._open()
+        now = time.perf_counter()
+        for p in self._pending.values():
+            p.sent = now
+            self._call.send(p.request)

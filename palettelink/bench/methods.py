@@ -1,0 +1,214 @@
+"""Benchmark methods: each turns one image at one rate point into (bytes, decoded thing).
+
+A method decodes either to the *crossing tensors* (feature codecs: they go through the bundle's
+tail) or to an *image* (JPEG/WebP/AVIF anchors: they go through the whole detector). Adding a row
+to the benchmark (a new codec, an anchor, an ablation) is one class with ``@register("name")``.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image, features
+
+from palettelink.bundle import Bundle
+from palettelink.codecs import Decoder, available, make_encoder
+from palettelink.errors import InvalidRequest
+from palettelink.front import Front
+from palettelink.image import Letterbox, letterbox
+
+
+@dataclass
+class Item:
+    """One benchmark image, prepared once and shared by every method."""
+
+    name: str
+    rgb: np.ndarray
+    x: np.ndarray  # letterboxed 1x3xSxS float32
+    letterbox: Letterbox
+    tensors: list[np.ndarray]  # uncompressed crossing tensors from the ONNX front
+
+    @property
+    def pixels(self) -> int:
+        return self.letterbox.width * self.letterbox.height
+
+
+def prepare(name: str, rgb: np.ndarray, front: Front) -> Item:
+    x, lb = letterbox(rgb, front.bundle.input_size)
+    return Item(name, rgb, x, lb, front.run_tensor(x))
+
+
+@dataclass
+class Output:
+    """What a method produced: exactly one of ``tensors`` / ``rgb`` is set."""
+
+    n_bytes: int
+    tensors: list[np.ndarray] | None = None
+    rgb: np.ndarray | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    """What methods may use: the bundle and its ONNX front (the detector stays with the runner)."""
+
+    bundle: Bundle
+    front: Front
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Method(Protocol):
+    name: str
+    kind: str  # "features" or "image"
+
+    def points(self) -> list[int]:
+        """Rate points, best quality first (bits, quality, level …)."""
+        ...
+
+    def label(self, point: int) -> str: ...
+
+    def run(self, item: Item, point: int) -> Output: ...
+
+
+METHODS: dict[str, Callable[[Context], Method]] = {}
+
+
+def register(name: str) -> Callable[[Callable[[Context], Method]], Callable[[Context], Method]]:
+    def deco(factory: Callable[[Context], Method]) -> Callable[[Context], Method]:
+        METHODS[name] = factory
+        return factory
+
+    return deco
+
+
+def make_method(name: str, ctx: Context) -> Method:
+    if name not in METHODS:
+        raise InvalidRequest(f"unknown benchmark method {name!r}; known: {', '.join(sorted(METHODS))}")
+    return METHODS[name](ctx)
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1e3
+
+
+@register("bypass")
+class Bypass:
+    """Uncompressed float32 crossing tensors (CompressAI-Vision's bypass codec): checks that the ONNX
+    front + tail agree with the unsplit reference, and shows what a raw split costs."""
+
+    name = "bypass"
+    kind = "features"
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def points(self) -> list[int]:
+        return [32]
+
+    def label(self, point: int) -> str:
+        return "f32"
+
+    def run(self, item: Item, point: int) -> Output:
+        return Output(sum(t.nbytes for t in item.tensors), tensors=item.tensors)
+
+
+class CodecMethod:
+    """A feature codec of ``palettelink.codecs`` end to end: edge encoder → bytes → server decoder.
+
+    Codecs that can code given tensors (``encode_tensors``, the baseline) reuse the item's front
+    outputs instead of running the front once per rate point.
+    """
+
+    kind = "features"
+
+    def __init__(self, ctx: Context, codec: str) -> None:
+        if codec not in available(ctx.bundle):
+            raise InvalidRequest(f"bundle {ctx.bundle.id} has no {codec!r} codec (it has "
+                                 f"{available(ctx.bundle)}); rebuild it with `palettelink build-bundle`")
+        self.name = codec
+        self.encoder = make_encoder(ctx.bundle, codec)
+        self.decoder = Decoder(ctx.bundle)
+        wanted = ctx.options.get(f"{codec}_levels")
+        self._points = list(wanted) if wanted else sorted(self.encoder.levels(), reverse=codec == "baseline")
+
+    def points(self) -> list[int]:
+        return self._points
+
+    def label(self, point: int) -> str:
+        return f"{point}b" if self.name == "baseline" else f"L{point}"
+
+    def run(self, item: Item, point: int) -> Output:
+        t0 = time.perf_counter()
+        encode_tensors = getattr(self.encoder, "encode_tensors", None)
+        if encode_tensors is not None:
+            payload = encode_tensors(item.tensors, (item.letterbox.width, item.letterbox.height), point)
+        else:
+            payload = self.encoder.encode(item.rgb, point).payload
+        enc_ms = _ms(t0)
+        t0 = time.perf_counter()
+        dec = self.decoder.decode(payload)
+        return Output(len(payload), tensors=dec.tensors,
+                      timings_ms={"encode_ms": enc_ms, "decode_ms": _ms(t0)})
+
+
+@register("baseline")
+def _baseline(ctx: Context) -> Method:
+    return CodecMethod(ctx, "baseline")
+
+
+@register("palette")
+def _palette(ctx: Context) -> Method:
+    return CodecMethod(ctx, "palette")
+
+
+class PillowMethod:
+    """An image codec anchor: code the *original* image, decode it, run the whole detector."""
+
+    kind = "image"
+
+    def __init__(self, ctx: Context, fmt: str, qualities: list[int], **save_args: Any) -> None:
+        self.name = fmt.lower()
+        self.fmt = fmt
+        self._points = list(ctx.options.get(f"{self.name}_qualities") or qualities)
+        self.save_args = save_args
+
+    def points(self) -> list[int]:
+        return self._points
+
+    def label(self, point: int) -> str:
+        return f"q{point}"
+
+    def run(self, item: Item, point: int) -> Output:
+        t0 = time.perf_counter()
+        buf = io.BytesIO()
+        Image.fromarray(item.rgb).save(buf, format=self.fmt, quality=point, **self.save_args)
+        data = buf.getvalue()
+        enc_ms = _ms(t0)
+        t0 = time.perf_counter()
+        with Image.open(io.BytesIO(data)) as im:
+            rgb = np.asarray(im.convert("RGB"))
+        return Output(len(data), rgb=rgb, timings_ms={"encode_ms": enc_ms, "decode_ms": _ms(t0)})
+
+
+@register("jpeg")
+def _jpeg(ctx: Context) -> Method:
+    return PillowMethod(ctx, "JPEG", [90, 75, 50, 30, 20, 10, 5])
+
+
+@register("webp")
+def _webp(ctx: Context) -> Method:
+    if not features.check("webp"):
+        raise InvalidRequest("this Pillow build has no WebP support")
+    return PillowMethod(ctx, "WEBP", [90, 75, 50, 30, 10, 5, 0], method=4)
+
+
+@register("avif")
+def _avif(ctx: Context) -> Method:
+    if not features.check("avif"):
+        raise InvalidRequest("this Pillow build has no AVIF support (Pillow ≥ 11.3 wheels have it)")
+    return PillowMethod(ctx, "AVIF", [90, 75, 50, 30, 10, 0])

@@ -1,0 +1,248 @@
+"""``palettelink bench``: rate–accuracy of feature codecs and image-codec anchors, one table.
+
+Accuracy is agreement with the uncompressed pipeline (DESIGN §5): the reference is the unsplit
+detector on the letterboxed original image; every method's decoded output is run through the tail
+(features) or the whole detector (images) and scored with COCO-style AP50 and AP50:95. Rate is
+bpp = 8·bytes / (W·H of the original image), pooled over the image set (Σ bits / Σ pixels).
+
+Writes ``bench.json``, ``rate_accuracy.png`` and prints the table. Reference detections use the
+deployment threshold (``--ref-conf``, 0.25); predictions keep low-score boxes (``--pred-conf``,
+0.001) so they can be ranked, as in COCO evaluation; identical outputs then score AP = 1 exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from palettelink import __version__
+from palettelink.bench import metrics
+from palettelink.bench.methods import METHODS, Context, Item, Method, make_method, prepare
+from palettelink.bundle import Bundle, find_bundle
+from palettelink.errors import InvalidRequest
+from palettelink.front import Front
+from palettelink.image import letterbox, load_image
+
+DEFAULT_BUNDLE = "fall-yolov8"
+
+
+def sample_images() -> list[Path]:
+    """The images shipped with ultralytics (bus.jpg, zidane.jpg): always present offline."""
+    spec = importlib.util.find_spec("ultralytics")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    assets = Path(next(iter(spec.submodule_search_locations))) / "assets"
+    return sorted(p for p in assets.glob("*.jpg"))
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", default=DEFAULT_BUNDLE,
+                   help=f"bundle name or folder (default {DEFAULT_BUNDLE})")
+    p.add_argument("--bundles", type=Path, default=None, metavar="DIR", help="bundle root")
+    p.add_argument("--codec", type=_names, default=["baseline"],
+                   help="feature codecs, comma-separated (default baseline; palette when the bundle has it)")
+    p.add_argument("--anchors", type=_names, default=["jpeg"],
+                   help="image codecs to compare with: jpeg, webp, avif (default jpeg; '' for none)")
+    p.add_argument("--no-bypass", action="store_true", help="skip the uncompressed-features row")
+    p.add_argument("--bits", type=_ints, default=None, help="baseline bits to test (default 8..2)")
+    p.add_argument("--levels", type=_ints, default=None, help="palette levels to test (default all)")
+    p.add_argument("--qualities", type=_ints, default=None, help="anchor qualities (default per format)")
+    p.add_argument("--images", nargs="+", action="extend", default=[], metavar="PATH",
+                   help="more images, folders or videos (frames)")
+    p.add_argument("--no-samples", action="store_true", help="leave out the bundled sample images")
+    p.add_argument("--every", type=int, default=1, metavar="N", help="keep every N-th video frame")
+    p.add_argument("--max-frames", type=int, default=None, metavar="N", help="cap on --images frames")
+    p.add_argument("--ref-conf", type=float, default=0.25, help="score threshold of the reference")
+    p.add_argument("--pred-conf", type=float, default=0.001, help="score threshold of predictions")
+    p.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder (default bench-out/)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+@dataclass
+class Row:
+    """Accumulates one (method, rate point) over the image set."""
+
+    method: str
+    kind: str
+    point: int
+    label: str
+    n_bytes: list[int] = field(default_factory=list)
+    pixels: list[int] = field(default_factory=list)
+    detections: list[list[Any]] = field(default_factory=list)
+    timings: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, n_bytes: int, pixels: int, dets: list[Any], timings: dict[str, float]) -> None:
+        self.n_bytes.append(n_bytes)
+        self.pixels.append(pixels)
+        self.detections.append(dets)
+        for k, v in timings.items():
+            self.timings.setdefault(k, []).append(v)
+
+    def summary(self, references: list[list[Any]]) -> dict[str, Any]:
+        ap = metrics.evaluate(references, self.detections)
+        return {
+            "method": self.method, "kind": self.kind, "point": self.point, "label": self.label,
+            "bytes_mean": float(np.mean(self.n_bytes)),
+            "bpp": 8.0 * sum(self.n_bytes) / sum(self.pixels),
+            "bpp_per_image": [8.0 * b / p for b, p in zip(self.n_bytes, self.pixels, strict=True)],
+            "ap50": ap.ap50, "ap50_95": ap.ap50_95, "n_predicted": ap.n_predicted,
+            **{k: float(np.mean(v)) for k, v in sorted(self.timings.items())},
+        }
+
+
+def iter_images(args: argparse.Namespace) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, RGB) for the samples and every ``--images`` input. Reuses the edge's capture module,
+    so the benchmark reads folders and videos exactly as the client does."""
+    if not args.no_samples:
+        for p in sample_images():
+            yield p.name, load_image(p)
+    if args.images:
+        from edge import capture
+
+        for cap in capture.iter_frames(capture.expand(args.images), args.every, args.max_frames):
+            yield cap.label, cap.rgb
+
+
+class Runner:
+    """Holds the detector and methods; :meth:`add_image` scores one image at every rate point."""
+
+    def __init__(self, bundle: Bundle, methods: list[Method], ref_conf: float, pred_conf: float,
+                 front: Front) -> None:
+        from palettelink.models.ultra import SplitDetector
+
+        self.bundle = bundle
+        self.det = SplitDetector.from_bundle(bundle)
+        self.front = front
+        self.methods = methods
+        self.ref_conf, self.pred_conf = ref_conf, pred_conf
+        self.references: list[list[Any]] = []
+        self.images: list[dict[str, Any]] = []
+        self.rows = {(m.name, p): Row(m.name, m.kind, p, m.label(p)) for m in methods for p in m.points()}
+
+    def add_image(self, name: str, rgb: np.ndarray, progress: Any = None) -> None:
+        item: Item = prepare(name, rgb, self.front)
+        ref = self.det.detect_image(item.x, item.letterbox, conf=self.ref_conf)
+        self.references.append(ref)
+        self.images.append({"name": name, "width": item.letterbox.width, "height": item.letterbox.height,
+                            "reference_boxes": len(ref)})
+        for m in self.methods:
+            for point in m.points():
+                out = m.run(item, point)
+                t0 = time.perf_counter()
+                if out.tensors is not None:
+                    dets = self.det.detect_tensors(out.tensors, item.letterbox, conf=self.pred_conf)
+                else:
+                    assert out.rgb is not None
+                    x, lb = letterbox(out.rgb, self.bundle.input_size)
+                    dets = self.det.detect_image(x, lb, conf=self.pred_conf)
+                timings = dict(out.timings_ms, task_ms=(time.perf_counter() - t0) * 1e3)
+                self.rows[(m.name, point)].add(out.n_bytes, item.pixels, dets, timings)
+                if progress is not None:
+                    progress.update(1)
+
+    def summary(self) -> list[dict[str, Any]]:
+        return [row.summary(self.references) for row in self.rows.values()]
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'method':<10} {'point':>6} {'bytes/img':>11} {'bpp':>8} {'AP50':>6} {'AP50:95':>7} " \
+           f"{'enc ms':>7} {'dec ms':>7} {'task ms':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['method']:<10} {r['label']:>6} {r['bytes_mean']:>11,.0f} {r['bpp']:>8.3f} "
+            f"{r['ap50']:>6.3f} {r['ap50_95']:>7.3f} {r.get('encode_ms', 0.0):>7.1f} "
+            f"{r.get('decode_ms', 0.0):>7.1f} {r.get('task_ms', 0.0):>7.1f}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    for key, ax, name in (("ap50", axes[0], "AP50"), ("ap50_95", axes[1], "AP50:95")):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            pts = sorted((r["bpp"], r[key], r["label"]) for r in rows if r["method"] == method)
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            ax.plot(xs, ys, marker="o", label=method)
+            for x, y, lab in pts:
+                ax.annotate(lab, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel("bpp (8·bytes / original W·H)")
+        ax.set_ylabel(f"{name} vs uncompressed")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    bundle = find_bundle(args.bundle, args.bundles)
+    options = {"baseline_levels": args.bits, "palette_levels": args.levels}
+    for fmt in ("jpeg", "webp", "avif"):
+        options[f"{fmt}_qualities"] = args.qualities
+    front = Front(bundle)
+    ctx = Context(bundle, front, options)
+    names = ([] if args.no_bypass else ["bypass"]) + list(args.codec) + list(args.anchors)
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise InvalidRequest(f"unknown method(s) {unknown}; known: {', '.join(sorted(METHODS))}")
+    methods = [make_method(n, ctx) for n in names]
+    runner = Runner(bundle, methods, args.ref_conf, args.pred_conf, front)
+    per_image = sum(len(m.points()) for m in methods)
+    t_start = time.perf_counter()
+    images = tqdm(iter_images(args), desc="images", unit="img", disable=args.no_progress)
+    with tqdm(desc="rate points", unit="pt", disable=args.no_progress, leave=False) as points:
+        for name, rgb in images:
+            points.total = (points.total or 0) + per_image
+            runner.add_image(name, rgb, points)
+    if not runner.images:
+        raise InvalidRequest("no images to benchmark (--no-samples without --images?)")
+    rows = runner.summary()
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "palettelink": __version__, "bundle": bundle.id, "table_hash": bundle.table_hash_hex,
+        "reference": f"unsplit detector on the letterboxed original, conf ≥ {args.ref_conf}",
+        "pred_conf": args.pred_conf, "metric": "COCO AP (101-point, class-aware) vs reference boxes",
+        "bpp": "8*sum(bytes)/sum(W*H of the original images)",
+        "images": runner.images, "reference_boxes": sum(i["reference_boxes"] for i in runner.images),
+        "seconds": round(time.perf_counter() - t_start, 1), "rows": rows,
+    }
+    (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    n_ref = report["reference_boxes"]
+    title = f"{bundle.id}: {len(runner.images)} image(s), {n_ref} reference boxes"
+    plot(rows, args.out / "rate_accuracy.png", title)
+    print(title)
+    print(format_table(rows))
+    if n_ref < 100:
+        print(f"note: only {n_ref} reference boxes; AP differences of a few points are noise "
+              "(add --images with more pictures or video frames)")
+    print(f"wrote {args.out / 'bench.json'} and {args.out / 'rate_accuracy.png'}")
+    return 0
+
