@@ -1,0 +1,281 @@
+"""The edge client end to end: a real ``palettelink-server`` process, the real ``palettelink-edge``
+process, real sockets. Nothing of our transport is mocked."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from palettelink.bench.metrics import Box, evaluate
+from palettelink.image import letterbox, load_image
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "edge-test-token"
+BIN = Path(sys.executable).parent
+
+
+def script(name: str) -> list[str]:
+    """The installed console script (what users run); ``python -m`` only if it is not installed."""
+    exe = BIN / name
+    if exe.is_file():
+        return [str(exe)]
+    module = {"palettelink-edge": "edge.client", "palettelink-server": "server.main"}[name]
+    return [sys.executable, "-m", module]
+
+
+def env(**extra: str) -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if k not in ("PALETTELINK_TOKEN", "PALETTELINK_TOKENS")}
+    e.update(extra)
+    return e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def edge(*args: str, token: str | None = TOKEN, timeout: float = 120, pre: list[str] | None = None,
+         ) -> subprocess.CompletedProcess[str]:
+    cmd = (pre or script("palettelink-edge")) + list(args) + (["--token", token] if token else [])
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env())
+
+
+@pytest.fixture(scope="module")
+def server(bundles_root: Path) -> Iterator[str]:
+    """``palettelink-server --grpc-port 0 --http-port 0`` as a child process with a token; yields
+    its gRPC address once it prints READY, and stops it with SIGTERM (it must exit 0)."""
+    proc = subprocess.Popen(
+        [*script("palettelink-server"), "--bundles", str(bundles_root), "--grpc-port", "0",
+         "--http-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        env=env(PALETTELINK_TOKENS=f"edge-test={TOKEN}"),
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+    log: list[str] = []
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.append(line)
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    address = None
+    deadline = time.monotonic() + 180
+    while address is None and time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        if line.startswith("READY "):
+            address = dict(f.split("=", 1) for f in line.split()[1:] if "=" in f)["grpc"]
+    if address is None:
+        proc.kill()
+        pytest.fail("palettelink-server did not get READY:\n" + "".join(log))
+    yield address
+    proc.send_signal(signal.SIGTERM)
+    try:
+        assert proc.wait(timeout=30) == 0, "".join(log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory, images: list[Path]) -> Path:
+    """A folder with a 5-frame MJPG AVI made from bus.jpg (shifted a little each frame) and zidane.jpg."""
+    folder = tmp_path_factory.mktemp("media")
+    bgr = cv2.imread(str(images[0]))
+    bgr = cv2.resize(bgr, (400, 536))
+    writer = cv2.VideoWriter(str(folder / "clip.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 5.0, (400, 536))
+    assert writer.isOpened(), "OpenCV cannot write MJPG AVI here"
+    for i in range(5):
+        writer.write(np.roll(bgr, 4 * i, axis=1))
+    writer.release()
+    shutil.copy(images[1], folder / "zidane.jpg")
+    return folder
+
+
+def imported_modules(importtime_stderr: str) -> set[str]:
+    """Module names from ``python -X importtime`` output."""
+    return {line.rsplit("|", 1)[1].strip() for line in importtime_stderr.splitlines()
+            if line.startswith("import time:") and "|" in line}
+
+
+def test_streams_images_as_json_and_never_imports_torch(server: str, bundles_root: Path, bundle,  # noqa: ANN001
+                                                        detector, images: list[Path]) -> None:  # noqa: ANN001
+    pre = [sys.executable, "-X", "importtime", "-m", "edge.client"]
+    r = edge("--server", server, "--bundle", "fall-yolov8", "--bundles", str(bundles_root),
+             "--codec", "baseline", "--bits", "8", "--json", *map(str, images), pre=pre)
+    assert r.returncode == 0, r.stderr[-3000:]
+    mods = imported_modules(r.stderr)
+    assert "grpc" in mods and "onnxruntime" in mods, "importtime output not seen"
+    heavy = sorted(m for m in mods if m.split(".")[0] in ("torch", "torchvision", "ultralytics"))
+    assert not heavy, f"the edge process imported {heavy[:5]}"
+
+    recs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [Path(x["source"]).name for x in recs] == ["bus.jpg", "zidane.jpg"]
+    assert [x["frame_id"] for x in recs] == [0, 1]
+    refs, preds = [], []
+    for rec, path in zip(recs, images, strict=True):
+        rgb = load_image(path)
+        h, w = rgb.shape[:2]
+        assert (rec["width"], rec["height"]) == (w, h)
+        assert (rec["codec"], rec["level"], rec["error"]) == ("baseline", 8, None)
+        assert rec["bytes"] > 100_000 and rec["bpp"] == pytest.approx(8 * rec["bytes"] / (w * h), rel=1e-3)
+        assert rec["latency_ms"] > 0 and rec["server_ms"]["task_ms"] > 0 and rec["edge_ms"]["front_ms"] > 0
+        assert rec["boxes"], f"no boxes for {path.name}"
+        for b in rec["boxes"]:
+            assert b["class_name"] in bundle.class_names and 0 < b["score"] <= 1
+            x1, y1, x2, y2 = b["xyxy"]
+            assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
+        x, lb = letterbox(rgb, bundle.input_size)
+        refs.append(detector.detect_image(x, lb))
+        preds.append([Box(tuple(b["xyxy"]), b["class_id"], b["score"]) for b in rec["boxes"]])
+    ap = evaluate(refs, preds)
+    assert ap.n_reference >= 4
+    assert ap.ap50 >= 0.95, f"8-bit streamed detections agree with uncompressed only at AP50 {ap.ap50:.3f}"
+
+
+def test_streams_a_folder_with_a_video_as_text(server: str, bundles_root: Path, clip: Path) -> None:
+    r = edge("--server", server, "--bundle", "fall-yolov8", "--bundles", str(bundles_root), "--bits", "4",
+             "--every", "3", "--max-frames", "3", str(clip))
+    assert r.returncode == 0, r.stderr[-3000:]
+    heads = [line for line in r.stdout.splitlines() if not line.startswith(" ")]
+    assert [h.split()[0] for h in heads] == [f"{clip}/clip.avi#0", f"{clip}/clip.avi#3", f"{clip}/zidane.jpg"]
+    for h in heads:
+        assert "bpp" in h and "baseline/4" in h and "box(es)" in h and "rtt" in h, h
+    assert any(line.startswith("    ") for line in r.stdout.splitlines()), "no box lines printed"
+
+
+def test_target_bpp_picks_the_finest_level_that_fits(server: str, bundles_root: Path,
+                                                    images: list[Path]) -> None:
+    r = edge("--server", server, "--bundle", "fall-yolov8", "--bundles", str(bundles_root),
+             "--target-bpp", "4", "--json", str(images[0]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads(r.stdout)
+    assert rec["bpp"] <= 4 and rec["level"] in range(2, 8)
+
+
+def test_missing_token_is_refused_with_a_hint(server: str, bundles_root: Path, images: list[Path]) -> None:
+    r = edge("--server", server, "--bundle", "fall-yolov8", "--bundles", str(bundles_root), "--bits", "2",
+             str(images[0]), token=None)
+    assert r.returncode == 4, r.stderr
+    assert "UNAUTHENTICATED" in r.stderr and "--token" in r.stderr
+
+
+def test_bad_inputs_are_named_and_exit_2(tmp_path: Path, bundles_root: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    bad = [str(tmp_path / "missing.jpg"), str(tmp_path / "empty"), str(tmp_path / "notes.txt")]
+    r = edge("--server", "127.0.0.1:1", "--bundle", "fall-yolov8", "--bundles", str(bundles_root), *bad)
+    assert r.returncode == 2
+    for b in bad:
+        assert b in r.stderr
+    assert "no such file" in r.stderr and "no images or videos" in r.stderr and "'.txt'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_bundle_names_the_path_and_the_fix(tmp_path: Path, images: list[Path]) -> None:
+    r = edge("--server", "127.0.0.1:1", "--bundle", "fall-yolov8", "--bundles", str(tmp_path / "nowhere"),
+             str(images[0]))
+    assert r.returncode == 2
+    assert str(tmp_path / "nowhere") in r.stderr and "palettelink build-bundle" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_level_outside_the_codec_exits_2(bundles_root: Path, images: list[Path]) -> None:
+    r = edge("--server", "127.0.0.1:1", "--bundle", "fall-yolov8", "--bundles", str(bundles_root),
+             "--bits", "9", str(images[0]))
+    assert r.returncode == 2 and "[2, 3, 4, 5, 6, 7, 8]" in r.stderr
+
+
+def test_unreachable_server_exits_3(bundles_root: Path, images: list[Path]) -> None:
+    port = free_port()  # nothing listens there
+    t0 = time.monotonic()
+    r = edge("--server", f"127.0.0.1:{port}", "--bundle", "fall-yolov8", "--bundles", str(bundles_root),
+             "--retries", "1", "--connect-timeout", "0.3", str(images[0]))
+    assert r.returncode == 3, r.stderr
+    assert f"127.0.0.1:{port}" in r.stderr and "cannot reach" in r.stderr
+    assert time.monotonic() - t0 < 30
+
+
+def test_reconnects_when_the_server_restarts(server_service, bundles_root: Path, clip: Path) -> None:  # noqa: ANN001
+    """Stop the server after the first answer and start it again on the same port: the client backs
+    off, reconnects, re-sends what was unanswered and every frame is answered exactly once."""
+    from server.main import PaletteLinkServer
+
+    port = free_port()
+    srv = PaletteLinkServer(server_service, grpc_port=port)
+    srv.start()
+    srv.load()
+    proc = subprocess.Popen(
+        script("palettelink-edge") + ["--server", f"127.0.0.1:{port}", "--bundle", "fall-yolov8",
+                                      "--bundles", str(bundles_root), "--bits", "2", "--json",
+                                      "--window", "2", str(clip / "clip.avi")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env())
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first, "no first answer"
+        srv.stop(grace=0.2, close_service=False)
+        time.sleep(0.5)
+        srv = PaletteLinkServer(server_service, grpc_port=port)
+        srv.start()
+        srv.load()
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        srv.stop(grace=0.2, close_service=False)
+    assert proc.returncode == 0, err
+    ids = [json.loads(line)["frame_id"] for line in [first, *rest.splitlines()]]
+    assert sorted(ids) == [0, 1, 2, 3, 4]
+    assert "reconnected" in err
+
+
+def test_mtls_with_make_certs(server_service, bundles_root: Path, tmp_path: Path,  # noqa: ANN001
+                              images: list[Path]) -> None:
+    """deploy/scripts/make-certs.sh certificates work for mTLS; without a client cert the handshake
+    fails and the client says the server is unreachable (exit 3)."""
+    from server.grpc_service import TLSConfig
+    from server.main import PaletteLinkServer
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    certs = tmp_path / "certs"
+    subprocess.run(["bash", str(REPO / "deploy/scripts/make-certs.sh"), str(certs)], check=True,
+                   capture_output=True, timeout=60)
+    tls = TLSConfig(certs / "server.crt", certs / "server.key", certs / "ca.crt")
+    srv = PaletteLinkServer(server_service, grpc_port=0, tls=tls)
+    srv.start()
+    srv.load()
+    try:
+        common = ["--server", f"localhost:{srv.grpc.port}", "--bundle", "fall-yolov8", "--bundles",
+                  str(bundles_root), "--bits", "2", "--json", "--tls-ca", str(certs / "ca.crt")]
+        ok = edge(*common, "--tls-cert", str(certs / "client.crt"), "--tls-key", str(certs / "client.key"),
+                  str(images[0]))
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads(ok.stdout)["boxes"]
+        no_cert = edge(*common, "--retries", "0", "--connect-timeout", "1", str(images[0]))
+        assert no_cert.returncode == 3, no_cert.stderr
+    finally:
+        srv.stop(grace=0.2, close_service=False)
