@@ -14,14 +14,14 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from palettelink.errors import PaletteLinkError
+from palettelink.errors import PaletteLinkError, ResourceExhausted
 from server import __version__
 from server.auth import TokenAuth
 from server.errors import http_status
 from server.service import Service
 
 
-def create_app(service: Service, auth: TokenAuth | None = None) -> FastAPI:
+def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: int = 16 << 20) -> FastAPI:
     auth = auth or TokenAuth({})
     app = FastAPI(title="PaletteLink server", version=__version__, docs_url="/docs", redoc_url=None)
 
@@ -65,7 +65,12 @@ def create_app(service: Service, auth: TokenAuth | None = None) -> FastAPI:
         """Body: one coded frame (``application/octet-stream``). Same checks and results as the
         gRPC ``Analyze``; errors as JSON ``{"error": {code, status, message}}``."""
         client = auth.client_for(request.headers.get("authorization"))
-        payload = await request.body()
+        body = bytearray()
+        async for chunk in request.stream():  # never buffer more than the limit
+            body += chunk
+            if len(body) > max_body_bytes:
+                raise ResourceExhausted(f"request body exceeds {max_body_bytes} bytes")
+        payload = bytes(body)
         result = await run_in_threadpool(service.analyze, bundle, task, payload, want_preview,
                                          frame_id=frame_id, client=client)
         return result.to_dict()

@@ -97,8 +97,9 @@ class PaletteLinkServer:
         self.http_port = int(self._sock.getsockname()[1])
         ssl = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)} if http_tls and tls else {}
         self.http_scheme = "https" if ssl else "http"
-        config = uvicorn.Config(create_app(service, auth), log_level=log_level.lower(), access_log=False,
-                                lifespan="off", timeout_graceful_shutdown=3, **ssl)
+        app = create_app(service, auth, max_body_bytes=max_message_bytes)
+        config = uvicorn.Config(app, log_level=log_level.lower(), access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=3, **ssl)
         self.http = uvicorn.Server(config)
         self._http_thread = threading.Thread(target=self.http.run, kwargs={"sockets": [self._sock]},
                                              name="http", daemon=True)

@@ -28,6 +28,7 @@ from palettelink.errors import (
     PaletteLinkError,
     ResourceExhausted,
 )
+from palettelink.info import codec_levels
 from server import __version__
 from server.batching import Batcher
 from server.errors import ServiceUnavailable
@@ -92,20 +93,19 @@ def _per_level(value: Any, level: int, index: int) -> float:
     return float(v or 0)
 
 
-def codec_info(name: str, entry: dict[str, Any]) -> CodecInfo:
-    """A codec's levels from its manifest entry. Levels may be plain ints or dicts; per-level
-    sizes and measured bits may sit beside them as lists or ``{level: value}`` maps."""
+def codec_info(bundle: Bundle, name: str) -> CodecInfo:
+    """A codec's levels as the core reads them from the manifest (``palettelink.info.codec_levels``:
+    ints or ``{level, palette_size, mean_bits, mean_bpp}`` dicts); per-level numbers the codec
+    entry keeps beside them as lists or ``{level: value}`` maps (``level_sizes``, ``mean_bits``,
+    ``mean_bpp``) fill the gaps."""
+    entry = bundle.codecs.get(name, {})
     levels = []
-    for i, lv in enumerate(entry.get("levels", [])):
-        if isinstance(lv, dict):
-            t = int(lv.get("level", i))
-            levels.append(LevelInfo(t, int(lv.get("palette_size", lv.get("size", 0)) or 0),
-                                    float(lv.get("mean_bits", 0) or 0), float(lv.get("mean_bpp", 0) or 0)))
-        else:
-            t = int(lv)
-            levels.append(LevelInfo(t, int(_per_level(entry.get("level_sizes"), t, i)),
-                                    _per_level(entry.get("mean_bits"), t, i),
-                                    _per_level(entry.get("mean_bpp"), t, i)))
+    for i, lv in enumerate(codec_levels(bundle, name)):
+        t = int(lv["level"])
+        size = lv.get("palette_size", lv.get("size")) or _per_level(entry.get("level_sizes"), t, i)
+        bits = lv.get("mean_bits") or _per_level(entry.get("mean_bits"), t, i)
+        bpp = lv.get("mean_bpp") or _per_level(entry.get("mean_bpp"), t, i)
+        levels.append(LevelInfo(t, int(size or 0), float(bits or 0), float(bpp or 0)))
     return CodecInfo(name, levels, bool(entry.get("progressive", False)))
 
 
@@ -124,7 +124,7 @@ class LoadedBundle:
         return BundleInfo(
             name=b.name, version=b.version, table_hash=b.table_hash_hex, tasks=self.tasks,
             class_names=list(b.class_names),
-            codecs=[codec_info(c, b.codecs.get(c, {})) for c in codecs.available(b)],
+            codecs=[codec_info(b, c) for c in codecs.available(b)],
             tensors=[TensorInfo(t.name, t.layer, list(t.shape)) for t in b.tensors],
             input_size=b.input_size,
         )

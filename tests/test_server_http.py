@@ -100,6 +100,11 @@ def test_rest_errors_use_the_one_mapping(http: httpx.Client, params: dict[str, s
     assert errs["error"]["status"] == name
 
 
+def test_rest_body_limit(http: httpx.Client) -> None:
+    r = http.post("/api/analyze", content=bytes((16 << 20) + 1))
+    assert r.status_code == 429 and r.json()["error"]["status"] == "RESOURCE_EXHAUSTED"
+
+
 def test_not_ready_until_loaded(bundles_root, coded_frames) -> None:  # noqa: ANN001
     """Before the bundles are loaded: /readyz 503, health NOT_SERVING, Analyze UNAVAILABLE."""
     from server.main import PaletteLinkServer

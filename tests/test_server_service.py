@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
+from palettelink.bundle import Bundle
 from palettelink.codecs import Decoded
 from palettelink.errors import InvalidRequest, ResourceExhausted
 from server.batching import Batcher
@@ -120,12 +121,19 @@ def test_stream_limit_and_header_checks(batching_service) -> None:  # noqa: ANN0
         pass
 
 
-def test_codec_info_reads_every_level_form() -> None:
-    assert codec_info("baseline", {"levels": [2, 3], "param": "bits"}).levels == [LevelInfo(2), LevelInfo(3)]
-    c = codec_info("palette", {"levels": [0, 1, 2], "level_sizes": [1024, 256, 64],
-                               "mean_bits": {"0": 900.0, "2": 300.0}, "mean_bpp": [0.2, 0.1, 0.05],
-                               "progressive": True})
+def test_codec_info_reads_every_level_form(bundle) -> None:  # noqa: ANN001
+    def with_codecs(codecs: dict) -> Bundle:
+        return Bundle(bundle.path, dict(bundle.manifest, codecs=codecs))
+
+    b = with_codecs({"baseline": {"levels": [2, 3], "param": "bits"},
+                     "palette": {"levels": [0, 1, 2], "level_sizes": [1024, 256, 64],
+                                 "mean_bits": {"0": 900.0, "2": 300.0}, "mean_bpp": [0.2, 0.1, 0.05],
+                                 "progressive": True}})
+    assert codec_info(b, "baseline").levels == [LevelInfo(2), LevelInfo(3)]
+    c = codec_info(b, "palette")
     assert c.progressive and c.levels[0] == LevelInfo(0, 1024, 900.0, 0.2)
     assert c.levels[1] == LevelInfo(1, 256, 0.0, 0.1) and c.levels[2] == LevelInfo(2, 64, 300.0, 0.05)
-    d = codec_info("palette", {"levels": [{"level": 3, "size": 16, "mean_bits": 10, "mean_bpp": 0.01}]})
-    assert d.levels == [LevelInfo(3, 16, 10.0, 0.01)]
+    level = {"level": 3, "palette_size": 16, "mean_bits": 10, "mean_bpp": 0.01}
+    d = with_codecs({"palette": {"levels": [level]}})
+    assert codec_info(d, "palette").levels == [LevelInfo(3, 16, 10.0, 0.01)]
+    assert [lv.level for lv in codec_info(with_codecs({}), "baseline").levels] == list(range(2, 9))
