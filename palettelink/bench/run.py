@@ -126,11 +126,11 @@ class Runner:
     """Holds the detector and methods; :meth:`add_image` scores one image at every rate point."""
 
     def __init__(self, bundle: Bundle, methods: list[Method], ref_conf: float, pred_conf: float,
-                 front: Front) -> None:
+                 front: Front, detector: Any = None) -> None:
         from palettelink.models.ultra import SplitDetector
 
         self.bundle = bundle
-        self.det = SplitDetector.from_bundle(bundle)
+        self.det = detector if detector is not None else SplitDetector.from_bundle(bundle)
         self.front = front
         self.methods = methods
         self.ref_conf, self.pred_conf = ref_conf, pred_conf
