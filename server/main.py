@@ -95,11 +95,13 @@ class PaletteLinkServer:
                                max_message_bytes=max_message_bytes, workers=workers)
         self._sock = _bind(host, http_port)
         self.http_port = int(self._sock.getsockname()[1])
-        ssl = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)} if http_tls and tls else {}
-        self.http_scheme = "https" if ssl else "http"
+        https = tls if http_tls else None
+        self.http_scheme = "https" if https else "http"
         app = create_app(service, auth, max_body_bytes=max_message_bytes)
         config = uvicorn.Config(app, log_level=log_level.lower(), access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=3, **ssl)
+                                timeout_graceful_shutdown=3,
+                                ssl_certfile=str(https.cert) if https else None,
+                                ssl_keyfile=str(https.key) if https else None)
         self.http = uvicorn.Server(config)
         self._http_thread = threading.Thread(target=self.http.run, kwargs={"sockets": [self._sock]},
                                              name="http", daemon=True)

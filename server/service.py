@@ -145,12 +145,12 @@ class StreamSession:
     want_preview: bool = False
     opened: float = field(default_factory=time.time)
     frames: int = 0
-    bytes: int = 0
+    n_bytes: int = 0
     errors: int = 0
 
     def analyze(self, frame_id: int, payload: bytes, edge: EdgeReport | None = None) -> FrameResult:
         self.frames += 1
-        self.bytes += len(payload)
+        self.n_bytes += len(payload)
         try:
             return self.service.analyze(self.bundle, self.task, payload, self.want_preview,
                                         frame_id=frame_id, client=self.client, edge=edge)
@@ -380,7 +380,7 @@ class Service:
         with self._lock:
             sessions = list(self._streams.values())
         return [{"client": s.client, "bundle": s.bundle, "task": s.task, "opened": s.opened,
-                 "frames": s.frames, "bytes": s.bytes, "errors": s.errors} for s in sessions]
+                 "frames": s.frames, "bytes": s.n_bytes, "errors": s.errors} for s in sessions]
 
     def info(self) -> list[BundleInfo]:
         return [lb.info() for lb in self.bundles.values()]

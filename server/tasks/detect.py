@@ -35,8 +35,8 @@ class DetectRunner:
 
     def _output(self, dets: Sequence[Detection]) -> TaskOutput:
         return TaskOutput(boxes=[
-            Box(*(float(v) for v in d.xyxy), class_id=int(d.class_id), class_name=self._name(int(d.class_id)),
-                score=float(d.score))
+            Box(x1=float(d.xyxy[0]), y1=float(d.xyxy[1]), x2=float(d.xyxy[2]), y2=float(d.xyxy[3]),
+                class_id=int(d.class_id), class_name=self._name(int(d.class_id)), score=float(d.score))
             for d in dets
         ])
 
