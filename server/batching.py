@@ -2,9 +2,9 @@
 
 One worker thread owns the task runner, so the model is never entered by two threads at once (the
 lock is the queue). It takes the first waiting frame, waits at most ``max_wait_ms`` for more, up to
-``max_batch``, and runs them in one call: on a GPU that is where throughput comes from; on a CPU
-``max_batch=1`` is as fast and keeps latency flat. A full queue refuses work (RESOURCE_EXHAUSTED)
-rather than letting latency grow without bound.
+``max_batch``, and runs them in one call: frames that queued up while the model was busy go through
+together, which is where throughput under load comes from (on a GPU most of all). A full queue
+refuses work (RESOURCE_EXHAUSTED) rather than letting latency grow without bound.
 """
 
 from __future__ import annotations

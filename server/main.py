@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-mb", type=float, default=16.0, help="largest gRPC message")
     p.add_argument("--device", default="cpu", help="torch device of the task models (cpu, cuda, cuda:1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: usable CPUs)")
-    p.add_argument("--max-batch", type=int, default=None, help="frames per task batch (default 1 CPU, 8 GPU)")
+    p.add_argument("--max-batch", type=int, default=8, help="most frames per task batch")
     p.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long a batch waits to fill")
     p.add_argument("--no-verify", action="store_true", help="skip sha256 checks of bundle files at load")
     p.add_argument("--log-level", default=os.environ.get("PALETTELINK_LOG", "INFO"))
