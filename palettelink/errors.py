@@ -1,5 +1,5 @@
-"""Typed errors of the core. Transports map ``code`` to their own status in exactly one place each
-(gRPC: ``server/grpc_service.py``; HTTP: ``server/http_app.py``)."""
+"""Typed errors of the core. Transports map ``code`` to their own status in exactly one place:
+``server/errors.py`` (to gRPC status codes and to HTTP statuses)."""
 
 from __future__ import annotations
 
@@ -46,3 +46,9 @@ class Unauthenticated(PaletteLinkError):
 
 class ResourceExhausted(PaletteLinkError):
     code = "RESOURCE_EXHAUSTED"
+
+
+class ServiceUnavailable(PaletteLinkError):
+    """The server is not ready (bundles loading) or shutting down."""
+
+    code = "UNAVAILABLE"

@@ -18,8 +18,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from palettelink.codecs import Decoded
-from palettelink.errors import ResourceExhausted
-from server.errors import ServiceUnavailable
+from palettelink.errors import ResourceExhausted, ServiceUnavailable
 from server.results import TaskOutput
 from server.tasks import TaskRunner
 

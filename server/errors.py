@@ -44,12 +44,6 @@ HTTP_STATUS: dict[str, int] = {
 }
 
 
-class ServiceUnavailable(PaletteLinkError):
-    """The server cannot take the request now (bundles still loading, shutting down)."""
-
-    code = "UNAVAILABLE"
-
-
 @dataclass(frozen=True)
 class ErrorStatus:
     """A failure as every transport sees it."""

@@ -27,11 +27,11 @@ from palettelink.errors import (
     InvalidStream,
     PaletteLinkError,
     ResourceExhausted,
+    ServiceUnavailable,
 )
 from palettelink.info import codec_levels
 from server import __version__
 from server.batching import Batcher
-from server.errors import ServiceUnavailable
 from server.metrics import Metrics
 from server.results import FrameResult, Timings
 from server.tasks import MODULES, make_runner, tasks_for

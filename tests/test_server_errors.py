@@ -8,7 +8,8 @@ import grpc
 import pytest
 
 from palettelink import errors as core
-from server.errors import HTTP_STATUS, ServiceUnavailable, http_status, status_of
+from palettelink.errors import ServiceUnavailable
+from server.errors import HTTP_STATUS, http_status, status_of
 from server.metrics import Metrics
 
 

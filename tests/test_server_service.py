@@ -11,9 +11,8 @@ import pytest
 
 from palettelink.bundle import Bundle
 from palettelink.codecs import Decoded
-from palettelink.errors import InvalidRequest, ResourceExhausted
+from palettelink.errors import InvalidRequest, ResourceExhausted, ServiceUnavailable
 from server.batching import Batcher
-from server.errors import ServiceUnavailable
 from server.results import FrameResult, TaskOutput
 from server.service import LevelInfo, Service, codec_info
 

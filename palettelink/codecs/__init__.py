@@ -6,6 +6,7 @@ back the tensors that cross the split. Both are pure numpy + onnxruntime + const
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -96,8 +97,13 @@ class Decoder:
     def __init__(self, bundle: Bundle) -> None:
         self.bundle = bundle
         self._impl: dict[str, FeatureDecoder] = {}
+        self._lock = threading.Lock()
 
     def _get(self, codec: str) -> FeatureDecoder:
+        with self._lock:
+            return self._get_locked(codec)
+
+    def _get_locked(self, codec: str) -> FeatureDecoder:
         if codec not in self._impl:
             if codec not in available(self.bundle):
                 raise InvalidStream(f"bundle {self.bundle.id} cannot decode codec {codec!r}")
