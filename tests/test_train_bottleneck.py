@@ -1,0 +1,141 @@
+"""Training data sources, the crossing-tensor cache and the bottleneck's training loop, at toy sizes
+(a handful of steps on 2 images at 320²): plumbing, resumability and interfaces, not quality."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from palettelink.image import letterbox, load_image
+from palettelink.train import bottleneck as bn
+from palettelink.train import data
+
+SIZE = 320
+
+
+def test_sources_are_disjoint_sorted_and_stable() -> None:
+    train, ev = data.training_images(), data.eval_images()
+    assert train == data.training_images() and ev == data.eval_images()
+    assert train == sorted(train, key=data.item_key) and ev == sorted(ev, key=data.item_key)
+    files = lambda items: {i[0] if isinstance(i, tuple) else i for i in items}  # noqa: E731
+    assert not files(train) & files(ev), "TRAIN and EVAL must not share a file or video"
+    if not data.OPENCV_DATA.is_dir():
+        pytest.skip("opencv-doc is not installed")
+    assert len(train) >= 50 and len(ev) >= 40
+    assert not any(data._denied(p.name) for p in train if isinstance(p, Path))
+    video = next(i for i in ev if isinstance(i, tuple))
+    rgb = data.load_rgb(video)
+    assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+    text = data.describe_sources()
+    assert "TRAIN" in text and "EVAL" in text and "vtest.avi" in text
+
+
+def test_augmentation_is_deterministic() -> None:
+    rgb = (np.random.default_rng(0).random((200, 300, 3)) * 255).astype(np.uint8)
+    plain, info = data.augmented_input(rgb, 128, None)
+    assert np.array_equal(plain, letterbox(rgb, 128)[0])
+    a = data.augmented_input(rgb, 128, np.random.default_rng((0, 1, 1)))[0]
+    b = data.augmented_input(rgb, 128, np.random.default_rng((0, 1, 1)))[0]
+    c = data.augmented_input(rgb, 128, np.random.default_rng((0, 1, 2)))[0]
+    assert a.shape == (1, 3, 128, 128) and np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+@pytest.fixture(scope="module")
+def cache(detector, images, tmp_path_factory: pytest.TempPathFactory) -> data.CrossingCache:  # noqa: ANN001
+    return data.CrossingCache(detector, images, SIZE, augment=1, progress=False,
+                              cache_dir=tmp_path_factory.mktemp("crossing"))
+
+
+def test_cache_holds_front_outputs_and_is_reused(detector, images, cache) -> None:  # noqa: ANN001
+    assert len(cache) == 4 and cache.shapes == [(128, 40, 40), (256, 20, 20), (512, 10, 10)]
+    x, _ = letterbox(load_image(images[1]), SIZE)
+    with torch.inference_mode():
+        want = [t[0].numpy() for t in detector.front(torch.from_numpy(x))]
+    for got, w in zip(cache.tensors(2), want, strict=True):  # entry 2 = image 1, variant 0
+        np.testing.assert_allclose(got, w, rtol=2e-3, atol=2e-3 * float(np.abs(w).max()))
+    again = data.CrossingCache(detector, images, SIZE, augment=1, progress=False, cache_dir=cache.dir.parent)
+    assert again.dir == cache.dir
+    assert all(np.array_equal(again.tensors(i)[0], cache.tensors(i)[0]) for i in range(len(cache)))
+    ts = cache.batch([0, 3], crop=160, rng=np.random.default_rng(0))
+    assert [tuple(t.shape) for t in ts] == [(2, 128, 20, 20), (2, 256, 10, 10), (2, 512, 5, 5)]
+
+
+def _cfg(detector) -> bn.BottleneckConfig:  # noqa: ANN001
+    return bn.BottleneckConfig.for_detector(detector, SIZE, crop=160, batch=2, warmup=1, n_levels=3,
+                                            dec_width=64, enc_width=32, dec_blocks=1)
+
+
+def test_default_sizes_match_the_design() -> None:
+    cfg = bn.BottleneckConfig()
+    assert 0.2e6 < bn.n_params(bn.Encoder(cfg)) < 0.4e6
+    assert 2e6 < bn.n_params(bn.Decoder(cfg)) < 4e6
+    z = bn.Encoder(cfg)([torch.zeros(1, c, 640 // s, 640 // s) for c, s in zip(cfg.in_channels,
+                                                                             cfg.in_strides, strict=True)])
+    assert tuple(z.shape) == (1, 32, 40, 40)
+
+
+def test_decoder_levels(detector) -> None:  # noqa: ANN001
+    torch.manual_seed(0)
+    dec = bn.Decoder(_cfg(detector)).eval()
+    with torch.no_grad():
+        dec.level_emb.weight.normal_()
+        for p in dec.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    z = torch.randn(1, 32, 5, 5)
+    with torch.inference_mode():
+        none, minus, top, over = dec(z, None), dec(z, -1), dec(z, 2), dec(z, 9)
+        lv0 = dec(z, torch.tensor(0))
+        big = dec.resized(5)
+        kept = big(z, 2)
+    assert all(torch.equal(a, b) for a, b in zip(none, minus, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(top, over, strict=True))  # clamped
+    assert not torch.equal(none[0], lv0[0])
+    assert all(torch.allclose(a, b) for a, b in zip(top, kept, strict=True))
+    assert [tuple(t.shape[1:]) for t in none] == [(128, 10, 10), (256, 5, 5), (512, 3, 3)]
+
+
+def test_train_resume_encode_finetune_evaluate(detector, cache, tmp_path: Path) -> None:  # noqa: ANN001
+    sens = bn.measure_sensitivity(detector, cache, n=2)
+    assert len(sens) == 3 and all(s > 0 for s in sens)
+    w = bn.sensitivity_weights(sens)
+    assert abs(np.mean(w) - 1) < 1e-3
+
+    out = tmp_path / "bn"
+    enc, dec = bn.train_bottleneck(detector, cache, _cfg(detector), steps=3, out=out, progress=False,
+                                   log_every=1, sensitivity=False)
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["steps_done"] == 3 and all(np.isfinite(e["loss"]) for e in log["log"])
+    assert (out / "encoder.pt").is_file() and (out / "checkpoint.pt").is_file()
+    # a second call with the same arguments resumes from the checkpoint: nothing left to do
+    enc2, _ = bn.train_bottleneck(detector, cache, _cfg(detector), steps=3, out=out, progress=False,
+                                  sensitivity=False)
+    assert all(torch.equal(a, b) for a, b in zip(enc.state_dict().values(), enc2.state_dict().values(),
+                                                  strict=True))
+    enc3, dec3 = bn.load_models(out)
+    assert all(torch.equal(a, b) for a, b in zip(dec.state_dict().values(), dec3.state_dict().values(),
+                                                  strict=True))
+
+    z = bn.encode_latents(enc, cache)
+    assert z.shape == (4, 32, SIZE // 16, SIZE // 16) and np.isfinite(z).all()
+
+    q = bn.ScalarQuantiser(z, 3)
+    seen: list[int] = []
+
+    def quantise(zt: torch.Tensor, level: int) -> torch.Tensor:
+        seen.append(level)
+        return q(zt, level)
+
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    dec_ft = bn.finetune_decoder(detector, enc, dec, cache, quantise, levels=[0, 1, 2, 3], steps=4,
+                                 latents=z, unquantised_frac=0.0, progress=False, out=tmp_path / "ft")
+    assert sorted(set(seen)) == [0, 1, 2, 3] and dec_ft.n_levels >= 4  # grown to cover level 3
+    assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())  # encoder frozen
+    assert (tmp_path / "ft" / "decoder.pt").is_file()
+
+    rows = bn.evaluate_detection(detector, enc, dec_ft, cache, train_latents=z, bits=(4,))
+    assert rows["split (uncompressed)"]["ap50"] == pytest.approx(1.0) or rows["n_reference_boxes"] == 0
+    assert {"z unquantised", "z 4 bit"} <= set(rows) and rows["z 4 bit"]["bpp"] > 0
