@@ -5,8 +5,8 @@ bytes/bpp, a kbps/fps leaky bucket); they choose a level from the coded size of 
 module gets those sizes as cheaply as the encoder allows and returns the frame to send:
 
 - a fixed level (``--bits``/``--level``) encodes that one level only: no extra cost;
-- an encoder with ``encode_levels(rgb) -> {level: Encoded}`` (the palette codec: one index map
-  gives every level) is asked once;
+- an encoder with ``analyse`` / ``level_sizes`` / ``encode_analysis`` (the palette codec: one
+  progressive encode gives the exact size of every level) is run once, then cut at the chosen level;
 - an encoder with ``encode_tensors`` (the baseline) runs its front once and codes each level;
 - any other encoder is run once per level (correct, slow).
 """
@@ -72,6 +72,14 @@ class LevelCoder:
         if isinstance(c, FixedLevel):
             enc = self.encoder.encode(rgb, c.level)
             return Coded(enc, Choice(c.level, len(enc.payload)))
+        enc = self.encoder
+        analyse = getattr(enc, "analyse", None)
+        level_sizes = getattr(enc, "level_sizes", None)
+        encode_analysis = getattr(enc, "encode_analysis", None)
+        if analyse is not None and level_sizes is not None and encode_analysis is not None:
+            analysis = analyse(rgb)
+            choice = c.choose(dict(level_sizes(analysis)), analysis.image_size)
+            return Coded(encode_analysis(analysis, choice.level), choice)
         by_level = self.encode_all(rgb)
         any_enc = next(iter(by_level.values()))
         choice = c.choose({lv: len(e.payload) for lv, e in by_level.items()}, any_enc.image_size)
@@ -80,9 +88,11 @@ class LevelCoder:
     def encode_all(self, rgb: np.ndarray) -> dict[int, Encoded]:
         """Every level of one frame; timings of the chosen frame include the work for all of them."""
         enc = self.encoder
-        encode_levels = getattr(enc, "encode_levels", None)
-        if encode_levels is not None:
-            return dict(encode_levels(rgb))
+        analyse = getattr(enc, "analyse", None)
+        encode_analysis = getattr(enc, "encode_analysis", None)
+        if analyse is not None and encode_analysis is not None:
+            analysis = analyse(rgb)
+            return {lv: encode_analysis(analysis, lv) for lv in self.levels}
         front = getattr(enc, "front", None)
         encode_tensors = getattr(enc, "encode_tensors", None)
         if front is not None and encode_tensors is not None:
