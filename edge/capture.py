@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,8 +97,8 @@ def _now_us() -> int:
     return time.time_ns() // 1000
 
 
-def _video_frames(src: Source, every: int) -> Iterator[Captured]:
-    cap = cv2.VideoCapture(str(src.path) if src.path is not None else src.camera)  # type: ignore[arg-type]
+def _video_frames(src: Source, every: int) -> Generator[Captured, None, None]:
+    cap = cv2.VideoCapture(str(src.path)) if src.path is not None else cv2.VideoCapture(int(src.camera or 0))
     if not cap.isOpened():
         raise InvalidRequest(f"cannot open {src.kind} {src.name}")
     try:

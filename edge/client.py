@@ -12,7 +12,7 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -30,7 +30,7 @@ from edge.transport import (
 )
 from palettelink.bundle import find_bundle
 from palettelink.codecs import EdgeEncoder, available, make_encoder
-from palettelink.errors import BundleNotFound, PaletteLinkError
+from palettelink.errors import BundleNotFound, InvalidRequest, PaletteLinkError
 from palettelink.v1 import palettelink_pb2 as pb
 
 EXIT_OK, EXIT_FRAME_ERRORS, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_REFUSED = 0, 1, 2, 3, 4
@@ -143,12 +143,20 @@ def _fail(code: int, msg: str) -> int:
 
 def _level_for(args: argparse.Namespace, codec: str) -> int | None:
     if args.bits is not None and codec != "baseline":
-        raise PaletteLinkError(f"--bits is for the baseline codec; use --level with {codec}")
+        raise InvalidRequest(f"--bits is for the baseline codec; use --level with {codec}")
     return args.bits if args.bits is not None else args.level
+
+
+def _check_limits(args: argparse.Namespace) -> None:
+    if args.window < 1:
+        raise InvalidRequest(f"--window must be ≥ 1, got {args.window}")
+    if args.retries < 0 or args.connect_timeout <= 0:
+        raise InvalidRequest("--retries must be ≥ 0 and --connect-timeout > 0")
 
 
 def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     try:
+        _check_limits(args)
         sources = capture.expand(args.paths)
         frames = capture.iter_frames(sources, args.every, args.max_frames)
         bundle = find_bundle(args.bundle, args.bundles)
@@ -173,7 +181,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         header = pb.StreamHeader(client_id=args.client_id, bundle=bundle.id, task=bundle.task)
         stream = EdgeStream(channel, header, metadata, window=args.window, backoff=backoff)
 
-        def emit(replies: Any) -> None:
+        def emit(replies: Iterator[Reply]) -> None:
             nonlocal n_frames, n_errors
             for reply in replies:
                 rec = reply_record(reply, names)

@@ -70,8 +70,8 @@ class LevelCoder:
         if c is None:
             return Coded(self.encoder.encode(rgb, None), None)
         if isinstance(c, FixedLevel):
-            enc = self.encoder.encode(rgb, c.level)
-            return Coded(enc, Choice(c.level, len(enc.payload)))
+            fixed = self.encoder.encode(rgb, c.level)
+            return Coded(fixed, Choice(c.level, len(fixed.payload)))
         enc = self.encoder
         analyse = getattr(enc, "analyse", None)
         level_sizes = getattr(enc, "level_sizes", None)

@@ -104,8 +104,9 @@ def clip(tmp_path_factory: pytest.TempPathFactory, images: list[Path]) -> Path:
     """A folder with a 5-frame MJPG AVI made from bus.jpg (shifted a little each frame) and zidane.jpg."""
     folder = tmp_path_factory.mktemp("media")
     bgr = cv2.imread(str(images[0]))
+    assert bgr is not None
     bgr = cv2.resize(bgr, (400, 536))
-    writer = cv2.VideoWriter(str(folder / "clip.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 5.0, (400, 536))
+    writer = cv2.VideoWriter(str(folder / "clip.avi"), cv2.VideoWriter.fourcc(*"MJPG"), 5.0, (400, 536))
     assert writer.isOpened(), "OpenCV cannot write MJPG AVI here"
     for i in range(5):
         writer.write(np.roll(bgr, 4 * i, axis=1))

@@ -29,7 +29,7 @@ def test_edge_imports_no_torch_in_a_fresh_interpreter() -> None:
 
 
 def _video(path: Path, n: int) -> Path:
-    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 5.0, (64, 48))
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 5.0, (64, 48))
     for i in range(n):
         w.write(np.full((48, 64, 3), 20 * i, np.uint8))
     w.release()
