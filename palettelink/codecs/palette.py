@@ -684,7 +684,12 @@ class PaletteDecoder:
         if zin is None:
             raise BundleError(f"{bundle.id}: decoder.onnx lacks the input 'z'")
         dims = list(zin.shape)[-2:]
-        self.latent_hw = tuple(dims) if all(isinstance(d, int) for d in dims) else None
+        latent = bundle.codecs.get(CODEC, {}).get("latent")
+        self.latent_hw: tuple[int, int] | None = None
+        if isinstance(latent, list | tuple) and len(latent) == 3:
+            self.latent_hw = (int(latent[1]), int(latent[2]))
+        elif all(isinstance(d, int) for d in dims):
+            self.latent_hw = (int(dims[0]), int(dims[1]))
 
     def decode_indices(self, frame: bitstream.Frame, generate_to: int | None = None) -> DecodedIndices:
         """Validate the frame against the tables and decode its complete layers."""

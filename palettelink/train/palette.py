@@ -254,9 +254,11 @@ class TorchQuantiser:
                 out.append(d.argmin(-1))
         return torch.stack(out, 1)
 
-    def __call__(self, z: torch.Tensor, level: int | torch.Tensor) -> torch.Tensor:
+    def __call__(self, z: torch.Tensor, level: int | torch.Tensor | None) -> torch.Tensor:
         import torch
 
+        if level is None:  # the decoder's unquantised path
+            return z
         with torch.no_grad():
             idx = self.indices(z)  # [N, G, h, w]
             n = z.shape[0]
@@ -279,3 +281,22 @@ def quantise_torch(z: torch.Tensor, tables: PaletteTables | dict[str, np.ndarray
                    level: int | torch.Tensor) -> torch.Tensor:
     """Torch twin of :func:`quantise` (builds the quantiser each call: use ``torch_quantiser`` in loops)."""
     return TorchQuantiser(tables)(z, level)
+
+
+def synthetic_latents(n: int, channels: int = 16, h: int = 16, w: int = 16, seed: int = 0,
+                      prototypes: int = 12, regions: int = 6) -> np.ndarray:
+    """Piecewise-smooth stand-in latents [n, C, h, w] (tests, smoke runs): Voronoi regions, each a
+    prototype vector plus a smooth field and a little noise, so index maps have spatial structure."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    protos = rng.normal(0, 1.5, (prototypes, channels))
+    yy, xx = np.mgrid[0:h, 0:w]
+    out = np.empty((n, channels, h, w), np.float32)
+    for i in range(n):
+        cy, cx = rng.uniform(0, h, regions), rng.uniform(0, w, regions)
+        lab = np.argmin((yy[..., None] - cy) ** 2 + (xx[..., None] - cx) ** 2, axis=-1)
+        base = protos[rng.integers(0, prototypes, regions)][lab].transpose(2, 0, 1)
+        smooth = gaussian_filter(rng.normal(0, 1, (channels, h, w)), (0, 2, 2)) * 2.0
+        out[i] = base + smooth + rng.normal(0, 0.15, (channels, h, w))
+    return out
