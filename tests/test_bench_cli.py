@@ -98,7 +98,7 @@ def test_info_lists_bundles_without_torch(bundles_root: Path, tmp_path: Path) ->
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     (b,) = doc["bundles"]
-    assert b["id"] == "fall-yolov8/1" and b["default_codec"] == "baseline"
+    assert b["id"] == "fall-yolov8/1" and "baseline" in b["codecs"]
     assert [lv["level"] for lv in b["codecs"]["baseline"]["levels"]] == list(range(2, 9))
     assert [t["shape"] for t in b["tensors"]] == [[128, 80, 80], [256, 40, 40], [512, 20, 20]]
     text = subprocess.run([sys.executable, "-m", "palettelink.cli", "info", "--bundles", str(tmp_path)],

@@ -157,8 +157,8 @@ def test_streams_images_as_json_and_never_imports_torch(server: str, bundles_roo
 
 
 def test_streams_a_folder_with_a_video_as_text(server: str, bundles_root: Path, clip: Path) -> None:
-    r = edge("--server", server, "--bundle", "fall-yolov8", "--bundles", str(bundles_root), "--bits", "4",
-             "--every", "3", "--max-frames", "3", str(clip))
+    r = edge("--server", server, "--bundle", "fall-yolov8", "--bundles", str(bundles_root),
+             "--codec", "baseline", "--bits", "4", "--every", "3", "--max-frames", "3", str(clip))
     assert r.returncode == 0, r.stderr[-3000:]
     heads = [line for line in r.stdout.splitlines() if not line.startswith(" ")]
     assert [h.split()[0] for h in heads] == [f"{clip}/clip.avi#0", f"{clip}/clip.avi#3", f"{clip}/zidane.jpg"]
@@ -170,15 +170,33 @@ def test_streams_a_folder_with_a_video_as_text(server: str, bundles_root: Path, 
 def test_target_bpp_picks_the_finest_level_that_fits(server: str, bundles_root: Path,
                                                     images: list[Path]) -> None:
     r = edge("--server", server, "--bundle", "fall-yolov8", "--bundles", str(bundles_root),
-             "--target-bpp", "4", "--json", str(images[0]))
+             "--codec", "baseline", "--target-bpp", "4", "--json", str(images[0]))
     assert r.returncode == 0, r.stderr[-3000:]
     rec = json.loads(r.stdout)
     assert rec["bpp"] <= 4 and rec["level"] in range(2, 8)
 
 
+def test_streams_palette_levels_when_the_bundle_has_them(server: str, bundles_root: Path, bundle,  # noqa: ANN001
+                                                         images: list[Path]) -> None:
+    from palettelink.codecs import available
+
+    if "palette" not in available(bundle):
+        pytest.skip("this bundle has no trained palette codec (assets/codecs/fall-yolov8 not built yet)")
+    levels = [lv["level"] if isinstance(lv, dict) else int(lv) for lv in bundle.codecs["palette"]["levels"]]
+    sizes = {}
+    for level in (min(levels), max(levels)):
+        r = edge("--server", server, "--bundle", "fall-yolov8", "--bundles", str(bundles_root),
+                 "--codec", "palette", "--level", str(level), "--json", str(images[0]))
+        assert r.returncode == 0, r.stderr[-3000:]
+        rec = json.loads(r.stdout)
+        assert (rec["codec"], rec["level"], rec["error"]) == ("palette", level, None)
+        sizes[level] = rec["bytes"]
+    assert sizes[max(levels)] < sizes[min(levels)], "a coarser level must cost fewer bytes"
+
+
 def test_missing_token_is_refused_with_a_hint(server: str, bundles_root: Path, images: list[Path]) -> None:
-    r = edge("--server", server, "--bundle", "fall-yolov8", "--bundles", str(bundles_root), "--bits", "2",
-             str(images[0]), token=None)
+    r = edge("--server", server, "--bundle", "fall-yolov8", "--bundles", str(bundles_root), "--codec",
+             "baseline", "--bits", "2", str(images[0]), token=None)
     assert r.returncode == 4, r.stderr
     assert "UNAUTHENTICATED" in r.stderr and "--token" in r.stderr
 
@@ -205,7 +223,7 @@ def test_missing_bundle_names_the_path_and_the_fix(tmp_path: Path, images: list[
 
 def test_level_outside_the_codec_exits_2(bundles_root: Path, images: list[Path]) -> None:
     r = edge("--server", "127.0.0.1:1", "--bundle", "fall-yolov8", "--bundles", str(bundles_root),
-             "--bits", "9", str(images[0]))
+             "--codec", "baseline", "--bits", "9", str(images[0]))
     assert r.returncode == 2 and "[2, 3, 4, 5, 6, 7, 8]" in r.stderr
 
 
@@ -230,8 +248,8 @@ def test_reconnects_when_the_server_restarts(server_service, bundles_root: Path,
     srv.load()
     proc = subprocess.Popen(
         script("palettelink-edge") + ["--server", f"127.0.0.1:{port}", "--bundle", "fall-yolov8",
-                                      "--bundles", str(bundles_root), "--bits", "2", "--json",
-                                      "--window", "2", str(clip / "clip.avi")],
+                                      "--bundles", str(bundles_root), "--codec", "baseline",
+                                      "--bits", "2", "--json", "--window", "2", str(clip / "clip.avi")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env())
     try:
         assert proc.stdout is not None
@@ -271,7 +289,8 @@ def test_mtls_with_make_certs(server_service, bundles_root: Path, tmp_path: Path
     srv.load()
     try:
         common = ["--server", f"localhost:{srv.grpc.port}", "--bundle", "fall-yolov8", "--bundles",
-                  str(bundles_root), "--bits", "2", "--json", "--tls-ca", str(certs / "ca.crt")]
+                  str(bundles_root), "--codec", "baseline", "--bits", "2", "--json", "--tls-ca",
+                  str(certs / "ca.crt")]
         ok = edge(*common, "--tls-cert", str(certs / "client.crt"), "--tls-key", str(certs / "client.key"),
                   str(images[0]))
         assert ok.returncode == 0, ok.stderr
