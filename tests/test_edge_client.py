@@ -182,7 +182,9 @@ def test_streams_palette_levels_when_the_bundle_has_them(server: str, bundles_ro
 
     if "palette" not in available(bundle):
         pytest.skip("this bundle has no trained palette codec (assets/codecs/fall-yolov8 not built yet)")
-    levels = [lv["level"] if isinstance(lv, dict) else int(lv) for lv in bundle.codecs["palette"]["levels"]]
+    from palettelink.codecs import make_encoder
+
+    levels = make_encoder(bundle, "palette").levels()
     sizes = {}
     for level in (min(levels), max(levels)):
         r = edge("--server", server, "--bundle", "fall-yolov8", "--bundles", str(bundles_root),
