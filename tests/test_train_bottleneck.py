@@ -30,8 +30,11 @@ def test_sources_are_disjoint_sorted_and_stable() -> None:
     video = next(i for i in ev if isinstance(i, tuple))
     rgb = data.load_rgb(video)
     assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
-    text = data.describe_sources()
-    assert "TRAIN" in text and "EVAL" in text and "vtest.avi" in text
+    counts = data.describe_sources()
+    assert sum(v for k, v in counts.items() if k.startswith("TRAIN: ")) == len(train)
+    assert any(k.startswith("EVAL: vtest.avi") for k in counts)
+    assert sum(data.describe_sources(train[:7]).values()) == 7
+    assert len(data.training_images(max_images=10)) == 10
 
 
 def test_augmentation_is_deterministic() -> None:

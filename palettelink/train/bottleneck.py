@@ -29,7 +29,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +60,13 @@ class BottleneckConfig:
     size: int = 640
     crop: int = 256
     batch: int = 4
-    lr: float = 2e-3
+    lr: float = 1e-3
     lr_min_frac: float = 0.02
-    warmup: int = 50
+    warmup: int = 100
     w_feat: float = 1.0
-    w_cls: float = 50.0
-    w_box: float = 1.0
+    w_cls: float = 20.0
+    w_box: float = 0.5
+    task_ramp: float = 0.25  # the task loss ramps in over this fraction of training
     tensor_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
     noise_prob: float = 0.75  # fraction of samples whose z is perturbed
     noise_min: float = 0.05  # step range, relative to each channel's std (log-uniform)
@@ -92,6 +93,21 @@ class BottleneckConfig:
             outs = det.front(torch.zeros(1, 3, size, size, device=det.device))
         return cls(in_channels=tuple(int(t.shape[1]) for t in outs),
                    in_strides=tuple(size // int(t.shape[2]) for t in outs), size=size, **kw)
+
+
+def as_bottleneck_config(cfg: Any, det: Any, size: int = 640) -> BottleneckConfig:
+    """A BottleneckConfig from None, a BottleneckConfig, a dict (codec.json's "bottleneck") or a
+    pipeline config object (duck-typed: ``latent_channels``, ``n_levels``, ``seed``)."""
+    if isinstance(cfg, BottleneckConfig):
+        return cfg
+    base = BottleneckConfig.for_detector(det, size)
+    if cfg is None:
+        return base
+    if isinstance(cfg, dict):
+        return BottleneckConfig.from_dict({**base.to_dict(), **cfg})
+    return replace(base, z_channels=int(getattr(cfg, "latent_channels", base.z_channels)),
+                   n_levels=int(getattr(cfg, "n_levels", base.n_levels)),
+                   seed=int(getattr(cfg, "seed", base.seed)))
 
 
 class _Standardise(nn.Module):
@@ -285,7 +301,8 @@ def task_loss(det: Any, y_s: torch.Tensor, y_t: torch.Tensor) -> tuple[torch.Ten
 
     KL: Bernoulli KL per class and anchor, weighted by (teacher max score + 0.02) so the thousands of
     empty anchors don't drown the objects. Box: L1 on xywh / anchor stride, weighted by teacher score,
-    only where the teacher's score exceeds 0.1.
+    only where the teacher would report a box (score ≥ 0.25): the boxes of unsure anchors are noise
+    whose gradients only pull the rebuilt features off.
     """
     eps = 1e-6
     p_t = y_t[:, 4:].clamp(eps, 1 - eps)
@@ -296,7 +313,7 @@ def task_loss(det: Any, y_s: torch.Tensor, y_t: torch.Tensor) -> tuple[torch.Ten
     cls = (kl.sum(1) * w).sum() / w.sum()
     strides = getattr(_head(det), "strides", None)
     scale = strides.view(1, 1, -1) if isinstance(strides, torch.Tensor) else torch.tensor(8.0)
-    wb = conf * (conf > 0.1)
+    wb = conf * (conf >= 0.25)
     l1 = ((y_s[:, :4] - y_t[:, :4]).abs() / scale).sum(1)
     box = (l1 * wb).sum() / wb.sum().clamp_min(1.0)
     return cls, box
@@ -382,7 +399,7 @@ def _seed_all(seed: int) -> None:
 
 
 def _step_losses(det: Any, dec: Decoder, z: torch.Tensor, level: Level, ts: Sequence[torch.Tensor],
-                 cfg: BottleneckConfig) -> tuple[torch.Tensor, dict[str, float]]:
+                 cfg: BottleneckConfig, task_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
     out_n = dec.forward_normalised(z, level)
     feats = feature_losses(out_n, ts, dec)
     rebuilt = [s.denorm(y) for s, y in zip(dec.stats, out_n, strict=True)]
@@ -391,7 +408,7 @@ def _step_losses(det: Any, dec: Decoder, z: torch.Tensor, level: Level, ts: Sequ
     y_s = det.tail(rebuilt)
     cls, box = task_loss(det, y_s, y_t)
     feat = sum(w * f for w, f in zip(cfg.tensor_weights, feats, strict=True)) / len(feats)
-    loss = cfg.w_feat * feat + cfg.w_cls * cls + cfg.w_box * box
+    loss = cfg.w_feat * feat + task_weight * (cfg.w_cls * cls + cfg.w_box * box)
     logs = {"loss": float(loss.detach()), "cls": float(cls.detach()), "box": float(box.detach()),
             **{f"nmse{k}": float(f.detach()) for k, f in enumerate(feats)}}
     return loss, logs
@@ -401,10 +418,10 @@ def _save_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=1))
 
 
-def train_bottleneck(det: Any, cache: CrossingCache, cfg: BottleneckConfig | None = None,
-                     steps: int = 2000, out: str | Path | None = None, minutes: float | None = None,
-                     log_every: int = 50, ckpt_every_s: float = 120.0, progress: bool = True,
-                     sensitivity: bool = True) -> tuple[Encoder, Decoder]:
+def train_bottleneck(det: Any, cache: CrossingCache, cfg: BottleneckConfig | Any = None,
+                     steps: int | str | Path | None = None, out: str | Path | None = None,
+                     minutes: float | None = None, log_every: int = 50, ckpt_every_s: float = 120.0,
+                     progress: bool = True, sensitivity: bool = True) -> tuple[Encoder, Decoder]:
     """Train encoder + decoder by distillation from ``det`` on ``cache``; return them in eval mode.
 
     Stops after ``steps`` or ``minutes`` (whichever first; the cosine LR follows whichever budget is
@@ -414,7 +431,15 @@ def train_bottleneck(det: Any, cache: CrossingCache, cfg: BottleneckConfig | Non
     """
     from tqdm import tqdm
 
-    cfg = cfg or BottleneckConfig.for_detector(det, cache.size)
+    if isinstance(steps, str | Path):  # called as train_bottleneck(det, cache, cfg, out)
+        steps, out = None, steps
+    if not isinstance(cfg, BottleneckConfig) and cfg is not None:  # a pipeline config
+        minutes = minutes if minutes is not None else getattr(cfg, "bottleneck_minutes", None)
+        if getattr(cfg, "tiny", False):
+            steps, minutes, sensitivity = steps or 3, None, False
+    if steps is None:
+        steps = 100_000 if minutes else 2000
+    cfg = as_bottleneck_config(cfg, det, cache.size)
     dev = _device_of(det)
     outp = Path(out) if out else None
     if outp:
@@ -477,10 +502,11 @@ def train_bottleneck(det: Any, cache: CrossingCache, cfg: BottleneckConfig | Non
         idx = rng.integers(0, len(cache), cfg.batch)
         ts = cache.batch([int(i) for i in idx], crop=cfg.crop, rng=rng, device=dev)
         z = perturb_latent(enc(ts), cfg, gen)
-        loss, logs = _step_losses(det, dec, z, None, ts, cfg)
+        ramp = min(1.0, progress_frac / cfg.task_ramp) if cfg.task_ramp > 0 else 1.0
+        loss, logs = _step_losses(det, dec, z, None, ts, cfg, ramp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 5.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         for k, v in logs.items():
@@ -533,6 +559,21 @@ def load_models(folder: str | Path, device: str = "cpu") -> tuple[Encoder, Decod
     return enc.to(device).eval(), dec.to(device).eval()
 
 
+def load(folder: str | Path, cfg: Any = None, device: str = "cpu") -> tuple[Encoder, Decoder]:
+    """Alias of :func:`load_models` (``cfg`` is ignored: the folder's config.json is authoritative)."""
+    return load_models(folder, device)
+
+
+def load_decoder(folder: str | Path, cfg: Any = None, device: str = "cpu") -> Decoder:
+    """A decoder saved by :func:`finetune_decoder` (``decoder.pt`` + ``config.json`` in ``folder``)."""
+    folder = Path(folder)
+    c = BottleneckConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    sd = torch.load(folder / "decoder.pt", map_location=device, weights_only=True)
+    dec = Decoder(c, int(sd["level_emb.weight"].shape[0]) - 1)
+    dec.load_state_dict(sd)
+    return dec.to(device).eval()
+
+
 @torch.inference_mode()
 def encode_latents(enc: Encoder, cache: CrossingCache, batch: int = 8,
                    device: str | None = None) -> np.ndarray:
@@ -551,7 +592,7 @@ def encode_latents(enc: Encoder, cache: CrossingCache, batch: int = 8,
 def finetune_decoder(det: Any, enc: Encoder, dec: Decoder, cache: CrossingCache, quantise_fn: QuantiseFn,
                      levels: Sequence[int], steps: int = 600, minutes: float | None = None,
                      lr: float = 5e-4, latents: np.ndarray | None = None, unquantised_frac: float = 0.1,
-                     progress: bool = True, out: str | Path | None = None) -> Decoder:
+                     progress: bool = True, out: str | Path | None = None, cfg: Any = None) -> Decoder:
     """Fine-tune ``dec`` on palette-quantised z at every level in ``levels``; encoder frozen.
 
     z is computed once at full size (:func:`encode_latents`, or pass ``latents``), then each step
@@ -562,6 +603,12 @@ def finetune_decoder(det: Any, enc: Encoder, dec: Decoder, cache: CrossingCache,
     """
     from tqdm import tqdm
 
+    if cfg is not None and not isinstance(cfg, BottleneckConfig):  # a pipeline config
+        minutes = minutes if minutes is not None else getattr(cfg, "finetune_minutes", None)
+        if minutes and steps == 600:
+            steps = 100_000
+        if getattr(cfg, "tiny", False):
+            steps, minutes = 2, None
     cfg = dec.cfg
     dev = _device_of(det)
     levels = [int(v) for v in levels]
@@ -602,7 +649,7 @@ def finetune_decoder(det: Any, enc: Encoder, dec: Decoder, cache: CrossingCache,
         loss, logs = _step_losses(det, dec, zq, level, ts, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(dec.parameters(), 5.0)
+        torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
         opt.step()
         for k, v in logs.items():
             run[k] = run.get(k, 0.0) + v
@@ -617,6 +664,7 @@ def finetune_decoder(det: Any, enc: Encoder, dec: Decoder, cache: CrossingCache,
         outp = Path(out)
         outp.mkdir(parents=True, exist_ok=True)
         torch.save(dec.state_dict(), outp / "decoder.pt")
+        _save_json(outp / "config.json", {**cfg.to_dict(), "decoder_n_levels": dec.n_levels})
         _save_json(outp / "finetune_log.json", {"levels": levels, "log": log,
                                                 "s": round(time.perf_counter() - t0, 1)})
     return dec

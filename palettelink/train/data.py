@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Union
 import cv2
 import numpy as np
 
-from palettelink.image import IMAGE_SUFFIXES, Letterbox, letterbox, letterbox_info, load_image
+from palettelink.image import IMAGE_SUFFIXES, VIDEO_SUFFIXES, Letterbox, letterbox, letterbox_info, load_image
 
 if TYPE_CHECKING:
     import torch
@@ -93,9 +93,23 @@ def _ultralytics_assets() -> Path | None:
     return Path(spec.origin).parent / "assets"
 
 
+def _user_source(p: Path, every: int = 10) -> list[Item]:
+    """A user folder (images and videos inside, recursively), image file or video file."""
+    if p.is_dir():
+        out: list[Item] = []
+        for q in sorted(p.rglob("*")):
+            out += _user_source(q, every) if q.is_file() else []
+        return out
+    if p.suffix.lower() in IMAGE_SUFFIXES:
+        return [p]
+    if p.suffix.lower() in VIDEO_SUFFIXES:
+        return _video_frames(p, every=every)
+    return []
+
+
 def training_sources(root: Path = OPENCV_DATA, backgrounds: Path = GNOME_BACKGROUNDS,
                      extra: Sequence[str | os.PathLike[str]] = ()) -> dict[str, list[Item]]:
-    """TRAIN items grouped by source name (for reports). ``extra``: more image folders/files."""
+    """TRAIN items grouped by source name (for reports). ``extra``: more folders/images/videos."""
     src: dict[str, list[Item]] = {}
     if root.is_dir():
         src["opencv-doc photos"] = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
@@ -110,9 +124,7 @@ def training_sources(root: Path = OPENCV_DATA, backgrounds: Path = GNOME_BACKGRO
     if skl:
         src["sklearn sample images"] = skl
     for e in extra:
-        p = Path(e)
-        files = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else [p]
-        src[f"extra: {p}"] = files
+        src[f"user: {e}"] = _user_source(Path(e))
     return {k: v for k, v in src.items() if v}
 
 
@@ -133,9 +145,21 @@ def _flatten(src: dict[str, list[Item]]) -> list[Item]:
     return sorted((i for v in src.values() for i in v), key=item_key)
 
 
-def training_images(extra: Sequence[str | os.PathLike[str]] = ()) -> list[Item]:
-    """Every TRAIN item, sorted (stable across runs and machines with the same packages)."""
-    return _flatten(training_sources(extra=extra))
+def training_images(images: Sequence[str | os.PathLike[str]] | None = None, max_images: int | None = None,
+                    extra: Sequence[str | os.PathLike[str]] = ()) -> list[Item]:
+    """Every TRAIN item, sorted (stable across runs and machines with the same packages).
+
+    ``images`` (folders, image files, videos) replaces the offline sources; ``extra`` adds to them;
+    ``max_images`` keeps that many, evenly spread over the sorted list.
+    """
+    if images:
+        src = {f"user: {e}": _user_source(Path(e)) for e in [*images, *extra]}
+    else:
+        src = training_sources(extra=extra)
+    items = _flatten(src)
+    if max_images is not None and len(items) > max_images:
+        items = [items[int(i)] for i in np.linspace(0, len(items) - 1, max(1, max_images)).round()]
+    return items
 
 
 def eval_images(frames: int = EVAL_VIDEO_FRAMES) -> list[Item]:
@@ -164,15 +188,23 @@ def load_rgb(item: Item) -> np.ndarray:
     return load_image(item)
 
 
-def describe_sources() -> str:
-    """A Markdown list of both sets by source, with item counts, for training/benchmark reports."""
-    lines = ["TRAIN (unlabelled):"]
-    lines += [f"- {k}: {len(v)}" for k, v in training_sources().items()]
-    lines.append(f"- total: {len(training_images())}")
-    lines.append("EVAL (kept apart by source):")
-    lines += [f"- {k}: {len(v)}" for k, v in eval_sources().items()]
-    lines.append(f"- total: {len(eval_images())}")
-    return "\n".join(lines)
+def describe_sources(items: Sequence[Item] | None = None) -> dict[str, int]:
+    """Item counts by source, for reports (JSON-ready).
+
+    Without ``items``: both default sets, keys prefixed "TRAIN: " / "EVAL: ". With ``items``: the
+    sources those items come from (an item of no known source counts under its folder).
+    """
+    if items is None:
+        out = {f"TRAIN: {k}": len(v) for k, v in training_sources().items()}
+        out.update({f"EVAL: {k}": len(v) for k, v in eval_sources().items()})
+        return out
+    owner = {item_key(i): k for src in (training_sources(), eval_sources())
+             for k, v in src.items() for i in v}
+    counts: dict[str, int] = {}
+    for i in items:
+        k = owner.get(item_key(i)) or f"user: {(i[0] if isinstance(i, tuple) else i).parent}"
+        counts[k] = counts.get(k, 0) + 1
+    return counts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,9 +262,11 @@ class CrossingCache:
     and a partly filled one resumes where it stopped.
     """
 
-    def __init__(self, det: Any, items: Sequence[Item], size: int = 640, augment: int = 0,
-                 cache_dir: str | os.PathLike[str] | None = None, seed: int = 0,
+    def __init__(self, det: Any, items: Sequence[Item], size: int | str | os.PathLike[str] = 640,
+                 augment: int = 0, cache_dir: str | os.PathLike[str] | None = None, seed: int = 0,
                  progress: bool = True) -> None:
+        if not isinstance(size, int):  # called as CrossingCache(det, items, cache_dir, ...)
+            size, cache_dir = 640, size
         self.det = det
         self.items = list(items)
         self.size = int(size)
