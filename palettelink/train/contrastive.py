@@ -93,8 +93,8 @@ def train_heads(latents: np.ndarray, labels: np.ndarray, groups: int | Sequence[
             opt.zero_grad()
             loss.backward()
             opt.step()
-            first = float(loss) if step == 0 else first
-            last = float(loss)
+            last = float(loss.detach())
+            first = last if step == 0 else first
             if time.monotonic() > t_end:
                 break
         a = lin.weight.detach().numpy().astype(np.float64) / sd[None, :]  # fold the standardisation in
