@@ -31,6 +31,7 @@ def test_bench_table_json_and_plot(bundles_root: Path, images: list[Path], tmp_p
     report = json.loads((out / "bench.json").read_text())
     assert (out / "rate_accuracy.png").stat().st_size > 10_000
     rows = {(r["method"], r["label"]): r for r in report["rows"]}
+    assert "baseline" in report["bd_rate_ap50_vs_jpeg_percent"]  # None here: one JPEG point only
     assert set(rows) == {("bypass", "f32"), ("baseline", "8b"), ("baseline", "2b"), ("jpeg", "q50")}
     assert report["images"][0]["name"] == str(images[0]) and report["reference_boxes"] >= 3
     w, h = report["images"][0]["width"], report["images"][0]["height"]

@@ -163,6 +163,22 @@ class Runner:
         return [row.summary(self.references) for row in self.rows.values()]
 
 
+def bd_rates(rows: list[dict[str, Any]], anchor: str = "jpeg", key: str = "ap50") -> dict[str, float | None]:
+    """BD-rate (%) of every other multi-point method against ``anchor`` at equal ``key`` accuracy
+    (``palettelink.bench.bdrate``; None where the curves share no accuracy range)."""
+    from palettelink.bench.bdrate import bd_rate
+
+    def curve(method: str) -> tuple[list[float], list[float]]:
+        pts = [(r["bpp"], r[key]) for r in rows if r["method"] == method and r[key] == r[key]]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    if anchor not in methods:
+        return {}
+    ar, aq = curve(anchor)
+    return {m: bd_rate(ar, aq, *curve(m)) for m in methods if m != anchor and len(curve(m)[0]) >= 2}
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     head = f"{'method':<10} {'point':>6} {'bytes/img':>11} {'bpp':>8} {'AP50':>6} {'AP50:95':>7} " \
            f"{'enc ms':>7} {'dec ms':>7} {'task ms':>7}"
@@ -192,9 +208,10 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("bpp (8·bytes / original W·H)")
         ax.set_ylabel(f"{name} vs uncompressed")
-        ax.set_ylim(-0.02, 1.02)
+        finite = [r[key] for r in rows if r[key] == r[key]]  # NaN-free
+        ax.set_ylim(max(0.0, min(finite, default=0.0) - 0.05) - 0.02, 1.02)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.legend(loc="lower right")
     fig.suptitle(title)
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -233,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
         "bpp": "8*sum(bytes)/sum(W*H of the original images)",
         "images": runner.images, "reference_boxes": sum(i["reference_boxes"] for i in runner.images),
         "seconds": round(time.perf_counter() - t_start, 1), "rows": rows,
+        "bd_rate_ap50_vs_jpeg_percent": bd_rates(rows),
     }
     (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     n_ref = report["reference_boxes"]
@@ -240,6 +258,9 @@ def run(args: argparse.Namespace) -> int:
     plot(rows, args.out / "rate_accuracy.png", title)
     print(title)
     print(format_table(rows))
+    for method, pct in report["bd_rate_ap50_vs_jpeg_percent"].items():
+        print(f"BD-rate vs jpeg at equal AP50, {method}: "
+              + ("no common AP50 range" if pct is None else f"{pct:+.1f} %"))
     if n_ref < 100:
         print(f"note: only {n_ref} reference boxes; AP differences of a few points are noise "
               "(add --images with more pictures or video frames)")
