@@ -59,7 +59,8 @@ def test_tables_load_from_file(synth: Synth, tmp_path) -> None:  # noqa: ANN001
     p = tmp_path / "palette.npz"
     np.savez(p, **synth.arrays)
     tb = pc.PaletteTables.load(p)
-    assert all((a == b).all() for a, b in zip(tb.ctx_b, synth.tables.ctx_b, strict=True))  # type: ignore[arg-type]
+    assert tb.ctx is not None and synth.tables.ctx is not None
+    assert all((a == b).all() for a, b in zip(tb.ctx["d"], synth.tables.ctx["d"], strict=True))
 
 
 @pytest.mark.parametrize("mutate", ["missing", "bad_ancestor", "not_nested", "bad_ctx_sum", "bad_shape"])

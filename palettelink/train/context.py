@@ -1,31 +1,33 @@
 """Backward-diffusion entropy models frozen as integer tables (DESIGN §1.6, "Hence the codec" 4).
 
-Fits the ``ctx_*`` arrays that :mod:`palettelink.codecs.palette` reads (layout in its docstring):
+Fits the ``ctx_*`` arrays that :mod:`palettelink.codecs.palette` reads (layout and the three coding
+passes a, d, b in its docstring):
 
 - ``ctx_static_t{t}`` [G, K_{t+1}, M_t]: p(child rank | group, parent), the static fallback;
-- ``ctx_a_t{t}`` [G, K_{t+1}, N_A, M_t]: anchors, conditioned on the parent map's neighbourhood;
-- ``ctx_b_t{t}`` [G, K_{t+1}, N_NC·M_t, M_t]: the rest, conditioned also on the decoded anchor
-  neighbours (mode child among same-parent neighbours, its count, their number);
+- ``ctx_a_t{t}`` [G, K_{t+1}, N_A, M_t]: pass a, conditioned on the parent map's neighbourhood;
+- ``ctx_d_t{t}``, ``ctx_b_t{t}`` [G, K_{t+1}, N_NC·M_t, M_t]: passes d and b, conditioned also on
+  decoded neighbours (mode child among same-parent neighbours, its count, their number);
 - ``ctx_info`` int32 [4]: format, N_A, N_NC, 0.
 
 Every (parent, context) cell has few samples, so each table is a Dirichlet-smoothed count table that
 backs off to a *parametric* model shared by all parents of a level:
 
-    static   p_s(r | P)        = (N(P, r) + α / nch(P)) / (N(P) + α)
-    anchors  q_A(r | P, a)     ∝ p_s(r | P) ** γ_a                       (sharpen inside regions)
-    others   q_B(r | P, n,c,m) ∝ p_s(r | P) ** γ_nc · exp(δ_nc [r = m])  (copy the neighbours' child)
-    final    p(r | P, ctx)     = (N(P, ctx, r) + β · q(r | P, ctx)) / (N(P, ctx) + β)
+    static   p_s(r | P)          = (N(P, r) + α / nch(P)) / (N(P) + α)
+    pass a   q_a(r | P, a)       ∝ p_s(r | P) ** γ_a                       (sharpen inside regions)
+    d, b     q(r | P, n, c, m)   ∝ p_s(r | P) ** γ_nc · exp(δ_nc [r = m])  (copy the neighbours' child)
+    final    p(r | P, ctx)       = (N(P, ctx, r) + β · q(r | P, ctx)) / (N(P, ctx) + β)
 
-γ, δ (a few numbers per level: the "tiny network" over the discrete contexts) are fitted by maximum
-likelihood in torch; α and β by held-out code length (the last fifth of the training maps), then
-everything is refitted on all maps. Probabilities become integer rows with
-``entropy.normalise_counts`` once, here; decoders only ever see the integers.
+γ, δ (a few numbers per pass and level: the "tiny network" over the discrete contexts) are fitted by
+maximum likelihood in torch from the count tables (sufficient statistics, so milliseconds); α and β
+by held-out code length (the last fifth of the training maps), then everything is refitted on all
+maps. Probabilities become integer rows with ``entropy.normalise_counts`` once, here; decoders only
+ever see the integers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -34,10 +36,10 @@ from palettelink.codecs.palette import (
     CTX_FORMAT,
     N_A,
     N_NC,
+    PASSES,
     PaletteTables,
-    anchor_context,
-    anchors_mask,
-    nonanchor_context,
+    pass_context,
+    pass_masks,
 )
 
 ALPHAS = (0.25, 1.0, 4.0)
@@ -46,21 +48,31 @@ SCALE = 1 << 20  # float probabilities → integer counts before normalise_count
 
 
 @dataclass
-class LevelData:
-    """Coded symbols of one refinement level t over many maps: group, parent, context, rank."""
+class PassData:
+    """Coded symbols of one pass: group, parent, context and child rank per symbol."""
 
-    g_a: np.ndarray
-    p_a: np.ndarray
-    c_a: np.ndarray
-    r_a: np.ndarray
-    g_b: np.ndarray
-    p_b: np.ndarray
-    c_b: np.ndarray
-    r_b: np.ndarray
+    g: np.ndarray
+    p: np.ndarray
+    c: np.ndarray
+    r: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.r)
+
+
+@dataclass
+class LevelData:
+    """Every coded symbol of one refinement level over many maps, by pass."""
+
+    passes: dict[str, PassData] = field(default_factory=dict)
 
     def static_view(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return (np.concatenate([self.g_a, self.g_b]), np.concatenate([self.p_a, self.p_b]),
-                np.concatenate([self.r_a, self.r_b]))
+        ps = list(self.passes.values())
+        return tuple(np.concatenate([getattr(x, k) for x in ps]) for k in "gpr")  # type: ignore[return-value]
+
+    def merged(self, other: LevelData) -> LevelData:
+        return LevelData({k: PassData(*(np.concatenate([getattr(v, f), getattr(other.passes[k], f)])
+                                        for f in "gpcr")) for k, v in self.passes.items()})
 
 
 def as_maps(maps: np.ndarray | Sequence[np.ndarray], n_groups: int) -> np.ndarray:
@@ -77,7 +89,7 @@ def as_maps(maps: np.ndarray | Sequence[np.ndarray], n_groups: int) -> np.ndarra
 
 def level_data(tb: PaletteTables, maps: np.ndarray, t: int) -> LevelData:
     """Gather every coded symbol of level t (positions whose parent has ≥ 2 children)."""
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in LevelData.__dataclass_fields__}
+    parts: dict[str, list[list[np.ndarray]]] = {p: [[], [], [], []] for p in PASSES}
     gi = np.arange(tb.n_groups)[:, None, None]
     width = tb.width(t)
     for fin in maps:
@@ -85,15 +97,14 @@ def level_data(tb: PaletteTables, maps: np.ndarray, t: int) -> LevelData:
         par = tb.ids_at(fin, t + 1) if t + 1 < tb.n_levels else np.zeros_like(ids)
         ranks = tb.rank[t][gi, ids]
         multi = tb.nch[t][gi, par] > 1
-        anch = anchors_mask(*ids.shape[1:])[None]
         gg = np.broadcast_to(gi, ids.shape)
-        ca, cb = anchor_context(par), nonanchor_context(par, ranks, width)
-        for suffix, mask, ctx in (("a", multi & anch, ca), ("b", multi & ~anch, cb)):
-            parts[f"g_{suffix}"].append(gg[mask])
-            parts[f"p_{suffix}"].append(par[mask])
-            parts[f"c_{suffix}"].append(ctx[mask])
-            parts[f"r_{suffix}"].append(ranks[mask])
-    return LevelData(**{k: np.concatenate(v).astype(np.int64) for k, v in parts.items()})
+        for name, pm in zip(PASSES, pass_masks(*ids.shape[1:]), strict=True):
+            mask = multi & pm[None]
+            ctx = pass_context(name, par, ranks, width)
+            for lst, arr in zip(parts[name], (gg, par, ctx, ranks), strict=True):
+                lst.append(arr[mask])
+    return LevelData({k: PassData(*(np.concatenate(a).astype(np.int64) for a in v))
+                      for k, v in parts.items()})
 
 
 def _valid(tb: PaletteTables, t: int) -> np.ndarray:
@@ -115,65 +126,61 @@ def static_probs(tb: PaletteTables, t: int, d: LevelData, alpha: float) -> np.nd
     return (n + alpha * prior) / (n.sum(-1, keepdims=True) + alpha) * valid
 
 
-def _backoff_a(ps: np.ndarray, gamma: np.ndarray) -> np.ndarray:
-    """q_A [G, K, N_A, M] ∝ p_s ** γ_a."""
+def n_contexts(name: str, width: int) -> int:
+    return N_A if name == "a" else N_NC * width
+
+
+def _context_params(name: str, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per context: its (n, c) class index (γ, δ are shared per class) and its mode child m (-1: none)."""
+    if name == "a":
+        return np.arange(N_A), np.full(N_A, -1)
+    return np.repeat(np.arange(N_NC), width), np.tile(np.arange(width), N_NC)
+
+
+def backoff(ps: np.ndarray, name: str, gamma: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """q [G, K, n_ctx, M] ∝ p_s ** γ[cls] · exp(δ[cls] [r = m]) (δ unused for pass a)."""
+    width = ps.shape[-1]
+    cls, mode = _context_params(name, width)
     logp = np.log(np.where(ps > 0, ps, 1.0))[:, :, None, :]
-    q = np.exp(gamma[None, None, :, None] * logp) * (ps > 0)[:, :, None, :]
-    return q / q.sum(-1, keepdims=True)
-
-
-def _backoff_b(ps: np.ndarray, gamma: np.ndarray, delta: np.ndarray) -> np.ndarray:
-    """q_B [G, K, N_NC*M, M] ∝ p_s ** γ_nc · exp(δ_nc [r = m])."""
-    g_n, k, m = ps.shape
-    logp = np.log(np.where(ps > 0, ps, 1.0))
-    nc = np.repeat(np.arange(N_NC), m)  # context index → (nc, m)
-    mm = np.tile(np.arange(m), N_NC)
-    logit = gamma[nc][None, None, :, None] * logp[:, :, None, :]
-    logit = logit + delta[nc][None, None, :, None] * (np.arange(m)[None, :] == mm[:, None])[None, None]
+    logit = gamma[cls][None, None, :, None] * logp
+    if name != "a":
+        logit = logit + (delta[cls][:, None] * (np.arange(width)[None, :] == mode[:, None]))[None, None]
     logit = np.where((ps > 0)[:, :, None, :], logit, -np.inf)
     logit -= logit.max(-1, keepdims=True)
     q = np.exp(logit)
     return q / q.sum(-1, keepdims=True)
 
 
-def fit_shape(ps: np.ndarray, na: np.ndarray, nb: np.ndarray, steps: int = 40,
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fit γ_A [N_A], γ_B [N_NC], δ_B [N_NC] by maximum likelihood (torch, LBFGS).
-
-    The likelihood only needs the count tables ``na`` [G, K, N_A, M] and ``nb`` [G, K, N_NC·M, M]
-    (sufficient statistics), so a fit takes milliseconds whatever the number of maps.
-    """
+def fit_shape(ps: np.ndarray, name: str, counts: np.ndarray, steps: int = 40,
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Fit γ, δ of one pass by maximum likelihood (torch, LBFGS) from its count table
+    [G, K, n_ctx, M] (sufficient statistics: only the rows that occur are evaluated)."""
     import torch
 
     width = ps.shape[-1]
-    ga = torch.ones(N_A, dtype=torch.float64, requires_grad=True)
-    gb = torch.ones(N_NC, dtype=torch.float64, requires_grad=True)
-    db = torch.zeros(N_NC, dtype=torch.float64, requires_grad=True)
+    cls_np, mode_np = _context_params(name, width)
+    n_cls = int(cls_np.max()) + 1
+    gamma = torch.ones(n_cls, dtype=torch.float64, requires_grad=True)
+    delta = torch.zeros(n_cls, dtype=torch.float64, requires_grad=True)
+    rows = np.nonzero(counts.sum(-1))
+    if not len(rows[0]):
+        return np.ones(n_cls), np.zeros(n_cls)
     logp = np.log(np.where(ps > 0, ps, 1.0))
-    # only the (group, parent, context) rows that occur: a few thousand, whatever the data size
-    ra = np.nonzero(na.sum(-1))
-    rb = np.nonzero(nb.sum(-1))
-    lpa, oka = torch.from_numpy(logp[ra[:2]]), torch.from_numpy(ps[ra[:2]] > 0)
-    lpb, okb = torch.from_numpy(logp[rb[:2]]), torch.from_numpy(ps[rb[:2]] > 0)
-    ca, cb = torch.from_numpy(ra[2]), torch.from_numpy(rb[2])
-    ta, tb_ = torch.from_numpy(na[ra]), torch.from_numpy(nb[rb])
-    match = (torch.arange(width)[None, :] == (cb % width)[:, None]).double()
-    ncb = cb // width
-    total = max(1.0, float(na.sum() + nb.sum()))
-
-    def logsm(z: torch.Tensor) -> torch.Tensor:
-        m = z.detach().amax(-1, keepdim=True)
-        e = torch.where(torch.isfinite(z), torch.exp(z - m), 0.0)
-        return z - m - torch.log(e.sum(-1, keepdim=True))
+    lp, ok = torch.from_numpy(logp[rows[:2]]), torch.from_numpy(ps[rows[:2]] > 0)
+    cls = torch.from_numpy(cls_np[rows[2]])
+    match = torch.from_numpy((np.arange(width)[None, :] == mode_np[rows[2]][:, None]).astype(np.float64))
+    cnt = torch.from_numpy(counts[rows])
+    total = float(counts.sum())
 
     def nll() -> torch.Tensor:
-        la = (ga[ca][:, None] * lpa).masked_fill(~oka, -torch.inf)
-        lb = (gb[ncb][:, None] * lpb + db[ncb][:, None] * match).masked_fill(~okb, -torch.inf)
-        sa = torch.where(ta > 0, logsm(la), 0.0)
-        sb = torch.where(tb_ > 0, logsm(lb), 0.0)
-        return -((ta * sa).sum() + (tb_ * sb).sum()) / total
+        z = (gamma[cls][:, None] * lp + delta[cls][:, None] * match).masked_fill(~ok, -torch.inf)
+        m = z.detach().amax(-1, keepdim=True)
+        e = torch.where(ok, torch.exp(z - m), 0.0)
+        logsm = z - m - torch.log(e.sum(-1, keepdim=True))
+        return -torch.where(cnt > 0, cnt * logsm, 0.0).sum() / total
 
-    opt = torch.optim.LBFGS([ga, gb, db], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+    params = [gamma, delta] if name != "a" else [gamma]
+    opt = torch.optim.LBFGS(params, lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -182,8 +189,7 @@ def fit_shape(ps: np.ndarray, na: np.ndarray, nb: np.ndarray, steps: int = 40,
         return loss
 
     opt.step(closure)
-    return (ga.detach().numpy().clip(0.0, 8.0), gb.detach().numpy().clip(0.0, 8.0),
-            db.detach().numpy().clip(-8.0, 16.0))
+    return gamma.detach().numpy().clip(0.0, 8.0), delta.detach().numpy().clip(-8.0, 16.0)
 
 
 def smoothed(counts: np.ndarray, prior: np.ndarray, beta: float) -> np.ndarray:
@@ -197,7 +203,7 @@ def to_rows(p: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return rows.astype(np.uint16 if rows.max() < 1 << 16 else np.int32)
 
 
-def _bits(rows: np.ndarray, idx: tuple[np.ndarray, ...], r: np.ndarray) -> float:
+def code_bits(rows: np.ndarray, idx: tuple[np.ndarray, ...], r: np.ndarray) -> float:
     """Ideal code length (bits) of symbols ``r`` under integer ``rows[idx]``."""
     if not len(r):
         return 0.0
@@ -208,45 +214,42 @@ def _bits(rows: np.ndarray, idx: tuple[np.ndarray, ...], r: np.ndarray) -> float
 @dataclass
 class LevelFit:
     static: np.ndarray
-    ctx_a: np.ndarray
-    ctx_b: np.ndarray
+    ctx: dict[str, np.ndarray]
     report: dict[str, float]
 
 
 def fit_level(tb: PaletteTables, t: int, d: LevelData, held: LevelData | None = None) -> LevelFit:
-    """Fit one level; α, β chosen on ``held`` (when given) by code length, then refit on both."""
+    """Fit one level; α and every pass's β chosen on ``held`` by code length, then refit on both."""
     valid = _valid(tb, t)
     width = tb.width(t)
-    shape_a = (tb.n_groups, valid.shape[1], N_A, width)
-    shape_b = (tb.n_groups, valid.shape[1], N_NC * width, width)
-    va, vb = valid[:, :, None, :], valid[:, :, None, :]
-    alpha, beta_a, beta_b = 1.0, 16.0, 16.0
+    shapes = {k: (tb.n_groups, valid.shape[1], n_contexts(k, width), width) for k in PASSES}
+    vrow = valid[:, :, None, :]
+    alpha, beta = 1.0, dict.fromkeys(PASSES, 16.0)
     report: dict[str, float] = {}
-    if held is not None and len(held.r_a) + len(held.r_b):
+    if held is not None and sum(len(v) for v in held.passes.values()):
         hg, hp, hr = held.static_view()
-        alpha = min(ALPHAS, key=lambda a: _bits(to_rows(static_probs(tb, t, d, a), valid), (hg, hp), hr))
+        alpha = min(ALPHAS, key=lambda a: code_bits(to_rows(static_probs(tb, t, d, a), valid), (hg, hp), hr))
         ps = static_probs(tb, t, d, alpha)
-        na = _counts(shape_a, (d.g_a, d.p_a, d.c_a, d.r_a))
-        nb = _counts(shape_b, (d.g_b, d.p_b, d.c_b, d.r_b))
-        ga, gb, db = fit_shape(ps, na, nb)
-        qa, qb = _backoff_a(ps, ga), _backoff_b(ps, gb, db)
-        beta_a = min(BETAS, key=lambda b: _bits(to_rows(smoothed(na, qa, b), va),
-                                                (held.g_a, held.p_a, held.c_a), held.r_a))
-        beta_b = min(BETAS, key=lambda b: _bits(to_rows(smoothed(nb, qb, b), vb),
-                                                (held.g_b, held.p_b, held.c_b), held.r_b))
-        d = LevelData(*(np.concatenate([x, y]) for x, y in zip(
-            (d.g_a, d.p_a, d.c_a, d.r_a, d.g_b, d.p_b, d.c_b, d.r_b),
-            (held.g_a, held.p_a, held.c_a, held.r_a, held.g_b, held.p_b, held.c_b, held.r_b), strict=True)))
+        for k in PASSES:
+            pd, hd = d.passes[k], held.passes[k]
+            n = _counts(shapes[k], (pd.g, pd.p, pd.c, pd.r))
+            q = backoff(ps, k, *fit_shape(ps, k, n))
+            beta[k] = min(BETAS, key=lambda b, n=n, q=q, hd=hd: code_bits(
+                to_rows(smoothed(n, q, b), vrow), (hd.g, hd.p, hd.c), hd.r))
+        d = d.merged(held)
     ps = static_probs(tb, t, d, alpha)
-    na = _counts(shape_a, (d.g_a, d.p_a, d.c_a, d.r_a))
-    nb = _counts(shape_b, (d.g_b, d.p_b, d.c_b, d.r_b))
-    ga, gb, db = fit_shape(ps, na, nb)
-    static = to_rows(ps, valid)
-    ctx_a = to_rows(smoothed(na, _backoff_a(ps, ga), beta_a), va)
-    ctx_b = to_rows(smoothed(nb, _backoff_b(ps, gb, db), beta_b), vb)
-    report.update(alpha=alpha, beta_a=beta_a, beta_b=beta_b, symbols=float(len(d.r_a) + len(d.r_b)),
-                  delta_b_max=float(db.max()), gamma_a_mean=float(ga.mean()))
-    return LevelFit(static, ctx_a, ctx_b, report)
+    ctx = {}
+    for k in PASSES:
+        pd = d.passes[k]
+        n = _counts(shapes[k], (pd.g, pd.p, pd.c, pd.r))
+        gamma, delta = fit_shape(ps, k, n)
+        ctx[k] = to_rows(smoothed(n, backoff(ps, k, gamma, delta), beta[k]), vrow)
+        report[f"beta_{k}"] = beta[k]
+        report[f"gamma_{k}_mean"] = float(gamma.mean())
+        if k != "a":
+            report[f"delta_{k}_max"] = float(delta.max())
+    report.update(alpha=alpha, symbols=float(sum(len(v) for v in d.passes.values())))
+    return LevelFit(to_rows(ps, valid), ctx, report)
 
 
 def fit_context_tables(index_maps_by_group: np.ndarray | Sequence[np.ndarray],
@@ -264,11 +267,11 @@ def fit_context_tables(index_maps_by_group: np.ndarray | Sequence[np.ndarray],
         held = level_data(tb, held_maps, t) if held_maps is not None else None
         f = fit_level(tb, t, d, held)
         out[f"ctx_static_t{t}"] = f.static
-        out[f"ctx_a_t{t}"] = f.ctx_a
-        out[f"ctx_b_t{t}"] = f.ctx_b
+        for k, v in f.ctx.items():
+            out[f"ctx_{k}_t{t}"] = v
         if report is not None:
             report[f"t{t}"] = f.report
     return out
 
 
-__all__ = ["fit_context_tables", "level_data", "fit_level", "static_probs"]
+__all__ = ["fit_context_tables", "level_data", "fit_level", "static_probs", "code_bits"]
