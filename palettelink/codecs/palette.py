@@ -323,38 +323,52 @@ def pass_masks(h: int, w: int) -> list[np.ndarray]:
     return [(y == 0) & (x == 0), (y == 1) & (x == 1), (y + x) % 2 == 1]
 
 
-def _shifts(a: np.ndarray, fill: int) -> list[np.ndarray]:
-    """Up, down, left, right, then the four diagonal neighbours of every position (``fill`` outside)."""
-    p = np.pad(a, ((0, 0), (1, 1), (1, 1)), constant_values=fill)
-    return [p[:, :-2, 1:-1], p[:, 2:, 1:-1], p[:, 1:-1, :-2], p[:, 1:-1, 2:],
-            p[:, :-2, :-2], p[:, :-2, 2:], p[:, 2:, :-2], p[:, 2:, 2:]]
+_EDGE = ((-1, 0), (1, 0), (0, -1), (0, 1))
+_DIAG = ((-1, -1), (-1, 1), (1, -1), (1, 1))
 
 
-def anchor_context(parents: np.ndarray) -> np.ndarray:
-    """[G, h, w] parent ids → context 0..N_A-1: same-parent 4-neighbours + 5 × same-parent diagonals.
+def _pad(a: np.ndarray) -> np.ndarray:
+    return np.pad(a, ((0, 0), (1, 1), (1, 1)), constant_values=-1)
+
+
+def _around(padded: np.ndarray, pos: tuple[np.ndarray, ...], offsets: tuple[tuple[int, int], ...],
+            ) -> np.ndarray:
+    """Values of a -1-padded [G, h+2, w+2] map at ``offsets`` around positions ``pos`` → [4, n]."""
+    g, y, x = pos
+    hp, wp = padded.shape[1:]
+    flat = padded.ravel()
+    base = (g * hp + y + 1) * wp + x + 1
+    return np.stack([flat[base + dy * wp + dx] for dy, dx in offsets])
+
+
+def anchor_context(parents: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Pass a context at ``mask`` positions: same-parent 4-neighbours + 5 × same-parent diagonals.
 
     Inside a region of one parent the child is the region's typical one; at a region border it is the
-    child nearest the other parent: the count separates the two cases.
+    child nearest the other parent: the counts separate the two cases.
     """
-    s = _shifts(parents, -1)
-    n4 = sum((x == parents).astype(np.int64) for x in s[:4])
-    nd = sum((x == parents).astype(np.int64) for x in s[4:])
-    return n4 + 5 * nd
+    pos = np.nonzero(mask)
+    pp = _pad(parents)
+    me = parents[pos]
+    n4 = (_around(pp, pos, _EDGE) == me).sum(0)
+    nd = (_around(pp, pos, _DIAG) == me).sum(0)
+    return (n4 + 5 * nd).astype(np.int64)
 
 
-def neighbour_context(parents: np.ndarray, ranks: np.ndarray, width: int, diagonal: bool = False,
-                      ) -> np.ndarray:
-    """Context from 4 already-decoded neighbours (edge neighbours, or the diagonal ones).
+def neighbour_context(parents: np.ndarray, ranks: np.ndarray, width: int, mask: np.ndarray,
+                      diagonal: bool = False) -> np.ndarray:
+    """Context at ``mask`` positions from 4 already-decoded neighbours (edge or diagonal ones).
 
     Among neighbours with the same parent: n (0..4), the mode child rank m (ties → smaller rank) and
     its count c; context = _NC_INDEX[n, c] * width + m (m = 0 when n = 0).
     """
-    sel = slice(4, 8) if diagonal else slice(0, 4)
-    sp, sr = _shifts(parents, -1)[sel], _shifts(ranks, -1)[sel]
-    r = np.stack([np.where(p == parents, q, -1) for p, q in zip(sp, sr, strict=True)])  # [4, G, h, w]
+    pos = np.nonzero(mask)
+    offs = _DIAG if diagonal else _EDGE
+    same = _around(_pad(parents), pos, offs) == parents[pos]
+    r = np.where(same, _around(_pad(ranks), pos, offs), -1)  # [4, n]
     valid = r >= 0
     n = valid.sum(0)
-    cnt = ((r[:, None] == r[None, :]) & valid[None, :]).sum(1) * valid  # [4, ...] count of each value
+    cnt = ((r[:, None] == r[None, :]) & valid[None, :]).sum(1) * valid  # [4, n] count of each value
     key = np.where(valid, cnt * (width + 1) - r, -1)
     best = np.argmax(key, axis=0)[None]
     m = np.take_along_axis(r, best, 0)[0].clip(min=0)
@@ -362,11 +376,13 @@ def neighbour_context(parents: np.ndarray, ranks: np.ndarray, width: int, diagon
     return _NC_INDEX[n, c] * width + m
 
 
-def pass_context(name: str, parents: np.ndarray, ranks: np.ndarray, width: int) -> np.ndarray:
-    """The context map of pass ``name`` (ranks need only be valid at earlier passes' positions)."""
+def pass_context(name: str, parents: np.ndarray, ranks: np.ndarray, width: int, mask: np.ndarray,
+                 ) -> np.ndarray:
+    """Contexts of pass ``name`` at ``mask`` positions, in C order (ranks need only be valid at
+    earlier passes' positions)."""
     if name == "a":
-        return anchor_context(parents)
-    return neighbour_context(parents, ranks, width, diagonal=name == "d")
+        return anchor_context(parents, mask)
+    return neighbour_context(parents, ranks, width, mask, diagonal=name == "d")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -395,8 +411,8 @@ class _Layer:
         m, p = self.masks[k], self.parents
         if self.model == "static":
             return tb.static[self.t][self.gi[m], p[m]]
-        ctx = pass_context(PASSES[k], p, ranks, tb.width(self.t))
-        return tb.ctx[PASSES[k]][self.t][self.gi[m], p[m], ctx[m]]  # type: ignore[index]
+        ctx = pass_context(PASSES[k], p, ranks, tb.width(self.t), m)
+        return tb.ctx[PASSES[k]][self.t][self.gi[m], p[m], ctx]  # type: ignore[index]
 
     def n_children(self, tb: PaletteTables, k: int) -> np.ndarray:
         m = self.masks[k]

@@ -100,9 +100,9 @@ def level_data(tb: PaletteTables, maps: np.ndarray, t: int) -> LevelData:
         gg = np.broadcast_to(gi, ids.shape)
         for name, pm in zip(PASSES, pass_masks(*ids.shape[1:]), strict=True):
             mask = multi & pm[None]
-            ctx = pass_context(name, par, ranks, width)
-            for lst, arr in zip(parts[name], (gg, par, ctx, ranks), strict=True):
-                lst.append(arr[mask])
+            parts[name][2].append(pass_context(name, par, ranks, width, mask))
+            for i, arr in ((0, gg), (1, par), (3, ranks)):
+                parts[name][i].append(arr[mask])
     return LevelData({k: PassData(*(np.concatenate(a).astype(np.int64) for a in v))
                       for k, v in parts.items()})
 
