@@ -22,8 +22,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of bundle files")
 
 
+_PER_LEVEL = {"level_sizes": "palette_size", "mean_bits": "mean_bits", "mean_bpp": "mean_bpp"}
+
+
+def _per_level(value: Any, level: int, index: int) -> Any:
+    """A per-level number kept beside ``levels``: a list (by position) or a map (by level)."""
+    if isinstance(value, dict):
+        return value.get(str(level), value.get(level))
+    if isinstance(value, list | tuple) and index < len(value):
+        return value[index]
+    return None
+
+
 def codec_levels(bundle: Bundle, codec: str) -> list[dict[str, Any]]:
-    """Levels of ``codec`` as the manifest records them (with measured bits when present)."""
+    """Levels of ``codec`` from the manifest: ``{"level": t}`` plus ``palette_size``, ``mean_bits``,
+    ``mean_bpp`` where recorded, either inside the level entries or as lists/maps beside them
+    (``level_sizes``, ``mean_bits``, ``mean_bpp``)."""
     meta = bundle.codecs.get(codec, {})
     levels = meta.get("levels")
     if levels is None and codec == "baseline":
@@ -31,8 +45,13 @@ def codec_levels(bundle: Bundle, codec: str) -> list[dict[str, Any]]:
 
         levels = list(BITS)
     out = []
-    for lv in levels or []:
-        out.append(dict(lv) if isinstance(lv, dict) else {"level": int(lv)})
+    for i, lv in enumerate(levels or []):
+        d = dict(lv) if isinstance(lv, dict) else {"level": int(lv)}
+        for key, name in _PER_LEVEL.items():
+            v = _per_level(meta.get(key), int(d["level"]), i)
+            if name not in d and v is not None:
+                d[name] = v
+        out.append(d)
     return out
 
 
@@ -55,6 +74,8 @@ def _level_text(lv: dict[str, Any]) -> str:
     extra = []
     if lv.get("palette_size"):
         extra.append(f"K={lv['palette_size']}")
+    if lv.get("mean_bits") is not None:
+        extra.append(f"{lv['mean_bits']:.0f} bits")
     if lv.get("mean_bpp") is not None:
         extra.append(f"{lv['mean_bpp']:.3f} bpp")
     return f"{lv['level']}" + (f" ({', '.join(extra)})" if extra else "")

@@ -105,3 +105,16 @@ def test_info_lists_bundles_without_torch(bundles_root: Path, tmp_path: Path) ->
     text = subprocess.run([sys.executable, "-m", "palettelink.cli", "info", "--bundles", str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert text.returncode == 0 and "palettelink build-bundle" in text.stdout
+
+
+def test_codec_levels_merge_per_level_numbers(bundle) -> None:  # noqa: ANN001
+    from palettelink.bundle import Bundle
+    from palettelink.info import codec_levels
+
+    m = json.loads(json.dumps(bundle.manifest))
+    m["codecs"]["palette"] = {"levels": [0, {"level": 1, "mean_bpp": 0.05}], "level_sizes": [64, 8],
+                              "mean_bits": {"1": 12.5}}
+    got = codec_levels(Bundle(bundle.path, m), "palette")
+    assert got == [{"level": 0, "palette_size": 64},
+                   {"level": 1, "mean_bpp": 0.05, "palette_size": 8, "mean_bits": 12.5}]
+    assert [lv["level"] for lv in codec_levels(bundle, "baseline")] == list(range(2, 9))
