@@ -220,7 +220,7 @@ class EdgeStream:
             self._failures = 0
             pending = self._pending.pop(value.frame_id, None)
             if pending is None:
-                return  # an answer to a frame re-sent after reconnect that was already answered
+                return  # not a frame we are waiting for (already answered)
             yield Reply(value.frame_id, value, (time.perf_counter() - pending.sent) * 1e3, pending.meta)
             return
         if kind == "end":
