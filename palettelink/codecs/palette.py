@@ -595,7 +595,11 @@ def layer_bits(indices_finest: np.ndarray, tables: PaletteTables, model: str | N
 
 def mean_level_bits(tables: PaletteTables, maps: np.ndarray | Sequence[np.ndarray],
                     model: str | None = None) -> dict[int, float]:
-    """Mean coded bits (layers only, no header) of every level over finest index maps [N, G, h, w]."""
+    """Mean coded bits (layers only, no header) of every level over finest index maps [N, G, h, w]
+    (e.g. ``palettelink.train.palette.index_maps(latents, tables)``)."""
+    if isinstance(maps, str | Path):
+        raise TypeError("mean_level_bits takes index maps [N, G, h, w], not a folder: pass "
+                        "palettelink.train.palette.index_maps(latents, tables)")
     maps = np.asarray(maps)
     if maps.ndim == 3:
         maps = maps[None]
