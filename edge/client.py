@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from edge import capture
 from edge.ratecontrol import LevelCoder, controller_from
 from edge.transport import (
     Backoff,
@@ -28,6 +27,7 @@ from edge.transport import (
     make_channel,
     wait_ready,
 )
+from palettelink import capture
 from palettelink.bundle import find_bundle
 from palettelink.codecs import EdgeEncoder, available, make_encoder
 from palettelink.errors import BundleNotFound, InvalidRequest, PaletteLinkError

@@ -11,11 +11,11 @@ import cv2
 import numpy as np
 import pytest
 
-from edge import capture
 from edge.ratecontrol import FixedLevel, LevelCoder, StreamBudget, TargetBpp, TargetBytes, controller_from
+from palettelink import capture
 from palettelink.errors import InvalidRequest
 
-EDGE_MODULES = ["edge.client", "edge.capture", "edge.transport", "edge.ratecontrol",
+EDGE_MODULES = ["edge.client", "palettelink.capture", "edge.transport", "edge.ratecontrol",
                 "palettelink.codecs.baseline", "palettelink.front", "palettelink.ratecontrol"]
 
 

@@ -110,13 +110,13 @@ class Row:
 
 
 def iter_images(args: argparse.Namespace) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, RGB) for the samples and every ``--images`` input. Reuses the edge's capture module,
+    """(name, RGB) for the samples and every ``--images`` input. Reuses the capture module the edge uses,
     so the benchmark reads folders and videos exactly as the client does."""
     if not args.no_samples:
         for p in sample_images():
             yield p.name, load_image(p)
     if args.images:
-        from edge import capture
+        from palettelink import capture
 
         for cap in capture.iter_frames(capture.expand(args.images), args.every, args.max_frames):
             yield cap.label, cap.rgb
