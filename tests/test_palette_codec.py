@@ -229,3 +229,13 @@ def test_dequantise_matches_train_quantise(synth: Synth) -> None:
         maps = palette.index_maps(z, synth.arrays)
         for i in range(2):
             assert np.array_equal(zh[i:i + 1], synth.tables.dequantise(synth.tables.ids_at(maps[i], t), t))
+
+
+def test_evaluate_reports_rates_and_errors(synth: Synth) -> None:
+    from palettelink.train import context, palette
+
+    z = palette.synthetic_latents(30, channels=16, h=16, w=16, seed=3)[24:]
+    r = context.evaluate(synth.tables, synth.test_maps, z, image_pixels=256 * 256)
+    assert len(r["bits_context"]) == synth.tables.n_levels
+    assert all(s > 0 for s in r["saving_pct"])
+    assert r["mse_rel"][0] < r["mse_rel"][-1] and r["encode_ms"] > 0

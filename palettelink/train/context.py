@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -274,4 +275,46 @@ def fit_context_tables(index_maps_by_group: np.ndarray | Sequence[np.ndarray],
     return out
 
 
-__all__ = ["fit_context_tables", "level_data", "fit_level", "static_probs", "code_bits"]
+def evaluate(tables: PaletteTables | dict[str, np.ndarray], maps: np.ndarray | Sequence[np.ndarray],
+             latents: np.ndarray | None = None, image_pixels: int = 640 * 640) -> dict[str, Any]:
+    """Measured rate of every level (actual coded bytes, both models) and, given the latents the maps
+    came from, the relative latent error of every level. For reports and ``codec.json``.
+
+    Keys: ``bits_static`` / ``bits_context`` [L] (mean bits per image, layers only),
+    ``bpp_context`` [L] (per pixel of ``image_pixels``), ``saving_pct`` [L], ``mse_rel`` [L],
+    ``encode_ms`` / ``decode_ms`` (context model, level 0, median per image).
+    """
+    import time
+
+    from palettelink.codecs.palette import decode_layers, encode_levels, layer_bits
+
+    tb = tables if isinstance(tables, PaletteTables) else PaletteTables.from_arrays(tables)
+    maps = as_maps(maps, tb.n_groups)
+    out: dict[str, Any] = {}
+    models = ["static"] + (["context"] if tb.ctx is not None else [])
+    for model in models:
+        per = np.array([layer_bits(m, tb, model) for m in maps], dtype=np.float64)
+        out[f"bits_{model}"] = np.cumsum(per.mean(0))[::-1].tolist()  # index = level
+    if "bits_context" in out:
+        out["saving_pct"] = [100.0 * (1 - c / s) for c, s in zip(out["bits_context"], out["bits_static"],
+                                                                   strict=True)]
+        out["bpp_context"] = [b / image_pixels for b in out["bits_context"]]
+    if latents is not None:
+        z = np.asarray(latents, np.float32)
+        var = float(z.var())
+        out["mse_rel"] = [float(np.mean([((tb.dequantise(tb.ids_at(m, t), t)[0] - zi) ** 2).mean()
+                                         for m, zi in zip(maps, z, strict=True)]) / var)
+                          for t in range(tb.n_levels)]
+    enc, dec = [], []
+    for m in maps[: min(len(maps), 20)]:
+        t0 = time.perf_counter()
+        layers = encode_levels(m, tb, 0)
+        t1 = time.perf_counter()
+        decode_layers(layers, tb, tb.n_levels - 1, m.shape)
+        enc.append(t1 - t0)
+        dec.append(time.perf_counter() - t1)
+    out["encode_ms"], out["decode_ms"] = 1e3 * float(np.median(enc)), 1e3 * float(np.median(dec))
+    return out
+
+
+__all__ = ["fit_context_tables", "level_data", "fit_level", "static_probs", "code_bits", "evaluate"]
