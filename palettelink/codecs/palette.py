@@ -160,7 +160,10 @@ class PaletteTables:
                 or sizes[0] > 1 << 16:
             raise bad(f"level_sizes must strictly decrease, got {sizes.tolist()}")
         g_n, n_l, k0 = len(groups) - 1, len(sizes), int(sizes[0])
-        anc, cents, search, embed = [], [], [], []
+        anc: list[np.ndarray] = []
+        cents: list[list[np.ndarray]] = []
+        search: list[np.ndarray] = []
+        embed: list[tuple[np.ndarray, np.ndarray] | None] = []
         for g in range(g_n):
             cg = int(groups[g + 1] - groups[g])
             an = need(f"g{g}_ancestor").astype(np.int64)
@@ -257,7 +260,7 @@ class PaletteTables:
         return np.stack(out).reshape(self.n_groups, *z.shape[1:])
 
 
-def _level_tables(a: Mapping[str, np.ndarray], key: str, shapes: list[tuple[int, ...]],
+def _level_tables(a: Mapping[str, np.ndarray], key: str, shapes: Sequence[tuple[int, ...]],
                   bad: Any) -> list[np.ndarray] | None:
     """Read one integer table per level; None when the file has none; BundleError when malformed."""
     keys = [key.format(t=t) for t in range(len(shapes))]

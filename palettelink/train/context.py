@@ -225,18 +225,20 @@ def fit_level(tb: PaletteTables, t: int, d: LevelData, held: LevelData | None = 
     width = tb.width(t)
     shapes = {k: (tb.n_groups, valid.shape[1], n_contexts(k, width), width) for k in PASSES}
     vrow = valid[:, :, None, :]
-    alpha, beta = 1.0, dict.fromkeys(PASSES, 16.0)
+    alpha = 1.0
+    beta: dict[str, float] = dict.fromkeys(PASSES, 16.0)
     report: dict[str, float] = {}
-    if held is not None and sum(len(v) for v in held.passes.values()):
+    if held is not None and any(len(v) > 0 for v in held.passes.values()):
         hg, hp, hr = held.static_view()
-        alpha = min(ALPHAS, key=lambda a: code_bits(to_rows(static_probs(tb, t, d, a), valid), (hg, hp), hr))
+        alpha = min(ALPHAS, key=lambda a: code_bits(to_rows(static_probs(tb, t, d, float(a)), valid),
+                                                      (hg, hp), hr))
         ps = static_probs(tb, t, d, alpha)
         for k in PASSES:
             pd, hd = d.passes[k], held.passes[k]
             n = _counts(shapes[k], (pd.g, pd.p, pd.c, pd.r))
             q = backoff(ps, k, *fit_shape(ps, k, n))
-            beta[k] = min(BETAS, key=lambda b, n=n, q=q, hd=hd: code_bits(
-                to_rows(smoothed(n, q, b), vrow), (hd.g, hd.p, hd.c), hd.r))
+            scores = {b: code_bits(to_rows(smoothed(n, q, b), vrow), (hd.g, hd.p, hd.c), hd.r) for b in BETAS}
+            beta[k] = min(scores, key=lambda b: scores[b])
         d = d.merged(held)
     ps = static_probs(tb, t, d, alpha)
     ctx = {}

@@ -47,12 +47,13 @@ def detector_extractor(det: Any, layers: Sequence[int] = DETECTOR_STAGES) -> Ext
 
     def run(x: torch.Tensor) -> list[torch.Tensor]:
         y: list[Any] = [None] * (max(layers) + 1)
+        h: Any = x
         for i in range(max(layers) + 1):
             m = det.layers[i]
             if m.f != -1:
-                x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
-            x = m(x)
-            y[i] = x
+                h = y[m.f] if isinstance(m.f, int) else [h if j == -1 else y[j] for j in m.f]
+            h = m(h)
+            y[i] = h
         return [y[i] for i in layers]
 
     return run
@@ -94,7 +95,7 @@ def dihedral_spectrum(patches: np.ndarray) -> np.ndarray:
     a = np.abs(np.fft.fft2(patches, axes=(-2, -1)))
     neg = (-np.arange(n)) % n
     flips = [a, a[..., neg, :], a[..., :, neg], a[..., neg, :][..., :, neg]]
-    sym = sum(f + np.swapaxes(f, -1, -2) for f in flips) / 8.0
+    sym = np.sum([f + np.swapaxes(f, -1, -2) for f in flips], axis=0) / 8.0
     u, v = np.triu_indices(n // 2 + 1)
     return sym[..., u, v]
 
