@@ -25,6 +25,7 @@ import numpy as np
 
 from palettelink import __version__
 from palettelink.bench import metrics
+from palettelink.bench.ablations import ABLATIONS
 from palettelink.bench.methods import METHODS, Context, Item, Method, make_method, prepare
 from palettelink.bundle import Bundle, find_bundle
 from palettelink.errors import InvalidRequest
@@ -69,6 +70,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", nargs="+", action="extend", default=[], metavar="PATH",
                    help="more images, folders or videos (frames)")
     p.add_argument("--no-samples", action="store_true", help="leave out the bundled sample images")
+    p.add_argument("--eval-set", action="store_true",
+                   help="the held-out evaluation set (sample images + vtest.avi frames; never trained on)")
+    p.add_argument("--ablations", type=_names, default=[],
+                   help="ablation rows, comma-separated or 'all': " + ", ".join(ABLATIONS))
+    p.add_argument("--assets", type=Path, default=None, help="trained codec assets (for ablations)")
     p.add_argument("--every", type=int, default=1, metavar="N", help="keep every N-th video frame")
     p.add_argument("--max-frames", type=int, default=None, metavar="N", help="cap on --images frames")
     p.add_argument("--ref-conf", type=float, default=0.25, help="score threshold of the reference")
@@ -112,7 +118,12 @@ class Row:
 def iter_images(args: argparse.Namespace) -> Iterator[tuple[str, np.ndarray]]:
     """(name, RGB) for the samples and every ``--images`` input. Reuses the capture module the edge uses,
     so the benchmark reads folders and videos exactly as the client does."""
-    if not args.no_samples:
+    if getattr(args, "eval_set", False):
+        from palettelink.train import data
+
+        for item in data.eval_images():
+            yield data.item_key(item), data.load_rgb(item)
+    elif not args.no_samples:
         for p in sample_images():
             yield p.name, load_image(p)
     if args.images:
@@ -180,12 +191,12 @@ def bd_rates(rows: list[dict[str, Any]], anchor: str = "jpeg", key: str = "ap50"
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'method':<10} {'point':>6} {'bytes/img':>11} {'bpp':>8} {'AP50':>6} {'AP50:95':>7} " \
+    head = f"{'method':<16} {'point':>6} {'bytes/img':>11} {'bpp':>8} {'AP50':>6} {'AP50:95':>7} " \
            f"{'enc ms':>7} {'dec ms':>7} {'task ms':>7}"
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['method']:<10} {r['label']:>6} {r['bytes_mean']:>11,.0f} {r['bpp']:>8.3f} "
+            f"{r['method']:<16} {r['label']:>6} {r['bytes_mean']:>11,.0f} {r['bpp']:>8.3f} "
             f"{r['ap50']:>6.3f} {r['ap50_95']:>7.3f} {r.get('encode_ms', 0.0):>7.1f} "
             f"{r.get('decode_ms', 0.0):>7.1f} {r.get('task_ms', 0.0):>7.1f}")
     return "\n".join(lines)
@@ -221,12 +232,13 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     bundle = find_bundle(args.bundle, args.bundles)
-    options = {"baseline_levels": args.bits, "palette_levels": args.levels}
+    options = {"baseline_levels": args.bits, "palette_levels": args.levels, "assets": args.assets}
+    ablations = list(ABLATIONS) if args.ablations == ["all"] else list(args.ablations)
     for fmt in ("jpeg", "webp", "avif"):
         options[f"{fmt}_qualities"] = args.qualities
     front = Front(bundle)
     ctx = Context(bundle, front, options)
-    names = ([] if args.no_bypass else ["bypass"]) + list(args.codec) + list(args.anchors)
+    names = ([] if args.no_bypass else ["bypass"]) + list(args.codec) + ablations + list(args.anchors)
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         raise InvalidRequest(f"unknown method(s) {unknown}; known: {', '.join(sorted(METHODS))}")
@@ -251,16 +263,21 @@ def run(args: argparse.Namespace) -> int:
         "images": runner.images, "reference_boxes": sum(i["reference_boxes"] for i in runner.images),
         "seconds": round(time.perf_counter() - t_start, 1), "rows": rows,
         "bd_rate_ap50_vs_jpeg_percent": bd_rates(rows),
+        "bd_rate_ap50_vs_avif_percent": bd_rates(rows, "avif"),
     }
+    assets = args.assets or Path("assets/codecs") / bundle.name
+    if (assets / "training.json").is_file():
+        report["training_images"] = json.loads((assets / "training.json").read_text()).get("train_images")
     (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     n_ref = report["reference_boxes"]
     title = f"{bundle.id}: {len(runner.images)} image(s), {n_ref} reference boxes"
     plot(rows, args.out / "rate_accuracy.png", title)
     print(title)
     print(format_table(rows))
-    for method, pct in report["bd_rate_ap50_vs_jpeg_percent"].items():
-        print(f"BD-rate vs jpeg at equal AP50, {method}: "
-              + ("no common AP50 range" if pct is None else f"{pct:+.1f} %"))
+    for anchor in ("jpeg", "avif"):
+        for method, pct in report[f"bd_rate_ap50_vs_{anchor}_percent"].items():
+            print(f"BD-rate vs {anchor} at equal AP50, {method}: "
+                  + ("no common AP50 range" if pct is None else f"{pct:+.1f} %"))
     if n_ref < 100:
         print(f"note: only {n_ref} reference boxes; AP differences of a few points are noise "
               "(add --images with more pictures or video frames)")

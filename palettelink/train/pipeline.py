@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from palettelink.bundle import find_bundle, sha256_file, write_manifest
+from palettelink.bundle import find_bundle, write_manifest
 
-STAGES = ("bottleneck", "pseudolabels", "contrastive", "palette", "finetune", "context")
+STAGES = ("bottleneck", "pseudolabels", "contrastive", "palette", "finetune", "context", "ablations")
 
 
 @dataclass
@@ -44,7 +44,7 @@ class TrainConfig:
     bottleneck_minutes: float = 15.0
     finetune_minutes: float = 5.0
     max_images: int | None = None
-    augment: int = 2
+    augment: int = 4
     seed: int = 0
     tiny: bool = False  # CI smoke run: a few steps on a few images
     extra: dict[str, Any] = field(default_factory=dict)
@@ -96,69 +96,139 @@ def train(bundle_name: str, images: list[str] | None, work: Path, out: Path, cfg
 
     items = data.training_images(images, max_images=cfg.max_images)
     report["train_images"] = data.describe_sources(items)
-    print(f"[train] {len(items)} training items from {len(report['train_images'])} sources")
-    cache = data.CrossingCache(det, items, work / "cache", augment=cfg.augment, seed=cfg.seed)
+    report["train_items"] = [data.item_key(i) for i in items]
+    print(f"[train] {len(items)} training items: {report['train_images']}")
+    cache = data.CrossingCache(det, items, bundle.input_size, augment=cfg.augment,
+                               cache_dir=work / "crossing", seed=cfg.seed)
 
     t0 = time.perf_counter()
     st = Stage(work, "bottleneck")
     if not st.done:
-        info = bottleneck.train_bottleneck(det, cache, cfg, st.dir)
-        st.finish(info)
-    enc, dec = bottleneck.load(st.dir, cfg)
+        steps = 6 if cfg.tiny else None
+        bottleneck.train_bottleneck(det, cache, None, steps=steps, out=st.dir, minutes=cfg.bottleneck_minutes)
+        st.finish({"minutes": cfg.bottleneck_minutes, "tiny": cfg.tiny})
+    enc, dec = bottleneck.load(st.dir)
     report["stages"]["bottleneck"] = st.info()
 
     latents = bottleneck.encode_latents(enc, cache)
-    group_bounds = np.linspace(0, cfg.latent_channels, cfg.groups + 1).astype(np.int32)
+    group_bounds = palette.group_bounds(latents.shape[1], cfg.groups)
 
     st = Stage(work, "pseudolabels")
     if not st.done:
-        labels, k, curve = pseudolabels.pseudo_labels_for(det, cache, st.dir / "elbow.png",
-                                                          vgg16_weights=vgg16_weights)
+        st.dir.mkdir(parents=True, exist_ok=True)
+        labels, k, curve = pseudolabels.pseudo_labels_for(
+            det, cache, st.dir / "elbow.png", vgg16_weights=vgg16_weights, seed=cfg.seed,
+            max_entries=8 if cfg.tiny else 160)
         np.save(st.dir / "labels.npy", labels)
         st.finish({"k": int(k), "curve": curve})
     labels = np.load(st.dir / "labels.npy")
     report["stages"]["pseudolabels"] = st.info()
 
-    heads = None
     st = Stage(work, "contrastive")
-    if cfg.palette_space == "contrastive":
-        if not st.done:
-            heads = contrastive.train_heads(latents, labels, group_bounds, seed=cfg.seed)
-            np.savez(st.dir / "heads.npz", **{f"w{i}": w for i, (w, _) in enumerate(heads)},
-                     **{f"b{i}": b for i, (_, b) in enumerate(heads)})
-            st.finish({"groups": len(heads)})
-        z = np.load(st.dir / "heads.npz")
-        heads = [(z[f"w{i}"], z[f"b{i}"]) for i in range(cfg.groups)]
-        report["stages"]["contrastive"] = st.info()
+    if not st.done:
+        info: dict[str, Any] = {}
+        heads = contrastive.train_heads(latents, labels, group_bounds, seed=cfg.seed, report=info,
+                                        max_seconds=10 if cfg.tiny else 120)
+        st.dir.mkdir(parents=True, exist_ok=True)
+        np.savez(st.dir / "heads.npz", **{f"w{i}": w for i, (w, _) in enumerate(heads)},
+                 **{f"b{i}": b for i, (_, b) in enumerate(heads)})
+        st.finish({"groups": len(heads), **info})
+    hz = np.load(st.dir / "heads.npz")
+    heads = [(hz[f"w{i}"], hz[f"b{i}"]) for i in range(cfg.groups)]
+    report["stages"]["contrastive"] = st.info()
 
     st = Stage(work, "palette")
     if not st.done:
-        tables = palette.build_palette(latents, group_bounds, cfg.k0, cfg.n_levels, heads=heads, seed=cfg.seed)
-        np.savez(st.dir / "palette.npz", **tables)
-        st.finish({"level_sizes": tables["level_sizes"].tolist()})
+        st.dir.mkdir(parents=True, exist_ok=True)
+        chosen = heads if cfg.palette_space == "contrastive" else None
+        other = None if cfg.palette_space == "contrastive" else heads
+        for fname, h in (("palette.npz", chosen), ("palette_alt.npz", other)):
+            tables = palette.build_palette(latents, group_bounds, cfg.k0, cfg.n_levels, heads=h,
+                                           seed=cfg.seed)
+            np.savez(st.dir / fname, **tables)
+        st.finish({"level_sizes": tables["level_sizes"].tolist(), "space": cfg.palette_space})
     tables = dict(np.load(st.dir / "palette.npz"))
     report["stages"]["palette"] = st.info()
 
     st = Stage(work, "finetune")
     if not st.done:
-        info = bottleneck.finetune_decoder(det, enc, dec, cache, palette.torch_quantiser(tables),
-                                           levels=list(range(len(tables["level_sizes"]))), cfg=cfg,
-                                           out=st.dir)
-        st.finish(info)
-    dec = bottleneck.load_decoder(st.dir, cfg)
+        levels = list(range(len(tables["level_sizes"])))
+        bottleneck.finetune_decoder(det, enc, dec, cache, palette.torch_quantiser(tables), levels=levels,
+                                    steps=4 if cfg.tiny else 100_000, minutes=cfg.finetune_minutes,
+                                    latents=latents, out=st.dir)
+        st.finish({"minutes": cfg.finetune_minutes, "levels": levels})
+    dec = bottleneck.load_decoder(st.dir)
     report["stages"]["finetune"] = st.info()
 
     st = Stage(work, "context")
+    maps = palette.index_maps(latents, tables)
     if not st.done:
-        maps = palette.index_maps(latents, tables)
-        ctx = context.fit_context_tables(maps, tables)
+        fit: dict[str, Any] = {}
+        ctx = context.fit_context_tables(maps, tables, report=fit)
+        st.dir.mkdir(parents=True, exist_ok=True)
         np.savez(st.dir / "ctx.npz", **ctx)
-        st.finish({"keys": sorted(ctx)})
+        st.finish({"fit": fit})
     tables.update(dict(np.load(st.dir / "ctx.npz")))
     report["stages"]["context"] = st.info()
+    report["rate"] = _jsonable(context.evaluate(tables, maps[: min(len(maps), 64)], latents[:64]))
+
+    st = Stage(work, "ablations")
+    if not st.done:
+        st.dir.mkdir(parents=True, exist_ok=True)
+        write_ablation_tables(st.dir, latents, cache, cfg)
+        st.finish({"files": sorted(p.name for p in st.dir.glob("*.npz"))})
+    report["stages"]["ablations"] = st.info()
     report["train_minutes"] = (time.perf_counter() - t0) / 60
 
     return write_assets(out, bundle, enc, dec, tables, cfg, report, work)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+SCALAR_BITS = (2, 3, 4, 5, 6)
+
+
+def write_ablation_tables(folder: Path, latents: np.ndarray, cache: Any, cfg: TrainConfig) -> None:
+    """Tables for the benchmark's ablation rows (palettelink.bench.ablations)."""
+    from palettelink import entropy
+    from palettelink.train import palette
+
+    c = latents.shape[1]
+    flat = np.moveaxis(latents, 1, 0).reshape(c, -1)
+    lo = np.percentile(flat, 0.01, axis=1).astype(np.float32)
+    hi = np.percentile(flat, 99.99, axis=1).astype(np.float32)
+    arrays: dict[str, np.ndarray] = {"lo": lo, "hi": hi, "bits": np.asarray(SCALAR_BITS, np.int32)}
+    for b in SCALAR_BITS:
+        n = (1 << b) - 1
+        step = np.maximum(hi - lo, 1e-6)[:, None] / n
+        q = np.clip(np.rint((flat - lo[:, None]) / step), 0, n).astype(np.int64)
+        counts = np.stack([np.bincount(q[k], minlength=n + 1) for k in range(c)])
+        arrays[f"tables_{b}"] = entropy.normalise_counts(counts).astype(np.int32)
+    np.savez(folder / "scalar_z.npz", **arrays)
+
+    rng = np.random.default_rng(cfg.seed)
+    per_tensor: list[list[np.ndarray]] = []
+    for i in rng.permutation(len(cache))[: 8 if cfg.tiny else 96]:
+        ts = cache.tensors(int(i))
+        per_tensor.append([np.asarray(t, np.float32).reshape(t.shape[-3], -1) for t in ts])
+    n_t = len(per_tensor[0])
+    names = [f"t{layer}" for layer in cache.det.crossing]
+    for j in range(n_t):
+        vec = np.concatenate([p[j] for p in per_tensor], axis=1)  # [C, N]
+        vec = vec[:, rng.permutation(vec.shape[1])[:60_000]]
+        x = vec.T[:, :, None, None].astype(np.float32)  # [N, C, 1, 1]: one "image" per position
+        tables = palette.build_palette(x, 1, min(cfg.k0, 256), cfg.n_levels, seed=cfg.seed)
+        np.savez(folder / f"raw_palette_{names[j]}.npz", **tables)
 
 
 def write_assets(out: Path, bundle: Any, enc: Any, dec: Any, tables: dict[str, np.ndarray], cfg: TrainConfig,
@@ -166,30 +236,38 @@ def write_assets(out: Path, bundle: Any, enc: Any, dec: Any, tables: dict[str, n
     """Write the assets folder atomically (temp folder, then rename) with a sha256 manifest."""
     import torch
 
-    from palettelink.codecs.palette import PaletteTables, mean_level_bits
-
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     torch.save(enc.state_dict(), tmp / "encoder.pt")
     torch.save(dec.state_dict(), tmp / "decoder.pt")
-    np.savez(tmp / "palette.npz", **tables)
-    elbow = work / "pseudolabels" / "elbow.png"
-    if elbow.is_file():
-        shutil.copyfile(elbow, tmp / "elbow.png")
-    maps_bits = mean_level_bits(PaletteTables.load(tmp / "palette.npz"), work)
+    np.savez_compressed(tmp / "palette.npz", **tables)
+    for src, dst in ((work / "pseudolabels" / "elbow.png", tmp / "elbow.png"),):
+        if src.is_file():
+            shutil.copyfile(src, dst)
+    (tmp / "ablations").mkdir()
+    for f in sorted((work / "ablations").glob("*.npz")):
+        shutil.copyfile(f, tmp / "ablations" / f.name)
+    shutil.copyfile(work / "palette" / "palette_alt.npz", tmp / "ablations" / "palette_alt.npz")
+    rate = report.get("rate", {})
+    bottleneck_cfg = json.loads((work / "bottleneck" / "config.json").read_text())
+    sizes = [int(k) for k in tables["level_sizes"]]
     codec = {
-        "latent_channels": cfg.latent_channels, "stride": 16, "groups": cfg.groups,
-        "level_sizes": tables["level_sizes"].tolist(), "levels": list(range(len(tables["level_sizes"]))),
-        "mean_bits": maps_bits, "palette_space": cfg.palette_space, "config": asdict(cfg),
+        "latent_channels": int(bottleneck_cfg.get("z_channels", cfg.latent_channels)),
+        "stride": int(bottleneck_cfg.get("z_stride", 16)), "groups": cfg.groups,
+        "bottleneck": bottleneck_cfg, "level_sizes": sizes, "levels": list(range(len(sizes))),
+        "mean_bits": rate.get("bits_context"), "mean_bits_static": rate.get("bits_static"),
+        "mean_bpp": rate.get("bpp_context"), "palette_space": cfg.palette_space,
+        "entropy_model": "context", "config": asdict(cfg),
     }
     (tmp / "codec.json").write_text(json.dumps(codec, indent=2))
-    (tmp / "training.json").write_text(json.dumps(report, indent=2, default=str))
+    (tmp / "training.json").write_text(json.dumps(_jsonable(report), indent=2, default=str))
     write_manifest(tmp, {"name": f"{bundle.name}-palette", "version": "1", "split": bundle.manifest["split"],
                          "detector_sha256": bundle.manifest["source"]["sha256"], "tables": ["palette.npz"]})
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    print(f"[train] assets written to {out} ({sum(p.stat().st_size for p in out.iterdir()) / 1e6:.1f} MB)")
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
+    print(f"[train] assets written to {out} ({size:.1f} MB)")
     return out
 
 
@@ -223,4 +301,3 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["TrainConfig", "train", "sha256_file"]
