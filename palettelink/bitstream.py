@@ -2,7 +2,7 @@
 
 One coded frame is self-contained::
 
-    magic "PLNK" | version u8 | codec u8 | param u8 | flags u8
+    magic "PLNK" | version u8 | codec u8 | param u8 | flags u8 (bit 0 progressive, bits 1-7 codec's)
     bundle id (u8 length + UTF-8 "name/version") | table hash (8 bytes: sha256 prefix)
     image W u16 | image H u16
     n_tensors u8 | per tensor: C u16, h u16, w u16
@@ -49,6 +49,7 @@ class Frame:
     shapes: tuple[tuple[int, int, int], ...]
     layers: tuple[bytes, ...] = field(default_factory=tuple)
     progressive: bool = False
+    codec_flags: int = 0  # 7 codec-specific bits (palette: bit 0 = static entropy tables)
     truncated: bool = False  # set by ``unpack`` when trailing layers were cut off
 
     def bpp(self, n_bytes: int) -> float:
@@ -85,9 +86,11 @@ def pack(frame: Frame) -> bytes:
         raise ValueError("too many tensors or layers")
     if not 0 <= frame.param <= 255:
         raise ValueError("param must fit a byte")
+    if not 0 <= frame.codec_flags < 128:
+        raise ValueError("codec flags must fit 7 bits")
     out = bytearray(
         _FIXED.pack(MAGIC, FORMAT_VERSION, CODEC_IDS[frame.codec], frame.param,
-                    FLAG_PROGRESSIVE if frame.progressive else 0)
+                    (FLAG_PROGRESSIVE if frame.progressive else 0) | (frame.codec_flags << 1))
     )
     out += bytes([len(bid)]) + bid + frame.table_hash
     out += struct.pack(">HH", w, h)
@@ -188,5 +191,5 @@ def unpack(data: bytes, *, allow_truncated_layers: bool = False) -> Frame:
     return Frame(
         codec=CODEC_NAMES[codec_id], param=param, bundle_id=bundle_id, table_hash=table_hash,
         image_size=(w, h), shapes=tuple(shapes), layers=tuple(layers),
-        progressive=bool(flags & FLAG_PROGRESSIVE), truncated=truncated,
+        progressive=bool(flags & FLAG_PROGRESSIVE), codec_flags=flags >> 1, truncated=truncated,
     )

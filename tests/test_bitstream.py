@@ -19,6 +19,8 @@ def make_frame(layers: tuple[bytes, ...] = (b"abc", b"", b"x" * 300)) -> Frame:
 def test_round_trip_keeps_every_field() -> None:
     f = make_frame()
     assert unpack(pack(f)) == f
+    g = Frame(**{**f.__dict__, "codec_flags": 0x55})
+    assert unpack(pack(g)) == g and unpack(pack(g)).progressive
 
 
 def test_header_is_small() -> None:
