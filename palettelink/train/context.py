@@ -1,12 +1,12 @@
 """Backward-diffusion entropy models frozen as integer tables (DESIGN §1.6, "Hence the codec" 4).
 
-Fits the ``ctx_*`` arrays that :mod:`palettelink.codecs.palette` reads (layout and the three coding
-passes a, d, b in its docstring):
+Fits the ``ctx_*`` arrays that :mod:`palettelink.codecs.palette` reads (layout and the coding
+passes a, e, f, d, b in its docstring):
 
 - ``ctx_static_t{t}`` [G, K_{t+1}, M_t]: p(child rank | group, parent), the static fallback;
 - ``ctx_a_t{t}`` [G, K_{t+1}, N_A, M_t]: pass a, conditioned on the parent map's neighbourhood;
-- ``ctx_d_t{t}``, ``ctx_b_t{t}`` [G, K_{t+1}, N_NC·M_t, M_t]: passes d and b, conditioned also on
-  decoded neighbours (mode child among same-parent neighbours, its count, their number);
+- ``ctx_{e,f,d,b}_t{t}`` [G, K_{t+1}, N_NC·M_t, M_t]: the other passes, conditioned also on decoded
+  neighbours (mode child among same-parent neighbours, its count, their number);
 - ``ctx_info`` int32 [4]: format, N_A, N_NC, 0.
 
 Every (parent, context) cell has few samples, so each table is a Dirichlet-smoothed count table that
@@ -14,7 +14,7 @@ backs off to a *parametric* model shared by all parents of a level:
 
     static   p_s(r | P)          = (N(P, r) + α / nch(P)) / (N(P) + α)
     pass a   q_a(r | P, a)       ∝ p_s(r | P) ** γ_a                       (sharpen inside regions)
-    d, b     q(r | P, n, c, m)   ∝ p_s(r | P) ** γ_nc · exp(δ_nc [r = m])  (copy the neighbours' child)
+    others   q(r | P, n, c, m)   ∝ p_s(r | P) ** γ_nc · exp(δ_nc [r = m])  (copy the neighbours' child)
     final    p(r | P, ctx)       = (N(P, ctx, r) + β · q(r | P, ctx)) / (N(P, ctx) + β)
 
 γ, δ (a few numbers per pass and level: the "tiny network" over the discrete contexts) are fitted by
