@@ -112,12 +112,16 @@ def test_train_resume_encode_finetune_evaluate(detector, cache, tmp_path: Path) 
                                    log_every=1, sensitivity=False)
     log = json.loads((out / "train_log.json").read_text())
     assert log["steps_done"] == 3 and all(np.isfinite(e["loss"]) for e in log["log"])
+    assert log["log"][-1]["neck"] > 0  # the tail ran: neck + score distillation after the features-only start
     assert (out / "encoder.pt").is_file() and (out / "checkpoint.pt").is_file()
     # a second call with the same arguments resumes from the checkpoint: nothing left to do
     enc2, _ = bn.train_bottleneck(detector, cache, _cfg(detector), steps=3, out=out, progress=False,
                                   sensitivity=False)
     assert all(torch.equal(a, b) for a, b in zip(enc.state_dict().values(), enc2.state_dict().values(),
                                                   strict=True))
+    warm, _ = bn.train_bottleneck(detector, cache, _cfg(detector), steps=1, out=tmp_path / "warm",
+                                  progress=False, sensitivity=False, init=out)
+    assert json.loads((tmp_path / "warm" / "train_log.json").read_text())["steps_done"] == 1
     enc3, dec3 = bn.load_models(out)
     assert all(torch.equal(a, b) for a, b in zip(dec.state_dict().values(), dec3.state_dict().values(),
                                                   strict=True))
