@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # PaletteLink end to end on this machine: set up, build the bundle if missing, start the server, stream
-# the two sample images through the edge client at 8, 6 and 4 bits, stop the server.
+# the two sample images through the edge client at 8, 6 and 4 bits (baseline) and at three palette
+# levels plus a bpp target (palette codec), stop the server.
 #
 #   bash scripts/demo.sh
 set -euo pipefail
@@ -12,9 +13,10 @@ bash scripts/setup.sh
 
 ROOT=${PALETTELINK_BUNDLES:-bundles}
 BUNDLE=fall-yolov8
-if [[ ! -f $ROOT/$BUNDLE/1/manifest.json ]]; then
-  echo "demo: building bundle $ROOT/$BUNDLE/1"
-  palettelink build-bundle --out "$ROOT"
+has_palette() { grep -q '"palette"' "$ROOT/$BUNDLE/1/manifest.json" 2>/dev/null; }
+if [[ ! -f $ROOT/$BUNDLE/1/manifest.json ]] || { [[ -f assets/codecs/$BUNDLE/codec.json ]] && ! has_palette; }; then
+  echo "demo: building bundle $ROOT/$BUNDLE/1 (front, tail and the trained palette codec)"
+  palettelink build-bundle --out "$ROOT" --force
 fi
 palettelink info --bundles "$ROOT"
 
@@ -60,6 +62,17 @@ for bits in 8 6 4; do
   palettelink-edge --server "$grpc" --bundle "$BUNDLE" --bundles "$ROOT" --codec baseline --bits "$bits" \
     "$assets/bus.jpg" "$assets/zidane.jpg"
 done
-# The palette codec joins this loop once its bundle assets are trained (palettelink train).
+if has_palette; then
+  for level in 0 3 6; do
+    echo
+    echo "== palette codec, level $level (0 = finest) =="
+    palettelink-edge --server "$grpc" --bundle "$BUNDLE" --bundles "$ROOT" --codec palette --level "$level" \
+      "$assets/bus.jpg" "$assets/zidane.jpg"
+  done
+  echo
+  echo "== palette codec, rate control: --target-bpp 0.05 (finest level within the budget) =="
+  palettelink-edge --server "$grpc" --bundle "$BUNDLE" --bundles "$ROOT" --codec palette --target-bpp 0.05 \
+    "$assets/bus.jpg" "$assets/zidane.jpg"
+fi
 echo
 echo "demo: done (try: palettelink bench --bundles $ROOT)"

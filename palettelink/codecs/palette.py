@@ -73,6 +73,7 @@ N_NC = 11  # (n same-parent neighbours, count of the mode) pairs, see _NC_INDEX
 PROB_TOTAL = 1 << entropy.PROB_BITS
 MAX_POSITIONS = 1 << 16  # h*w a stream may ask for (640² at stride 16 is 1600)
 MODELS = ("static", "context")
+FLAG_STATIC = 0x01  # container codec flag: the layers use the static tables (else the context model)
 GENERATE_MODES = ("argmax", "sample")
 
 # (n, c) → context index: n = same-parent decoded neighbours (0..4), c = count of the mode (1..n)
@@ -684,7 +685,8 @@ class PaletteEncoder:
         return bitstream.Frame(
             codec=CODEC, param=self.tables.n_levels - 1, bundle_id=self.bundle.id,
             table_hash=self.bundle.table_hash, image_size=analysis.image_size,
-            shapes=((self.tables.channels, h, w),), layers=tuple(layers), progressive=True)
+            shapes=((self.tables.channels, h, w),), layers=tuple(layers), progressive=True,
+            codec_flags=FLAG_STATIC if self.model == "static" else 0)
 
     def encode_analysis(self, analysis: Analysis, level: int | None = None) -> Encoded:
         """The stream for ``level`` (default 0, the finest): a prefix of the full progressive stream."""
@@ -755,7 +757,10 @@ class PaletteDecoder:
         final = frame.param - (len(frame.layers) - 1)
         if gen is not None and gen > final:
             gen = None  # the bits already reach a finer level than asked for
-        return decode_layers_full(frame.layers, self.tables, frame.param, (h, w), self.model, gen,
+        model = "static" if frame.codec_flags & FLAG_STATIC else self.model
+        if frame.codec_flags & ~FLAG_STATIC:
+            raise InvalidStream(f"unknown palette stream flags {frame.codec_flags:#x}")
+        return decode_layers_full(frame.layers, self.tables, frame.param, (h, w), model, gen,
                                   self.mode, self.seed)
 
     def decode_frame(self, frame: bitstream.Frame, n_bytes: int, generate_to: int | None = None) -> Decoded:

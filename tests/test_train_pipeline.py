@@ -1,0 +1,88 @@
+"""`palettelink train` runs end to end on a tiny image set, resumes from its cache, and its assets
+install into a bundle whose palette codec round-trips a frame."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from palettelink.bitstream import unpack
+from palettelink.bundle import find_bundle
+from palettelink.codecs import Decoder, make_encoder
+from palettelink.image import load_image
+
+TINY = ["--tiny", "--max-images", "3", "--minutes", "0.1", "--finetune-minutes", "0.05", "--k0", "32",
+        "--levels", "5"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, bundles_root: Path) -> tuple[Path, Path, str]:
+    tmp = tmp_path_factory.mktemp("train")
+    work, assets = tmp / "work", tmp / "assets" / "fall-yolov8"
+    cmd = [sys.executable, "-m", "palettelink.cli", "train", "--bundles", str(bundles_root),
+           "--work", str(work), "--out", str(assets), *TINY]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return work, assets, run.stdout
+
+
+def test_every_stage_ran_and_assets_have_a_manifest(trained: tuple[Path, Path, str]) -> None:
+    work, assets, out = trained
+    for stage in ("bottleneck", "pseudolabels", "contrastive", "palette", "finetune", "context", "ablations"):
+        assert (work / stage / "done.json").is_file(), stage
+    manifest = json.loads((assets / "manifest.json").read_text())
+    for f in ("codec.json", "encoder.pt", "decoder.pt", "palette.npz", "elbow.png", "training.json"):
+        assert f in manifest["files"], f
+    codec = json.loads((assets / "codec.json").read_text())
+    sizes = codec["level_sizes"]
+    assert len(sizes) == 5 and all(a > b for a, b in zip(sizes, sizes[1:], strict=False))
+    report = json.loads((assets / "training.json").read_text())
+    assert sum(report["train_images"].values()) == 3
+    assert "assets written" in out
+
+
+def test_second_run_resumes_from_cache(trained: tuple[Path, Path, str], bundles_root: Path) -> None:
+    work, assets, _ = trained
+    cmd = [sys.executable, "-m", "palettelink.cli", "train", "--bundles", str(bundles_root),
+           "--work", str(work), "--out", str(assets), *TINY]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "bottleneck:" not in run.stderr  # no training progress bar: the stage was skipped
+
+
+def test_assets_install_and_code_a_frame(trained: tuple[Path, Path, str], tmp_path: Path, images) -> None:  # noqa: ANN001
+    from palettelink.train.build_bundle import build_bundle
+
+    _, assets, _ = trained
+    dest = build_bundle(out_root=tmp_path, codec_assets=assets)
+    bundle = find_bundle(str(dest))
+    assert "palette" in bundle.codecs and "palette.npz" in bundle.manifest["tables"]
+    enc, dec = make_encoder(bundle, "palette"), Decoder(bundle)
+    rgb = load_image(images[0])
+    sizes = [len(enc.encode(rgb, t).payload) for t in range(5)]
+    assert all(a > b for a, b in zip(sizes, sizes[1:], strict=False)), sizes
+    d = dec.decode(enc.encode(rgb, 2).payload)
+    assert d.codec == "palette" and d.level == 2
+    assert [t.shape[1:] for t in d.tensors] == [t.shape for t in bundle.tensors]
+
+
+def test_stream_says_which_entropy_model_it_uses(trained: tuple[Path, Path, str], tmp_path: Path,
+                                                 images) -> None:  # noqa: ANN001
+    """A static-table stream decodes on a server whose default is the context model, and costs more."""
+    from palettelink.codecs.palette import PaletteDecoder, PaletteEncoder
+    from palettelink.train.build_bundle import build_bundle
+
+    _, assets, _ = trained
+    bundle = find_bundle(str(build_bundle(out_root=tmp_path, codec_assets=assets)))
+    rgb = load_image(images[1])
+    static, context = PaletteEncoder(bundle, model="static"), PaletteEncoder(bundle)
+    a, b = static.analyse(rgb), context.analyse(rgb)
+    s_payload, c_payload = static.encode_analysis(a, 1).payload, context.encode_analysis(b, 1).payload
+    dec = PaletteDecoder(bundle)
+    rs, rc = dec.decode_indices(unpack(s_payload)), dec.decode_indices(unpack(c_payload))
+    assert (rs.indices == rc.indices).all() and rs.level == rc.level == 1
+    assert len(c_payload) < len(s_payload)
