@@ -82,30 +82,11 @@ class BundleInfo:
     input_size: int
 
 
-def _per_level(value: Any, level: int, index: int) -> float:
-    """Read a per-level number from a list (by position) or a dict (by level)."""
-    if isinstance(value, dict):
-        v = value.get(str(level), value.get(level, 0))  # type: ignore[call-overload]
-    elif isinstance(value, list | tuple) and index < len(value):
-        v = value[index]
-    else:
-        v = 0
-    return float(v or 0)
-
-
 def codec_info(bundle: Bundle, name: str) -> CodecInfo:
-    """A codec's levels as the core reads them from the manifest (``palettelink.info.codec_levels``:
-    ints or ``{level, palette_size, mean_bits, mean_bpp}`` dicts); per-level numbers the codec
-    entry keeps beside them as lists or ``{level: value}`` maps (``level_sizes``, ``mean_bits``,
-    ``mean_bpp``) fill the gaps."""
+    """A codec's levels as the core reads them from the manifest (``palettelink.info.codec_levels``)."""
     entry = bundle.codecs.get(name, {})
-    levels = []
-    for i, lv in enumerate(codec_levels(bundle, name)):
-        t = int(lv["level"])
-        size = lv.get("palette_size", lv.get("size")) or _per_level(entry.get("level_sizes"), t, i)
-        bits = lv.get("mean_bits") or _per_level(entry.get("mean_bits"), t, i)
-        bpp = lv.get("mean_bpp") or _per_level(entry.get("mean_bpp"), t, i)
-        levels.append(LevelInfo(t, int(size or 0), float(bits or 0), float(bpp or 0)))
+    levels = [LevelInfo(int(lv["level"]), int(lv.get("palette_size") or 0), float(lv.get("mean_bits") or 0),
+                        float(lv.get("mean_bpp") or 0)) for lv in codec_levels(bundle, name)]
     return CodecInfo(name, levels, bool(entry.get("progressive", False)))
 
 

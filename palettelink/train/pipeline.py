@@ -258,7 +258,7 @@ def write_assets(out: Path, bundle: Any, enc: Any, dec: Any, tables: dict[str, n
         "bottleneck": bottleneck_cfg, "level_sizes": sizes, "levels": list(range(len(sizes))),
         "mean_bits": rate.get("bits_context"), "mean_bits_static": rate.get("bits_static"),
         "mean_bpp": rate.get("bpp_context"), "palette_space": cfg.palette_space,
-        "entropy_model": "context", "config": asdict(cfg),
+        "entropy_model": "context", "progressive": True, "config": asdict(cfg),
     }
     (tmp / "codec.json").write_text(json.dumps(codec, indent=2))
     (tmp / "training.json").write_text(json.dumps(_jsonable(report), indent=2, default=str))
