@@ -126,6 +126,9 @@ def test_train_resume_encode_finetune_evaluate(detector, cache, tmp_path: Path) 
     assert all(torch.equal(a, b) for a, b in zip(dec.state_dict().values(), dec3.state_dict().values(),
                                                   strict=True))
 
+    with torch.inference_mode():  # untrained levels start as the unquantised path
+        zz = torch.randn(1, 32, 4, 4)
+        assert all(torch.equal(a, b) for a, b in zip(dec(zz, 0), dec(zz, None), strict=True))
     z = bn.encode_latents(enc, cache)
     assert z.shape == (4, 32, SIZE // 16, SIZE // 16) and np.isfinite(z).all()
 

@@ -582,6 +582,7 @@ def train_bottleneck(det: Any, cache: CrossingCache, cfg: BottleneckConfig | Any
             save()
             t_ckpt = time.perf_counter()
     bar.close()
+    sync_level_rows(dec)
     elapsed = time.perf_counter() - t_start
     report.update({"steps_done": step, "train_s": round(elapsed, 1), "enc_params": n_params(enc),
                    "dec_params": n_params(dec), "final": log[-1] if log else None})
@@ -591,6 +592,14 @@ def train_bottleneck(det: Any, cache: CrossingCache, cfg: BottleneckConfig | Any
     if outp:
         save_models(enc, dec, outp, report={"log": log, **report})
     return enc, dec
+
+
+@torch.no_grad()
+def sync_level_rows(dec: Decoder) -> None:
+    """Copy the "unquantised" level embedding into every level row. Training only uses that row, so
+    afterwards every level decodes like the unquantised path until :func:`finetune_decoder` teaches
+    the levels (an untrained random row would make FiLM modulate arbitrarily)."""
+    dec.level_emb.weight[: dec.n_levels] = dec.level_emb.weight[dec.n_levels]
 
 
 def save_models(enc: Encoder, dec: Decoder, out: str | Path, report: dict[str, Any] | None = None) -> None:
