@@ -16,8 +16,10 @@ if command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
   for pkg in python3-venv openssl libglib2.0-0; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
-  # Optional: test videos/images (opencv-doc) and the compose validator (docker-compose).
+  # Optional: test videos/images (opencv-doc), training images (gnome-backgrounds), the compose
+  # validator (docker-compose).
   [[ -d /usr/share/doc/opencv-doc/examples/data ]] || missing+=(opencv-doc)
+  [[ -d /usr/share/backgrounds/gnome ]] || missing+=(gnome-backgrounds)  # training images
   command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
   if ((${#missing[@]})); then
     say "apt-get install ${missing[*]}"
