@@ -143,6 +143,7 @@ def test_train_resume_encode_finetune_evaluate(detector, cache, tmp_path: Path) 
     dec_ft = bn.finetune_decoder(detector, enc, dec, cache, quantise, levels=[0, 1, 2, 3], steps=4,
                                  latents=z, unquantised_frac=0.0, progress=False, out=tmp_path / "ft")
     assert sorted(set(seen)) == [0, 1, 2, 3] and dec_ft.n_levels >= 4  # grown to cover level 3
+    assert dec_ft is not dec and dec.n_levels == 3
     assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())  # encoder frozen
     assert (tmp_path / "ft" / "decoder.pt").is_file()
 

@@ -25,6 +25,7 @@ Training works on random aligned 320² windows of cached crossing tensors
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -665,7 +666,8 @@ def finetune_decoder(det: Any, enc: Encoder, dec: Decoder, cache: CrossingCache,
     takes aligned windows of z and the crossing tensors, picks a level (round-robin over a shuffled
     ``levels``; ``unquantised_frac`` of steps use level None so the unquantised path is kept),
     quantises with ``quantise_fn(z, level)`` and trains the decoder with the same losses as
-    :func:`train_bottleneck`. Returns ``dec`` (resized to cover max(levels)+1 if needed) in eval mode.
+    :func:`train_bottleneck`. Returns a new decoder (``dec`` is left as it was; resized to cover
+    max(levels)+1 if needed) in eval mode.
     """
     from tqdm import tqdm
 
@@ -678,8 +680,7 @@ def finetune_decoder(det: Any, enc: Encoder, dec: Decoder, cache: CrossingCache,
     cfg = dec.cfg
     dev = _device_of(det)
     levels = [int(v) for v in levels]
-    if levels and max(levels) >= dec.n_levels:
-        dec = dec.resized(max(levels) + 1)
+    dec = dec.resized(max(levels) + 1) if levels and max(levels) >= dec.n_levels else copy.deepcopy(dec)
     dec = dec.to(dev).train()
     enc.eval()
     z_all = latents if latents is not None else encode_latents(enc, cache, device=dev)
