@@ -81,11 +81,14 @@ def test_a_new_method_is_one_registration(bundle, detector, images: list[Path], 
     assert rows["baseline"]["label"] == "6b" and rows["baseline"]["ap50"] >= 0.9
 
 
-def test_unknown_method_and_missing_codec_are_clear(bundles_root: Path,
+def test_unknown_method_and_missing_codec_are_clear(bundles_root: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from palettelink.train.build_bundle import build_bundle
+
     assert main(["bench", "--bundles", str(bundles_root), "--anchors", "gif", "--no-progress"]) == 2
     assert "unknown method" in capsys.readouterr().err
-    assert main(["bench", "--bundles", str(bundles_root), "--codec", "palette", "--no-progress"]) == 2
+    build_bundle(out_root=tmp_path, codec_assets=tmp_path / "no-assets")  # a baseline-only bundle
+    assert main(["bench", "--bundles", str(tmp_path), "--codec", "palette", "--no-progress"]) == 2
     assert "has no 'palette' codec" in capsys.readouterr().err
 
 
