@@ -70,8 +70,8 @@ if has_palette; then
       "$assets/bus.jpg" "$assets/zidane.jpg"
   done
   echo
-  echo "== palette codec, rate control: --target-bpp 0.05 (finest level within the budget) =="
-  palettelink-edge --server "$grpc" --bundle "$BUNDLE" --bundles "$ROOT" --codec palette --target-bpp 0.05 \
+  echo "== palette codec, rate control: --target-bpp 0.02 (finest level within the budget) =="
+  palettelink-edge --server "$grpc" --bundle "$BUNDLE" --bundles "$ROOT" --codec palette --target-bpp 0.02 \
     "$assets/bus.jpg" "$assets/zidane.jpg"
 fi
 echo
