@@ -186,14 +186,18 @@ def test_streams_palette_levels_when_the_bundle_has_them(server: str, bundles_ro
 
     levels = make_encoder(bundle, "palette").levels()
     sizes = {}
-    for level in (min(levels), max(levels)):
+    three = (min(levels), (min(levels) + max(levels)) // 2, max(levels))
+    for level in three:
         r = edge("--server", server, "--bundle", "fall-yolov8", "--bundles", str(bundles_root),
                  "--codec", "palette", "--level", str(level), "--json", str(images[0]))
         assert r.returncode == 0, r.stderr[-3000:]
         rec = json.loads(r.stdout)
         assert (rec["codec"], rec["level"], rec["error"]) == ("palette", level, None)
+        assert isinstance(rec["boxes"], list)
+        if level == min(levels):
+            assert rec["boxes"], "the finest palette level must still find the people on bus.jpg"
         sizes[level] = rec["bytes"]
-    assert sizes[max(levels)] < sizes[min(levels)], "a coarser level must cost fewer bytes"
+    assert sizes[three[2]] < sizes[three[1]] < sizes[three[0]], "a coarser level must cost fewer bytes"
 
 
 def test_missing_token_is_refused_with_a_hint(server: str, bundles_root: Path, images: list[Path]) -> None:
