@@ -79,23 +79,61 @@ def decode(data: bytes, n: int, table: np.ndarray) -> np.ndarray:
     return np.asarray(out, dtype=np.int32)
 
 
+class RowEncoder:
+    """One ANS stream holding several segments; every symbol is coded under its own integer table row.
+
+    Segments are decoded in the order they were added, so the tables of a later segment may depend on
+    the symbols of earlier ones (context models that decode in passes). One flush per stream.
+    """
+
+    def __init__(self) -> None:
+        self._segments: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def add(self, symbols: np.ndarray, tables: np.ndarray) -> None:
+        sym = np.ascontiguousarray(symbols, dtype=np.int32).ravel()
+        if sym.size:
+            self._segments.append((sym, tables))
+
+    def to_bytes(self) -> bytes:
+        coder = AnsCoder()
+        for sym, tables in reversed(self._segments):  # a stack: the last segment goes in first
+            coder.encode_reverse(sym, _ROW_MODEL, _probs(tables))
+        return _to_bytes(coder.get_compressed())
+
+
+class RowDecoder:
+    """Inverse of :class:`RowEncoder`: :meth:`take` each segment in order, then :meth:`finish`."""
+
+    def __init__(self, data: bytes) -> None:
+        self._coder = AnsCoder(_from_bytes(data))
+
+    def take(self, tables: np.ndarray) -> np.ndarray:
+        if not len(tables):
+            return np.zeros(0, np.int32)
+        try:
+            out = self._coder.decode(_ROW_MODEL, _probs(tables))
+        except Exception as e:  # noqa: BLE001 - constriction rejects some junk words itself
+            raise InvalidStream(f"not a valid entropy-coded stream: {e}") from e
+        return np.asarray(out, dtype=np.int32)
+
+    def finish(self) -> None:
+        if not self._coder.is_empty():
+            raise InvalidStream("entropy-coded layer does not decode cleanly (corrupt or wrong model)")
+
+
 def encode_rows(symbols: np.ndarray, tables: np.ndarray) -> bytes:
     """Code ``symbols[i]`` under its own integer table ``tables[i]`` (context-adaptive models)."""
-    coder = AnsCoder()
-    sym = np.ascontiguousarray(symbols, dtype=np.int32).ravel()
-    if sym.size:
-        coder.encode_reverse(sym, _ROW_MODEL, _probs(tables))
-    return _to_bytes(coder.get_compressed())
+    enc = RowEncoder()
+    enc.add(symbols, tables)
+    return enc.to_bytes()
 
 
 def decode_rows(data: bytes, tables: np.ndarray) -> np.ndarray:
     """Inverse of :func:`encode_rows`."""
-    coder = AnsCoder(_from_bytes(data))
-    n = len(tables)
-    out = coder.decode(_ROW_MODEL, _probs(tables)) if n else np.zeros(0, np.int32)
-    if not coder.is_empty():
-        raise InvalidStream("entropy-coded layer does not decode cleanly (corrupt or wrong model)")
-    return np.asarray(out, dtype=np.int32)
+    dec = RowDecoder(data)
+    out = dec.take(tables)
+    dec.finish()
+    return out
 
 
 def encode_uvarints(values: np.ndarray) -> bytes:

@@ -84,7 +84,6 @@ for _n in range(1, 5):
         _NC_INDEX[_n, _c] = _k
         _k += 1
 assert _k == N_NC
-_MODEL = entropy.Categorical(perfect=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -432,12 +431,6 @@ class _Layer:
         return tb.nch[self.t][self.gi[m], self.parents[m]]
 
 
-def _probs(rows: np.ndarray) -> np.ndarray:
-    """Integer rows (sum 2**16) → float64 probabilities: one exact division per entry."""
-    t = rows.astype(np.float64)
-    return t / t.sum(axis=-1, keepdims=True)
-
-
 def _parents_of(tb: PaletteTables, ids_above: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
     if ids_above is None:
         return np.zeros((tb.n_groups, *shape), np.int64)
@@ -461,39 +454,33 @@ def encode_layer(tb: PaletteTables, t: int, ids: np.ndarray, ids_above: np.ndarr
     parents = _parents_of(tb, ids_above, ids.shape[1:])
     ranks = tb.rank[t][gi, ids]
     lay = _Layer.make(tb, t, parents, model)
-    coder = entropy.AnsCoder()
-    for k in reversed(range(len(PASSES))):  # a stack: code the last pass first, the decoder reads a first
+    coder = entropy.RowEncoder()
+    for k in range(len(PASSES)):  # one segment per pass, decoded in this order
         sym = ranks[lay.masks[k]]
         if sym.size:
-            coder.encode_reverse(sym.astype(np.int32), _MODEL, _probs(lay.rows(tb, k, ranks)))
-    return np.asarray(coder.get_compressed(), dtype="<u4").tobytes()
+            coder.add(sym, lay.rows(tb, k, ranks))
+    return coder.to_bytes()
 
 
 def decode_layer(tb: PaletteTables, t: int, data: bytes, ids_above: np.ndarray | None,
                  shape: tuple[int, int], model: str | None = None) -> np.ndarray:
     """Inverse of :func:`encode_layer` → level-t ids [G, h, w]. Malformed data → InvalidStream."""
     model = _check_model(tb, model)
-    if len(data) % 4:
-        raise InvalidStream(f"layer for level {t} has {len(data)} bytes, not a whole number of words")
     parents = _parents_of(tb, ids_above, shape)
     lay = _Layer.make(tb, t, parents, model)
     ranks = np.zeros(parents.shape, np.int64)
     try:
-        coder = entropy.AnsCoder(np.frombuffer(data, dtype="<u4").astype(np.uint32))
+        coder = entropy.RowDecoder(data)
         for k, mask in enumerate(lay.masks):
             if not mask.any():
                 continue
-            sym = np.asarray(coder.decode(_MODEL, _probs(lay.rows(tb, k, ranks))), dtype=np.int64)
+            sym = coder.take(lay.rows(tb, k, ranks)).astype(np.int64)
             if (sym >= lay.n_children(tb, k)).any():
-                raise InvalidStream(f"layer for level {t} decodes to a child that does not exist (corrupt)")
+                raise InvalidStream("it decodes to a child that does not exist (corrupt)")
             ranks[mask] = sym
-        empty = coder.is_empty()
-    except InvalidStream:
-        raise
-    except Exception as e:  # noqa: BLE001 - constriction rejects some junk words itself
-        raise InvalidStream(f"layer for level {t} is not a valid entropy-coded stream: {e}") from e
-    if not empty:
-        raise InvalidStream(f"layer for level {t} does not decode cleanly (corrupt or wrong tables)")
+        coder.finish()
+    except InvalidStream as e:
+        raise InvalidStream(f"layer for level {t}: {e}") from e
     gi = np.arange(tb.n_groups)[:, None, None]
     return tb.child[t][gi, parents, ranks]
 
