@@ -64,13 +64,12 @@ class _VariantCodec(CodecMethod):
         super().__init__(ctx, "palette")
         self.name = name
         self.encoder = PaletteEncoder(ctx.bundle, **enc_kw)
-        self.decoder = Decoder(ctx.bundle)
-        self.decoder._impl["palette"] = PaletteDecoder(ctx.bundle, **dec_kw)
+        self.decoder = Decoder(ctx.bundle, overrides={"palette": PaletteDecoder(ctx.bundle, **dec_kw)})
 
 
 @register("palette-static")
 def _static(ctx: Context) -> _VariantCodec:
-    return _VariantCodec(ctx, "palette-static", {"model": "static"}, {"model": "static"})
+    return _VariantCodec(ctx, "palette-static", {"model": "static"}, {})  # the stream flags its tables
 
 
 @register("palette-gen")
@@ -132,18 +131,16 @@ class ScalarZ(_LatentMethod):
         return f"{point}b"
 
     def run(self, item: Item, point: int) -> Output:
-        z = self.latent(item)
-        lo, hi = self.t["lo"].reshape(1, -1, 1, 1), self.t["hi"].reshape(1, -1, 1, 1)
-        n = (1 << point) - 1
-        step = np.maximum(hi - lo, 1e-6) / n
-        q = np.clip(np.rint((z - lo) / step), 0, n).astype(np.int64)[0]  # [C, h, w]
+        from palettelink.train.bottleneck import ScalarQuantiser
+
+        quant = ScalarQuantiser.from_ranges(self.t["lo"], self.t["hi"], point)
+        q = quant.symbols(self.latent(item))[0]  # [C, h, w]
         tables = self.t[f"tables_{point}"]  # [C, 2**b] integer, rows sum to 2**16
         t0 = time.perf_counter()
         rows = np.repeat(tables, q.shape[1] * q.shape[2], axis=0)
         data = entropy.encode_rows(q.reshape(-1), rows)
         enc_ms = (time.perf_counter() - t0) * 1e3
-        q_back = entropy.decode_rows(data, rows).reshape(q.shape)
-        z_hat = (lo + q_back[None] * step).astype(np.float32)
+        z_hat = quant.dequantise(entropy.decode_rows(data, rows).reshape(q.shape)[None])
         return Output(len(data) + HEADER_BYTES, tensors=self.decode(z_hat, -1),
                       timings_ms={"encode_ms": enc_ms})
 

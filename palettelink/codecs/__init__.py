@@ -94,9 +94,10 @@ def make_encoder(bundle: Bundle, codec: str | None = None) -> EdgeEncoder:
 class Decoder:
     """Server side: parse, check bundle, dispatch on the codec named in the stream header."""
 
-    def __init__(self, bundle: Bundle) -> None:
+    def __init__(self, bundle: Bundle, overrides: dict[str, FeatureDecoder] | None = None) -> None:
+        """``overrides``: codec name → a decoder configured differently (e.g. generative refinement)."""
         self.bundle = bundle
-        self._impl: dict[str, FeatureDecoder] = {}
+        self._impl: dict[str, FeatureDecoder] = dict(overrides or {})
         self._lock = threading.Lock()
 
     def _get(self, codec: str) -> FeatureDecoder:

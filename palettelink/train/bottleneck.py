@@ -747,16 +747,31 @@ class ScalarQuantiser:
     with static per-channel histograms fitted on the training latents (Laplace-smoothed), i.e. what
     a static-table ANS coder would spend."""
 
-    def __init__(self, train_latents: np.ndarray, bits: int) -> None:
+    def __init__(self, train_latents: np.ndarray, bits: int,
+                 ranges: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         c = train_latents.shape[1]
-        flat = np.moveaxis(train_latents, 1, 0).reshape(c, -1)
-        self.lo = np.percentile(flat, 0.01, axis=1).astype(np.float32)
-        self.hi = np.percentile(flat, 99.99, axis=1).astype(np.float32)
+        self.lo, self.hi = ranges if ranges is not None else self.fit_ranges(train_latents)
         self.bits = int(bits)
         self.n = (1 << self.bits) - 1
         q = self.symbols(train_latents)
-        counts = np.stack([np.bincount(q[:, k].ravel(), minlength=self.n + 1) for k in range(c)]) + 1.0
-        self.logp = np.log2(counts / counts.sum(1, keepdims=True))
+        self.counts = np.stack([np.bincount(q[:, k].ravel(), minlength=self.n + 1) for k in range(c)])
+        smoothed = self.counts + 1.0
+        self.logp = np.log2(smoothed / smoothed.sum(1, keepdims=True))
+
+    @staticmethod
+    def fit_ranges(train_latents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel (lo, hi): the 0.01 / 99.99 percentiles of the training latents."""
+        flat = np.moveaxis(train_latents, 1, 0).reshape(train_latents.shape[1], -1)
+        return (np.percentile(flat, 0.01, axis=1).astype(np.float32),
+                np.percentile(flat, 99.99, axis=1).astype(np.float32))
+
+    @classmethod
+    def from_ranges(cls, lo: np.ndarray, hi: np.ndarray, bits: int) -> ScalarQuantiser:
+        """A quantiser with frozen ranges (no histograms): what a decoder needs."""
+        q = cls.__new__(cls)
+        q.lo, q.hi = np.asarray(lo, np.float32), np.asarray(hi, np.float32)
+        q.bits, q.n = int(bits), (1 << int(bits)) - 1
+        return q
 
     def symbols(self, z: np.ndarray) -> np.ndarray:
         lo, hi = self.lo.reshape(1, -1, 1, 1), self.hi.reshape(1, -1, 1, 1)

@@ -218,17 +218,12 @@ def write_ablation_tables(folder: Path, latents: np.ndarray, cache: Any, cfg: Tr
     """Tables for the benchmark's ablation rows (palettelink.bench.ablations)."""
     from palettelink import entropy
     from palettelink.train import palette
+    from palettelink.train.bottleneck import ScalarQuantiser
 
-    c = latents.shape[1]
-    flat = np.moveaxis(latents, 1, 0).reshape(c, -1)
-    lo = np.percentile(flat, 0.01, axis=1).astype(np.float32)
-    hi = np.percentile(flat, 99.99, axis=1).astype(np.float32)
+    lo, hi = ScalarQuantiser.fit_ranges(latents)
     arrays: dict[str, np.ndarray] = {"lo": lo, "hi": hi, "bits": np.asarray(SCALAR_BITS, np.int32)}
     for b in SCALAR_BITS:
-        n = (1 << b) - 1
-        step = np.maximum(hi - lo, 1e-6)[:, None] / n
-        q = np.clip(np.rint((flat - lo[:, None]) / step), 0, n).astype(np.int64)
-        counts = np.stack([np.bincount(q[k], minlength=n + 1) for k in range(c)])
+        counts = ScalarQuantiser(latents, b, ranges=(lo, hi)).counts
         arrays[f"tables_{b}"] = entropy.normalise_counts(counts).astype(np.int32)
     np.savez(folder / "scalar_z.npz", **arrays)
 
