@@ -68,6 +68,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def verify_files(folder: Path, files: dict[str, str], what: str) -> None:
+    """Every file a manifest lists is present with its sha256; BundleError naming ``what`` otherwise."""
+    for rel, digest in files.items():
+        fp = folder / rel
+        if not fp.is_file():
+            raise BundleError(f"{what} is missing {rel}")
+        if sha256_file(fp) != digest:
+            raise BundleError(f"{what}: {rel} does not match its sha256 in the manifest "
+                              "(edited or corrupted since it was written)")
+
+
 def write_manifest(folder: str | os.PathLike[str], manifest: dict[str, Any]) -> dict[str, Any]:
     """Fill in ``files`` (sha256 of every file in the folder) and ``table_hash``; write atomically."""
     folder = Path(folder)
@@ -140,12 +151,7 @@ class Bundle:
             raise BundleError(f"manifest {mpath} has format {manifest.get('format')}, "
                               f"this build reads {MANIFEST_FORMAT}")
         if verify:
-            for rel, digest in manifest["files"].items():
-                fp = path / rel
-                if not fp.is_file():
-                    raise BundleError(f"bundle {path} is missing {rel}")
-                if sha256_file(fp) != digest:
-                    raise BundleError(f"bundle {path}: {rel} does not match its sha256 in the manifest")
+            verify_files(path, manifest["files"], f"bundle {path}")
             if table_hash_of(manifest) != manifest["table_hash"]:
                 raise BundleError(f"bundle {path}: table hash does not match the manifest")
         return cls(path, manifest)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from palettelink.bundle import sha256_file
+from palettelink.bundle import verify_files
 from palettelink.errors import BundleError
 from palettelink.train.bottleneck import BottleneckConfig, Decoder, Encoder
 
@@ -179,13 +179,7 @@ def verify_assets(assets_dir: str | Path, detector_sha256: str | None,
     for need in ("codec.json", "encoder.pt", "decoder.pt", "palette.npz"):
         if need not in files:
             raise BundleError(f"codec assets {assets}: manifest does not list {need}")
-    for rel, digest in files.items():
-        fp = assets / rel
-        if not fp.is_file():
-            raise BundleError(f"codec assets {assets}: {rel} is missing")
-        if sha256_file(fp) != digest:
-            raise BundleError(f"codec assets {assets}: {rel} does not match its sha256 in the manifest "
-                              "(edited or corrupted since training)")
+    verify_files(assets, files, f"codec assets {assets}")
     trained_for = am.get("detector_sha256")
     if not trained_for:
         raise BundleError(f"codec assets {assets}: manifest lacks detector_sha256")

@@ -23,7 +23,7 @@ import json
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,6 @@ class TrainConfig:
     augment: int = 4
     seed: int = 0
     tiny: bool = False  # CI smoke run: a few steps on a few images
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> None:
@@ -77,10 +76,11 @@ class Stage:
         return json.loads(self.marker.read_text())
 
 
-def train(bundle_name: str, images: list[str] | None, work: Path, out: Path, cfg: TrainConfig,
+def train(bundle_name: str, images: list[str] | None, work: Path, out: Path | None, cfg: TrainConfig,
           bundles_root: str | None = None, vgg16_weights: str | None = None, force: list[str] | None = None,
           ) -> Path:
-    """Run every stage not yet done; write the assets folder ``out``. Returns ``out``."""
+    """Run every stage not yet done; write the assets folder ``out`` (default
+    ``assets/codecs/<bundle name>``). Returns it."""
     import torch
 
     from palettelink.models.ultra import SplitDetector
@@ -179,6 +179,7 @@ def train(bundle_name: str, images: list[str] | None, work: Path, out: Path, cfg
     report["stages"]["ablations"] = st.info()
     report["train_minutes"] = (time.perf_counter() - t0) / 60
 
+    out = out if out is not None else Path("assets/codecs") / bundle.name
     return write_assets(out, bundle, enc, dec, tables, cfg, report, work)
 
 
@@ -253,9 +254,8 @@ def write_assets(out: Path, bundle: Any, enc: Any, dec: Any, tables: dict[str, n
     torch.save(enc.state_dict(), tmp / "encoder.pt")
     torch.save(dec.state_dict(), tmp / "decoder.pt")
     np.savez_compressed(tmp / "palette.npz", **tables)
-    for src, dst in ((work / "pseudolabels" / "elbow.png", tmp / "elbow.png"),):
-        if src.is_file():
-            shutil.copyfile(src, dst)
+    if (work / "pseudolabels" / "elbow.png").is_file():
+        shutil.copyfile(work / "pseudolabels" / "elbow.png", tmp / "elbow.png")
     (tmp / "ablations").mkdir()
     for f in sorted((work / "ablations").glob("*.npz")):
         shutil.copyfile(f, tmp / "ablations" / f.name)
@@ -305,9 +305,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(groups=args.groups, k0=args.k0, n_levels=args.levels, palette_space=args.palette_space,
                       bottleneck_minutes=args.minutes, finetune_minutes=args.finetune_minutes,
                       max_images=args.max_images, seed=args.seed, tiny=args.tiny)
-    bundle_name = Path(args.bundle).name if Path(args.bundle).is_dir() else args.bundle.split("/")[0]
-    out = Path(args.out) if args.out else Path("assets/codecs") / bundle_name
-    train(args.bundle, args.images, Path(args.work), out, cfg, args.bundles, args.vgg16_weights, args.force)
+    out = train(args.bundle, args.images, Path(args.work), Path(args.out) if args.out else None, cfg,
+                args.bundles, args.vgg16_weights, args.force)
     print(f"install it with: palettelink build-bundle --force --codec-assets {out}")
     return 0
 
