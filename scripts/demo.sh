@@ -55,24 +55,29 @@ if [[ -z $grpc ]]; then
 fi
 echo "demo: server ready: gRPC $grpc, dashboard http://$http/"
 
-assets=$(python -c 'import pathlib, ultralytics; print(pathlib.Path(ultralytics.__file__).parent / "assets")')
+# Never take a path from the stdout of something that imports ultralytics: it prints a first-run banner.
+mapfile -t samples < <(python -m palettelink.samples)
+if ((${#samples[@]} < 2)); then
+  echo "demo: sample images not found (is ultralytics installed in ${VENV:-.venv}?)" >&2
+  exit 1
+fi
 for bits in 8 6 4; do
   echo
   echo "== baseline codec, $bits bits per value =="
   palettelink-edge --server "$grpc" --bundle "$BUNDLE" --bundles "$ROOT" --codec baseline --bits "$bits" \
-    "$assets/bus.jpg" "$assets/zidane.jpg"
+    "${samples[@]}"
 done
 if has_palette; then
   for level in 0 3 6; do
     echo
     echo "== palette codec, level $level (0 = finest) =="
     palettelink-edge --server "$grpc" --bundle "$BUNDLE" --bundles "$ROOT" --codec palette --level "$level" \
-      "$assets/bus.jpg" "$assets/zidane.jpg"
+      "${samples[@]}"
   done
   echo
   echo "== palette codec, rate control: --target-bpp 0.02 (finest level within the budget) =="
   palettelink-edge --server "$grpc" --bundle "$BUNDLE" --bundles "$ROOT" --codec palette --target-bpp 0.02 \
-    "$assets/bus.jpg" "$assets/zidane.jpg"
+    "${samples[@]}"
 fi
 echo
 echo "demo: done (try: palettelink bench --bundles $ROOT)"

@@ -7,23 +7,17 @@ from pathlib import Path
 import pytest
 
 from palettelink.models.ultra import setup_offline
+from palettelink.samples import sample_images
 
 setup_offline()
 
 
-def sample_images() -> list[Path]:
-    """The sample images that ship with ultralytics (bus.jpg, zidane.jpg)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("ultralytics")
-    assert spec and spec.origin
-    assets = Path(spec.origin).parent / "assets"
-    return [assets / "bus.jpg", assets / "zidane.jpg"]
-
-
 @pytest.fixture(scope="session")
 def images() -> list[Path]:
-    return sample_images()
+    """The sample images that ship with ultralytics (bus.jpg, zidane.jpg)."""
+    paths = sample_images()
+    assert [p.name for p in paths] == ["bus.jpg", "zidane.jpg"]
+    return paths
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,6 @@ deployment threshold (``--ref-conf``, 0.25); predictions keep low-score boxes (`
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import time
 from collections.abc import Iterator
@@ -31,17 +30,9 @@ from palettelink.bundle import Bundle, find_bundle
 from palettelink.errors import InvalidRequest
 from palettelink.front import Front
 from palettelink.image import letterbox, load_image
+from palettelink.samples import sample_images
 
 DEFAULT_BUNDLE = "fall-yolov8"
-
-
-def sample_images() -> list[Path]:
-    """The images shipped with ultralytics (bus.jpg, zidane.jpg): always present offline."""
-    spec = importlib.util.find_spec("ultralytics")
-    if spec is None or not spec.submodule_search_locations:
-        return []
-    assets = Path(next(iter(spec.submodule_search_locations))) / "assets"
-    return sorted(p for p in assets.glob("*.jpg"))
 
 
 def _ints(text: str) -> list[int]:

@@ -706,7 +706,7 @@ def finetune_decoder(det: Any, enc: Encoder, dec: Decoder, cache: CrossingCache,
                 order = list(rng.permutation(levels))
             level = int(order.pop())
         idx = [int(i) for i in rng.integers(0, len(cache), cfg.batch)]
-        offs = cache.random_offsets(len(idx), cfg.crop, rng)
+        offs = cache.random_offsets(len(idx), cfg.crop, rng, indices=idx)
         ts = cache.batch(idx, crop=cfg.crop, device=dev, offsets=offs)
         c = min(cfg.crop, cache.size) // zs
         z = torch.from_numpy(np.stack([z_all[i, :, oy // zs:oy // zs + c, ox // zs:ox // zs + c]

@@ -1,14 +1,20 @@
 """Offline, unlabelled image sources for codec training, and a disk cache of crossing tensors.
 
 DESIGN §6: no datasets can be downloaded, so training uses what the machine already holds. TRAIN and
-EVAL are kept apart *by source* (not by random split), so evaluation never sees frames of a video or
-photos of a collection that training saw:
+EVAL never overlap: photo collections are split *by source*, videos *by time range* (with a gap, so
+no evaluation frame has a near-duplicate neighbour in training):
 
-- TRAIN: photos in opencv-doc's ``examples/data`` (minus a small deny list of charts, text and
-  calibration patterns), every Nth frame of ``Megamind.avi`` and ``tree.avi``, GNOME raster
-  backgrounds, and ``sklearn.datasets.load_sample_images``.
-- EVAL: ultralytics' ``bus.jpg`` and ``zidane.jpg`` plus 40 frames spread over ``vtest.avi``
-  (walking pedestrians: ≥ 100 teacher boxes, enough for a meaningful AP50).
+- TRAIN: photos in opencv-doc's ``examples/data`` (minus a deny list of charts, text and calibration
+  patterns, and minus the held-out people photos below), the first 58 % of ``vtest.avi`` (walking
+  pedestrians, the people-richest footage here) and of ``Megamind.avi``, all of ``tree.avi``, GNOME
+  raster backgrounds, and ``sklearn.datasets.load_sample_images``.
+- EVAL: ultralytics' ``bus.jpg`` and ``zidane.jpg``; frames spread over the last 30 % of
+  ``vtest.avi`` and of ``Megamind.avi``; opencv-doc's people photos ``basketball1/2.png`` and
+  ``messi5.jpg``.
+
+Licences (as shipped by the packages): opencv-doc data BSD-3-Clause (OpenCV samples; vtest.avi and
+Megamind.avi are OpenCV test media), gnome-backgrounds GPL-2+/CC-BY-SA per image, scikit-learn sample
+images CC-BY (china.jpg, flower.jpg), ultralytics assets AGPL-3.0.
 
 An *item* is a path or a ``(video path, frame index)`` pair; lists are sorted so they are stable.
 
@@ -31,6 +37,7 @@ import cv2
 import numpy as np
 
 from palettelink.image import IMAGE_SUFFIXES, VIDEO_SUFFIXES, Letterbox, letterbox, letterbox_info, load_image
+from palettelink.samples import sample_images
 
 if TYPE_CHECKING:
     import torch
@@ -43,9 +50,12 @@ GNOME_BACKGROUNDS = Path("/usr/share/backgrounds/gnome")
 DENY = ("left", "right", "chessboard", "digits", "sudoku", "text", "imagetext", "alphabet", "notes",
         "gradient", "mask", "logo", "pic", "ellipses", "detect_blob", "ml.png", "templ", "tmpl",
         "cards", "aloegt", "pca_test", "board", "box")
-TRAIN_VIDEOS = (("Megamind.avi", 6), ("tree.avi", 3))  # (file, every Nth frame)
-EVAL_VIDEO = "vtest.avi"
-EVAL_VIDEO_FRAMES = 40
+# (file, every Nth frame, time range as fractions of the video): training part of each video
+TRAIN_VIDEOS = (("vtest.avi", 3, (0.0, 0.58)), ("Megamind.avi", 4, (0.0, 0.58)), ("tree.avi", 3, (0.0, 1.0)))
+# (file, frames spread evenly over the range, time range): evaluation part, ≥ 12 % of the video later
+EVAL_VIDEOS = (("vtest.avi", 56, (0.70, 1.0)), ("Megamind.avi", 16, (0.70, 1.0)))
+EVAL_PHOTOS = ("basketball1.png", "basketball2.png", "messi5.jpg")  # people photos kept out of training
+EVAL_VIDEO_FRAMES = 56
 
 
 def _denied(name: str) -> bool:
@@ -64,14 +74,18 @@ def video_length(path: Path) -> int:
     return n
 
 
-def _video_frames(path: Path, every: int | None = None, count: int | None = None) -> list[Item]:
+def _video_frames(path: Path, every: int | None = None, count: int | None = None,
+                  span: tuple[float, float] = (0.0, 1.0)) -> list[Item]:
+    """Frames of ``path`` inside the time range ``span`` (fractions of its length): every
+    ``every``-th, or ``count`` spread evenly."""
     n = video_length(path)
     if n <= 0:
         return []
+    lo, hi = int(round(span[0] * n)), min(n, int(round(span[1] * n)))
     if count is not None:
-        idx = sorted({int(i) for i in np.linspace(0, n - 1, count)})
+        idx = sorted({int(i) for i in np.linspace(lo, hi - 1, count)})
     else:
-        idx = list(range(0, n, every or 1))
+        idx = list(range(lo, hi, every or 1))
     return [(path, i) for i in idx]
 
 
@@ -82,15 +96,6 @@ def _sklearn_images() -> list[Item]:
         return sorted(Path(f) for f in load_sample_images().filenames)
     except Exception:  # noqa: BLE001 - optional source
         return []
-
-
-def _ultralytics_assets() -> Path | None:
-    import importlib.util
-
-    spec = importlib.util.find_spec("ultralytics")
-    if spec is None or spec.origin is None:
-        return None
-    return Path(spec.origin).parent / "assets"
 
 
 def _user_source(p: Path, every: int = 10) -> list[Item]:
@@ -113,10 +118,11 @@ def training_sources(root: Path = OPENCV_DATA, backgrounds: Path = GNOME_BACKGRO
     src: dict[str, list[Item]] = {}
     if root.is_dir():
         src["opencv-doc photos"] = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
-                                          and not _denied(p.name))
-        for name, every in TRAIN_VIDEOS:
+                                          and not _denied(p.name) and p.name not in EVAL_PHOTOS)
+        for name, every, span in TRAIN_VIDEOS:
             if (root / name).is_file():
-                src[f"{name} (every {every} frames)"] = _video_frames(root / name, every=every)
+                src[f"{name} (every {every} frames, {span[0]:.0%}–{span[1]:.0%})"] = _video_frames(
+                    root / name, every=every, span=span)
     if backgrounds.is_dir():
         src["gnome-backgrounds"] = sorted(p for p in backgrounds.iterdir()
                                           if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -129,15 +135,19 @@ def training_sources(root: Path = OPENCV_DATA, backgrounds: Path = GNOME_BACKGRO
 
 
 def eval_sources(root: Path = OPENCV_DATA, frames: int = EVAL_VIDEO_FRAMES) -> dict[str, list[Item]]:
-    """EVAL items grouped by source: ultralytics bus/zidane + ``frames`` frames of vtest.avi."""
+    """EVAL items grouped by source: ultralytics bus/zidane, the held-out time range of each video
+    (``frames`` frames of vtest.avi, its own count for the others) and the held-out people photos."""
     src: dict[str, list[Item]] = {}
-    assets = _ultralytics_assets()
-    if assets is not None:
-        src["ultralytics assets"] = sorted(p for p in (assets / "bus.jpg", assets / "zidane.jpg")
-                                           if p.is_file())
-    if (root / EVAL_VIDEO).is_file():
-        src[f"{EVAL_VIDEO} ({frames} frames spread over the video)"] = _video_frames(root / EVAL_VIDEO,
-                                                                                   count=frames)
+    if sample_images():
+        src["ultralytics assets"] = sample_images()
+    for name, count, span in EVAL_VIDEOS:
+        if (root / name).is_file():
+            n = frames if name == "vtest.avi" else count
+            src[f"{name} ({n} frames, {span[0]:.0%}–{span[1]:.0%})"] = _video_frames(root / name, count=n,
+                                                                                     span=span)
+    photos = sorted(root / n for n in EVAL_PHOTOS if (root / n).is_file())
+    if photos:
+        src["opencv-doc people photos (held out)"] = photos
     return {k: v for k, v in src.items() if v}
 
 
@@ -188,6 +198,36 @@ def load_rgb(item: Item) -> np.ndarray:
     return load_image(item)
 
 
+def load_all_rgb(items: Sequence[Item]) -> list[np.ndarray]:
+    """Every item as RGB, reading each video once from start to end (seeking an AVI per frame
+    decodes from the last key frame each time: ~1 s a frame on a CPU)."""
+    out: list[np.ndarray | None] = [None] * len(items)
+    wanted: dict[Path, dict[int, list[int]]] = {}
+    for k, it in enumerate(items):
+        if isinstance(it, tuple):
+            wanted.setdefault(Path(it[0]), {}).setdefault(int(it[1]), []).append(k)
+        else:
+            out[k] = load_rgb(it)
+    for path, frames in wanted.items():
+        cap = cv2.VideoCapture(str(path))
+        try:
+            idx, last = 0, max(frames)
+            while idx <= last and cap.grab():
+                if idx in frames:
+                    ok, bgr = cap.retrieve()
+                    if not ok or bgr is None:
+                        raise OSError(f"cannot read frame {idx} of {path}")
+                    for k in frames[idx]:
+                        out[k] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+                idx += 1
+        finally:
+            cap.release()
+    missing = [item_key(items[k]) for k, v in enumerate(out) if v is None]
+    if missing:
+        raise OSError(f"cannot read {missing[0]} ({len(missing)} item(s) unreadable)")
+    return [v for v in out if v is not None]
+
+
 def describe_sources(items: Sequence[Item] | None = None) -> dict[str, int]:
     """Item counts by source, for reports (JSON-ready).
 
@@ -211,16 +251,36 @@ def describe_sources(items: Sequence[Item] | None = None) -> dict[str, int]:
 # augmentation + crossing-tensor cache
 
 
+def photometric(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Colour jitter (brightness, contrast, saturation, hue), then sometimes blur or sensor noise:
+    the teacher needs no labels, so any appearance change a camera could make is free data."""
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV).astype(np.float32)
+    hsv[..., 0] = (hsv[..., 0] + rng.uniform(-8, 8)) % 180
+    hsv[..., 1] *= rng.uniform(0.5, 1.4)
+    hsv[..., 2] *= rng.uniform(0.6, 1.35)
+    out = cv2.cvtColor(np.clip(hsv, 0, 255).astype(np.uint8), cv2.COLOR_HSV2RGB).astype(np.float32)
+    out = (out - out.mean()) * rng.uniform(0.7, 1.3) + out.mean()
+    r = rng.random()
+    if r < 0.2:
+        k = int(rng.choice([3, 5]))
+        out = cv2.GaussianBlur(out, (k, k), 0)
+    elif r < 0.4:
+        out = out + rng.normal(0, rng.uniform(2, 10), out.shape)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
 def augmented_input(rgb: np.ndarray, size: int, rng: np.random.Generator | None) -> tuple[np.ndarray,
                                                                                           Letterbox]:
-    """Letterbox ``rgb`` to ``size``²; with ``rng``, a random zoom (0.6–1.6×), crop and h-flip first.
+    """Letterbox ``rgb`` to ``size``²; with ``rng``, a random zoom (0.35–1.8×; zoomed-out images make
+    small objects), crop and h-flip first and :func:`photometric` jitter on the result (at network
+    size, so a 4000-px wallpaper costs no more than a video frame).
 
     Variant 0 of every item is the plain letterbox (``rng`` None), the view the codec sees at run time.
     """
     if rng is None:
         return letterbox(rgb, size)
     h, w = rgb.shape[:2]
-    zoom = float(np.exp(rng.uniform(np.log(0.6), np.log(1.6))))
+    zoom = float(np.exp(rng.uniform(np.log(0.35), np.log(1.8))))
     if zoom > 1.0:  # crop a window 1/zoom of the image, at a random place
         cw, ch = max(16, round(w / zoom)), max(16, round(h / zoom))
         x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
@@ -229,16 +289,34 @@ def augmented_input(rgb: np.ndarray, size: int, rng: np.random.Generator | None)
         rgb = rgb[:, ::-1]
     rgb = np.ascontiguousarray(rgb)
     if zoom >= 1.0:
-        return letterbox(rgb, size)
-    # zoom out: shrink the image inside the square canvas at a random place (more small objects)
-    info = letterbox_info(rgb.shape[1], rgb.shape[0], size)
-    nw, nh = max(8, round(rgb.shape[1] * info.scale * zoom)), max(8, round(rgb.shape[0] * info.scale * zoom))
-    small = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_AREA)
-    canvas = np.full((size, size, 3), 114, dtype=np.uint8)
-    px, py = int(rng.integers(0, size - nw + 1)), int(rng.integers(0, size - nh + 1))
-    canvas[py:py + nh, px:px + nw] = small
-    x = canvas.transpose(2, 0, 1)[None].astype(np.float32) / 255.0
-    return np.ascontiguousarray(x), Letterbox(info.scale * zoom, px, py, rgb.shape[1], rgb.shape[0])
+        x, lb = letterbox(rgb, size)
+    else:  # zoom out: shrink the image inside the square canvas at a random place (more small objects)
+        info = letterbox_info(rgb.shape[1], rgb.shape[0], size)
+        nw = max(8, round(rgb.shape[1] * info.scale * zoom))
+        nh = max(8, round(rgb.shape[0] * info.scale * zoom))
+        small = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_AREA)
+        canvas = np.full((size, size, 3), 114, dtype=np.uint8)
+        px, py = int(rng.integers(0, size - nw + 1)), int(rng.integers(0, size - nh + 1))
+        canvas[py:py + nh, px:px + nw] = small
+        x = canvas.transpose(2, 0, 1)[None].astype(np.float32) / 255.0
+        lb = Letterbox(info.scale * zoom, px, py, rgb.shape[1], rgb.shape[0])
+    u8 = np.ascontiguousarray((x[0].transpose(1, 2, 0) * 255.0 + 0.5).astype(np.uint8))
+    x = photometric(u8, rng).transpose(2, 0, 1)[None].astype(np.float32) / 255.0
+    return np.ascontiguousarray(x), lb
+
+
+def mosaic_input(rgbs: Sequence[np.ndarray], size: int, rng: np.random.Generator) -> tuple[np.ndarray,
+                                                                                           Letterbox]:
+    """Four images in a 2×2 mosaic split at a random centre (each cell an :func:`augmented_input`
+    of its image): many objects at reduced scale per training view, as in YOLO training."""
+    cx, cy = (int(rng.integers(size * 3 // 10, size * 7 // 10)) for _ in range(2))
+    canvas = np.full((3, size, size), 114 / 255.0, dtype=np.float32)
+    cells = ((0, 0, cx, cy), (cx, 0, size, cy), (0, cy, cx, size), (cx, cy, size, size))
+    for rgb, (x0, y0, x1, y1) in zip(rgbs, cells, strict=True):
+        cw, ch = x1 - x0, y1 - y0
+        x, _ = augmented_input(rgb, max(cw, ch), rng)
+        canvas[:, y0:y1, x0:x1] = x[0, :, :ch, :cw]
+    return canvas[None], Letterbox(1.0, 0, 0, size, size)
 
 
 @dataclass(frozen=True)
@@ -256,15 +334,18 @@ def _weights_tag(det: Any) -> str:
 class CrossingCache:
     """Crossing tensors of the frozen front for every (item, variant), as fp16 memmaps on disk.
 
-    ``augment`` = number of extra random variants per item (variant 0 is always the plain letterbox).
-    Variants are drawn from ``np.random.default_rng((seed, item index, variant))``, so a cache is
-    reproducible. A cache folder is reused when its meta (items, size, augment, seed, front) matches,
+    ``augment`` = number of extra random variants per item (variant 0 is always the plain letterbox;
+    ``mosaic`` of the others are 2×2 mosaics with three other items). Variants are drawn from
+    ``np.random.default_rng((seed, item index, variant))``, so a cache is reproducible. Beside the
+    tensors it keeps, per entry, the teacher's best class score per cell of the coarsest grid
+    (``hot``), so training windows can be drawn where the teacher sees objects. A cache folder is
+    reused when its meta (items, size, augment, seed, front) matches,
     and a partly filled one resumes where it stopped.
     """
 
     def __init__(self, det: Any, items: Sequence[Item], size: int | str | os.PathLike[str] = 640,
                  augment: int = 0, cache_dir: str | os.PathLike[str] | None = None, seed: int = 0,
-                 progress: bool = True) -> None:
+                 progress: bool = True, mosaic: float = 0.3) -> None:
         if not isinstance(size, int):  # called as CrossingCache(det, items, cache_dir, ...)
             size, cache_dir = 640, size
         self.det = det
@@ -272,10 +353,12 @@ class CrossingCache:
         self.size = int(size)
         self.augment = int(augment)
         self.seed = int(seed)
+        self.mosaic = float(mosaic)
         self.entries = [CacheEntry(it, v) for it in self.items for v in range(self.augment + 1)]
         self.shapes: list[tuple[int, int, int]] = self._shapes()
         meta = {"items": [item_key(i) for i in self.items], "size": self.size, "augment": self.augment,
-                "seed": self.seed, "front": _weights_tag(det), "shapes": self.shapes}
+                "seed": self.seed, "front": _weights_tag(det), "shapes": self.shapes,
+                "mosaic": self.mosaic, "augment_version": 2}
         digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
         base = Path(cache_dir) if cache_dir else default_cache_dir() / "crossing"
         self.dir = base / digest
@@ -284,8 +367,12 @@ class CrossingCache:
         n = len(self.entries)
         self.arrays = [self._memmap(f"t{k}.f16", (n, *s)) for k, s in enumerate(self.shapes)]
         self._done = self._memmap_u8("done.u8", n)
+        self.hot_shape = min((int(s[1]), int(s[2])) for s in self.shapes)  # the coarsest grid
+        self.hot = self._memmap("hot.f16", (n, *self.hot_shape))
         self.letterboxes: list[Letterbox | None] = [None] * n
+        self._rgb: list[np.ndarray] | None = None
         self._fill(progress)
+        self._rgb = None
 
     def _shapes(self) -> list[tuple[int, int, int]]:
         import torch
@@ -311,6 +398,10 @@ class CrossingCache:
         rgb = load_rgb(e.item) if rgb is None else rgb
         item_idx = index // (self.augment + 1)
         rng = None if e.variant == 0 else np.random.default_rng((self.seed, item_idx, e.variant))
+        if rng is not None and len(self.items) >= 4 and rng.random() < self.mosaic:
+            others = [int(j) for j in rng.choice(len(self.items), 3, replace=False)]
+            rgbs = [self._rgb[j] if self._rgb is not None else load_rgb(self.items[j]) for j in others]
+            return mosaic_input([rgb, *rgbs], self.size, rng)
         return augmented_input(rgb, self.size, rng)
 
     def _fill(self, progress: bool) -> None:
@@ -318,26 +409,48 @@ class CrossingCache:
         from tqdm import tqdm
 
         todo = [i for i in range(len(self.entries)) if not self._done[i]]
+        if todo:  # decode every image once (videos read in one pass), for all variants and mosaics
+            self._rgb = load_all_rgb(self.items)
         bar = tqdm(todo, desc="front → cache", unit="img", disable=not progress or not todo)
-        rgb, loaded = None, -1
         with torch.inference_mode():
             for i in bar:
-                item_idx = i // (self.augment + 1)
-                if item_idx != loaded:  # decode each image once for all its variants
-                    rgb, loaded = load_rgb(self.entries[i].item), item_idx
-                x, info = self.input_of(i, rgb)
+                assert self._rgb is not None
+                x, info = self.input_of(i, self._rgb[i // (self.augment + 1)])
                 outs = self.det.front(torch.from_numpy(x).to(self.det.device))
                 for arr, t in zip(self.arrays, outs, strict=True):
                     arr[i] = t[0].float().cpu().numpy().astype(np.float16)
+                self.hot[i] = self._hot_map(self.det.tail(outs)).astype(np.float16)
                 self.letterboxes[i] = info
                 self._done[i] = 1
                 if len(todo) > 8 and bar.n % 32 == 0:
                     self.flush()
         self.flush()
 
+    def _hot_map(self, preds: torch.Tensor) -> np.ndarray:
+        """The teacher's best class score per coarsest-grid cell: [B, 4+nc, A] tail output whose
+        anchors are the head's stride grids, finest first (ultralytics' layout), max-pooled to
+        ``hot_shape``."""
+        import torch
+        import torch.nn.functional as F
+
+        score = preds[0, 4:].max(0).values
+        gh, gw = self.hot_shape
+        strides = [int(v) for v in getattr(self.det.layers[-1], "stride", [8, 16, 32])]
+        out, start = None, 0
+        for s in sorted(strides):
+            h = w = self.size // s
+            if start + h * w > score.numel():
+                break
+            grid = score[start:start + h * w].view(1, 1, h, w)
+            pooled = F.adaptive_max_pool2d(grid, (gh, gw))[0, 0]
+            out = pooled if out is None else torch.maximum(out, pooled)
+            start += h * w
+        return np.zeros(self.hot_shape, np.float32) if out is None else out.float().cpu().numpy()
+
     def flush(self) -> None:
         for a in self.arrays:
             a.flush()
+        self.hot.flush()
         self._done.flush()
 
     def __len__(self) -> int:
@@ -355,11 +468,27 @@ class CrossingCache:
         """The crossing tensors of entry ``index`` as float32 C×h×w arrays."""
         return [np.asarray(a[index], dtype=np.float32) for a in self.arrays]
 
-    def random_offsets(self, n: int, crop: int, rng: np.random.Generator) -> list[tuple[int, int]]:
-        """``n`` random window corners (pixels) aligned to the coarsest stride, for ``batch``."""
+    def random_offsets(self, n: int, crop: int, rng: np.random.Generator,
+                       indices: Sequence[int] | None = None, hot: float = 0.7) -> list[tuple[int, int]]:
+        """``n`` random window corners (pixels) aligned to the coarsest stride, for ``batch``. With
+        ``indices``, a fraction ``hot`` of the windows is centred near a cell drawn in proportion
+        to the teacher's score there (where it fires), the rest uniformly."""
         top = max(self.size // s[1] for s in self.shapes)
         m = max(0, (self.size - crop) // top)
-        return [(int(rng.integers(0, m + 1)) * top, int(rng.integers(0, m + 1)) * top) for _ in range(n)]
+        out = []
+        for k in range(n):
+            oy, ox = int(rng.integers(0, m + 1)), int(rng.integers(0, m + 1))
+            if indices is not None and m > 0 and rng.random() < hot:
+                w = np.asarray(self.hot[int(indices[k])], np.float64).ravel() ** 2
+                if w.sum() > 1e-3:
+                    cell = int(rng.choice(w.size, p=w / w.sum()))
+                    cy, cx = divmod(cell, self.hot_shape[1])
+                    half = crop // (2 * top)
+                    jy, jx = rng.integers(-(half // 2), half // 2 + 1, size=2)
+                    oy = int(np.clip(cy - half + jy, 0, m))
+                    ox = int(np.clip(cx - half + jx, 0, m))
+            out.append((oy * top, ox * top))
+        return out
 
     def batch(self, indices: Sequence[int], crop: int | None = None, rng: np.random.Generator | None = None,
               device: str = "cpu", offsets: Sequence[tuple[int, int]] | None = None) -> list[torch.Tensor]:
@@ -372,7 +501,7 @@ class CrossingCache:
             crop, offsets = self.size, [(0, 0)] * len(indices)
         elif offsets is None:
             r = rng if rng is not None else np.random.default_rng()
-            offsets = self.random_offsets(len(indices), crop, r)
+            offsets = self.random_offsets(len(indices), crop, r, indices=indices)
         out: list[list[np.ndarray]] = [[] for _ in self.shapes]
         for i, (oy, ox) in zip(indices, offsets, strict=True):
             for k, (a, shp) in enumerate(zip(self.arrays, self.shapes, strict=True)):

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from palettelink.bundle import find_bundle, write_manifest
+from palettelink.errors import InvalidRequest
 
 STAGES = ("bottleneck", "pseudolabels", "contrastive", "palette", "finetune", "context", "ablations")
 
@@ -47,6 +48,7 @@ class TrainConfig:
     augment: int = 4
     seed: int = 0
     tiny: bool = False  # CI smoke run: a few steps on a few images
+    init: str | None = None  # warm start the bottleneck from this assets folder (same architecture)
 
 
 def seed_everything(seed: int) -> None:
@@ -104,8 +106,13 @@ def train(bundle_name: str, images: list[str] | None, work: Path, out: Path | No
     t0 = time.perf_counter()
     st = Stage(work, "bottleneck")
     if not st.done:
-        train_bottleneck_two_stage(det, cache, st.dir, work / "bottleneck-stage1", cfg)
-        st.finish({"minutes": cfg.bottleneck_minutes, "tiny": cfg.tiny, "recipe": "two-stage"})
+        if cfg.init:
+            train_bottleneck_warm(det, cache, st.dir, Path(cfg.init), work / "bottleneck-init", cfg)
+            recipe = f"warm start from {cfg.init}, neck + score + box distillation"
+        else:
+            train_bottleneck_two_stage(det, cache, st.dir, work / "bottleneck-stage1", cfg)
+            recipe = "two-stage"
+        st.finish({"minutes": cfg.bottleneck_minutes, "tiny": cfg.tiny, "recipe": recipe})
     enc, dec = bottleneck.load(st.dir)
     report["stages"]["bottleneck"] = st.info()
 
@@ -198,6 +205,39 @@ def train_bottleneck_two_stage(det: Any, cache: Any, out: Path, stage1: Path, cf
     cfg2 = bn.BottleneckConfig.for_detector(det, task_start=0.0, task_ramp=0.05, warmup=50, **base)
     bn.train_bottleneck(det, cache, cfg2, steps=steps, minutes=cfg.bottleneck_minutes * 0.45, init=stage1,
                         sensitivity=not cfg.tiny, out=out)
+
+
+def init_folder_from_assets(assets: Path, folder: Path) -> Path:
+    """A :func:`bottleneck.save_models`-style folder (config.json, encoder.pt, decoder.pt) made from a
+    trained assets folder, to warm-start from."""
+    codec_file = assets / "codec.json"
+    if not codec_file.is_file():
+        raise InvalidRequest(f"{assets}: not a codec assets folder (no codec.json)")
+    codec = json.loads(codec_file.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("encoder.pt", "decoder.pt"):
+        if not (assets / name).is_file():
+            raise InvalidRequest(f"{assets}: {name} is missing")
+        shutil.copyfile(assets / name, folder / name)
+    (folder / "config.json").write_text(json.dumps(codec["bottleneck"], indent=1))
+    return folder
+
+
+def train_bottleneck_warm(det: Any, cache: Any, out: Path, assets: Path, init: Path,
+                          cfg: TrainConfig) -> None:
+    """Continue a trained bottleneck on (new) data with the final recipe of the two-stage run (neck +
+    score + box distillation from the first step): what adapting to a new corpus or site needs."""
+    from palettelink.train import bottleneck as bn
+
+    folder = init_folder_from_assets(assets, init)
+    prev = json.loads((folder / "config.json").read_text())
+    keep = {k: prev[k] for k in ("enc_width", "dec_width", "dec_blocks", "level_dim", "norm", "z_stride")
+            if k in prev}
+    bcfg = bn.BottleneckConfig.for_detector(det, z_channels=int(prev.get("z_channels", cfg.latent_channels)),
+                                            n_levels=int(prev.get("n_levels", cfg.n_levels)), seed=cfg.seed,
+                                            task_start=0.0, task_ramp=0.02, warmup=50, **keep)
+    bn.train_bottleneck(det, cache, bcfg, steps=4 if cfg.tiny else 100_000, minutes=cfg.bottleneck_minutes,
+                        init=folder, sensitivity=not cfg.tiny, out=out)
 
 
 def _jsonable(x: Any) -> Any:
@@ -299,12 +339,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", nargs="*", choices=STAGES, default=[], help="re-run these stages")
     p.add_argument("--tiny", action="store_true", help="smoke run: seconds, not minutes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", help="warm-start the bottleneck from this trained assets folder")
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(groups=args.groups, k0=args.k0, n_levels=args.levels, palette_space=args.palette_space,
                       bottleneck_minutes=args.minutes, finetune_minutes=args.finetune_minutes,
-                      max_images=args.max_images, seed=args.seed, tiny=args.tiny)
+                      max_images=args.max_images, seed=args.seed, tiny=args.tiny, init=args.init)
     out = train(args.bundle, args.images, Path(args.work), Path(args.out) if args.out else None, cfg,
                 args.bundles, args.vgg16_weights, args.force)
     print(f"install it with: palettelink build-bundle --force --codec-assets {out}")
