@@ -61,6 +61,30 @@ def _from_bytes(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype="<u4").astype(np.uint32)
 
 
+def _decoder(data: bytes) -> AnsCoder:
+    """An ANS decoder over client bytes: the one place where those bytes enter constriction.
+
+    Every way constriction refuses them becomes :class:`InvalidStream`, never a bare ``ValueError``
+    (an encoder never writes a zero last word, so constriction refuses such a stream outright).
+    """
+    words = _from_bytes(data)
+    if words.size and words[-1] == 0:
+        raise InvalidStream("entropy-coded layer ends in a zero word, which no encoder writes (corrupt)")
+    try:
+        return AnsCoder(words)
+    except Exception as e:  # noqa: BLE001 - constriction's own refusal of junk words
+        raise InvalidStream(f"not a valid entropy-coded stream: {e}") from e
+
+
+def _decode_from(coder: AnsCoder, *args: object) -> np.ndarray:
+    """``coder.decode(*args)`` with constriction's refusals turned into :class:`InvalidStream`."""
+    try:
+        out = coder.decode(*args)
+    except Exception as e:  # noqa: BLE001 - constriction rejects some junk words itself
+        raise InvalidStream(f"not a valid entropy-coded stream: {e}") from e
+    return np.asarray(out, dtype=np.int32)
+
+
 def encode(symbols: np.ndarray, table: np.ndarray) -> bytes:
     """Code i.i.d. ``symbols`` under one integer ``table`` (1-D frequencies)."""
     coder = AnsCoder()
@@ -72,11 +96,11 @@ def encode(symbols: np.ndarray, table: np.ndarray) -> bytes:
 
 def decode(data: bytes, n: int, table: np.ndarray) -> np.ndarray:
     """Inverse of :func:`encode`; raises :class:`InvalidStream` unless the layer is consumed exactly."""
-    coder = AnsCoder(_from_bytes(data))
-    out = coder.decode(Categorical(_probs(table), perfect=False), n) if n else np.zeros(0, np.int32)
+    coder = _decoder(data)
+    out = _decode_from(coder, Categorical(_probs(table), perfect=False), n) if n else np.zeros(0, np.int32)
     if not coder.is_empty():
         raise InvalidStream("entropy-coded layer does not decode cleanly (corrupt or wrong model)")
-    return np.asarray(out, dtype=np.int32)
+    return out
 
 
 class RowEncoder:
@@ -105,16 +129,12 @@ class RowDecoder:
     """Inverse of :class:`RowEncoder`: :meth:`take` each segment in order, then :meth:`finish`."""
 
     def __init__(self, data: bytes) -> None:
-        self._coder = AnsCoder(_from_bytes(data))
+        self._coder = _decoder(data)
 
     def take(self, tables: np.ndarray) -> np.ndarray:
         if not len(tables):
             return np.zeros(0, np.int32)
-        try:
-            out = self._coder.decode(_ROW_MODEL, _probs(tables))
-        except Exception as e:  # noqa: BLE001 - constriction rejects some junk words itself
-            raise InvalidStream(f"not a valid entropy-coded stream: {e}") from e
-        return np.asarray(out, dtype=np.int32)
+        return _decode_from(self._coder, _ROW_MODEL, _probs(tables))
 
     def finish(self) -> None:
         if not self._coder.is_empty():

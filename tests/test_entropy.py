@@ -59,3 +59,47 @@ def test_uvarints() -> None:
     assert (out == vals).all() and pos == len(data)
     with pytest.raises(InvalidStream):
         entropy.decode_uvarints(data[:-1], len(vals))
+
+
+def test_a_zero_last_word_is_invalid_stream_not_a_bare_value_error() -> None:
+    """constriction refuses such words with ``ValueError`` when the decoder is built; the coder's edge
+    must turn that into the typed error, for both the single-table and the row decoder."""
+    table = entropy.normalise_counts(np.array([10, 10, 10, 10]))
+    sym = np.arange(400) % 4
+    data = entropy.encode(sym, table)
+    assert data[-4:] != bytes(4)  # an encoder never writes one
+    bad = data[:-4] + bytes(4)
+    with pytest.raises(InvalidStream, match="zero word"):
+        entropy.decode(bad, sym.size, table)
+    tables = np.repeat(table[None], sym.size, axis=0)
+    with pytest.raises(InvalidStream, match="zero word"):
+        entropy.decode_rows(bad, tables)
+    with pytest.raises(InvalidStream, match="zero word"):
+        entropy.RowDecoder(bytes(8))
+    assert (entropy.decode(data, sym.size, table) == sym).all()  # the good words still decode
+
+
+def test_damaged_words_give_the_typed_error_or_symbols_never_another_exception() -> None:
+    """Cut at every word, every word zeroed, junk words: constriction either refuses (→ InvalidStream)
+    or decodes past the end of its words, which ANS cannot always tell from a clean end (a cut stream
+    can decode to trailing zeros: catching that is the job of a checksum over the frame)."""
+    rng = np.random.default_rng(3)
+    table = entropy.normalise_counts(np.array([40, 10, 5, 1, 1, 1]))
+    sym = rng.choice(6, size=600, p=[0.6, 0.2, 0.1, 0.05, 0.03, 0.02])
+    data = entropy.encode(sym, table)
+    tables = np.repeat(table[None], sym.size, axis=0)
+    words = len(data) // 4
+    variants = [data[: 4 * k] for k in range(words)]
+    variants += [data[: 4 * k] + bytes(4) + data[4 * k + 4:] for k in range(words)]
+    variants += [rng.bytes(4 * rng.integers(1, 2 * words)) for _ in range(50)]
+    decoders = (lambda b: entropy.decode(b, sym.size, table), lambda b: entropy.decode_rows(b, tables))
+    refused = 0
+    for bad in variants:
+        for decode in decoders:
+            try:
+                out = decode(bad)
+            except InvalidStream:
+                refused += 1
+                continue
+            assert out.shape == sym.shape and out.dtype == np.int32
+    assert refused >= len(variants)  # most are refused outright
