@@ -60,6 +60,7 @@ class APResult:
     n_reference: int
     n_predicted: int
     classes: tuple[int, ...]  # classes that had reference boxes (the ones averaged over)
+    ap50_per_class: tuple[float, ...] = ()  # one per ``classes`` entry
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -156,4 +157,65 @@ def evaluate(references: Sequence[Iterable[BoxLike]], predictions: Sequence[Iter
     ap = np.mean(np.stack(per_class), axis=0)  # [T], mean over classes with reference boxes
     i50 = int(np.argmin(np.abs(thresholds - 0.5)))
     return APResult(float(ap[i50]), float(ap.mean()), tuple(float(v) for v in ap), n_ref, n_pred,
-                    tuple(classes))
+                    tuple(classes), tuple(float(pc[i50]) for pc in per_class))
+
+
+# COCO's area buckets, in pixels² of the original image
+SIZE_BUCKETS = (("small", 0.0, 32.0**2), ("medium", 32.0**2, 96.0**2), ("large", 96.0**2, math.inf))
+MISSED = -1  # the "predicted class" of a reference box nothing matched
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """What a deployment sees at its score threshold: each reference box is matched (class-agnostic,
+    IoU ≥ ``iou``, best IoU first) to at most one prediction; a matched box whose class differs is a
+    *confusion* (a pedestrian turned "Fall" is a failure even when the box is right)."""
+
+    recall_by_size: dict[str, float]  # same-class recall per COCO size bucket (NaN: no boxes there)
+    n_by_size: dict[str, int]
+    confusion: dict[tuple[int, int], int]  # (reference class, predicted class or MISSED) → count
+    n_extra: int  # predictions that matched no reference box
+    precision: float
+    recall: float
+    f1: float
+
+
+def agreement(references: Sequence[Iterable[BoxLike]], predictions: Sequence[Iterable[BoxLike]],
+              conf: float = 0.25, iou: float = 0.5) -> Agreement:
+    """Per-bucket recall, class confusions and F1 of ``predictions`` (kept at score ≥ ``conf``)."""
+    hits = {name: 0 for name, _, _ in SIZE_BUCKETS}
+    totals = {name: 0 for name, _, _ in SIZE_BUCKETS}
+    confusion: dict[tuple[int, int], int] = {}
+    n_extra = n_pred = same = n_ref = 0
+    for ref, pred in zip(references, predictions, strict=True):
+        g_xyxy, g_cls, _ = _as_arrays(ref)
+        d_xyxy, d_cls, d_score = _as_arrays(pred)
+        keep = d_score >= conf
+        d_xyxy, d_cls = d_xyxy[keep], d_cls[keep]
+        n_pred += len(d_cls)
+        n_ref += len(g_cls)
+        ious = iou_matrix(g_xyxy, d_xyxy)
+        match = np.full(len(g_cls), -1)
+        taken = np.zeros(len(d_cls), dtype=bool)
+        for flat in np.argsort(-ious, axis=None, kind="mergesort"):
+            gi, di = divmod(int(flat), max(len(d_cls), 1))
+            if ious.size == 0 or ious[gi, di] < iou:
+                break
+            if match[gi] < 0 and not taken[di]:
+                match[gi], taken[di] = di, True
+        n_extra += int((~taken).sum())
+        areas = (g_xyxy[:, 2] - g_xyxy[:, 0]) * (g_xyxy[:, 3] - g_xyxy[:, 1])
+        for gi, c in enumerate(g_cls):
+            got = int(d_cls[match[gi]]) if match[gi] >= 0 else MISSED
+            confusion[(int(c), got)] = confusion.get((int(c), got), 0) + 1
+            ok = got == int(c)
+            same += ok
+            for name, lo, hi in SIZE_BUCKETS:
+                if lo <= areas[gi] < hi:
+                    totals[name] += 1
+                    hits[name] += ok
+    recall = same / n_ref if n_ref else math.nan
+    precision = same / n_pred if n_pred else math.nan
+    f1 = 2 * precision * recall / (precision + recall) if n_ref and n_pred and precision + recall > 0 else 0.0
+    return Agreement({k: hits[k] / totals[k] if totals[k] else math.nan for k in hits}, totals, confusion,
+                     n_extra, precision, recall, f1)

@@ -62,7 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="more images, folders or videos (frames)")
     p.add_argument("--no-samples", action="store_true", help="leave out the bundled sample images")
     p.add_argument("--eval-set", action="store_true",
-                   help="the held-out evaluation set (sample images + vtest.avi frames; never trained on)")
+                   help="the held-out evaluation set (4 sources never trained on; palettelink.train.data)")
+    p.add_argument("--train-set", type=int, default=0, metavar="N",
+                   help="N training images (spread over the sorted training set): shows under-fitting")
     p.add_argument("--ablations", type=_names, default=[],
                    help="ablation rows, comma-separated or 'all': " + ", ".join(ABLATIONS))
     p.add_argument("--assets", type=Path, default=None, help="trained codec assets (for ablations)")
@@ -94,14 +96,27 @@ class Row:
         for k, v in timings.items():
             self.timings.setdefault(k, []).append(v)
 
-    def summary(self, references: list[list[Any]]) -> dict[str, Any]:
+    def summary(self, references: list[list[Any]], class_names: list[str], conf: float = 0.25
+                ) -> dict[str, Any]:
         ap = metrics.evaluate(references, self.detections)
+        ag = metrics.agreement(references, self.detections, conf=conf)
+
+        def name(c: int) -> str:
+            return "missed" if c == metrics.MISSED else class_names[c] if c < len(class_names) else str(c)
+
         return {
             "method": self.method, "kind": self.kind, "point": self.point, "label": self.label,
             "bytes_mean": float(np.mean(self.n_bytes)),
             "bpp": 8.0 * sum(self.n_bytes) / sum(self.pixels),
             "bpp_per_image": [8.0 * b / p for b, p in zip(self.n_bytes, self.pixels, strict=True)],
             "ap50": ap.ap50, "ap50_95": ap.ap50_95, "n_predicted": ap.n_predicted,
+            "ap50_per_class": {name(c): v for c, v in zip(ap.classes, ap.ap50_per_class, strict=True)},
+            "f1": ag.f1, "precision": ag.precision, "recall": ag.recall,
+            "recall_by_size": ag.recall_by_size, "n_by_size": ag.n_by_size,
+            "confusion": {f"{name(r)}->{name(p)}": n for (r, p), n in sorted(ag.confusion.items())},
+            "class_flips": sum(n for (r, p), n in ag.confusion.items() if p not in (r, metrics.MISSED)),
+            "missed": sum(n for (_, p), n in ag.confusion.items() if p == metrics.MISSED),
+            "extra": ag.n_extra,
             **{k: float(np.mean(v)) for k, v in sorted(self.timings.items())},
         }
 
@@ -112,8 +127,13 @@ def iter_images(args: argparse.Namespace) -> Iterator[tuple[str, np.ndarray]]:
     if getattr(args, "eval_set", False):
         from palettelink.train import data
 
-        for item in data.eval_images():
-            yield data.item_key(item), data.load_rgb(item)
+        for item, rgb in zip(*_loaded(data.eval_images()), strict=True):
+            yield data.item_key(item), rgb
+    elif getattr(args, "train_set", 0):
+        from palettelink.train import data
+
+        for item, rgb in zip(*_loaded(data.training_images(max_images=args.train_set)), strict=True):
+            yield data.item_key(item), rgb
     elif not args.no_samples:
         for p in sample_images():
             yield p.name, load_image(p)
@@ -122,6 +142,12 @@ def iter_images(args: argparse.Namespace) -> Iterator[tuple[str, np.ndarray]]:
 
         for cap in capture.iter_frames(capture.expand(args.images), args.every, args.max_frames):
             yield cap.label, cap.rgb
+
+
+def _loaded(items: list[Any]) -> tuple[list[Any], list[np.ndarray]]:
+    from palettelink.train import data
+
+    return items, data.load_all_rgb(items)
 
 
 class Runner:
@@ -162,7 +188,8 @@ class Runner:
                     progress.update(1)
 
     def summary(self) -> list[dict[str, Any]]:
-        return [row.summary(self.references) for row in self.rows.values()]
+        names = list(self.det.class_names)
+        return [row.summary(self.references, names, self.ref_conf) for row in self.rows.values()]
 
 
 def bd_rates(rows: list[dict[str, Any]], anchor: str = "jpeg", key: str = "ap50") -> dict[str, float | None]:
@@ -193,18 +220,39 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def format_agreement(rows: list[dict[str, Any]], conf: float) -> str:
+    """Second table: what a deployment sees at its threshold (per size bucket and class flips)."""
+    def pct(v: float) -> str:
+        return "   -" if v != v else f"{v:4.2f}"
+
+    head = (f"{'method':<16} {'point':>6} {'F1':>5} {'small':>5} {'medium':>6} {'large':>5} "
+            f"{'flips':>5} {'missed':>6} {'extra':>5}  per-class AP50")
+    lines = [f"at score ≥ {conf}: same-class recall per COCO size bucket, class flips, misses, extras",
+             head, "-" * len(head)]
+    for r in rows:
+        rs = r["recall_by_size"]
+        per_class = " ".join(f"{k} {v:.2f}" for k, v in r["ap50_per_class"].items())
+        lines.append(f"{r['method']:<16} {r['label']:>6} {pct(r['f1']):>5} {pct(rs['small']):>5} "
+                     f"{pct(rs['medium']):>6} {pct(rs['large']):>5} {r['class_flips']:>5} {r['missed']:>6} "
+                     f"{r['extra']:>5}  {per_class}")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), constrained_layout=True)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cmap = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
+    markers = "osD^v<>ph*"
     for key, ax, name in (("ap50", axes[0], "AP50"), ("ap50_95", axes[1], "AP50:95")):
-        for method in dict.fromkeys(r["method"] for r in rows):
+        for k, method in enumerate(methods):  # one distinct colour (and marker) per method
             pts = sorted((r["bpp"], r[key], r["label"]) for r in rows if r["method"] == method)
             xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-            ax.plot(xs, ys, marker="o", label=method)
+            ax.plot(xs, ys, marker=markers[k % len(markers)], color=cmap(k % cmap.N), label=method)
             for x, y, lab in pts:
                 ax.annotate(lab, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
         ax.set_xscale("log")
@@ -256,6 +304,11 @@ def run(args: argparse.Namespace) -> int:
         "bd_rate_ap50_vs_jpeg_percent": bd_rates(rows),
         "bd_rate_ap50_vs_avif_percent": bd_rates(rows, "avif"),
     }
+    if args.eval_set or args.train_set:
+        from palettelink.train import data
+
+        report["sources"] = (data.describe_sources(data.eval_images()) if args.eval_set else
+                             data.describe_sources(data.training_images(max_images=args.train_set)))
     assets = args.assets or Path("assets/codecs") / bundle.name
     if (assets / "training.json").is_file():
         report["training_images"] = json.loads((assets / "training.json").read_text()).get("train_images")
@@ -265,6 +318,8 @@ def run(args: argparse.Namespace) -> int:
     plot(rows, args.out / "rate_accuracy.png", title)
     print(title)
     print(format_table(rows))
+    print()
+    print(format_agreement(rows, args.ref_conf))
     for anchor in ("jpeg", "avif"):
         for method, pct in report[f"bd_rate_ap50_vs_{anchor}_percent"].items():
             print(f"BD-rate vs {anchor} at equal AP50, {method}: "

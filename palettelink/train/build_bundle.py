@@ -41,8 +41,10 @@ def export_front(det: Any, path: Path, size: int) -> list[str]:
 
 def build_bundle(weights: str | Path | None = None, out_root: str | Path | None = None,
                  name: str = DEFAULT_NAME, version: str = "1", split: int = 9, size: int = 640,
-                 codec_assets: str | Path | None = None, force: bool = False) -> Path:
-    """Write ``out_root/name/version/`` and return it. Written into a temp folder, then renamed."""
+                 codec_assets: str | Path | None = None, force: bool = False,
+                 extra: dict[str, Any] | None = None) -> Path:
+    """Write ``out_root/name/version/`` and return it. Written into a temp folder, then renamed.
+    ``extra``: manifest entries to add or override (e.g. what an adapted version was adapted on)."""
     from palettelink.models.ultra import SplitDetector, default_detector_weights
 
     weights = Path(weights) if weights else default_detector_weights()
@@ -81,6 +83,7 @@ def build_bundle(weights: str | Path | None = None, out_root: str | Path | None 
             from palettelink.train.export import install_palette_codec
 
             install_palette_codec(det, assets, tmp, manifest)
+        manifest.update(extra or {})
         write_manifest(tmp, manifest)
         if dest.exists():
             shutil.rmtree(dest)
@@ -89,6 +92,13 @@ def build_bundle(weights: str | Path | None = None, out_root: str | Path | None 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def next_version(root: str | Path, name: str) -> str:
+    """One more than the highest numeric version of ``name`` under ``root`` ("1" when none)."""
+    base = Path(root) / name
+    nums = [int(d.name) for d in base.iterdir() if d.name.isdigit()] if base.is_dir() else []
+    return str(max(nums, default=0) + 1)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

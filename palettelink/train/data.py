@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Union
 import cv2
 import numpy as np
 
+from palettelink.errors import InvalidRequest
 from palettelink.image import IMAGE_SUFFIXES, VIDEO_SUFFIXES, Letterbox, letterbox, letterbox_info, load_image
 from palettelink.samples import sample_images
 
@@ -98,17 +99,31 @@ def _sklearn_images() -> list[Item]:
         return []
 
 
-def _user_source(p: Path, every: int = 10) -> list[Item]:
-    """A user folder (images and videos inside, recursively), image file or video file."""
+USER_VIDEO_EVERY = 3
+
+
+def _user_source(p: Path, every: int = USER_VIDEO_EVERY, span: tuple[float, float] = (0.0, 1.0),
+                 top: bool = True) -> list[Item]:
+    """A user folder (images and videos inside, recursively), image file or video file; videos give
+    every ``every``-th frame inside the time range ``span``. A path given by the user that does not
+    exist, is of an unknown kind, or a video that will not open is an error naming it."""
     if p.is_dir():
         out: list[Item] = []
         for q in sorted(p.rglob("*")):
-            out += _user_source(q, every) if q.is_file() else []
+            out += _user_source(q, every, span, top=False) if q.is_file() else []
         return out
+    if top and not p.exists():
+        raise InvalidRequest(f"{p}: no such file or folder")
     if p.suffix.lower() in IMAGE_SUFFIXES:
         return [p]
     if p.suffix.lower() in VIDEO_SUFFIXES:
-        return _video_frames(p, every=every)
+        frames = _video_frames(p, every=every, span=span)
+        if not frames:
+            raise InvalidRequest(f"{p}: the video will not open or has no frames in {span[0]:g}–{span[1]:g}")
+        return frames
+    if top:
+        kinds = ", ".join(sorted(IMAGE_SUFFIXES | VIDEO_SUFFIXES))
+        raise InvalidRequest(f"{p}: not an image or video ({kinds})")
     return []
 
 
@@ -156,14 +171,15 @@ def _flatten(src: dict[str, list[Item]]) -> list[Item]:
 
 
 def training_images(images: Sequence[str | os.PathLike[str]] | None = None, max_images: int | None = None,
-                    extra: Sequence[str | os.PathLike[str]] = ()) -> list[Item]:
+                    extra: Sequence[str | os.PathLike[str]] = (), every: int = USER_VIDEO_EVERY,
+                    span: tuple[float, float] = (0.0, 1.0)) -> list[Item]:
     """Every TRAIN item, sorted (stable across runs and machines with the same packages).
 
     ``images`` (folders, image files, videos) replaces the offline sources; ``extra`` adds to them;
     ``max_images`` keeps that many, evenly spread over the sorted list.
     """
     if images:
-        src = {f"user: {e}": _user_source(Path(e)) for e in [*images, *extra]}
+        src = {f"user: {e}": _user_source(Path(e), every, span) for e in [*images, *extra]}
     else:
         src = training_sources(extra=extra)
     items = _flatten(src)
@@ -216,7 +232,7 @@ def load_all_rgb(items: Sequence[Item]) -> list[np.ndarray]:
                 if idx in frames:
                     ok, bgr = cap.retrieve()
                     if not ok or bgr is None:
-                        raise OSError(f"cannot read frame {idx} of {path}")
+                        raise InvalidRequest(f"cannot read frame {idx} of {path}")
                     for k in frames[idx]:
                         out[k] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
                 idx += 1
@@ -224,7 +240,7 @@ def load_all_rgb(items: Sequence[Item]) -> list[np.ndarray]:
             cap.release()
     missing = [item_key(items[k]) for k, v in enumerate(out) if v is None]
     if missing:
-        raise OSError(f"cannot read {missing[0]} ({len(missing)} item(s) unreadable)")
+        raise InvalidRequest(f"cannot read {missing[0]} ({len(missing)} item(s) unreadable)")
     return [v for v in out if v is not None]
 
 

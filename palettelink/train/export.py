@@ -216,6 +216,12 @@ def install_palette_codec(det: Any, assets_dir: str | Path, bundle_dir: str | Pa
     export_edge_onnx(det, enc, tables, dest / "edge.onnx", size)
     export_decoder_onnx(dec, dest / "decoder.onnx", cfg, names)
     shutil.copyfile(assets / "palette.npz", dest / "palette.npz")
+    # The training weights travel with the bundle (server side), so `train --adapt BUNDLE` can start
+    # from exactly what this bundle runs.
+    (dest / "codec").mkdir(exist_ok=True)
+    for name in ("codec.json", "encoder.pt", "decoder.pt", "training.json"):
+        if (assets / name).is_file():
+            shutil.copyfile(assets / name, dest / "codec" / name)
     level_sizes = [int(v) for v in np.asarray(tables["level_sizes"])]
     entry = {k: v for k, v in codec.items() if k not in ("report", "training")}
     entry.update({"param": "level", "levels": codec.get("levels", list(range(len(level_sizes)))),

@@ -19,11 +19,12 @@ The result is an assets folder (``assets/codecs/<name>/``) with a manifest of sh
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,8 @@ class TrainConfig:
     seed: int = 0
     tiny: bool = False  # CI smoke run: a few steps on a few images
     init: str | None = None  # warm start the bottleneck from this assets folder (same architecture)
+    video_every: int = 3  # --images videos: every Nth frame ...
+    video_span: tuple[float, float] = (0.0, 1.0)  # ... inside this time range (fractions of the video)
 
 
 def seed_everything(seed: int) -> None:
@@ -96,7 +99,11 @@ def train(bundle_name: str, images: list[str] | None, work: Path, out: Path | No
         shutil.rmtree(work / name, ignore_errors=True)
     report: dict[str, Any] = {"config": asdict(cfg), "bundle": bundle.id, "stages": {}}
 
-    items = data.training_images(images, max_images=cfg.max_images)
+    items = data.training_images(images, max_images=cfg.max_images, every=cfg.video_every,
+                                 span=cfg.video_span)
+    if not items:
+        where = ", ".join(map(str, images or ["the offline sources"]))
+        raise InvalidRequest(f"no images or video frames in {where}")
     report["train_images"] = data.describe_sources(items)
     report["train_items"] = [data.item_key(i) for i in items]
     print(f"[train] {len(items)} training items: {report['train_images']}")
@@ -322,19 +329,78 @@ def write_assets(out: Path, bundle: Any, enc: Any, dec: Any, tables: dict[str, n
     return out
 
 
+ADAPT_MINUTES, ADAPT_FINETUNE_MINUTES = 6.0, 2.0
+
+
+def _span(text: str) -> tuple[float, float]:
+    try:
+        a, b = (float(v) for v in text.split("-"))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected A-B with 0 ≤ A < B ≤ 1, got {text!r}") from e
+    if not 0.0 <= a < b <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected A-B with 0 ≤ A < B ≤ 1, got {text!r}")
+    return a, b
+
+
+def adapt(bundle_name: str, images: list[str], work: Path | None, cfg: TrainConfig,
+          bundles_root: str | None = None, out_root: str | None = None) -> Path:
+    """Site adaptation: continue the codec of bundle ``bundle_name`` on a deployment's own unlabelled
+    footage (the edge front and the detector stay frozen), refit palette and context tables on it, and
+    write the result as the next version of the same bundle. Returns the new bundle folder."""
+    from palettelink.train.build_bundle import build_bundle, next_version
+
+    bundle = find_bundle(bundle_name, bundles_root)
+    weights = bundle.path / "codec"
+    if "palette" not in bundle.codecs or not (weights / "codec.json").is_file():
+        raise InvalidRequest(f"bundle {bundle.id} has no trained palette codec to adapt "
+                             "(build it with `palettelink build-bundle --codec-assets DIR`)")
+    if not images:
+        raise InvalidRequest("--adapt needs --images: the site's own images, folders or videos")
+    digest = hashlib.sha256("\n".join(sorted(map(str, images))).encode()).hexdigest()[:12]
+    if work is None:
+        work = Path(".cache/palettelink-adapt") / f"{bundle.name}-{bundle.version}-{digest}"
+    cfg = replace(cfg, init=str(weights))
+    assets = train(str(bundle.path), images, work, work / "assets", cfg, bundles_root)
+    root = Path(out_root) if out_root else bundle.path.parent.parent
+    version = next_version(root, bundle.name)
+    if bundle.version.isdigit():  # never reuse the parent's number, whichever root the child goes to
+        version = str(max(int(version), int(bundle.version) + 1))
+    report = json.loads((assets / "training.json").read_text())
+    adapted = {"from": bundle.id, "from_table_hash": bundle.manifest.get("table_hash"),
+               "images": [str(i) for i in images], "items": report.get("train_images"),
+               "minutes": round(float(report.get("train_minutes", 0.0)), 2)}
+    dest = build_bundle(bundle.file("model.pt"), root, bundle.name, version,
+                        int(bundle.manifest["split"]["after_layer"]), bundle.input_size, assets,
+                        extra={"adapted": adapted, "source": bundle.manifest.get("source")})
+    print(f"[adapt] {bundle.id} adapted on {len(report.get('train_items', []))} frames → "
+          f"{bundle.name}/{version} ({dest})")
+    return dest
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", default="fall-yolov8", help="bundle name or folder (built by build-bundle)")
+    p.add_argument("--adapt", metavar="BUNDLE",
+                   help="site adaptation: fine-tune BUNDLE's codec on --images and write its next version")
+    p.add_argument("--bundle-out", metavar="DIR", help="with --adapt: bundles root for the new version "
+                   "(default: the adapted bundle's root)")
     p.add_argument("--bundles", help="bundles root (default $PALETTELINK_BUNDLES or ./bundles)")
     p.add_argument("--images", nargs="*", help="image folders/files/videos (default: the offline sources)")
-    p.add_argument("--work", default=".cache/palettelink-train", help="stage cache (resumable)")
+    p.add_argument("--work", help="stage cache, resumable (default .cache/palettelink-train; "
+                   "--adapt: .cache/palettelink-adapt/<bundle>-<images hash>)")
     p.add_argument("--out", help="assets folder (default assets/codecs/<bundle name>)")
     p.add_argument("--k0", type=int, default=256)
     p.add_argument("--levels", type=int, default=8)
     p.add_argument("--groups", type=int, default=4)
     p.add_argument("--palette-space", choices=["raw", "contrastive"], default="raw")
-    p.add_argument("--minutes", type=float, default=33.0, help="bottleneck training budget (two stages)")
-    p.add_argument("--finetune-minutes", type=float, default=5.0)
+    p.add_argument("--minutes", type=float, default=None,
+                   help=f"bottleneck training budget (default 33; --adapt: {ADAPT_MINUTES:g})")
+    p.add_argument("--finetune-minutes", type=float, default=None,
+                   help=f"level-conditioned decoder budget (default 5; --adapt: {ADAPT_FINETUNE_MINUTES:g})")
     p.add_argument("--max-images", type=int)
+    p.add_argument("--every", type=int, default=3, metavar="N", help="--images videos: every N-th frame")
+    p.add_argument("--span", type=_span, default=(0.0, 1.0), metavar="A-B",
+                   help="--images videos: only the time range A-B (fractions, e.g. 0-0.6: keep the rest "
+                        "of the footage for evaluation)")
     p.add_argument("--vgg16-weights", help="torchvision VGG16 state dict for the paper's pseudo-labels")
     p.add_argument("--force", nargs="*", choices=STAGES, default=[], help="re-run these stages")
     p.add_argument("--tiny", action="store_true", help="smoke run: seconds, not minutes")
@@ -343,10 +409,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    minutes = args.minutes if args.minutes is not None else ADAPT_MINUTES if args.adapt else 33.0
+    ft = args.finetune_minutes if args.finetune_minutes is not None else (
+        ADAPT_FINETUNE_MINUTES if args.adapt else 5.0)
     cfg = TrainConfig(groups=args.groups, k0=args.k0, n_levels=args.levels, palette_space=args.palette_space,
-                      bottleneck_minutes=args.minutes, finetune_minutes=args.finetune_minutes,
-                      max_images=args.max_images, seed=args.seed, tiny=args.tiny, init=args.init)
-    out = train(args.bundle, args.images, Path(args.work), Path(args.out) if args.out else None, cfg,
+                      bottleneck_minutes=minutes, finetune_minutes=ft,
+                      max_images=args.max_images, seed=args.seed, tiny=args.tiny, init=args.init,
+                      video_every=args.every, video_span=args.span)
+    if args.adapt:
+        dest = adapt(args.adapt, args.images, Path(args.work) if args.work else None, cfg, args.bundles,
+                     args.bundle_out)
+        print(f"stream with it: palettelink-edge --bundle {dest.parent.name}/{dest.name} ...")
+        return 0
+    work = Path(args.work or ".cache/palettelink-train")
+    out = train(args.bundle, args.images, work, Path(args.out) if args.out else None, cfg,
                 args.bundles, args.vgg16_weights, args.force)
     print(f"install it with: palettelink build-bundle --force --codec-assets {out}")
     return 0
