@@ -52,3 +52,14 @@ class ServiceUnavailable(PaletteLinkError):
     """The server is not ready (bundles loading) or shutting down."""
 
     code = "UNAVAILABLE"
+
+
+class TooLarge(ResourceExhausted):
+    """A request over a size limit of its receiver (body bytes, image pixels). Still
+    ``RESOURCE_EXHAUSTED`` on gRPC; HTTP answers it 413 (content too large), not 429 (slow down),
+    since retrying the same request can never succeed."""
+
+
+class ImageTooLarge(InvalidRequest):
+    """An input image whose header declares more pixels than the edge may decode or the format can
+    carry; refused before decoding, naming the file."""

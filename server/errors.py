@@ -5,7 +5,11 @@ gRPC status name; this module maps that name to a :class:`grpc.StatusCode` and t
 (the Google API mapping, AIP-193). Anything else is a bug: it is logged with its traceback and
 answered as ``INTERNAL`` with a generic message, so a broken frame never takes the server down and
 internals never leak to clients. The gRPC servicer uses :func:`grpc_errors`; the HTTP app uses
-:func:`http_status`; the stream uses :func:`status_of` for per-frame errors.
+:func:`http_status` (and :func:`http_error` for the web framework's own refusals: unknown route, bad
+query); the stream uses :func:`status_of` for per-frame errors.
+
+Messages are clipped to :data:`MAX_MESSAGE` characters: a status travels in gRPC metadata, which has
+a hard size limit, and an error must never grow with what a client sent.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from palettelink.errors import PaletteLinkError
+from palettelink.errors import PaletteLinkError, TooLarge
 
 log = logging.getLogger("palettelink.server")
 
@@ -42,6 +46,21 @@ HTTP_STATUS: dict[str, int] = {
     "DATA_LOSS": 500,
     "UNAUTHENTICATED": 401,
 }
+# Error classes whose HTTP status is more precise than their gRPC code's.
+HTTP_BY_CLASS: dict[type[PaletteLinkError], int] = {TooLarge: 413}
+# HTTP statuses the web framework answers by itself → the status name of our error body.
+NAME_BY_HTTP: dict[int, str] = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
+                                404: "NOT_FOUND", 405: "UNIMPLEMENTED", 409: "ABORTED",
+                                413: "RESOURCE_EXHAUSTED", 422: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED",
+                                499: "CANCELLED", 501: "UNIMPLEMENTED", 503: "UNAVAILABLE",
+                                504: "DEADLINE_EXCEEDED"}
+MAX_MESSAGE = 1000
+
+
+def clip(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` cut to at most ``limit`` characters, an ellipsis marking the cut."""
+    text = str(text)
+    return text if len(text) <= limit else text[: max(0, limit - 1)] + "…"
 
 
 @dataclass(frozen=True)
@@ -50,6 +69,7 @@ class ErrorStatus:
 
     grpc_code: grpc.StatusCode
     message: str
+    http_code: int | None = None  # when the error's class says more than its gRPC code
 
     @property
     def name(self) -> str:
@@ -62,7 +82,7 @@ class ErrorStatus:
 
     @property
     def http(self) -> int:
-        return HTTP_STATUS.get(self.name, 500)
+        return self.http_code or HTTP_STATUS.get(self.name, 500)
 
 
 class ErrorCounter(Protocol):
@@ -76,7 +96,8 @@ def status_of(exc: BaseException, counter: ErrorCounter | None = None) -> ErrorS
         if not isinstance(code, grpc.StatusCode):
             log.error("error %s carries unknown status name %r", type(exc).__name__, exc.code)
             code = grpc.StatusCode.INTERNAL
-        status = ErrorStatus(code, str(exc) or type(exc).__name__)
+        http = next((v for k, v in HTTP_BY_CLASS.items() if isinstance(exc, k)), None)
+        status = ErrorStatus(code, clip(str(exc) or type(exc).__name__), http)
     else:
         log.error("unexpected error", exc_info=(type(exc), exc, exc.__traceback__))
         status = ErrorStatus(grpc.StatusCode.INTERNAL,
@@ -89,7 +110,19 @@ def status_of(exc: BaseException, counter: ErrorCounter | None = None) -> ErrorS
 def http_status(exc: BaseException, counter: ErrorCounter | None = None) -> tuple[int, dict[str, Any]]:
     """HTTP status and JSON body for ``exc``."""
     s = status_of(exc, counter)
-    return s.http, {"error": {"code": s.number, "status": s.name, "message": s.message}}
+    return s.http, _body(s.name, s.message)
+
+
+def _body(name: str, message: str) -> dict[str, Any]:
+    code = getattr(grpc.StatusCode, name, grpc.StatusCode.UNKNOWN)
+    return {"error": {"code": int(code.value[0]), "status": code.name, "message": clip(message)}}
+
+
+def http_error(http: int, message: str) -> dict[str, Any]:
+    """Our JSON error body for a refusal the web framework made by itself (unknown route, bad query
+    parameter), so every error a client reads has the one shape ``{"error": {code, status, message}}``.
+    Not counted in the error metrics: those count what the data plane refused."""
+    return _body(NAME_BY_HTTP.get(http, "INTERNAL" if http >= 500 else "INVALID_ARGUMENT"), message)
 
 
 F = TypeVar("F", bound=Callable[..., Any])

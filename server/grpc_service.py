@@ -26,7 +26,7 @@ from server import __version__
 from server.auth import TokenAuth
 from server.errors import grpc_errors, status_of
 from server.results import FrameResult
-from server.service import EdgeReport, Service
+from server.service import EdgeReport, Service, check_name
 
 log = logging.getLogger("palettelink.server")
 
@@ -82,6 +82,7 @@ class PaletteLinkServicer(pb_grpc.PaletteLinkServicer):
     def _client(self, context: grpc.ServicerContext, claimed: str = "") -> str:
         """The token's client (already checked by the interceptor), else what the client claims."""
         who = self.auth.client_for(_authorization(context))
+        check_name(claimed, "client_id")
         return f"{who}/{claimed}" if who and claimed and claimed != who else (who or claimed)
 
     @grpc_errors

@@ -3,7 +3,8 @@ twin of ``Analyze`` — all thin routes over the same :class:`~server.service.Se
 
 Probes, metrics and the dashboard are open (put them behind the cluster network); ``/api/analyze``
 carries coded frames and needs a bearer token when tokens are configured. Errors reach clients only
-through ``server/errors.py``.
+through ``server/errors.py``, all in one JSON shape ``{"error": {code, status, message}}`` — also the
+framework's own refusals (a bad query parameter, an unknown route), never FastAPI's ``{"detail": …}``.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from palettelink.errors import PaletteLinkError, ResourceExhausted
+from palettelink.errors import PaletteLinkError, TooLarge
 from server import __version__
 from server.auth import TokenAuth
-from server.errors import http_status
+from server.errors import clip, http_error, http_status
 from server.service import Service
 
 
@@ -33,6 +36,17 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
     # by the ASGI server, since Starlette re-raises unexpected exceptions after answering).
     app.add_exception_handler(PaletteLinkError, _error)
     app.add_exception_handler(Exception, _error)
+
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(http_error(400, _validation_message(exc)), status_code=400)
+
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        where = f"{clip(request.method, 16)} {clip(request.url.path, 100)}"
+        return JSONResponse(http_error(exc.status_code, f"{clip(str(exc.detail), 200)} ({where})"),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    app.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http)  # type: ignore[arg-type]
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
@@ -69,7 +83,7 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
         async for chunk in request.stream():  # never buffer more than the limit
             body += chunk
             if len(body) > max_body_bytes:
-                raise ResourceExhausted(f"request body exceeds {max_body_bytes} bytes")
+                raise TooLarge(f"request body exceeds {max_body_bytes} bytes")
         payload = bytes(body)
         result = await run_in_threadpool(service.analyze, bundle, task, payload, want_preview,
                                          frame_id=frame_id, client=client)
@@ -81,6 +95,16 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
 
     app.state.service = service
     return app
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    """``query parameter 'limit': Input should be less than or equal to 1000`` (each problem, short)."""
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = [str(x) for x in err.get("loc", ())]
+        where = f"{loc[0]} parameter {'.'.join(loc[1:])!r}" if len(loc) > 1 else ".".join(loc) or "request"
+        parts.append(f"{clip(where, 80)}: {clip(str(err.get('msg', 'invalid')), 200)}")
+    return "; ".join(parts) or "invalid request"
 
 
 DASHBOARD = """<!doctype html>

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from palettelink import codecs
+from palettelink import bitstream, codecs
 from palettelink.bundle import Bundle, find_bundle, list_bundles
 from palettelink.errors import (
     BundleNotFound,
@@ -28,15 +28,28 @@ from palettelink.errors import (
     PaletteLinkError,
     ResourceExhausted,
     ServiceUnavailable,
+    TooLarge,
 )
 from palettelink.info import codec_levels
 from server import __version__
 from server.batching import Batcher
+from server.errors import clip
 from server.metrics import Metrics
 from server.results import FrameResult, Timings
 from server.tasks import MODULES, make_runner, tasks_for
 
 log = logging.getLogger("palettelink.server")
+
+MAX_NAME = 128  # characters of a client-supplied name (bundle, task, client id)
+
+
+def check_name(value: str, what: str, limit: int = MAX_NAME) -> str:
+    """``value`` if it is at most ``limit`` characters; else :class:`InvalidRequest` quoting only its
+    start, so that neither the stored frame list nor the error grows with what a client sent."""
+    if len(value) > limit:
+        raise InvalidRequest(f"{what} of {len(value)} characters is longer than {limit}: "
+                             f"{clip(value, 40)!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -273,20 +286,25 @@ class Service:
                 frame_id: int = 0, client: str = "", edge: EdgeReport | None = None) -> FrameResult:
         """Decode one coded frame and run ``task`` on it (``""`` = the bundle's own task)."""
         t0 = time.perf_counter()
-        summary: dict[str, Any] = {"time": time.time(), "client": client, "frame_id": frame_id,
-                                   "bundle": bundle, "task": task, "bytes": len(payload)}
+        summary: dict[str, Any] = {"time": time.time(), "client": clip(client, 2 * MAX_NAME + 1),
+                                   "frame_id": frame_id, "bundle": clip(bundle, MAX_NAME),
+                                   "task": clip(task, MAX_NAME), "bytes": len(payload)}
         try:
+            check_name(bundle, "bundle name")
+            check_name(task, "task name")
             lb = self.resolve(bundle)
             task, batcher = self._batcher(lb, task)
             summary.update(bundle=lb.bundle.id, task=task)
             if not payload:
                 raise InvalidStream("empty payload")
-            decoded = lb.decoder.decode(bytes(payload))
-            t1 = time.perf_counter()
-            w, h = decoded.image_size
+            payload = bytes(payload)
+            # The declared image size is checked from the header, before any decoding work.
+            w, h = bitstream.unpack(payload, allow_truncated_layers=True).image_size
             if w * h > self.max_pixels:
-                raise ResourceExhausted(f"image {w}x{h} exceeds this server's limit of "
-                                        f"{self.max_pixels} pixels")
+                raise TooLarge(f"image {w}x{h} ({w * h} pixels) exceeds this server's limit of "
+                               f"{self.max_pixels} pixels")
+            decoded = lb.decoder.decode(payload)
+            t1 = time.perf_counter()
             bid, level = lb.bundle.id, str(decoded.level)
             self.metrics.frames.labels(bid, decoded.codec, level).inc()
             self.metrics.bytes.labels(bid, decoded.codec, level).inc(decoded.n_bytes)
@@ -331,6 +349,9 @@ class Service:
     def open_stream(self, bundle: str, task: str, client: str = "",
                     want_preview: bool = False) -> Iterator[StreamSession]:
         """Validate a stream header (bundle, task, stream limit) and account for the open stream."""
+        check_name(bundle, "bundle name")
+        check_name(task, "task name")
+        client = clip(client, 2 * MAX_NAME + 1)
         lb = self.resolve(bundle)
         task, _ = self._batcher(lb, task)
         session = StreamSession(self, lb.bundle.id, task, client, want_preview)

@@ -21,6 +21,8 @@ from server.metrics import Metrics
     (core.BundleError("x"), grpc.StatusCode.FAILED_PRECONDITION, 400),
     (core.Unauthenticated("x"), grpc.StatusCode.UNAUTHENTICATED, 401),
     (core.ResourceExhausted("x"), grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+    (core.TooLarge("x"), grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
+    (core.ImageTooLarge("x"), grpc.StatusCode.INVALID_ARGUMENT, 400),
     (ServiceUnavailable("x"), grpc.StatusCode.UNAVAILABLE, 503),
     (core.PaletteLinkError("x"), grpc.StatusCode.INTERNAL, 500),
 ])
@@ -54,3 +56,10 @@ def test_unknown_status_name_is_internal() -> None:
         code = "NOT_A_STATUS"
 
     assert status_of(Odd("x")).grpc_code == grpc.StatusCode.INTERNAL
+
+
+def test_messages_are_clipped_whatever_the_error_carries() -> None:
+    s = status_of(core.BundleNotFound("no bundle " + "z" * (1 << 20)))
+    assert len(s.message) == 1000 and s.message.endswith("…") and s.message.startswith("no bundle zz")
+    status, body = http_status(core.InvalidRequest("y" * 5000))
+    assert status == 400 and len(body["error"]["message"]) == 1000

@@ -102,7 +102,7 @@ def test_rest_errors_use_the_one_mapping(http: httpx.Client, params: dict[str, s
 
 def test_rest_body_limit(http: httpx.Client) -> None:
     r = http.post("/api/analyze", content=bytes((16 << 20) + 1))
-    assert r.status_code == 429 and r.json()["error"]["status"] == "RESOURCE_EXHAUSTED"
+    assert r.status_code == 413 and r.json()["error"]["status"] == "RESOURCE_EXHAUSTED"  # too large, not 429
 
 
 def test_not_ready_until_loaded(bundles_root, coded_frames) -> None:  # noqa: ANN001
