@@ -1,6 +1,7 @@
 """``palettelink-edge``: capture → ONNX front → codec → gRPC stream → print the server's results.
 
-Exit codes: 0 all frames answered; 1 some frames came back with an error; 2 bad arguments, inputs or
+Exit codes: 0 all frames answered; 1 some frames came back with an error or some inputs could not be
+read (too large, corrupt: named on stderr, the others still streamed); 2 bad arguments, inputs or
 bundle; 3 server unreachable (after bounded retries); 4 the server refused the stream (token,
 unknown bundle, …). This module and everything it imports stay free of torch (tested).
 """
@@ -155,10 +156,16 @@ def _check_limits(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    skipped: list[str] = []
+
+    def skip(src: capture.Source, err: PaletteLinkError) -> None:  # one bad input never stops the others
+        skipped.append(src.name)
+        print(f"{PROG}: skipped: {err}", file=sys.stderr, flush=True)
+
     try:
         _check_limits(args)
         sources = capture.expand(args.paths)
-        frames = capture.iter_frames(sources, args.every, args.max_frames)
+        frames = capture.iter_frames(sources, args.every, args.max_frames, on_error=skip)
         bundle = find_bundle(args.bundle, args.bundles)
         codec = args.codec or available(bundle)[0]
         encoder: EdgeEncoder = make_encoder(bundle, codec)
@@ -217,10 +224,11 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         channel.close()
     if stream is not None and stream.reconnects:
         print(f"{PROG}: reconnected {stream.reconnects} time(s)", file=sys.stderr)
+    if skipped:
+        print(f"{PROG}: {len(skipped)} input(s) could not be read: {', '.join(skipped)}", file=sys.stderr)
     if n_errors:
         print(f"{PROG}: {n_errors} of {n_frames} frame(s) failed", file=sys.stderr)
-        return EXIT_FRAME_ERRORS
-    return EXIT_OK
+    return EXIT_FRAME_ERRORS if n_errors or skipped else EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ Frame ids are the caller's; the server echoes them.
 from __future__ import annotations
 
 import queue
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -106,20 +107,73 @@ def make_channel(
     return grpc.secure_channel(target, creds, options=options)
 
 
-def wait_ready(channel: grpc.Channel, target: str, timeout: float, backoff: Backoff) -> None:
-    """Block until the channel connects; raise :class:`ServerUnavailable` after the retry budget."""
-    waited = 0.0
-    for delay in [0.0, *backoff.delays()]:
-        time.sleep(delay)
-        waited += delay
+def _host_port(target: str) -> tuple[str, int] | None:
+    """``host:port`` of a plain or ``dns:`` gRPC target; None for unix sockets and other schemes."""
+    t = target
+    if t.startswith("dns:"):
+        t = t.rsplit("/", 1)[-1]
+    elif t.split(":", 1)[0] in ("unix", "unix-abstract", "vsock", "ipv4", "ipv6"):
+        return None
+    if t.startswith("["):
+        host, _, rest = t[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else "443"
+    else:
+        host, sep, port = t.rpartition(":")
+        if not sep:
+            host, port = t, "443"
+    return (host, int(port)) if host and port.isdigit() else None
+
+
+def _resolve(host: str, port: int, timeout: float) -> str | None:
+    """Why ``host`` does not resolve (None if it does). The lookup runs in a thread so a resolver
+    that never answers costs ``timeout`` seconds, not its own retry schedule."""
+    result: list[str | None] = []
+
+    def lookup() -> None:
         try:
-            grpc.channel_ready_future(channel).result(timeout=timeout)
-            return
-        except grpc.FutureTimeoutError:
-            waited += timeout
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            result.append(None)
+        except (socket.gaierror, UnicodeError) as e:
+            result.append(str(getattr(e, "strerror", None) or e))
+
+    t = threading.Thread(target=lookup, name="edge-resolve", daemon=True)
+    t.start()
+    t.join(timeout)
+    return result[0] if result else f"no answer from the resolver within {timeout:g} s"
+
+
+def _refused(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+
+
+def wait_ready(channel: grpc.Channel, target: str, timeout: float) -> None:
+    """Block until the channel connects, ``timeout`` seconds at most in all (name lookup included);
+    then :class:`ServerUnavailable` with what went wrong. gRPC itself re-dials meanwhile, so a server
+    that comes up within the window is found. Without this bound a wrong address meant ~40 s of
+    silence before exit 3."""
+    deadline = time.monotonic() + timeout
+    hp = _host_port(target)
+    if hp is not None:
+        why = _resolve(*hp, timeout)
+        if why is not None:
+            raise ServerUnavailable(f"cannot resolve the host of --server {target}: {why}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=max(0.0, deadline - time.monotonic()))
+        return
+    except grpc.FutureTimeoutError:
+        pass
+    refused = hp is not None and _refused(*hp)
     raise ServerUnavailable(
-        f"cannot reach a PaletteLink server at {target} ({backoff.retries + 1} attempts over "
-        f"{waited:.1f} s); is `palettelink-server` running there (and TLS set up alike on both ends)?"
+        f"cannot reach a PaletteLink server at {target} within {timeout:g} s"
+        + (" (connection refused: nothing listens on that port)" if refused else "")
+        + "; is `palettelink-server` running there (and TLS set up alike on both ends)? "
+        "--connect-timeout S waits longer"
     )
 
 

@@ -1,22 +1,25 @@
 """Frames from image files, folders, video files and (later) cameras, as RGB uint8 arrays.
 
 All paths are checked before the first frame is read, so a typo fails at once with the path named,
-not after minutes of streaming. OpenCV does the reading; nothing here imports torch.
+not after minutes of streaming. An image's dimensions are checked from its header before it is
+decoded (``palettelink.image.load_image``), a video's from its container before its first frame.
+With ``on_error`` one unreadable or oversized input is reported and skipped, and the others go on.
+OpenCV does the reading; nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from palettelink.errors import InvalidRequest
-from palettelink.image import IMAGE_SUFFIXES, VIDEO_SUFFIXES, load_image
+from palettelink.errors import InvalidRequest, PaletteLinkError
+from palettelink.image import IMAGE_SUFFIXES, VIDEO_SUFFIXES, check_size, load_image
 
 _CAMERA = re.compile(r"^(?:camera|cam):(\d+)$")
 
@@ -102,6 +105,9 @@ def _video_frames(src: Source, every: int) -> Generator[Captured, None, None]:
     if not cap.isOpened():
         raise InvalidRequest(f"cannot open {src.kind} {src.name}")
     try:
+        w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        if w > 0 and h > 0:
+            check_size(f"{src.kind} {src.name}", w, h)
         index = 0
         got_any = False
         while True:
@@ -118,10 +124,14 @@ def _video_frames(src: Source, every: int) -> Generator[Captured, None, None]:
         cap.release()
 
 
-def iter_frames(sources: Iterable[Source], every: int = 1,
-                max_frames: int | None = None) -> Iterator[Captured]:
+def iter_frames(sources: Iterable[Source], every: int = 1, max_frames: int | None = None,
+                on_error: Callable[[Source, PaletteLinkError], None] | None = None) -> Iterator[Captured]:
     """Frames in order. ``every`` keeps every N-th frame of each video or camera; ``max_frames``
-    caps the total over all sources (a camera otherwise never ends)."""
+    caps the total over all sources (a camera otherwise never ends).
+
+    A source that cannot be read (unreadable, too large, no frames) raises a
+    :class:`~palettelink.errors.PaletteLinkError` naming it; with ``on_error`` it is handed to
+    ``on_error(source, error)`` instead and the next source follows."""
     if every < 1:
         raise InvalidRequest(f"--every must be ≥ 1, got {every}")
     if max_frames is not None and max_frames < 1:
@@ -132,12 +142,28 @@ def iter_frames(sources: Iterable[Source], every: int = 1,
             return
         if src.kind == "image":
             assert src.path is not None
-            yield Captured(src.name, "image", 0, load_image(src.path), _now_us())
+            try:
+                rgb = load_image(src.path)
+            except PaletteLinkError as e:
+                if on_error is None:
+                    raise
+                on_error(src, e)
+                continue
+            yield Captured(src.name, "image", 0, rgb, _now_us())
             n += 1
             continue
         frames = _video_frames(src, every)
         try:
-            for frame in frames:
+            while True:
+                try:
+                    frame = next(frames)
+                except StopIteration:
+                    break
+                except PaletteLinkError as e:
+                    if on_error is None:
+                        raise
+                    on_error(src, e)
+                    break
                 yield frame
                 n += 1
                 if max_frames is not None and n >= max_frames:

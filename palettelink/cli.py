@@ -15,6 +15,7 @@ import sys
 # training steps 5-10x slower. Must be set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from palettelink.cliutil import add_version, check_extra, quiet_on_broken_pipe, report_import_error
 from palettelink.errors import PaletteLinkError
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -24,9 +25,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("palettelink.info", "show the bundles under a root and their codecs and levels"),
 }
 
+# The pip extra a command needs beyond the core (checked before importing it, so an edge install gets
+# a one-line hint instead of a ModuleNotFoundError). Commands not listed need the core only.
+EXTRAS: dict[str, str] = {"build-bundle": "train", "train": "train", "bench": "train"}
+
 
 def main(argv: list[str] | None = None) -> int:
+    return quiet_on_broken_pipe(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="palettelink", description=__doc__.splitlines()[0])
+    add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     argv = sys.argv[1:] if argv is None else argv
     wanted = argv[0] if argv and argv[0] in COMMANDS else None
@@ -34,7 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_)
         if name == wanted:
-            modules[name] = importlib.import_module(module)
+            prog = f"palettelink {name}"
+            if name in EXTRAS and (code := check_extra(prog, EXTRAS[name])) is not None:
+                return code
+            try:
+                modules[name] = importlib.import_module(module)
+            except ImportError as e:
+                return report_import_error(prog, EXTRAS.get(name, "server"), e)
             modules[name].add_arguments(p)
     args = parser.parse_args(argv)
     try:
@@ -42,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     except PaletteLinkError as e:
         print(f"palettelink {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except ImportError as e:  # a dependency that exists but does not import (a broken install)
+        return report_import_error(f"palettelink {args.command}", EXTRAS.get(args.command, "server"), e)
 
 
 if __name__ == "__main__":

@@ -2,20 +2,28 @@
 
 The network sees a square ``size``×``size`` RGB tensor in [0, 1], the image scaled to fit and padded
 with grey 114 (ultralytics' convention). Boxes come back in original-image pixels.
+
+An image file's dimensions are read from its header (Pillow reads only that) and checked before it is
+decoded: a small PNG can declare 20,000×20,000 pixels, and OpenCV would decode all of it first.
 """
 
 from __future__ import annotations
 
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
-from palettelink.errors import InvalidRequest
+from palettelink.bitstream import MAX_IMAGE_SIDE
+from palettelink.errors import ImageTooLarge, InvalidRequest
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".avi", ".mp4", ".mov", ".mkv", ".webm", ".m4v"}
+MAX_IMAGE_PIXELS = 1 << 26  # 67 M pixels (8192²): 200 MB decoded, the server's default limit too
 
 
 @dataclass(frozen=True)
@@ -56,9 +64,44 @@ def letterbox(rgb: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
     return np.ascontiguousarray(x), info
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """Read an image file as RGB uint8; a clear error for anything unreadable."""
+def check_size(name: str | Path, width: int, height: int, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """Refuse ``width``×``height`` when a frame cannot carry it (a side over ``MAX_IMAGE_SIDE``) or it
+    holds more than ``max_pixels`` pixels."""
+    if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE:
+        raise ImageTooLarge(f"image {name} is {width}x{height} pixels: a PaletteLink frame carries at most "
+                            f"{MAX_IMAGE_SIDE} pixels a side")
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"image {name} is {width}x{height} = {width * height} pixels: more than the "
+                            f"limit of {max_pixels}")
+
+
+def image_size(path: str | Path) -> tuple[int, int] | None:
+    """(W, H) as the file's header declares it, without decoding the pixels; ``None`` when Pillow does
+    not recognise the file. A header declaring more pixels than Pillow itself would ever open is
+    :class:`ImageTooLarge` at once."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return int(im.width), int(im.height)
+    except Image.DecompressionBombError as e:  # over Pillow's own limit, which is above ours
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        n = f"{int(m.group(1))} pixels" if m else "more pixels than Pillow opens"
+        raise ImageTooLarge(f"image {path} declares {n} in its header: more than the limit of "
+                            f"{MAX_IMAGE_PIXELS}") from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return None  # not a header Pillow reads; OpenCV (with its own pixel limit) has the last word
+
+
+def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Read an image file as RGB uint8; a clear error for anything unreadable, and
+    :class:`~palettelink.errors.ImageTooLarge` (checked from the header, before decoding) for an image
+    over ``max_pixels`` or wider or taller than a frame can carry."""
+    size = image_size(path)
+    if size is not None:
+        check_size(path, *size, max_pixels=max_pixels)
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if bgr is None:
         raise InvalidRequest(f"cannot read image {path}")
+    check_size(path, bgr.shape[1], bgr.shape[0], max_pixels)  # what was decoded (EXIF may rotate it)
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

@@ -1,4 +1,6 @@
 """PaletteLink server: one data plane (:class:`server.service.Service`) behind thin gRPC and HTTP
 transports. Imports the core (``palettelink``) only; never the edge."""
 
-__version__ = "0.1.0"
+from palettelink import __version__  # one version for the package, its scripts and images
+
+__all__ = ["__version__"]

@@ -201,6 +201,9 @@ class GrpcServer:
                 ("grpc.keepalive_timeout_ms", 10_000),
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
                 ("grpc.keepalive_permit_without_calls", 1),
+                # gRPC sets SO_REUSEPORT by default: a second server on the same port then bound too
+                # and printed READY. Off, a taken port makes add_*_port return 0 (checked below).
+                ("grpc.so_reuseport", 0),
             ],
         )
         pb_grpc.add_PaletteLinkServicer_to_server(PaletteLinkServicer(service, auth), self.server)

@@ -4,11 +4,17 @@ Both ports are bound first (``0`` picks a free one), then the bundles load while
 and gRPC health says NOT_SERVING; then one line ``READY grpc=HOST:PORT http=HOST:PORT`` goes to
 stdout, which scripts and tests wait for. SIGINT/SIGTERM stop it cleanly: health turns NOT_SERVING,
 running calls get a grace period, then the process exits 0.
+
+Exit codes: 0 clean stop; 2 bad arguments, no usable bundle, or the ``server`` extra not installed
+(one line says which pip extra); 3 the gRPC or HTTP port is taken. The heavy imports (torch, FastAPI,
+uvicorn) happen in :func:`main` after that check, so an edge-only install gets the hint, not a
+traceback, and ``--version`` works everywhere.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -17,22 +23,50 @@ import sys
 import threading
 import time
 from pathlib import Path
-
-import uvicorn
+from typing import TYPE_CHECKING
 
 from palettelink.bundle import default_root
+from palettelink.cliutil import add_version, check_extra, quiet_on_broken_pipe, report_import_error
 from palettelink.errors import PaletteLinkError
-from server import __version__
 from server.auth import TokenAuth
-from server.grpc_service import GrpcServer, MiB, TLSConfig
-from server.http_app import create_app
-from server.service import Service
+
+if TYPE_CHECKING:
+    from server.grpc_service import TLSConfig
+    from server.service import Service
 
 log = logging.getLogger("palettelink.server")
+PROG = "palettelink-server"
+MiB = 1 << 20
+EXIT_USAGE, EXIT_PORT_IN_USE = 2, 3
+
+
+class PortInUse(OSError):
+    """The gRPC or HTTP address cannot be bound (the port is taken by another server, usually)."""
+
+
+def _bind_problem(host: str, port: int) -> str | None:
+    """Why a plain bind of ``host:port`` fails now (None: it does not). gRPC only says *that* it
+    failed, after logging a core error line; asking first keeps the message to one line."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        return _reason(e)
+    return None
+
+
+def _reason(e: OSError) -> str:
+    if e.errno == errno.EADDRINUSE:
+        return "the port is taken (another palettelink-server?); stop it or pick another port"
+    return e.strerror or str(e)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="palettelink-server", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0],
+                                epilog="exit codes: 0 stopped cleanly, 2 bad arguments/bundles or missing "
+                                       "'server' extra, 3 a port is taken")
     p.add_argument("--bundles", type=Path, default=None,
                    help="bundles root (default $PALETTELINK_BUNDLES or ./bundles)")
     p.add_argument("--bundle", action="append", default=None, metavar="NAME",
@@ -57,16 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long a batch waits to fill")
     p.add_argument("--no-verify", action="store_true", help="skip sha256 checks of bundle files at load")
     p.add_argument("--log-level", default=os.environ.get("PALETTELINK_LOG", "INFO"))
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    add_version(p)
     return p
 
 
 def _bind(host: str, port: int) -> socket.socket:
+    """The HTTP listening socket, bound here so a taken port is a :class:`PortInUse`, not a uvicorn
+    traceback. SO_REUSEADDR (restart over TIME_WAIT) but never SO_REUSEPORT (a second server)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(128)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise PortInUse(e.errno, f"cannot bind HTTP to {_fmt(host, port)} (--http-port): {_reason(e)}") from e
     sock.set_inheritable(True)
     return sock
 
@@ -86,14 +126,32 @@ class PaletteLinkServer:
                  auth: TokenAuth | None = None, tls: TLSConfig | None = None, http_tls: bool = False,
                  max_message_bytes: int = 16 * MiB, workers: int | None = None,
                  log_level: str = "warning") -> None:
+        import uvicorn
+
+        from server.grpc_service import GrpcServer
+        from server.http_app import create_app
+
         self.service = service
         self.host = host
         auth = auth or TokenAuth({})
         self.auth = auth
         self.tls = tls
-        self.grpc = GrpcServer(service, host=host, port=grpc_port, auth=auth, tls=tls,
-                               max_message_bytes=max_message_bytes, workers=workers)
-        self._sock = _bind(host, http_port)
+        grpc_where = f"cannot bind gRPC to {_fmt(host, grpc_port)} (--grpc-port)"
+        if grpc_port and (why := _bind_problem(host, grpc_port)):
+            raise PortInUse(errno.EADDRINUSE, f"{grpc_where}: {why}")
+        try:
+            self.grpc = GrpcServer(service, host=host, port=grpc_port, auth=auth, tls=tls,
+                                   max_message_bytes=max_message_bytes, workers=workers)
+        except (OSError, RuntimeError) as e:  # add_*_port found the address taken (SO_REUSEPORT is off)
+            if "bind" not in str(e):
+                raise
+            why = _bind_problem(host, grpc_port) or "refused by gRPC"
+            raise PortInUse(errno.EADDRINUSE, f"{grpc_where}: {why}") from e
+        try:
+            self._sock = _bind(host, http_port)
+        except PortInUse:
+            self.grpc.stop(0)
+            raise
         self.http_port = int(self._sock.getsockname()[1])
         https = tls if http_tls else None
         self.http_scheme = "https" if https else "http"
@@ -148,7 +206,20 @@ class PaletteLinkServer:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return quiet_on_broken_pipe(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    if (code := check_extra(PROG, "server")) is not None:
+        return code
+    try:
+        from server.grpc_service import TLSConfig
+        from server.service import Service
+
+        import_runtime()
+    except ImportError as e:  # present but broken (or shadowed) dependency
+        return report_import_error(PROG, "server", e)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if bool(args.tls_cert) != bool(args.tls_key):
@@ -166,10 +237,15 @@ def main(argv: list[str] | None = None) -> int:
     service = Service(args.bundles or default_root(), args.bundle, device=args.device,
                       threads=args.threads, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                       max_streams=args.max_streams, verify=not args.no_verify)
-    server = PaletteLinkServer(service, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
-                               auth=auth, tls=tls, http_tls=args.http_tls,
-                               max_message_bytes=int(args.max_message_mb * MiB), workers=args.workers,
-                               log_level=args.log_level)
+    try:
+        server = PaletteLinkServer(service, host=args.host, grpc_port=args.grpc_port,
+                                   http_port=args.http_port, auth=auth, tls=tls, http_tls=args.http_tls,
+                                   max_message_bytes=int(args.max_message_mb * MiB), workers=args.workers,
+                                   log_level=args.log_level)
+    except PortInUse as e:
+        service.close()
+        print(f"{PROG}: {e.strerror}", file=sys.stderr)
+        return EXIT_PORT_IN_USE
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -188,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     except PaletteLinkError as e:
         print(f"palettelink-server: {e}", file=sys.stderr)
         code = 2
+    except ImportError as e:  # a task model's dependency (torch, ultralytics) that does not import
+        code = report_import_error(PROG, "server", e)
     else:
         flags = [f for f, on in (("tls", tls), ("mtls", tls and tls.client_ca), ("auth", auth.enabled)) if on]
         print(" ".join(["READY", ports, f"bundles={','.join(service.bundles)}", *flags]), flush=True)
@@ -196,6 +274,15 @@ def main(argv: list[str] | None = None) -> int:
     server.stop(grace=5.0)
     log.info("stopped")
     return code
+
+
+def import_runtime() -> None:
+    """Import what the server runs on now, so a broken dependency fails before any port is bound."""
+    import fastapi  # noqa: F401
+    import prometheus_client  # noqa: F401
+    import uvicorn  # noqa: F401
+
+    import server.http_app  # noqa: F401
 
 
 if __name__ == "__main__":

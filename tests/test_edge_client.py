@@ -233,14 +233,61 @@ def test_level_outside_the_codec_exits_2(bundles_root: Path, images: list[Path])
     assert r.returncode == 2 and "[2, 3, 4, 5, 6, 7, 8]" in r.stderr
 
 
-def test_unreachable_server_exits_3(bundles_root: Path, images: list[Path]) -> None:
+def test_unreachable_server_exits_3_within_seconds(bundles_root: Path, images: list[Path]) -> None:
+    """Nothing listens on the port: with the default --connect-timeout (5 s) the client says so and
+    exits 3 in seconds (it used to stay silent for ~42 s)."""
     port = free_port()  # nothing listens there
     t0 = time.monotonic()
     r = edge("--server", f"127.0.0.1:{port}", "--bundle", "fall-yolov8", "--bundles", str(bundles_root),
-             "--retries", "1", "--connect-timeout", "0.3", str(images[0]))
+             str(images[0]), timeout=60)
+    wall = time.monotonic() - t0
     assert r.returncode == 3, r.stderr
-    assert f"127.0.0.1:{port}" in r.stderr and "cannot reach" in r.stderr
-    assert time.monotonic() - t0 < 30
+    assert f"127.0.0.1:{port}" in r.stderr and "cannot reach" in r.stderr and "connection refused" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert wall < 15, f"took {wall:.1f} s"
+
+
+def test_unresolvable_server_exits_3_with_the_name(bundles_root: Path, images: list[Path]) -> None:
+    t0 = time.monotonic()
+    r = edge("--server", "nonexistent.invalid:50051", "--bundle", "fall-yolov8", "--bundles",
+             str(bundles_root), str(images[0]), timeout=60)
+    wall = time.monotonic() - t0
+    assert r.returncode == 3, r.stderr
+    assert "cannot resolve" in r.stderr and "nonexistent.invalid:50051" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert wall < 15, f"took {wall:.1f} s"
+
+
+def test_connect_timeout_bounds_the_wait(bundles_root: Path, images: list[Path]) -> None:
+    """--connect-timeout is the whole wait for the first connection, whatever --retries says."""
+    t0 = time.monotonic()
+    r = edge("--server", f"127.0.0.1:{free_port()}", "--bundle", "fall-yolov8", "--bundles",
+             str(bundles_root), "--retries", "8", "--connect-timeout", "0.5", str(images[0]), timeout=60)
+    assert r.returncode == 3 and "within 0.5 s" in r.stderr, r.stderr
+    assert time.monotonic() - t0 < 10
+
+
+def test_output_into_a_closed_pipe_exits_quietly(server: str, bundles_root: Path, clip: Path) -> None:
+    """The reader of stdout is gone before the first answer (``| head`` a moment later): exit 141,
+    no BrokenPipeError traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    cmd = script("palettelink-edge") + ["--server", server, "--bundle", "fall-yolov8", "--bundles",
+                                        str(bundles_root), "--codec", "baseline", "--bits", "2", "--json",
+                                        "--token", TOKEN, str(clip / "clip.avi")]
+    try:
+        r = subprocess.run(cmd, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120, cwd=REPO,
+                           env=env())
+    finally:
+        os.close(write_end)
+    assert r.returncode == 141, r.stderr
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+
+    piped = subprocess.run(["bash", "-c", 'set -o pipefail; "$@" | head -1; echo "rc=${PIPESTATUS[0]}" >&2',
+                            "bash", *cmd], capture_output=True, text=True, timeout=120, cwd=REPO, env=env())
+    assert len(piped.stdout.splitlines()) == 1 and json.loads(piped.stdout)["frame_id"] == 0
+    assert "Traceback" not in piped.stderr, piped.stderr
+    assert piped.stderr.strip().splitlines()[-1] in ("rc=0", "rc=141"), piped.stderr
 
 
 def test_reconnects_when_the_server_restarts(server_service, bundles_root: Path, clip: Path) -> None:  # noqa: ANN001

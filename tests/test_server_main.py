@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import httpx
+import pytest
 
 from palettelink.v1 import palettelink_pb2 as pb
 from palettelink.v1 import palettelink_pb2_grpc
@@ -80,3 +82,80 @@ def test_server_process_without_bundles_exits_2(tmp_path: Path) -> None:
             proc.kill()
     assert proc.stderr is not None
     assert "no usable bundle" in proc.stderr.read()
+
+
+def _refused_to_start(proc: subprocess.Popen[str], lines: queue.Queue[str], flag: str) -> str:
+    """The process exits 3 with one line on stderr naming the flag, and never prints LISTENING/READY."""
+    try:
+        assert proc.wait(timeout=60) == 3
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    assert "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert flag in err and "taken" in err, err
+    time.sleep(0.2)  # let the stdout pump finish
+    out = []
+    while not lines.empty():
+        out.append(lines.get())
+    assert not any(x.startswith(("LISTENING", "READY")) for x in out), out
+    return err
+
+
+def _listening_socket() -> socket.socket:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s
+
+
+def test_server_refuses_a_grpc_port_held_by_a_plain_socket(tmp_path: Path) -> None:
+    with _listening_socket() as s:
+        port = s.getsockname()[1]
+        proc, lines = start("--bundles", str(tmp_path), "--grpc-port", str(port), "--http-port", "0")
+        err = _refused_to_start(proc, lines, "--grpc-port")
+    assert f"127.0.0.1:{port}" in err
+
+
+def test_server_refuses_an_http_port_held_by_a_plain_socket(tmp_path: Path) -> None:
+    with _listening_socket() as s:
+        port = s.getsockname()[1]
+        proc, lines = start("--bundles", str(tmp_path), "--grpc-port", "0", "--http-port", str(port))
+        err = _refused_to_start(proc, lines, "--http-port")
+    assert f"127.0.0.1:{port}" in err
+
+
+def test_a_second_server_on_the_same_ports_refuses_to_start(tmp_path: Path) -> None:
+    """Before, gRPC's default SO_REUSEPORT let the second server bind the first one's gRPC port and
+    print READY too (each then got half the connections); an HTTP clash was a traceback."""
+    from server.main import PaletteLinkServer
+    from server.service import Service
+
+    first = PaletteLinkServer(Service(tmp_path))
+    first.start()
+    try:
+        root = str(tmp_path)
+        proc, lines = start("--bundles", root, "--grpc-port", str(first.grpc.port), "--http-port", "0")
+        _refused_to_start(proc, lines, "--grpc-port")
+        proc, lines = start("--bundles", root, "--grpc-port", "0", "--http-port", str(first.http_port))
+        _refused_to_start(proc, lines, "--http-port")
+    finally:
+        first.stop(grace=0.2)
+
+
+def test_grpc_server_does_not_share_its_port(tmp_path: Path) -> None:
+    """The bind itself refuses (``grpc.so_reuseport`` off), not only the friendly check before it."""
+    from server.grpc_service import GrpcServer
+    from server.service import Service
+
+    svc = Service(tmp_path)
+    a = GrpcServer(svc, port=0)
+    a.start()
+    try:
+        with pytest.raises((OSError, RuntimeError), match="bind"):
+            GrpcServer(svc, port=a.port)
+    finally:
+        a.stop(0)

@@ -1,0 +1,83 @@
+"""What the three console scripts share: ``--version``, a quiet exit when stdout is closed early
+(``| head``), and one line naming the pip extra when an optional dependency is missing.
+
+The edge install has neither torch nor FastAPI, yet it ships ``palettelink-server`` and ``palettelink
+bench``; without this they died with a ModuleNotFoundError traceback that did not say what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from collections.abc import Callable, Iterable
+
+from palettelink import __version__
+
+EXIT_MISSING_EXTRA = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for any other tool behind a closed pipe
+
+# Our own top-level packages: an ImportError inside them is a bug, never a missing extra.
+OURS = frozenset({"palettelink", "edge", "server"})
+
+# Import names (not distribution names) of what each extra in pyproject.toml installs.
+EXTRA_MODULES: dict[str, tuple[str, ...]] = {
+    "edge": ("cv2",),
+    "server": ("torch", "torchvision", "ultralytics", "fastapi", "uvicorn", "prometheus_client", "cv2"),
+    "train": ("torch", "torchvision", "ultralytics", "onnx", "onnxslim", "sklearn", "scipy", "matplotlib",
+              "tqdm"),
+}
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    """``--version`` printing ``PROG X.Y.Z`` (the package version) and exiting 0."""
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+
+
+def missing_modules(modules: Iterable[str]) -> list[str]:
+    """The ones that cannot be found, without importing any (torch alone takes seconds)."""
+    missing = []
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def extra_hint(prog: str, extra: str, what: str) -> str:
+    return f"{prog}: {what}; this needs the '{extra}' extra: pip install 'palettelink[{extra}]'"
+
+
+def check_extra(prog: str, extra: str, modules: Iterable[str] | None = None) -> int | None:
+    """Print the one-line hint and return the exit code if a module of ``extra`` is absent."""
+    missing = missing_modules(EXTRA_MODULES[extra] if modules is None else modules)
+    if not missing:
+        return None
+    print(extra_hint(prog, extra, f"{', '.join(missing)} not installed"), file=sys.stderr)
+    return EXIT_MISSING_EXTRA
+
+
+def report_import_error(prog: str, extra: str, err: ImportError) -> int:
+    """The hint for an ImportError of a third-party module; re-raises one of our own (a bug)."""
+    if (err.name or "").split(".")[0] in OURS:
+        raise err
+    print(extra_hint(prog, extra, f"cannot import {err.name or 'a dependency'} ({err})"), file=sys.stderr)
+    return EXIT_MISSING_EXTRA
+
+
+def quiet_on_broken_pipe(main: Callable[[], int]) -> int:
+    """Run ``main``; if the reader of stdout went away, exit 141 without a traceback. Remaining
+    output goes to /dev/null so the flush at interpreter exit does not raise again (as the Python
+    docs on SIGPIPE recommend)."""
+    try:
+        code = main()
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
