@@ -2,8 +2,9 @@
 
 Exit codes: 0 all frames answered; 1 some frames came back with an error or some inputs could not be
 read (too large, corrupt: named on stderr, the others still streamed); 2 bad arguments, inputs or
-bundle; 3 server unreachable (after bounded retries); 4 the server refused the stream (token,
-unknown bundle, …). This module and everything it imports stay free of torch (tested).
+bundle; 3 server unreachable (not resolvable, or not answering within ``--connect-timeout``, or lost
+for good mid-stream); 4 the server refused the stream (token, unknown bundle, …); 141 stdout closed
+early (``| head``). This module and everything it imports stay free of torch (tested).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from edge.transport import (
 )
 from palettelink import capture
 from palettelink.bundle import find_bundle
+from palettelink.cliutil import add_version, quiet_on_broken_pipe
 from palettelink.codecs import EdgeEncoder, available, make_encoder
 from palettelink.errors import BundleNotFound, InvalidRequest, PaletteLinkError
 from palettelink.v1 import palettelink_pb2 as pb
@@ -72,9 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-server-name", default=None, help="expected server name in its certificate")
     p.add_argument("--client-id", default=f"{socket.gethostname()}-{os.getpid()}")
     p.add_argument("--window", type=int, default=2, help="frames in flight (default 2)")
-    p.add_argument("--retries", type=int, default=8, help="reconnect attempts in a row (default 8)")
-    p.add_argument("--connect-timeout", type=float, default=2.0, metavar="S",
-                   help="seconds per connection attempt (default 2)")
+    p.add_argument("--retries", type=int, default=8,
+                   help="reconnect attempts in a row once streaming (default 8)")
+    p.add_argument("--connect-timeout", type=float, default=5.0, metavar="S",
+                   help="seconds to wait for the first connection, DNS included (default 5); then exit 3")
+    add_version(p)
     return p
 
 
@@ -184,7 +188,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     n_frames = n_errors = 0
     stream: EdgeStream | None = None
     try:
-        wait_ready(channel, args.server, args.connect_timeout, backoff)
+        wait_ready(channel, args.server, args.connect_timeout)
         header = pb.StreamHeader(client_id=args.client_id, bundle=bundle.id, task=bundle.task)
         stream = EdgeStream(channel, header, metadata, window=args.window, backoff=backoff)
 
@@ -232,7 +236,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
+    return quiet_on_broken_pipe(lambda: run(build_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":
