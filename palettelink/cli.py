@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-bundle": ("palettelink.train.build_bundle", "split a detector and write a bundle folder"),
     "train": ("palettelink.train.pipeline", "train the palette codec of a bundle on unlabelled images"),
     "bench": ("palettelink.bench.run", "rate-accuracy benchmark against JPEG/WebP/AVIF and baselines"),
+    "bench-stream": ("palettelink.bench.stream", "a video through the real server and edge at kbps targets"),
     "info": ("palettelink.info", "show the bundles under a root and their codecs and levels"),
 }
 

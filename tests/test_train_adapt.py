@@ -16,7 +16,7 @@ from palettelink.codecs import Decoder, make_encoder
 from palettelink.image import load_image
 
 TINY = ["--tiny", "--minutes", "0.1", "--finetune-minutes", "0.05", "--k0", "32", "--levels", "5",
-        "--every", "1"]
+        "--every", "1", "--max-images", "6"]
 
 
 def train(*args: str) -> subprocess.CompletedProcess[str]:

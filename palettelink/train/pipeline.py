@@ -91,6 +91,8 @@ def train(bundle_name: str, images: list[str] | None, work: Path, out: Path | No
     from palettelink.models.ultra import SplitDetector
     from palettelink.train import bottleneck, context, contrastive, data, palette, pseudolabels
 
+    if cfg.tiny:  # a smoke run: a handful of images, one augmented view each ("seconds, not minutes")
+        cfg = replace(cfg, max_images=cfg.max_images or 4, augment=min(cfg.augment, 1))
     seed_everything(cfg.seed)
     bundle = find_bundle(bundle_name, bundles_root)
     det = SplitDetector.from_bundle(bundle, "cuda" if torch.cuda.is_available() else "cpu")
