@@ -42,6 +42,13 @@ def test_bench_table_json_and_plot(bundles_root: Path, images: list[Path], tmp_p
     assert rows[("bypass", "f32")]["ap50"] == 1.0
     assert rows[("baseline", "8b")]["ap50"] >= 0.95
     assert rows[("baseline", "2b")]["bpp"] < rows[("baseline", "8b")]["bpp"] < rows[("bypass", "f32")]["bpp"]
+    # What a deployment sees at its threshold: the bypass row agrees box for box, class for class.
+    bypass = rows[("bypass", "f32")]
+    assert bypass["f1"] == 1.0 and bypass["class_flips"] == 0 and bypass["missed"] == 0
+    assert sum(bypass["n_by_size"].values()) == report["reference_boxes"]
+    assert "size bucket" in printed and "flips" in printed
+    md = (out / "bench.md").read_text()
+    assert md.startswith("| method | point |") and "| bypass | f32 |" in md
 
 
 def test_a_new_method_is_one_registration(bundle, detector, images: list[Path],  # noqa: ANN001

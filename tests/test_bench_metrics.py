@@ -107,3 +107,20 @@ def test_max_dets_per_image_and_class() -> None:
 def test_mismatched_lengths() -> None:
     with pytest.raises(ValueError):
         evaluate([[]], [])
+
+
+def test_agreement_counts_sizes_flips_misses_and_extras() -> None:
+    """A small box found with its class, a large one found as the other class (a flip, not a hit),
+    a medium one missed, and one prediction matching nothing."""
+    from palettelink.bench.metrics import MISSED, agreement
+
+    ref = [Box((0, 0, 20, 20), 0), Box((100, 100, 300, 300), 1), Box((400, 400, 450, 450), 0)]
+    pred = [Box((1, 1, 20, 20), 0, 0.9), Box((100, 100, 300, 290), 0, 0.8), Box((600, 0, 700, 50), 1, 0.7),
+            Box((400, 400, 450, 450), 0, 0.1)]  # below the threshold: does not count
+    a = agreement([ref], [pred], conf=0.25)
+    assert a.n_by_size == {"small": 1, "medium": 1, "large": 1}
+    assert a.recall_by_size == {"small": 1.0, "medium": 0.0, "large": 0.0}
+    assert a.confusion == {(0, 0): 1, (1, 0): 1, (0, MISSED): 1}
+    assert a.n_extra == 1
+    assert a.recall == pytest.approx(1 / 3) and a.precision == pytest.approx(1 / 3)
+    assert a.f1 == pytest.approx(1 / 3)

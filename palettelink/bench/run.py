@@ -238,6 +238,29 @@ def format_agreement(rows: list[dict[str, Any]], conf: float) -> str:
     return "\n".join(lines)
 
 
+def markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown tables (what the README's Metrics section is regenerated from)."""
+    rows = report["rows"]
+
+    def f(v: float) -> str:
+        return "–" if v != v else f"{v:.2f}"
+
+    out = ["| method | point | bytes/image | bpp | AP50 | AP50:95 | F1 | small | medium | large | flips |"
+           " per-class AP50 |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        rs = r["recall_by_size"]
+        pc = ", ".join(f"{k} {v:.2f}" for k, v in r["ap50_per_class"].items())
+        out.append(f"| {r['method']} | {r['label']} | {r['bytes_mean']:,.0f} | {r['bpp']:.3f} | "
+                   f"{r['ap50']:.3f} | {r['ap50_95']:.3f} | {f(r['f1'])} | {f(rs['small'])} | "
+                   f"{f(rs['medium'])} | {f(rs['large'])} | {r['class_flips']} | {pc} |")
+    out.append("")
+    for anchor in ("jpeg", "avif"):
+        for method, pct in report.get(f"bd_rate_ap50_vs_{anchor}_percent", {}).items():
+            out.append(f"- BD-rate vs {anchor} at equal AP50, {method}: "
+                       + ("no common AP50 range" if pct is None else f"{pct:+.1f} %"))
+    return "\n".join(out) + "\n"
+
+
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -313,6 +336,7 @@ def run(args: argparse.Namespace) -> int:
     if (assets / "training.json").is_file():
         report["training_images"] = json.loads((assets / "training.json").read_text()).get("train_images")
     (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "bench.md").write_text(markdown(report))
     n_ref = report["reference_boxes"]
     title = f"{bundle.id}: {len(runner.images)} image(s), {n_ref} reference boxes"
     plot(rows, args.out / "rate_accuracy.png", title)
@@ -327,6 +351,6 @@ def run(args: argparse.Namespace) -> int:
     if n_ref < 100:
         print(f"note: only {n_ref} reference boxes; AP differences of a few points are noise "
               "(add --images with more pictures or video frames)")
-    print(f"wrote {args.out / 'bench.json'} and {args.out / 'rate_accuracy.png'}")
+    print(f"wrote {args.out / 'bench.json'}, {args.out / 'bench.md'} and {args.out / 'rate_accuracy.png'}")
     return 0
 
