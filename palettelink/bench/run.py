@@ -73,6 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ref-conf", type=float, default=0.25, help="score threshold of the reference")
     p.add_argument("--pred-conf", type=float, default=0.001, help="score threshold of predictions")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder (default bench-out/)")
+    p.add_argument("--compare-with", type=Path, default=None, metavar="BENCH_JSON",
+                   help="another run's bench.json on the same images (e.g. the generic bundle, to measure "
+                        "an adapted one): BD-rate of each method common to both")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -190,6 +193,19 @@ class Runner:
     def summary(self) -> list[dict[str, Any]]:
         names = list(self.det.class_names)
         return [row.summary(self.references, names, self.ref_conf) for row in self.rows.values()]
+
+
+def bd_rates_between(rows: list[dict[str, Any]], other: list[dict[str, Any]],
+                     key: str = "ap50") -> dict[str, float | None]:
+    """BD-rate (%) of each method of ``rows`` against the same method in ``other`` (another run)."""
+    from palettelink.bench.bdrate import bd_rate
+
+    def curve(rs: list[dict[str, Any]], method: str) -> tuple[list[float], list[float]]:
+        pts = [(r["bpp"], r[key]) for r in rs if r["method"] == method and r[key] == r[key]]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    common = [m for m in dict.fromkeys(r["method"] for r in rows) if any(o["method"] == m for o in other)]
+    return {m: bd_rate(*curve(other, m), *curve(rows, m)) for m in common if len(curve(rows, m)[0]) >= 2}
 
 
 def bd_rates(rows: list[dict[str, Any]], anchor: str = "jpeg", key: str = "ap50") -> dict[str, float | None]:
@@ -327,6 +343,16 @@ def run(args: argparse.Namespace) -> int:
         "bd_rate_ap50_vs_jpeg_percent": bd_rates(rows),
         "bd_rate_ap50_vs_avif_percent": bd_rates(rows, "avif"),
     }
+    if args.compare_with is not None:
+        try:
+            other = json.loads(args.compare_with.read_text())
+        except (OSError, ValueError) as e:
+            raise InvalidRequest(f"--compare-with {args.compare_with}: not a readable bench.json "
+                                 f"({e})") from e
+        if [i["name"] for i in other.get("images", [])] != [i["name"] for i in runner.images]:
+            raise InvalidRequest(f"--compare-with {args.compare_with}: it was measured on other images")
+        report["compared_with"] = {"bundle": other.get("bundle"), "table_hash": other.get("table_hash")}
+        report["bd_rate_ap50_vs_compared_percent"] = bd_rates_between(rows, other["rows"])
     if args.eval_set or args.train_set:
         from palettelink.train import data
 
@@ -348,6 +374,9 @@ def run(args: argparse.Namespace) -> int:
         for method, pct in report[f"bd_rate_ap50_vs_{anchor}_percent"].items():
             print(f"BD-rate vs {anchor} at equal AP50, {method}: "
                   + ("no common AP50 range" if pct is None else f"{pct:+.1f} %"))
+    for method, pct in report.get("bd_rate_ap50_vs_compared_percent", {}).items():
+        print(f"BD-rate vs {report['compared_with']['bundle']} at equal AP50, {method}: "
+              + ("no common AP50 range" if pct is None else f"{pct:+.1f} %"))
     if n_ref < 100:
         print(f"note: only {n_ref} reference boxes; AP differences of a few points are noise "
               "(add --images with more pictures or video frames)")
