@@ -9,14 +9,14 @@ decoded: a small PNG can declare 20,000×20,000 pixels, and OpenCV would decode 
 
 from __future__ import annotations
 
-import re
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from palettelink.bitstream import MAX_IMAGE_SIDE
 from palettelink.errors import ImageTooLarge, InvalidRequest
@@ -75,22 +75,35 @@ def check_size(name: str | Path, width: int, height: int, max_pixels: int = MAX_
                             f"limit of {max_pixels}")
 
 
+_HEADER_FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "TIFF")  # Pillow's ids for IMAGE_SUFFIXES
+
+
 def image_size(path: str | Path) -> tuple[int, int] | None:
-    """(W, H) as the file's header declares it, without decoding the pixels; ``None`` when Pillow does
-    not recognise the file. A header declaring more pixels than Pillow itself would ever open is
-    :class:`ImageTooLarge` at once."""
+    """(W, H) as the file's header declares it, without decoding a pixel; ``None`` when no header of
+    the image formats is recognised (OpenCV, with its own pixel limit, then has the last word).
+
+    Pillow's format plugins parse the header, called directly rather than through ``Image.open``:
+    that applies Pillow's decompression-bomb limit before we can name the size, and in a process
+    that imported ultralytics it is patched to install a HEIF plugin for files it does not know."""
+    Image.init()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                return int(im.width), int(im.height)
-    except Image.DecompressionBombError as e:  # over Pillow's own limit, which is above ours
-        m = re.search(r"\((\d+) pixels\)", str(e))
-        n = f"{int(m.group(1))} pixels" if m else "more pixels than Pillow opens"
-        raise ImageTooLarge(f"image {path} declares {n} in its header: more than the limit of "
-                            f"{MAX_IMAGE_PIXELS}") from e
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        return None  # not a header Pillow reads; OpenCV (with its own pixel limit) has the last word
+        with open(path, "rb") as fp:
+            prefix = fp.read(16)
+            for fmt in _HEADER_FORMATS:
+                factory, accept = Image.OPEN.get(fmt, (None, None))
+                if factory is None or (accept is not None and accept(prefix) is not True):
+                    continue
+                fp.seek(0)
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        im = factory(fp, str(path))
+                except (SyntaxError, IndexError, TypeError, ValueError, EOFError, OSError, struct.error):
+                    continue  # a broken header: let the next format (or OpenCV) try
+                return int(im.size[0]), int(im.size[1])
+    except OSError:
+        return None
+    return None
 
 
 def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
