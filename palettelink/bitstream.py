@@ -8,7 +8,8 @@ One coded frame is self-contained::
     n_tensors u8 | per tensor: C u16, h u16, w u16
     n_layers u8 | per layer: uvarint length, bytes
 
-``param`` is codec specific (baseline: bits per value; palette: the coarsest level sent). Layers are
+``codec`` is the codec's wire id from the registry (:mod:`palettelink.codecs`); ``param`` is codec
+specific (baseline: bits per value; palette: the coarsest level sent). Layers are
 length-prefixed so a progressive stream can be cut after any layer. Nothing is allocated from a size
 before it has been checked against the bytes actually present and against hard limits, and every
 malformed input raises :class:`~palettelink.errors.InvalidStream`.
@@ -30,8 +31,6 @@ MAX_LAYERS = 64
 MAX_TENSOR_VALUES = 1 << 24
 MAX_IMAGE_SIDE = 16384
 
-CODEC_IDS = {"baseline": 1, "palette": 2}
-CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
 FLAG_PROGRESSIVE = 0x01
 
 _FIXED = struct.Struct(">4sBBBB")
@@ -70,9 +69,24 @@ def _uvarint(n: int) -> bytes:
             return bytes(out)
 
 
+def _wire_id(codec: str) -> int | None:
+    """The codec byte, from the codec registry (imported here: the registry imports this module)."""
+    from palettelink import codecs
+
+    return next((s.wire_id for s in codecs.specs() if s.name == codec), None)
+
+
+def _codec_name(wire_id: int) -> str | None:
+    from palettelink import codecs
+
+    s = codecs.spec_for_wire_id(wire_id)
+    return None if s is None else s.name
+
+
 def pack(frame: Frame) -> bytes:
     """Serialise ``frame``. Raises ``ValueError`` for fields the format cannot hold (a bug upstream)."""
-    if frame.codec not in CODEC_IDS:
+    codec_id = _wire_id(frame.codec)
+    if codec_id is None:
         raise ValueError(f"unknown codec {frame.codec!r}")
     bid = frame.bundle_id.encode()
     if not 0 < len(bid) <= MAX_BUNDLE_ID:
@@ -89,7 +103,7 @@ def pack(frame: Frame) -> bytes:
     if not 0 <= frame.codec_flags < 128:
         raise ValueError("codec flags must fit 7 bits")
     out = bytearray(
-        _FIXED.pack(MAGIC, FORMAT_VERSION, CODEC_IDS[frame.codec], frame.param,
+        _FIXED.pack(MAGIC, FORMAT_VERSION, codec_id, frame.param,
                     (FLAG_PROGRESSIVE if frame.progressive else 0) | (frame.codec_flags << 1))
     )
     out += bytes([len(bid)]) + bid + frame.table_hash
@@ -148,7 +162,8 @@ def unpack(data: bytes, *, allow_truncated_layers: bool = False) -> Frame:
         raise InvalidStream(f"wrong magic {magic!r}: not a PaletteLink stream (expected {MAGIC!r})")
     if version != FORMAT_VERSION:
         raise InvalidStream(f"unsupported format version {version} (this build reads {FORMAT_VERSION})")
-    if codec_id not in CODEC_NAMES:
+    codec = _codec_name(codec_id)
+    if codec is None:
         raise InvalidStream(f"unknown codec id {codec_id}")
     n = r.u8("bundle id length")
     if not 0 < n <= MAX_BUNDLE_ID:
@@ -189,7 +204,7 @@ def unpack(data: bytes, *, allow_truncated_layers: bool = False) -> Frame:
     if not layers:
         raise InvalidStream("stream holds no layer")
     return Frame(
-        codec=CODEC_NAMES[codec_id], param=param, bundle_id=bundle_id, table_hash=table_hash,
+        codec=codec, param=param, bundle_id=bundle_id, table_hash=table_hash,
         image_size=(w, h), shapes=tuple(shapes), layers=tuple(layers),
         progressive=bool(flags & FLAG_PROGRESSIVE), codec_flags=flags >> 1, truncated=truncated,
     )

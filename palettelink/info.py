@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from palettelink import codecs
 from palettelink.bundle import Bundle, default_root, list_bundles
-from palettelink.codecs import available
 from palettelink.errors import PaletteLinkError
 
 
@@ -37,13 +37,12 @@ def _per_level(value: Any, level: int, index: int) -> Any:
 def codec_levels(bundle: Bundle, codec: str) -> list[dict[str, Any]]:
     """Levels of ``codec`` from the manifest: ``{"level": t}`` plus ``palette_size``, ``mean_bits``,
     ``mean_bpp`` where recorded, either inside the level entries or as lists/maps beside them
-    (``level_sizes``, ``mean_bits``, ``mean_bpp``)."""
+    (``level_sizes``, ``mean_bits``, ``mean_bpp``). In the manifest's order; where it records none,
+    the codec's own levels in ascending order."""
     meta = bundle.codecs.get(codec, {})
     levels = meta.get("levels")
-    if levels is None and codec == "baseline":
-        from palettelink.codecs.baseline import BITS
-
-        levels = list(BITS)
+    if levels is None:
+        levels = sorted(codecs.spec(codec).levels(bundle))
     out = []
     for i, lv in enumerate(levels or []):
         d = dict(lv) if isinstance(lv, dict) else {"level": int(lv)}
@@ -55,18 +54,23 @@ def codec_levels(bundle: Bundle, codec: str) -> list[dict[str, Any]]:
     return out
 
 
+def codec_entry(bundle: Bundle, codec: str) -> dict[str, Any]:
+    """One codec of ``bundle``: its manifest levels and its registry capabilities."""
+    s = codecs.spec(codec)
+    return {"levels": codec_levels(bundle, codec), "progressive": s.progressive, "param": s.param,
+            "wire_id": s.wire_id, "exact_sizes": s.exact_sizes, "cut": s.cut}
+
+
 def describe(bundle: Bundle) -> dict[str, Any]:
+    names = codecs.available(bundle)
     return {
         "id": bundle.id, "path": str(bundle.path), "task": bundle.task,
         "tasks": bundle.manifest.get("tasks", [bundle.task]), "class_names": bundle.class_names,
         "input_size": bundle.input_size, "table_hash": bundle.table_hash_hex,
         "split_after_layer": bundle.manifest["split"].get("after_layer"),
         "tensors": [{"name": t.name, "layer": t.layer, "shape": list(t.shape)} for t in bundle.tensors],
-        "codecs": {c: {"levels": codec_levels(bundle, c),
-                       "progressive": bool(bundle.codecs.get(c, {}).get("progressive", False)),
-                       "param": bundle.codecs.get(c, {}).get("param", "level")}
-                   for c in available(bundle)},
-        "default_codec": available(bundle)[0],
+        "codecs": {c: codec_entry(bundle, c) for c in names},
+        "default_codec": names[0],
     }
 
 

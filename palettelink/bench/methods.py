@@ -16,8 +16,8 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image, features
 
+from palettelink import codecs
 from palettelink.bundle import Bundle
-from palettelink.codecs import Decoder, available, make_encoder
 from palettelink.errors import InvalidRequest
 from palettelink.front import Front
 from palettelink.image import Letterbox, letterbox
@@ -120,49 +120,50 @@ class Bypass:
 class CodecMethod:
     """A feature codec of ``palettelink.codecs`` end to end: edge encoder → bytes → server decoder.
 
-    Codecs that can code given tensors (``encode_tensors``, the baseline) reuse the item's front
-    outputs; codecs with ``analyse``/``encode_analysis`` (the palette codec) analyse each image once
-    and cut the progressive stream per level. Either way the edge network runs once per image.
+    Each image is analysed once and every level cut from that analysis. A codec whose cut is the
+    crossing tensors starts from the item's front outputs (shared by every method); any other runs
+    its own edge network once per image, reported apart as ``analyse_ms``.
     """
 
     kind = "features"
 
     def __init__(self, ctx: Context, codec: str) -> None:
-        if codec not in available(ctx.bundle):
-            raise InvalidRequest(f"bundle {ctx.bundle.id} has no {codec!r} codec (it has "
-                                 f"{available(ctx.bundle)}); rebuild it with `palettelink build-bundle`")
+        offered = codecs.available(ctx.bundle)
+        if codec not in offered:
+            raise InvalidRequest(f"bundle {ctx.bundle.id} has no {codec!r} codec (it has {offered}); "
+                                 "rebuild it with `palettelink build-bundle`")
         self.name = codec
-        self.encoder = make_encoder(ctx.bundle, codec)
-        self.decoder = Decoder(ctx.bundle)
+        self.spec = codecs.spec(codec)
+        self.encoder = codecs.make_encoder(ctx.bundle, codec)
+        self.decoder = codecs.Decoder(ctx.bundle)
         wanted = ctx.options.get(f"{codec}_levels")
-        self._points = list(wanted) if wanted else sorted(self.encoder.levels(), reverse=codec == "baseline")
-        self._analysis: tuple[Item, Any, float] | None = None  # the last item, its analysis, ms
+        self._points = list(wanted) if wanted else self.encoder.levels()  # finest first
+        self._analysis: tuple[Item, codecs.Analysis, float] | None = None  # the last item, its analysis, ms
 
     def points(self) -> list[int]:
         return self._points
 
     def label(self, point: int) -> str:
-        return f"{point}b" if self.name == "baseline" else f"L{point}"
+        return self.spec.level_label(point)
+
+    def _analyse(self, item: Item) -> tuple[codecs.Analysis, float]:
+        if self._analysis is None or self._analysis[0] is not item:
+            t0 = time.perf_counter()
+            if self.spec.cut == "crossing":
+                size = (item.letterbox.width, item.letterbox.height)
+                analysis: codecs.Analysis = codecs.CrossingAnalysis(size, 0.0, item.tensors)
+            else:
+                analysis = self.encoder.analyse(item.rgb)
+            self._analysis = (item, analysis, _ms(t0))
+        return self._analysis[1], self._analysis[2]
 
     def run(self, item: Item, point: int) -> Output:
-        """``encode_ms`` is the codec's own work; the edge network run shared by all levels of an
-        image (palette ``analyse``) is reported apart as ``analyse_ms``."""
-        timings: dict[str, float] = {}
-        encode_tensors = getattr(self.encoder, "encode_tensors", None)
-        analyse = getattr(self.encoder, "analyse", None)
-        encode_analysis = getattr(self.encoder, "encode_analysis", None)
-        if analyse is not None and encode_analysis is not None and encode_tensors is None:
-            if self._analysis is None or self._analysis[0] is not item:
-                t0 = time.perf_counter()
-                self._analysis = (item, analyse(item.rgb), _ms(t0))
-            timings["analyse_ms"] = self._analysis[2]
+        """``encode_ms`` is the codec's own work at this point; the edge network run shared by all
+        levels of an image is ``analyse_ms`` (zero for a crossing-tensor codec: the item has them)."""
+        analysis, analyse_ms = self._analyse(item)
+        timings: dict[str, float] = {} if self.spec.cut == "crossing" else {"analyse_ms": analyse_ms}
         t0 = time.perf_counter()
-        if encode_tensors is not None:
-            payload = encode_tensors(item.tensors, (item.letterbox.width, item.letterbox.height), point)
-        elif self._analysis is not None and encode_analysis is not None:
-            payload = encode_analysis(self._analysis[1], point).payload
-        else:
-            payload = self.encoder.encode(item.rgb, point).payload
+        payload = self.encoder.encode_analysis(analysis, point).payload
         timings["encode_ms"] = _ms(t0)
         t0 = time.perf_counter()
         dec = self.decoder.decode(payload)
@@ -170,14 +171,15 @@ class CodecMethod:
         return Output(len(payload), tensors=dec.tensors, timings_ms=timings)
 
 
-@register("baseline")
-def _baseline(ctx: Context) -> Method:
-    return CodecMethod(ctx, "baseline")
+def _codec_method(codec: str) -> Callable[[Context], Method]:
+    def make(ctx: Context) -> Method:
+        return CodecMethod(ctx, codec)
+
+    return make
 
 
-@register("palette")
-def _palette(ctx: Context) -> Method:
-    return CodecMethod(ctx, "palette")
+for _spec in codecs.specs():  # one benchmark row per registered codec
+    register(_spec.name)(_codec_method(_spec.name))
 
 
 class PillowMethod:

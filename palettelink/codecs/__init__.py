@@ -1,14 +1,20 @@
-"""Codec registry: name → (edge encoder, server decoder). A new codec is one entry here.
+"""Codec registry: the one place that knows each codec's name, wire id and capabilities.
 
-Edge encoders take an RGB image and produce a coded frame; server decoders take the bytes and give
-back the tensors that cross the split. Both are pure numpy + onnxruntime + constriction.
+A codec is one module in this package that calls :func:`register` with a :class:`CodecSpec` at
+import time; the registry imports every module of the package the first time it is asked, so the
+bitstream, the edge's rate control, the bench, ``palettelink info`` and the server all see a new codec
+without naming it. Every edge encoder has the same small interface (:class:`EdgeEncoder`): analyse an
+image once, then size and cut any level from that analysis. Pure numpy + onnxruntime + constriction.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -42,10 +48,39 @@ class Decoded:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class Analysis:
+    """One run of a codec's edge network over an image: every level is sized and cut from it, so
+    rate control and the bench never run the network twice for one frame."""
+
+    image_size: tuple[int, int]  # (W, H) of the original image
+    front_ms: float
+
+
+@dataclass
+class CrossingAnalysis(Analysis):
+    """The analysis of a codec whose cut is ``"crossing"``: the front's tensors as they are. Anyone
+    holding those tensors (the bench) may build one and skip the front."""
+
+    tensors: list[np.ndarray]
+    coded: dict[int, bytes] = field(default_factory=dict)  # payloads made so far, by level
+    encode_ms: float = 0.0  # coding time spent on this analysis so far
+
+
 class EdgeEncoder(Protocol):
+    """What every edge encoder offers; levels are always listed finest first."""
+
     codec: str
 
     def levels(self) -> list[int]: ...
+
+    def analyse(self, rgb: np.ndarray) -> Analysis: ...
+
+    def level_sizes(self, analysis: Analysis) -> dict[int, int]:
+        """Exact payload bytes of every level (meaningful where the spec's ``exact_sizes``)."""
+        ...
+
+    def encode_analysis(self, analysis: Analysis, level: int | None = None) -> Encoded: ...
 
     def encode(self, rgb: np.ndarray, level: int | None = None) -> Encoded: ...
 
@@ -54,6 +89,86 @@ class FeatureDecoder(Protocol):
     codec: str
 
     def decode_frame(self, frame: bitstream.Frame, n_bytes: int) -> Decoded: ...
+
+
+Cut = Literal["crossing", "latent"]
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    """A codec as the rest of the system sees it.
+
+    ``wire_id`` is the container's codec byte: never renumber one (committed streams must decode).
+    ``param`` names a level on the command line (``bits`` or ``level``); ``label`` formats one for
+    tables. ``progressive``: a prefix of a stream decodes to a coarser level. ``exact_sizes``:
+    ``level_sizes(analysis)`` gives the exact payload size of every level, so rate control sizes
+    first and codes once. ``cut``: what is coded, the split's crossing tensors or a learned latent.
+    ``levels(bundle)`` reads the manifest only (no ONNX session), finest first. ``preference``: the
+    lowest offered one is a bundle's default codec.
+    """
+
+    name: str
+    wire_id: int
+    param: str
+    label: str  # format with one level, e.g. "{}b", "L{}"
+    progressive: bool
+    exact_sizes: bool
+    cut: Cut
+    levels: Callable[[Bundle], list[int]]
+    offered: Callable[[Bundle], bool]
+    encoder: Callable[[Bundle], EdgeEncoder]
+    decoder: Callable[[Bundle], FeatureDecoder]
+    preference: int = 100
+
+    def level_label(self, level: int) -> str:
+        return self.label.format(level)
+
+
+_REGISTRY: dict[str, CodecSpec] = {}
+_discovered = False
+_discover_lock = threading.RLock()
+
+
+def register(spec: CodecSpec) -> CodecSpec:
+    """Add ``spec``; a second codec with the same name or wire id is a bug, refused here."""
+    if not 0 < spec.wire_id < 256:
+        raise ValueError(f"codec {spec.name!r}: wire id {spec.wire_id} does not fit the header byte")
+    for other in _REGISTRY.values():
+        if other.name != spec.name and other.wire_id == spec.wire_id:
+            raise ValueError(f"codec {spec.name!r} reuses wire id {spec.wire_id} of {other.name!r}")
+    if spec.name in _REGISTRY and _REGISTRY[spec.name] != spec:
+        raise ValueError(f"codec {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _discover() -> None:
+    """Import every module of this package once (each registers its codec)."""
+    global _discovered
+    if _discovered:
+        return
+    with _discover_lock:
+        if not _discovered:
+            for m in pkgutil.iter_modules(__path__):
+                importlib.import_module(f"{__name__}.{m.name}")
+            _discovered = True
+
+
+def specs() -> list[CodecSpec]:
+    """Every registered codec, preferred first."""
+    _discover()
+    return sorted(_REGISTRY.values(), key=lambda s: (s.preference, s.name))
+
+
+def spec(name: str) -> CodecSpec:
+    _discover()
+    if name not in _REGISTRY:
+        raise InvalidRequest(f"unknown codec {name!r}; known: {', '.join(s.name for s in specs())}")
+    return _REGISTRY[name]
+
+
+def spec_for_wire_id(wire_id: int) -> CodecSpec | None:
+    return next((s for s in specs() if s.wire_id == wire_id), None)
 
 
 def check_bundle(frame: bitstream.Frame, bundle: Bundle) -> None:
@@ -68,10 +183,8 @@ def check_bundle(frame: bitstream.Frame, bundle: Bundle) -> None:
 
 
 def available(bundle: Bundle) -> list[str]:
-    names = ["baseline"]
-    if "palette" in bundle.codecs:
-        names.insert(0, "palette")
-    return names
+    """The codecs ``bundle`` can run, its default first."""
+    return [s.name for s in specs() if s.offered(bundle)]
 
 
 def default_codec(bundle: Bundle) -> str:
@@ -82,13 +195,7 @@ def make_encoder(bundle: Bundle, codec: str | None = None) -> EdgeEncoder:
     codec = codec or default_codec(bundle)
     if codec not in available(bundle):
         raise InvalidRequest(f"bundle {bundle.id} offers codecs {available(bundle)}, not {codec!r}")
-    if codec == "baseline":
-        from palettelink.codecs.baseline import BaselineEncoder
-
-        return BaselineEncoder(bundle)
-    from palettelink.codecs.palette import PaletteEncoder
-
-    return PaletteEncoder(bundle)
+    return spec(codec).encoder(bundle)
 
 
 class Decoder:
@@ -102,21 +209,11 @@ class Decoder:
 
     def _get(self, codec: str) -> FeatureDecoder:
         with self._lock:
-            return self._get_locked(codec)
-
-    def _get_locked(self, codec: str) -> FeatureDecoder:
-        if codec not in self._impl:
-            if codec not in available(self.bundle):
-                raise InvalidStream(f"bundle {self.bundle.id} cannot decode codec {codec!r}")
-            if codec == "baseline":
-                from palettelink.codecs.baseline import BaselineDecoder
-
-                self._impl[codec] = BaselineDecoder(self.bundle)
-            else:
-                from palettelink.codecs.palette import PaletteDecoder
-
-                self._impl[codec] = PaletteDecoder(self.bundle)
-        return self._impl[codec]
+            if codec not in self._impl:
+                if codec not in available(self.bundle):
+                    raise InvalidStream(f"bundle {self.bundle.id} cannot decode codec {codec!r}")
+                self._impl[codec] = spec(codec).decoder(self.bundle)
+            return self._impl[codec]
 
     def decode(self, payload: bytes) -> Decoded:
         frame = bitstream.unpack(payload, allow_truncated_layers=True)

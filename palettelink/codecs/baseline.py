@@ -17,11 +17,19 @@ import numpy as np
 
 from palettelink import bitstream, entropy
 from palettelink.bundle import Bundle
-from palettelink.codecs import Decoded, Encoded
+from palettelink.codecs import Analysis, CodecSpec, CrossingAnalysis, Decoded, Encoded, register
 from palettelink.errors import InvalidRequest, InvalidStream
 from palettelink.front import Front
 
+CODEC = "baseline"
 BITS = tuple(range(2, 9))
+LEVELS = tuple(reversed(BITS))  # finest (8 bits) first
+
+
+def _check_bits(bits: object) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int | np.integer) or int(bits) not in BITS:
+        raise InvalidRequest(f"baseline bits must be one of {list(BITS)}, got {bits}")
+    return int(bits)
 
 
 def quantise(t: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -66,39 +74,58 @@ def decode_tensor(layer: bytes, shape: tuple[int, int, int], bits: int) -> np.nd
 
 
 class BaselineEncoder:
-    codec = "baseline"
+    """Edge: front.onnx once per frame (the analysis), then any bit depth coded from its tensors."""
+
+    codec = CODEC
 
     def __init__(self, bundle: Bundle, threads: int | None = None) -> None:
         self.bundle = bundle
         self.front = Front(bundle, threads)
 
     def levels(self) -> list[int]:
-        return list(BITS)
+        return list(LEVELS)
 
     def encode_tensors(self, tensors: list[np.ndarray], image_size: tuple[int, int], bits: int) -> bytes:
-        if bits not in BITS:
-            raise InvalidRequest(f"baseline bits must be one of {list(BITS)}, got {bits}")
+        bits = _check_bits(bits)
         layers = tuple(encode_tensor(t[0], bits) for t in tensors)
         frame = bitstream.Frame(
-            codec="baseline", param=bits, bundle_id=self.bundle.id, table_hash=self.bundle.table_hash,
+            codec=CODEC, param=bits, bundle_id=self.bundle.id, table_hash=self.bundle.table_hash,
             image_size=image_size, shapes=tuple(tuple(t.shape[1:]) for t in tensors), layers=layers,
         )
         return bitstream.pack(frame)
 
-    def encode(self, rgb: np.ndarray, level: int | None = None) -> Encoded:
-        bits = 8 if level is None else int(level)
-        if bits not in BITS:
-            raise InvalidRequest(f"baseline bits must be one of {list(BITS)}, got {bits}")
+    def analyse(self, rgb: np.ndarray) -> CrossingAnalysis:
         tensors, info, front_ms = self.front.run(rgb)
-        t0 = time.perf_counter()
-        payload = self.encode_tensors(tensors, (info.width, info.height), bits)
-        enc_ms = (time.perf_counter() - t0) * 1e3
-        return Encoded(payload, "baseline", bits, (info.width, info.height),
-                       {"front_ms": front_ms, "encode_ms": enc_ms})
+        return CrossingAnalysis((info.width, info.height), front_ms, tensors)
+
+    def _coded(self, analysis: Analysis, bits: int) -> bytes:
+        if not isinstance(analysis, CrossingAnalysis):
+            raise InvalidRequest(f"the baseline codes crossing tensors, not a {type(analysis).__name__}")
+        if bits not in analysis.coded:
+            t0 = time.perf_counter()
+            analysis.coded[bits] = self.encode_tensors(analysis.tensors, analysis.image_size, bits)
+            analysis.encode_ms += (time.perf_counter() - t0) * 1e3
+        return analysis.coded[bits]
+
+    def level_sizes(self, analysis: Analysis) -> dict[int, int]:
+        """Exact, by coding every bit depth (kept in the analysis: the chosen one is not coded twice)."""
+        return {bits: len(self._coded(analysis, bits)) for bits in LEVELS}
+
+    def encode_analysis(self, analysis: Analysis, level: int | None = None) -> Encoded:
+        """``encode_ms`` counts all coding done on this analysis (sizing every level included)."""
+        bits = _check_bits(8 if level is None else level)
+        payload = self._coded(analysis, bits)
+        assert isinstance(analysis, CrossingAnalysis)
+        return Encoded(payload, CODEC, bits, analysis.image_size,
+                       {"front_ms": analysis.front_ms, "encode_ms": analysis.encode_ms})
+
+    def encode(self, rgb: np.ndarray, level: int | None = None) -> Encoded:
+        bits = _check_bits(8 if level is None else level)
+        return self.encode_analysis(self.analyse(rgb), bits)
 
 
 class BaselineDecoder:
-    codec = "baseline"
+    codec = CODEC
 
     def __init__(self, bundle: Bundle) -> None:
         self.bundle = bundle
@@ -114,5 +141,12 @@ class BaselineDecoder:
             raise InvalidStream(f"baseline frame has {len(frame.layers)} layers, needs {len(self.shapes)}")
         t0 = time.perf_counter()
         tensors = [decode_tensor(layer, s, bits) for layer, s in zip(frame.layers, self.shapes, strict=True)]
-        return Decoded(tensors, "baseline", bits, frame.image_size, n_bytes,
+        return Decoded(tensors, CODEC, bits, frame.image_size, n_bytes,
                        timings_ms={"decode_ms": (time.perf_counter() - t0) * 1e3})
+
+
+SPEC = register(CodecSpec(
+    name=CODEC, wire_id=1, param="bits", label="{}b", progressive=False, exact_sizes=True,
+    cut="crossing", levels=lambda bundle: list(LEVELS), offered=lambda bundle: True,
+    encoder=BaselineEncoder, decoder=BaselineDecoder, preference=90,
+))

@@ -59,7 +59,7 @@ import numpy as np
 
 from palettelink import bitstream, entropy
 from palettelink.bundle import Bundle
-from palettelink.codecs import Decoded, Encoded
+from palettelink.codecs import Analysis, CodecSpec, Decoded, Encoded, register
 from palettelink.errors import BundleError, InvalidRequest, InvalidStream
 from palettelink.front import ort_session
 from palettelink.image import Letterbox, letterbox
@@ -620,13 +620,11 @@ def _tables_file(bundle: Bundle) -> Path:
 
 
 @dataclass
-class Analysis:
+class PaletteAnalysis(Analysis):
     """One image run through edge.onnx once: every level's stream can be cut from it."""
 
     indices: np.ndarray  # [G, h, w] finest
-    image_size: tuple[int, int]
     letterbox: Letterbox
-    front_ms: float
     layers: list[bytes] | None = None  # the full progressive stream's layers, made on first use
     layer_ms: float = 0.0
 
@@ -649,7 +647,7 @@ class PaletteEncoder:
     def levels(self) -> list[int]:
         return list(range(self.tables.n_levels))
 
-    def analyse(self, rgb: np.ndarray) -> Analysis:
+    def analyse(self, rgb: np.ndarray) -> PaletteAnalysis:
         x, info = letterbox(rgb, self.bundle.input_size)
         t0 = time.perf_counter()
         feeds = {self.input_name: x, "level": np.asarray(0, dtype=np.int64)}
@@ -658,16 +656,18 @@ class PaletteEncoder:
         idx = np.asarray(idx).astype(np.int64).reshape(self.tables.n_groups, *np.shape(idx)[-2:])
         if idx.min() < 0 or idx.max() >= self.tables.sizes[0]:
             raise BundleError(f"{self.bundle.id}: edge.onnx produced indices outside the palette")
-        return Analysis(idx, (info.width, info.height), info, ms)
+        return PaletteAnalysis((info.width, info.height), ms, idx, info)
 
     def _layers(self, analysis: Analysis) -> list[bytes]:
+        if not isinstance(analysis, PaletteAnalysis):
+            raise InvalidRequest(f"the palette codec cuts its own analysis, not a {type(analysis).__name__}")
         if analysis.layers is None:
             t0 = time.perf_counter()
             analysis.layers = encode_levels(analysis.indices, self.tables, 0, self.model)
             analysis.layer_ms = (time.perf_counter() - t0) * 1e3
         return analysis.layers
 
-    def _frame(self, analysis: Analysis, layers: Sequence[bytes]) -> bitstream.Frame:
+    def _frame(self, analysis: PaletteAnalysis, layers: Sequence[bytes]) -> bitstream.Frame:
         _, h, w = analysis.indices.shape
         return bitstream.Frame(
             codec=CODEC, param=self.tables.n_levels - 1, bundle_id=self.bundle.id,
@@ -679,6 +679,7 @@ class PaletteEncoder:
         """The stream for ``level`` (default 0, the finest): a prefix of the full progressive stream."""
         level = _check_level(self.tables, 0 if level is None else level)
         layers = self._layers(analysis)[: self.tables.n_levels - level]
+        assert isinstance(analysis, PaletteAnalysis)
         t0 = time.perf_counter()
         payload = bitstream.pack(self._frame(analysis, layers))
         ms = (time.perf_counter() - t0) * 1e3
@@ -688,6 +689,7 @@ class PaletteEncoder:
     def level_sizes(self, analysis: Analysis) -> dict[int, int]:
         """Exact payload bytes of every level (one progressive encode gives every prefix)."""
         layers = self._layers(analysis)
+        assert isinstance(analysis, PaletteAnalysis)
         n_l = self.tables.n_levels
         return {t: len(bitstream.pack(self._frame(analysis, layers[: n_l - t]))) for t in range(n_l)}
 
@@ -761,3 +763,21 @@ class PaletteDecoder:
         return Decoded(tensors, CODEC, r.sent_level, frame.image_size, n_bytes, frame.truncated,
                        {"decode_ms": (t1 - t0) * 1e3, "decoder_ms": (t2 - t1) * 1e3,
                         "generated_level": float(r.level)})
+
+
+def _manifest_levels(bundle: Bundle) -> list[int]:
+    """Levels from the manifest (finest first) without loading the tables; the tables when it has none."""
+    entry = bundle.codecs.get(CODEC, {})
+    levels = entry.get("levels")
+    if levels:
+        return sorted(int(lv["level"]) if isinstance(lv, dict) else int(lv) for lv in levels)
+    if entry.get("level_sizes"):
+        return list(range(len(entry["level_sizes"])))
+    return list(range(PaletteTables.load(_tables_file(bundle)).n_levels))
+
+
+SPEC = register(CodecSpec(
+    name=CODEC, wire_id=2, param="level", label="L{}", progressive=True, exact_sizes=True,
+    cut="latent", levels=_manifest_levels, offered=lambda bundle: CODEC in bundle.codecs,
+    encoder=PaletteEncoder, decoder=PaletteDecoder, preference=10,
+))
