@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from edge.ratecontrol import LevelCoder, controller_from
 from edge.transport import (
     Backoff,
     EdgeStream,
@@ -32,8 +31,9 @@ from edge.transport import (
 from palettelink import capture
 from palettelink.bundle import find_bundle
 from palettelink.cliutil import add_version, quiet_on_broken_pipe
-from palettelink.codecs import EdgeEncoder, available, make_encoder
+from palettelink.codecs import EdgeEncoder, default_codec, make_encoder, spec
 from palettelink.errors import BundleNotFound, InvalidRequest, PaletteLinkError
+from palettelink.ratecontrol import LevelCoder, controller_from
 from palettelink.v1 import palettelink_pb2 as pb
 
 EXIT_OK, EXIT_FRAME_ERRORS, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_REFUSED = 0, 1, 2, 3, 4
@@ -147,8 +147,9 @@ def _fail(code: int, msg: str) -> int:
 
 
 def _level_for(args: argparse.Namespace, codec: str) -> int | None:
-    if args.bits is not None and codec != "baseline":
-        raise InvalidRequest(f"--bits is for the baseline codec; use --level with {codec}")
+    if args.bits is not None and spec(codec).param != "bits":
+        raise InvalidRequest(f"--bits is for a codec whose levels are bit depths (baseline); "
+                             f"use --level with {codec}")
     return args.bits if args.bits is not None else args.level
 
 
@@ -171,7 +172,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         sources = capture.expand(args.paths)
         frames = capture.iter_frames(sources, args.every, args.max_frames, on_error=skip)
         bundle = find_bundle(args.bundle, args.bundles)
-        codec = args.codec or available(bundle)[0]
+        codec = args.codec or default_codec(bundle)
         encoder: EdgeEncoder = make_encoder(bundle, codec)
         coder = LevelCoder(encoder, controller_from(_level_for(args, codec), args.target_bpp,
                                                     args.target_bytes, args.kbps, args.fps))

@@ -1,9 +1,12 @@
-"""Rate control over the levels of one bundle: pick, per frame, the finest level that fits.
+"""Rate control: pick, per frame, the finest level that fits, and code the frame at it.
 
-The palette encoder knows the exact size of every level before it sends anything (one progressive
-encode gives every prefix size), so control is exact, not a model of the rate. Levels: 0 is the
-finest; sizes strictly decrease as the level rises. For the baseline codec the "levels" are bit
-depths, where larger means finer: controllers only look at the sizes, so they serve both.
+Controllers (fixed level, target bytes/bpp, a kbps/fps leaky bucket) choose from the coded size of
+every level; :class:`LevelCoder` gets those sizes as the codec's registry spec allows. A codec with
+``exact_sizes`` (both today: the palette cuts one progressive encode, the baseline codes each bit
+depth from one front run) is analysed once, sized, and cut at the chosen level; any other codec has
+every level coded from one analysis and the fitting one sent. Control is exact, not a model of the
+rate. Controllers look at sizes only, so what a level number means (palette: 0 is finest; baseline:
+bits, more is finer) does not matter to them.
 
 A budget below the coarsest level is not an error: the coarsest level is sent and the choice carries
 a warning (a camera must keep streaming; the operator sees the warning and the over-budget bytes).
@@ -14,6 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+
+from palettelink import codecs
+from palettelink.codecs import EdgeEncoder, Encoded
 from palettelink.errors import InvalidRequest
 
 
@@ -101,3 +108,65 @@ class StreamBudget:
         choice = finest_within(sizes, budget)
         self.credit = min(budget - choice.n_bytes, self.per_frame * self.fps * self.burst_s)
         return choice
+
+
+def controller_from(level: int | None = None, target_bpp: float | None = None,
+                    target_bytes: int | None = None, kbps: float | None = None,
+                    fps: float | None = None) -> RateController | None:
+    """The controller the command line asks for; ``None`` means the codec's default level."""
+    asked = [n for n, v in (("--bits/--level", level), ("--target-bpp", target_bpp),
+                            ("--target-bytes", target_bytes), ("--kbps", kbps)) if v is not None]
+    if len(asked) > 1:
+        raise InvalidRequest(f"choose one way to set the rate, not {' and '.join(asked)}")
+    if (kbps is None) != (fps is None):
+        raise InvalidRequest("--kbps and --fps go together")
+    if level is not None:
+        return FixedLevel(level)
+    if target_bpp is not None:
+        return TargetBpp(target_bpp)
+    if target_bytes is not None:
+        return TargetBytes(target_bytes)
+    if kbps is not None and fps is not None:
+        return StreamBudget(kbps, fps)
+    return None
+
+
+@dataclass
+class Coded:
+    encoded: Encoded
+    choice: Choice | None  # None when the codec's default level was used
+
+
+class LevelCoder:
+    """Encode one frame at the level ``controller`` picks, through the one encoder interface."""
+
+    def __init__(self, encoder: EdgeEncoder, controller: RateController | None) -> None:
+        self.encoder = encoder
+        self.controller = controller
+        self.spec = codecs.spec(encoder.codec)
+        self.levels: list[int] = encoder.levels()
+        if isinstance(controller, FixedLevel) and controller.level not in self.levels:
+            raise InvalidRequest(f"level {controller.level} is not offered by the {encoder.codec} codec; "
+                                 f"its levels are {sorted(self.levels)}")
+
+    def encode(self, rgb: np.ndarray) -> Coded:
+        c = self.controller
+        if c is None:
+            return Coded(self.encoder.encode(rgb, None), None)
+        if isinstance(c, FixedLevel):  # one level only: no sizing cost
+            fixed = self.encoder.encode(rgb, c.level)
+            return Coded(fixed, Choice(c.level, len(fixed.payload)))
+        analysis = self.encoder.analyse(rgb)
+        if self.spec.exact_sizes:
+            choice = c.choose(self.encoder.level_sizes(analysis), analysis.image_size)
+            return Coded(self.encoder.encode_analysis(analysis, choice.level), choice)
+        every = self._every_level(analysis)
+        choice = c.choose({lv: len(e.payload) for lv, e in every.items()}, analysis.image_size)
+        return Coded(every[choice.level], choice)
+
+    def encode_all(self, rgb: np.ndarray) -> dict[int, Encoded]:
+        """Every level of one frame, from one analysis."""
+        return self._every_level(self.encoder.analyse(rgb))
+
+    def _every_level(self, analysis: codecs.Analysis) -> dict[int, Encoded]:
+        return {lv: self.encoder.encode_analysis(analysis, lv) for lv in self.levels}
