@@ -1,0 +1,198 @@
+"""The codec at run time: edge encoder (edge.onnx → embedded stream), server decoder (stream →
+decoder.onnx → crossing tensors), and the registry spec."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from palettelink import bitstream
+from palettelink.bundle import Bundle
+from palettelink.codecs import Analysis, CodecSpec, Decoded, Encoded, register
+from palettelink.codecs.palette.stream import (
+    GENERATE_MODES,
+    DecodedIndices,
+    check_level,
+    decode_layers_full,
+    encode_levels,
+)
+from palettelink.codecs.palette.tables import TABLES_FILE, PaletteTables, check_model
+from palettelink.errors import BundleError, InvalidRequest, InvalidStream
+from palettelink.front import ort_session
+from palettelink.image import Letterbox, letterbox
+
+CODEC = "palette"
+FLAG_STATIC = 0x01  # container codec flag: the layers use the static tables (else the context model)
+
+
+def _tables_file(bundle: Bundle) -> Path:
+    spec = bundle.codecs.get(CODEC, {})
+    return bundle.file(str(spec.get("tables", TABLES_FILE)))
+
+
+@dataclass
+class PaletteAnalysis(Analysis):
+    """One image run through edge.onnx once: every level's stream can be cut from it."""
+
+    indices: np.ndarray  # [G, h, w] finest
+    letterbox: Letterbox
+    layers: list[bytes] | None = None  # the full progressive stream's layers, made on first use
+    layer_ms: float = 0.0
+
+
+class PaletteEncoder:
+    """Edge: image → edge.onnx (level 0) → finest index maps → embedded stream cut at the level."""
+
+    codec = CODEC
+
+    def __init__(self, bundle: Bundle, threads: int | None = None, model: str | None = None) -> None:
+        self.bundle = bundle
+        self.tables = PaletteTables.load(_tables_file(bundle))
+        self.model = check_model(self.tables, model)
+        self.session = ort_session(str(bundle.file("edge.onnx")), threads)
+        self.input_name = self.session.get_inputs()[0].name
+        names = [i.name for i in self.session.get_inputs()]
+        if "level" not in names:
+            raise BundleError(f"{bundle.id}: edge.onnx has inputs {names}, needs 'images' and 'level'")
+
+    def levels(self) -> list[int]:
+        return list(range(self.tables.n_levels))
+
+    def analyse(self, rgb: np.ndarray) -> PaletteAnalysis:
+        x, info = letterbox(rgb, self.bundle.input_size)
+        t0 = time.perf_counter()
+        feeds = {self.input_name: x, "level": np.asarray(0, dtype=np.int64)}
+        (idx,) = self.session.run(["indices"], feeds)
+        ms = (time.perf_counter() - t0) * 1e3
+        idx = np.asarray(idx).astype(np.int64).reshape(self.tables.n_groups, *np.shape(idx)[-2:])
+        if idx.min() < 0 or idx.max() >= self.tables.sizes[0]:
+            raise BundleError(f"{self.bundle.id}: edge.onnx produced indices outside the palette")
+        return PaletteAnalysis((info.width, info.height), ms, idx, info)
+
+    def _layers(self, analysis: Analysis) -> list[bytes]:
+        if not isinstance(analysis, PaletteAnalysis):
+            raise InvalidRequest(f"the palette codec cuts its own analysis, not a {type(analysis).__name__}")
+        if analysis.layers is None:
+            t0 = time.perf_counter()
+            analysis.layers = encode_levels(analysis.indices, self.tables, 0, self.model)
+            analysis.layer_ms = (time.perf_counter() - t0) * 1e3
+        return analysis.layers
+
+    def _frame(self, analysis: PaletteAnalysis, layers: Sequence[bytes]) -> bitstream.Frame:
+        _, h, w = analysis.indices.shape
+        return bitstream.Frame(
+            codec=CODEC, param=self.tables.n_levels - 1, bundle_id=self.bundle.id,
+            table_hash=self.bundle.table_hash, image_size=analysis.image_size,
+            shapes=((self.tables.channels, h, w),), layers=tuple(layers), progressive=True,
+            codec_flags=FLAG_STATIC if self.model == "static" else 0)
+
+    def encode_analysis(self, analysis: Analysis, level: int | None = None) -> Encoded:
+        """The stream for ``level`` (default 0, the finest): a prefix of the full progressive stream."""
+        level = check_level(self.tables, 0 if level is None else level)
+        layers = self._layers(analysis)[: self.tables.n_levels - level]
+        assert isinstance(analysis, PaletteAnalysis)
+        t0 = time.perf_counter()
+        payload = bitstream.pack(self._frame(analysis, layers))
+        ms = (time.perf_counter() - t0) * 1e3
+        return Encoded(payload, CODEC, level, analysis.image_size,
+                       {"front_ms": analysis.front_ms, "encode_ms": analysis.layer_ms + ms})
+
+    def level_sizes(self, analysis: Analysis) -> dict[int, int]:
+        """Exact payload bytes of every level (one progressive encode gives every prefix)."""
+        layers = self._layers(analysis)
+        assert isinstance(analysis, PaletteAnalysis)
+        n_l = self.tables.n_levels
+        return {t: len(bitstream.pack(self._frame(analysis, layers[: n_l - t]))) for t in range(n_l)}
+
+    def encode(self, rgb: np.ndarray, level: int | None = None) -> Encoded:
+        level = check_level(self.tables, 0 if level is None else level)
+        return self.encode_analysis(self.analyse(rgb), level)
+
+
+class PaletteDecoder:
+    """Server: stream → index maps (complete layers) → centroids → decoder.onnx(z, level) → tensors.
+
+    ``generate_to``: fill finer levels than were sent with the backward model (``mode`` argmax or
+    seeded sampling) before decoding; the decoder network then runs at that level.
+    """
+
+    codec = CODEC
+
+    def __init__(self, bundle: Bundle, threads: int | None = None, generate_to: int | None = None,
+                 mode: str = "argmax", seed: int = 0, model: str | None = None) -> None:
+        self.bundle = bundle
+        self.tables = PaletteTables.load(_tables_file(bundle))
+        self.model = check_model(self.tables, model)
+        if mode not in GENERATE_MODES:
+            raise InvalidRequest(f"generation mode must be one of {GENERATE_MODES}, got {mode!r}")
+        self.generate_to, self.mode, self.seed = generate_to, mode, seed
+        self.session = ort_session(str(bundle.file("decoder.onnx")), threads)
+        outs = [o.name for o in self.session.get_outputs()]
+        wanted = [t.name for t in bundle.tensors]
+        self.outputs = wanted if set(wanted) <= set(outs) else outs
+        zin = next((i for i in self.session.get_inputs() if i.name == "z"), None)
+        if zin is None:
+            raise BundleError(f"{bundle.id}: decoder.onnx lacks the input 'z'")
+        dims = list(zin.shape)[-2:]
+        latent = bundle.codecs.get(CODEC, {}).get("latent")
+        self.latent_hw: tuple[int, int] | None = None
+        if isinstance(latent, list | tuple) and len(latent) == 3:
+            self.latent_hw = (int(latent[1]), int(latent[2]))
+        elif all(isinstance(d, int) for d in dims):
+            self.latent_hw = (int(dims[0]), int(dims[1]))
+
+    def decode_indices(self, frame: bitstream.Frame, generate_to: int | None = None) -> DecodedIndices:
+        """Validate the frame against the tables and decode its complete layers."""
+        if frame.codec != CODEC:
+            raise InvalidStream(f"frame codec {frame.codec!r} is not {CODEC!r}")
+        if len(frame.shapes) != 1:
+            raise InvalidStream(f"palette frame must describe one latent, got {len(frame.shapes)}")
+        c, h, w = frame.shapes[0]
+        if c != self.tables.channels:
+            raise InvalidStream(f"latent has {c} channels; this bundle's palette codes "
+                                f"{self.tables.channels}")
+        if self.latent_hw is not None and (h, w) != self.latent_hw:
+            raise InvalidStream(f"latent {h}x{w} does not match the bundle's {self.latent_hw}")
+        gen = self.generate_to if generate_to is None else generate_to
+        final = frame.param - (len(frame.layers) - 1)
+        if gen is not None and gen > final:
+            gen = None  # the bits already reach a finer level than asked for
+        model = "static" if frame.codec_flags & FLAG_STATIC else self.model
+        if frame.codec_flags & ~FLAG_STATIC:
+            raise InvalidStream(f"unknown palette stream flags {frame.codec_flags:#x}")
+        return decode_layers_full(frame.layers, self.tables, frame.param, (h, w), model, gen,
+                                  self.mode, self.seed)
+
+    def decode_frame(self, frame: bitstream.Frame, n_bytes: int, generate_to: int | None = None) -> Decoded:
+        t0 = time.perf_counter()
+        r = self.decode_indices(frame, generate_to)
+        z = self.tables.dequantise(r.indices, r.level)
+        t1 = time.perf_counter()
+        outs = self.session.run(self.outputs, {"z": z, "level": np.asarray(r.level, dtype=np.int64)})
+        t2 = time.perf_counter()
+        tensors = [np.asarray(o, dtype=np.float32) for o in outs]
+        return Decoded(tensors, CODEC, r.sent_level, frame.image_size, n_bytes, frame.truncated,
+                       {"decode_ms": (t1 - t0) * 1e3, "decoder_ms": (t2 - t1) * 1e3,
+                        "generated_level": float(r.level)})
+
+
+def _manifest_levels(bundle: Bundle) -> list[int]:
+    """Levels from the manifest (finest first) without loading the tables; the tables when it has none."""
+    entry = bundle.codecs.get(CODEC, {})
+    levels = entry.get("levels")
+    if levels:
+        return sorted(int(lv["level"]) if isinstance(lv, dict) else int(lv) for lv in levels)
+    if entry.get("level_sizes"):
+        return list(range(len(entry["level_sizes"])))
+    return list(range(PaletteTables.load(_tables_file(bundle)).n_levels))
+
+
+SPEC = register(CodecSpec(
+    name=CODEC, wire_id=2, param="level", label="L{}", progressive=True, exact_sizes=True,
+    cut="latent", levels=_manifest_levels, offered=lambda bundle: CODEC in bundle.codecs,
+    encoder=PaletteEncoder, decoder=PaletteDecoder, preference=10,
+))
