@@ -25,7 +25,8 @@ from palettelink.ratecontrol import FixedLevel, LevelCoder, TargetBytes
 ROOT = Path(__file__).resolve().parents[1]
 # modules that dispatch on codecs: they must ask the registry, never name a codec themselves
 DISPATCHERS = ["palettelink/codecs/__init__.py", "palettelink/bitstream.py", "palettelink/ratecontrol.py",
-               "edge/ratecontrol.py", "palettelink/bench/methods.py", "palettelink/info.py"]
+               "edge/ratecontrol.py", "edge/client.py", "palettelink/bench/methods.py", "palettelink/info.py",
+               "server/service.py", "server/grpc_service.py"]
 
 
 def test_names_and_wire_ids_are_unique_and_on_the_wire() -> None:
