@@ -1,29 +1,42 @@
-"""The PaletteLink bitstream container (DESIGN §3).
+"""The PaletteLink bitstream container (DESIGN §3), format version 2.
 
 One coded frame is self-contained::
 
-    magic "PLNK" | version u8 | codec u8 | param u8 | flags u8 (bit 0 progressive, bits 1-7 codec's)
+    magic "PLNK" | version u8 (2) | codec u8 | param u8 | flags u8 (bit 0 progressive, bits 1-7 codec's)
     bundle id (u8 length + UTF-8 "name/version") | table hash (8 bytes: sha256 prefix)
     image W u16 | image H u16
     n_tensors u8 | per tensor: C u16, h u16, w u16
-    n_layers u8 | per layer: uvarint length, bytes
+    n_layers u8 | per layer: uvarint length                          (end of the header)
+    per layer: its bytes | CRC-32 u32 of everything before it except earlier CRCs
 
 ``codec`` is the codec's wire id from the registry (:mod:`palettelink.codecs`); ``param`` is codec
-specific (baseline: bits per value; palette: the coarsest level sent). Layers are
-length-prefixed so a progressive stream can be cut after any layer. Nothing is allocated from a size
-before it has been checked against the bytes actually present and against hard limits, and every
-malformed input raises :class:`~palettelink.errors.InvalidStream`.
+specific (baseline: bits per value; palette: the coarsest level sent). All integers are big-endian.
+
+Integrity: the CRC-32 (``zlib.crc32``) after layer i covers the header and layers 0..i, i.e. it is
+chained: ``crc_i = crc32(layer_i, crc_{i-1})`` with ``crc_{-1} = crc32(header)``. So a flipped bit
+anywhere (header, layer lengths, layer bytes, a CRC) is refused, as are layers reordered, repeated or
+spliced from another frame, while a progressive stream cut after any layer still verifies: every
+complete layer's CRC is checked, the header's through layer 0's. Layer lengths live in the header, so
+a damaged length can never pass for a cut stream.
+
+With ``allow_truncated_layers`` a *progressive* frame shorter than its header declares (a cut stream)
+parses to its complete layers (at least one); ``Frame.missing_layers`` says how many were cut off.
+Nothing is allocated from a size before it has been checked against the bytes actually present and
+against hard limits, and every malformed input raises :class:`~palettelink.errors.InvalidStream`.
+Format version 1 (no checksums) is refused with a message naming both versions.
 """
 
 from __future__ import annotations
 
 import struct
+import zlib
 from dataclasses import dataclass, field
 
 from palettelink.errors import InvalidStream
 
 MAGIC = b"PLNK"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+CRC_BYTES = 4
 HASH_BYTES = 8
 MAX_BUNDLE_ID = 64
 MAX_TENSORS = 16
@@ -34,6 +47,7 @@ MAX_IMAGE_SIDE = 16384
 FLAG_PROGRESSIVE = 0x01
 
 _FIXED = struct.Struct(">4sBBBB")
+_CRC = struct.Struct(">I")
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,12 @@ class Frame:
     progressive: bool = False
     codec_flags: int = 0  # 7 codec-specific bits (palette: bit 0 = static entropy tables)
     truncated: bool = False  # set by ``unpack`` when trailing layers were cut off
+    missing_layers: int = 0  # set by ``unpack``: layers the header declares that were cut off
+
+    @property
+    def declared_layers(self) -> int:
+        """How many layers the sender coded (the complete ones plus those cut off in transit)."""
+        return len(self.layers) + self.missing_layers
 
     def bpp(self, n_bytes: int) -> float:
         """Bits per pixel of the *original* image, as MPEG FCM counts them."""
@@ -96,8 +116,8 @@ def pack(frame: Frame) -> bytes:
     w, h = frame.image_size
     if not (0 < w <= MAX_IMAGE_SIDE and 0 < h <= MAX_IMAGE_SIDE):
         raise ValueError(f"image size {w}x{h} out of range")
-    if len(frame.shapes) > MAX_TENSORS or len(frame.layers) > MAX_LAYERS:
-        raise ValueError("too many tensors or layers")
+    if len(frame.shapes) > MAX_TENSORS or not 0 < len(frame.layers) <= MAX_LAYERS:
+        raise ValueError(f"a frame holds 1..{MAX_TENSORS} tensors and 1..{MAX_LAYERS} layers")
     if not 0 <= frame.param <= 255:
         raise ValueError("param must fit a byte")
     if not 0 <= frame.codec_flags < 128:
@@ -113,7 +133,11 @@ def pack(frame: Frame) -> bytes:
         out += struct.pack(">HHH", c, hh, ww)
     out.append(len(frame.layers))
     for layer in frame.layers:
-        out += _uvarint(len(layer)) + layer
+        out += _uvarint(len(layer))
+    crc = zlib.crc32(out)
+    for layer in frame.layers:
+        crc = zlib.crc32(layer, crc)
+        out += layer + _CRC.pack(crc)
     return bytes(out)
 
 
@@ -147,31 +171,31 @@ class _Reader:
 
 
 def unpack(data: bytes, *, allow_truncated_layers: bool = False) -> Frame:
-    """Parse a coded frame, checking every field.
+    """Parse a coded frame, checking every field and every complete layer's CRC.
 
-    With ``allow_truncated_layers`` a frame whose *last* layers are missing (a cut progressive
-    stream) parses to the complete layers only; header damage is still an error.
+    With ``allow_truncated_layers`` a progressive frame whose *last* layers are missing or incomplete
+    (a cut stream) parses to the complete layers only; any damage is still an error.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise InvalidStream("payload must be bytes")
-    r = _Reader(bytes(data))
+    data = bytes(data)
+    r = _Reader(data)
     if len(data) < _FIXED.size:
         raise InvalidStream(f"truncated stream: {len(data)} bytes is shorter than the fixed header")
     magic, version, codec_id, param, flags = _FIXED.unpack(r.take(_FIXED.size, "header"))
     if magic != MAGIC:
         raise InvalidStream(f"wrong magic {magic!r}: not a PaletteLink stream (expected {MAGIC!r})")
     if version != FORMAT_VERSION:
-        raise InvalidStream(f"unsupported format version {version} (this build reads {FORMAT_VERSION})")
+        hint = " (a stream without checksums: re-encode it with a current edge)" if version == 1 else ""
+        raise InvalidStream(f"unsupported stream format version {version}; this build reads format version "
+                            f"{FORMAT_VERSION}{hint}")
     codec = _codec_name(codec_id)
     if codec is None:
         raise InvalidStream(f"unknown codec id {codec_id}")
     n = r.u8("bundle id length")
     if not 0 < n <= MAX_BUNDLE_ID:
         raise InvalidStream(f"bundle id length {n} out of range")
-    try:
-        bundle_id = r.take(n, "bundle id").decode()
-    except UnicodeDecodeError as e:
-        raise InvalidStream("bundle id is not UTF-8") from e
+    bundle_raw = r.take(n, "bundle id")
     table_hash = r.take(HASH_BYTES, "table hash")
     w, h = struct.unpack(">HH", r.take(4, "image size"))
     if not (0 < w <= MAX_IMAGE_SIDE and 0 < h <= MAX_IMAGE_SIDE):
@@ -186,25 +210,40 @@ def unpack(data: bytes, *, allow_truncated_layers: bool = False) -> Frame:
             raise InvalidStream(f"tensor {i} shape {c}x{hh}x{ww} is empty or absurd")
         shapes.append((c, hh, ww))
     nl = r.u8("layer count")
-    if nl > MAX_LAYERS:
-        raise InvalidStream(f"layer count {nl} out of range")
-    layers = []
-    truncated = False
-    for i in range(nl):
-        try:
-            length = r.uvarint(f"length of layer {i}")
-            layers.append(r.take(length, f"layer {i}"))
-        except InvalidStream:
-            if allow_truncated_layers and i > 0:
-                truncated = True
-                break
-            raise
-    if not truncated and r.pos != len(r.data):
-        raise InvalidStream(f"{len(r.data) - r.pos} bytes of trailing junk after the last layer")
-    if not layers:
-        raise InvalidStream("stream holds no layer")
+    if not 0 < nl <= MAX_LAYERS:
+        raise InvalidStream("stream holds no layer" if nl == 0 else f"layer count {nl} out of range")
+    lengths = [r.uvarint(f"length of layer {i}") for i in range(nl)]
+    progressive = bool(flags & FLAG_PROGRESSIVE)
+    header_end = r.pos
+    declared = header_end + sum(lengths) + CRC_BYTES * nl
+    if len(data) > declared:
+        raise InvalidStream(f"{len(data) - declared} bytes of trailing junk after the last layer")
+    crc = zlib.crc32(memoryview(data)[:header_end])
+    layers: list[bytes] = []
+    pos = header_end
+    for i, length in enumerate(lengths):
+        end = pos + length
+        if end + CRC_BYTES > len(data):
+            if allow_truncated_layers and progressive and layers:
+                break  # a cut progressive stream: the complete layers decode to a coarser level
+            raise InvalidStream(
+                f"truncated stream: {len(data)} of the {declared} bytes its header declares "
+                f"(layer {i} of {nl} incomplete)")
+        layer = data[pos:end]
+        crc = zlib.crc32(layer, crc)
+        (sent,) = _CRC.unpack_from(data, end)
+        if sent != crc:
+            where = "the header or layer 0" if i == 0 else f"layer {i} (or its order)"
+            raise InvalidStream(f"checksum mismatch in {where}: the frame is damaged")
+        layers.append(layer)
+        pos = end + CRC_BYTES
+    try:
+        bundle_id = bundle_raw.decode()
+    except UnicodeDecodeError as e:
+        raise InvalidStream("bundle id is not UTF-8") from e
+    missing = nl - len(layers)
     return Frame(
         codec=codec, param=param, bundle_id=bundle_id, table_hash=table_hash,
         image_size=(w, h), shapes=tuple(shapes), layers=tuple(layers),
-        progressive=bool(flags & FLAG_PROGRESSIVE), codec_flags=flags >> 1, truncated=truncated,
+        progressive=progressive, codec_flags=flags >> 1, truncated=missing > 0, missing_layers=missing,
     )
