@@ -23,12 +23,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("palettelink.train.pipeline", "train the palette codec of a bundle on unlabelled images"),
     "bench": ("palettelink.bench.run", "rate-accuracy benchmark against JPEG/WebP/AVIF and baselines"),
     "bench-stream": ("palettelink.bench.stream", "a video through the real server and edge at kbps targets"),
+    "bench-edge": ("palettelink.bench.edge_speed", "edge time per frame and an int8 front"),
     "info": ("palettelink.info", "show the bundles under a root and their codecs and levels"),
 }
 
 # The pip extra a command needs beyond the core (checked before importing it, so an edge install gets
 # a one-line hint instead of a ModuleNotFoundError). Commands not listed need the core only.
-EXTRAS: dict[str, str] = {"build-bundle": "train", "train": "train", "bench": "train"}
+EXTRAS: dict[str, str] = {"build-bundle": "train", "train": "train", "bench": "train", "bench-stream": "train",
+                          "bench-edge": "train"}
 
 
 def main(argv: list[str] | None = None) -> int:
