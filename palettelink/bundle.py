@@ -1,9 +1,15 @@
 """Versioned bundle folders: ``<root>/<name>/<version>/manifest.json`` plus the files it lists.
 
 The manifest holds the sha256 of every file; :meth:`Bundle.load` refuses a folder whose files do not
-match. The *table hash* (sent in every stream header) covers exactly what encoder and decoder must
-agree on: the split spec and the frozen codec tables. It does not cover the ONNX front, whose bytes
-may differ between exports that compute the same thing.
+match. A bundle has two *sides*: ``manifest["sides"]["edge"]`` lists the files the edge reads (the ONNX
+front, the codecs' edge graphs and their tables), ``manifest["sides"]["server"]`` every other file (the
+torch tail, decoder graphs, training weights). ``Bundle.load(path, side="edge")`` verifies the edge
+files only, so a folder holding just those (plus ``manifest.json``) is a complete edge copy; the
+default ``side="server"`` verifies every file. Manifests written before sides were recorded get them
+derived (:func:`sides_of`). The *table hash* (sent in every stream header) covers exactly what
+encoder and decoder must agree on: the split spec and the frozen codec tables (all on the edge side).
+It does not cover the ONNX front, whose bytes may differ between exports that compute the same thing;
+nor the sides, so recording them never changes a bundle's table hash.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from palettelink.errors import BundleError, BundleNotFound
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
+SIDES = ("edge", "server")
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -52,6 +59,28 @@ def table_hash_of(manifest: dict[str, Any]) -> str:
         "tables": {k: files[k] for k in sorted(manifest.get("tables", []))},
     }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def sides_of(manifest: dict[str, Any]) -> dict[str, list[str]]:
+    """``{"edge": [...], "server": [...]}``: which of the manifest's files each side needs.
+
+    Recorded by ``build-bundle`` in ``manifest["sides"]["edge"]``; for older manifests derived from
+    what the edge reads: the front's file, every codec entry's ``edge_files`` (a palette entry
+    without them: ``edge.onnx``) and the frozen tables. The server side is every other file; the
+    server itself holds (and verifies) both sides.
+    """
+    files = manifest.get("files", {})
+    recorded = (manifest.get("sides") or {}).get("edge")
+    if recorded is not None:
+        edge = set(recorded)
+    else:
+        edge = {str((manifest.get("front") or {}).get("file", "front.onnx"))}
+        edge.update(manifest.get("tables", []))
+        for name, entry in (manifest.get("codecs") or {}).items():
+            entry = entry if isinstance(entry, dict) else {}
+            edge.update(entry.get("edge_files", ["edge.onnx"] if name == "palette" else []))
+        edge &= set(files)
+    return {"edge": sorted(edge), "server": sorted(f for f in files if f not in edge)}
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -90,6 +119,12 @@ def write_manifest(folder: str | os.PathLike[str], manifest: dict[str, Any]) -> 
     missing = [t for t in m.get("tables", []) if t not in files]
     if missing:
         raise BundleError(f"tables listed but not present in {folder}: {missing}")
+    if "sides" in m:  # complete the server side: every file the edge side does not list
+        edge = sorted(set((m["sides"] or {}).get("edge", [])))
+        absent = [f for f in edge if f not in files]
+        if absent:
+            raise BundleError(f"edge files listed but not present in {folder}: {absent}")
+        m["sides"] = {"edge": edge, "server": sorted(f for f in files if f not in edge)}
     m["table_hash"] = table_hash_of(m)
     atomic_write_bytes(folder / MANIFEST, (json.dumps(m, indent=2, sort_keys=True) + "\n").encode())
     return m
@@ -98,9 +133,11 @@ def write_manifest(folder: str | os.PathLike[str], manifest: dict[str, Any]) -> 
 class Bundle:
     """A loaded, verified bundle. Holds paths and metadata only; sessions are made by the users."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, path: Path, manifest: dict[str, Any], side: str = "server") -> None:
         self.path = path
         self.manifest = manifest
+        self.side = side
+        self.sides = sides_of(manifest)
         self.name: str = manifest["name"]
         self.version: str = str(manifest["version"])
         self.task: str = manifest.get("task", "detect")
@@ -125,16 +162,29 @@ class Bundle:
     def codecs(self) -> dict[str, Any]:
         return dict(self.manifest.get("codecs", {}))
 
+    @property
+    def edge_files(self) -> dict[str, str]:
+        """The edge part: file → sha256."""
+        files = self.manifest.get("files", {})
+        return {f: files[f] for f in self.sides["edge"]}
+
     def file(self, name: str) -> Path:
         if name not in self.manifest.get("files", {}):
             raise BundleError(f"bundle {self.id} has no file {name!r}")
+        if self.side == "edge" and name not in self.sides["edge"]:
+            raise BundleError(f"{name} is in the server part of bundle {self.id}; this copy at "
+                              f"{self.path} was loaded as its edge part")
         return self.path / name
 
     def has_file(self, name: str) -> bool:
-        return name in self.manifest.get("files", {})
+        return name in self.manifest.get("files", {}) and (self.side != "edge" or name in self.sides["edge"])
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], verify: bool = True) -> Bundle:
+    def load(cls, path: str | os.PathLike[str], verify: bool = True, side: str = "server") -> Bundle:
+        """Load ``path``; with ``verify``, check the sha256 of the files ``side`` needs: ``"edge"``
+        the edge part only (a folder may hold just those), ``"server"`` every file."""
+        if side not in SIDES:
+            raise ValueError(f"side must be one of {SIDES}, not {side!r}")
         path = Path(path)
         mpath = path / MANIFEST
         if not mpath.is_file():
@@ -150,34 +200,43 @@ class Bundle:
         if manifest.get("format") != MANIFEST_FORMAT:
             raise BundleError(f"manifest {mpath} has format {manifest.get('format')}, "
                               f"this build reads {MANIFEST_FORMAT}")
+        unlisted = [f for f in sides_of(manifest)["edge"] if f not in manifest["files"]]
+        if unlisted:
+            raise BundleError(f"manifest {mpath}: edge side names files it does not list: {unlisted}")
         if verify:
-            verify_files(path, manifest["files"], f"bundle {path}")
+            files = manifest["files"]
+            if side == "edge":
+                files = {f: files[f] for f in sides_of(manifest)["edge"]}
+            verify_files(path, files, f"bundle {path}" + (" (edge part)" if side == "edge" else ""))
             if table_hash_of(manifest) != manifest["table_hash"]:
                 raise BundleError(f"bundle {path}: table hash does not match the manifest")
-        return cls(path, manifest)
+        return cls(path, manifest, side)
 
 
-def find_bundle(name: str, root: str | os.PathLike[str] | None = None, verify: bool = True) -> Bundle:
+def find_bundle(name: str, root: str | os.PathLike[str] | None = None, verify: bool = True,
+                side: str = "server") -> Bundle:
     """Resolve ``name`` (a folder path, ``name`` or ``name/version``) to a loaded bundle.
 
     A bare name picks the highest version (numeric versions compare as numbers).
     """
     p = Path(name)
     if (p / MANIFEST).is_file():
-        return Bundle.load(p, verify)
+        return Bundle.load(p, verify, side)
     root = Path(root) if root is not None else default_root()
     if "/" in name:
-        return Bundle.load(root / name, verify)
+        return Bundle.load(root / name, verify, side)
     base = root / name
     versions = [d for d in base.iterdir() if (d / MANIFEST).is_file()] if base.is_dir() else []
     if not versions:
         raise BundleNotFound(f"no bundle named {name!r} under {root.resolve()}; "
                              "build one with `palettelink build-bundle`")
 
-    def key(d: Path) -> tuple[int, int | str]:
-        return (0, int(d.name)) if d.name.isdigit() else (1, d.name)
+    return Bundle.load(max(versions, key=lambda d: version_key(d.name)), verify, side)
 
-    return Bundle.load(max(versions, key=key), verify)
+
+def version_key(version: str) -> tuple[int, int | str]:
+    """Sort key of versions: numeric ones as numbers, before any other."""
+    return (0, int(version)) if version.isdigit() else (1, version)
 
 
 def list_bundles(root: str | os.PathLike[str] | None = None) -> list[Path]:

@@ -77,6 +77,7 @@ def build_bundle(weights: str | Path | None = None, out_root: str | Path | None 
             "front": {"file": "front.onnx", "input": "images", "outputs": outputs},
             "codecs": {"baseline": {"levels": list(range(2, 9)), "param": "bits"}},
             "tables": [],
+            "sides": {"edge": ["front.onnx"]},  # the server side is completed by write_manifest
         }
         assets = Path(codec_assets) if codec_assets else DEFAULT_ASSETS / name
         if (assets / "codec.json").is_file():

@@ -226,11 +226,13 @@ def install_palette_codec(det: Any, assets_dir: str | Path, bundle_dir: str | Pa
     entry = {k: v for k, v in codec.items() if k not in ("report", "training")}
     entry.update({"param": "level", "levels": codec.get("levels", list(range(len(level_sizes)))),
                   "level_sizes": level_sizes, "edge": "edge.onnx", "decoder": "decoder.onnx",
-                  "tables": "palette.npz",
+                  "tables": "palette.npz", "edge_files": ["edge.onnx", "palette.npz"],
                   "latent": [cfg.z_channels, size // cfg.z_stride, size // cfg.z_stride],
                   "group_offsets": [int(v) for v in np.asarray(tables["groups"])]})
     manifest.setdefault("codecs", {})["palette"] = entry
     tables_list = manifest.setdefault("tables", [])
     if "palette.npz" not in tables_list:
         tables_list.append("palette.npz")
+    edge_side = manifest.setdefault("sides", {}).setdefault("edge", [])
+    edge_side.extend(f for f in entry["edge_files"] if f not in edge_side)
     return entry
