@@ -29,8 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 # The pip extra a command needs beyond the core (checked before importing it, so an edge install gets
 # a one-line hint instead of a ModuleNotFoundError). Commands not listed need the core only.
-EXTRAS: dict[str, str] = {"build-bundle": "train", "train": "train", "bench": "train", "bench-stream": "train",
-                          "bench-edge": "train"}
+EXTRAS: dict[str, str] = {"build-bundle": "train", "train": "train", "bench": "train",
+                          "bench-stream": "train", "bench-edge": "train"}
 
 
 def main(argv: list[str] | None = None) -> int:
