@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from palettelink import bitstream
 from palettelink.codecs import Decoder, make_encoder
 from palettelink.codecs.baseline import decode_tensor, encode_tensor
 from palettelink.errors import BundleMismatch, InvalidRequest, InvalidStream
@@ -66,8 +68,32 @@ def test_bad_requests_and_streams(bundle, images) -> None:  # noqa: ANN001
     corrupted[len(payload) // 2] ^= 0x55
     with pytest.raises(InvalidStream):
         dec.decode(bytes(corrupted))
-    other_hash = bytearray(payload)
+    damaged_hash = bytearray(payload)
     off = 8 + 1 + len(bundle.id.encode())
-    other_hash[off] ^= 0xFF
-    with pytest.raises(BundleMismatch):
-        dec.decode(bytes(other_hash))
+    damaged_hash[off] ^= 0xFF
+    with pytest.raises(InvalidStream, match="checksum"):  # damage in transit, caught by the CRC
+        dec.decode(bytes(damaged_hash))
+    other_hash = bitstream.pack(dataclasses.replace(bitstream.unpack(payload), table_hash=bytes(8)))
+    with pytest.raises(BundleMismatch):  # a sound frame coded with other tables
+        dec.decode(other_hash)
+
+
+def test_inconsistent_baseline_frames_are_refused(bundle, images) -> None:  # noqa: ANN001
+    """Sound containers whose contents contradict the codec: min > max, flags a baseline never sets,
+    a layer missing."""
+    dec = Decoder(bundle)
+    payload = make_encoder(bundle, "baseline").encode(load_image(images[1]), 4).payload
+    f = bitstream.unpack(payload)
+    side = np.frombuffer(f.layers[0][:4], dtype="<f2")
+    assert side[0] < side[1]
+    swapped = side[::-1].astype("<f2").tobytes() + f.layers[0][4:]
+    bad = [
+        (dataclasses.replace(f, layers=(swapped, *f.layers[1:])), "min > max"),
+        (dataclasses.replace(f, progressive=True), "whole"),
+        (dataclasses.replace(f, codec_flags=1), "flags"),
+        (dataclasses.replace(f, layers=f.layers[:-1]), "layers"),
+    ]
+    for frame, says in bad:
+        with pytest.raises(InvalidStream, match=says):
+            dec.decode(bitstream.pack(frame))
+    assert dec.decode(payload).level == 4

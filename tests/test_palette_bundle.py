@@ -172,3 +172,29 @@ def test_pure_functions_match_the_encoder(tiny_bundle: Bundle) -> None:
     a = enc.analyse(_image(6))
     layers = pc.encode_levels(a.indices, enc.tables, 2)
     assert tuple(layers) == bitstream.unpack(enc.encode_analysis(a, 2).payload).layers
+
+
+def test_inconsistent_palette_frames_are_refused(tiny_bundle: Bundle) -> None:
+    """Sound containers whose layers contradict the bundle's palette are refused where they enter."""
+    import dataclasses
+
+    e = pc.PaletteEncoder(tiny_bundle).encode(_image(5), 0)
+    f = bitstream.unpack(e.payload)
+    dec = Decoder(tiny_bundle)
+    bad = [
+        (dataclasses.replace(f, layers=(b"",) * len(f.layers)), "empty"),
+        (dataclasses.replace(f, layers=(b"",)), "empty"),
+        (dataclasses.replace(f, layers=(*f.layers, f.layers[-1])), "declares 7 layers"),
+        (dataclasses.replace(f, param=f.param - 1), "starts at level"),
+        (dataclasses.replace(f, param=f.param + 1), "starts at level"),
+        (dataclasses.replace(f, progressive=False), "progressive"),
+        (dataclasses.replace(f, codec_flags=0x40), "flags"),
+    ]
+    for frame, says in bad:
+        with pytest.raises(InvalidStream, match=says):
+            dec.decode(bitstream.pack(frame))
+    # a stream declaring more layers than levels is refused even when cut to fewer
+    long = bitstream.pack(dataclasses.replace(f, layers=(*f.layers, f.layers[-1])))
+    with pytest.raises(InvalidStream, match="declares 7 layers"):
+        dec.decode(long[: len(e.payload) // 2])
+    assert dec.decode(e.payload).level == 0

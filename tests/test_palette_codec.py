@@ -172,6 +172,9 @@ def test_damaged_layers_raise_invalid_stream(synth: Synth) -> None:
         pc.decode_layers(layers, tb, top, (0, 16))
     with pytest.raises(InvalidStream):
         pc.decode_layers([], tb, top, shape)
+    for k in (1, 3, tb.n_levels):  # empty layers decode as "first child everywhere": no bits at all
+        with pytest.raises(InvalidStream, match="empty"):
+            pc.decode_layers([b""] * k, tb, top, shape)
     detected = 0
     rng = np.random.default_rng(0)
     for _ in range(200):  # random damage: InvalidStream or a well-formed map, never anything else

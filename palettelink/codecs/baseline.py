@@ -66,6 +66,8 @@ def decode_tensor(layer: bytes, shape: tuple[int, int, int], bits: int) -> np.nd
     side = np.frombuffer(layer[: 4 * c], dtype="<f2").reshape(c, 2)
     if not np.isfinite(side).all():
         raise InvalidStream("channel ranges are not finite")
+    if (side[:, 0] > side[:, 1]).any():
+        raise InvalidStream("a channel range has min > max (the encoder sends min ≤ max)")
     table, pos = entropy.decode_uvarints(layer, 1 << bits, 4 * c)
     if table.sum() != 1 << entropy.PROB_BITS or (table <= 0).any():
         raise InvalidStream("baseline frequency table is not a valid distribution")
@@ -135,6 +137,9 @@ class BaselineDecoder:
         bits = frame.param
         if bits not in BITS:
             raise InvalidStream(f"baseline bits {bits} outside {list(BITS)}")
+        if frame.progressive or frame.codec_flags or frame.truncated:
+            raise InvalidStream("baseline frames are whole and carry no flags (progressive/codec flags "
+                                "set, or layers cut off)")
         if list(frame.shapes) != self.shapes:
             raise InvalidStream(f"tensor shapes {list(frame.shapes)} do not match the bundle's {self.shapes}")
         if len(frame.layers) != len(self.shapes):

@@ -157,6 +157,11 @@ class PaletteDecoder:
                                 f"{self.tables.channels}")
         if self.latent_hw is not None and (h, w) != self.latent_hw:
             raise InvalidStream(f"latent {h}x{w} does not match the bundle's {self.latent_hw}")
+        if not frame.progressive:
+            raise InvalidStream("palette frame is not flagged progressive")
+        if frame.declared_layers > self.tables.n_levels:
+            raise InvalidStream(f"palette frame declares {frame.declared_layers} layers; this bundle's "
+                                f"palette has {self.tables.n_levels} levels")
         gen = self.generate_to if generate_to is None else generate_to
         final = frame.param - (len(frame.layers) - 1)
         if gen is not None and gen > final:

@@ -173,6 +173,9 @@ def decode_layers_full(layers: Sequence[bytes], tables: PaletteTables, coarsest:
         raise InvalidStream(f"stream starts at level {coarsest}; these tables start at {tables.n_levels - 1}")
     if not 0 < len(layers) <= tables.n_levels:
         raise InvalidStream(f"{len(layers)} layers for a palette of {tables.n_levels} levels")
+    if not any(len(x) for x in layers):
+        # an empty ANS stream decodes as "first child everywhere": no encoder sends only that
+        raise InvalidStream(f"all {len(layers)} palette layers are empty: the frame carries no coded bits")
     h, w = (int(v) for v in tuple(shape)[-2:])
     if not (0 < h and 0 < w and h * w <= MAX_POSITIONS):
         raise InvalidStream(f"latent size {h}x{w} out of range")
