@@ -6,7 +6,8 @@ A synthetic palette (K0 = 64, 6 levels, 4 groups, fitted context tables) is save
 three index maps are coded at a few levels with both entropy models. ``test_palette_golden.py``
 decodes the committed streams and re-encodes the committed maps, comparing bytes and indices exactly,
 so any change to the coder, the contexts or the table arithmetic, on any machine, shows up.
-Regenerate only when the format changes on purpose (and say so in the commit).
+Regenerate only when the format changes on purpose (and say so in the commit); the container
+(format version 2, CRC-32 per layer) changed in this way, the layers and index maps did not.
 """
 
 from __future__ import annotations
