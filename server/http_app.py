@@ -2,9 +2,11 @@
 twin of ``Analyze`` — all thin routes over the same :class:`~server.service.Service`.
 
 Probes, metrics and the dashboard are open (put them behind the cluster network); ``/api/analyze``
-carries coded frames and needs a bearer token when tokens are configured. Errors reach clients only
-through ``server/errors.py``, all in one JSON shape ``{"error": {code, status, message}}`` — also the
-framework's own refusals (a bad query parameter, an unknown route), never FastAPI's ``{"detail": …}``.
+(coded frames) and ``/api/bundles/...`` (the edge part of each bundle, for ``palettelink-edge
+--fetch-bundle``; see :mod:`palettelink.fetch`) need a bearer token when tokens are configured.
+Errors reach clients only through ``server/errors.py``, all in one JSON shape ``{"error": {code,
+status, message}}`` — also the framework's own refusals (a bad query parameter, an unknown route),
+never FastAPI's ``{"detail": …}``.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from palettelink.errors import PaletteLinkError, TooLarge
+from palettelink.errors import PaletteLinkError, ServiceUnavailable, TooLarge
+from palettelink.fetch import edge_file, edge_listing
 from server import __version__
 from server.auth import TokenAuth
 from server.errors import clip, http_error, http_status
@@ -88,6 +91,32 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
         result = await run_in_threadpool(service.analyze, bundle, task, payload, want_preview,
                                          frame_id=frame_id, client=client)
         return result.to_dict()
+
+    @app.get("/api/bundles")
+    def bundles(request: Request) -> dict[str, Any]:
+        """The bundles this server serves, each with the path of its edge part's listing."""
+        auth.client_for(request.headers.get("authorization"))
+        if not service.ready:
+            raise ServiceUnavailable("bundles are still loading")
+        return {"bundles": [
+            {"id": lb.bundle.id, "name": lb.bundle.name, "version": lb.bundle.version,
+             "table_hash": lb.bundle.table_hash_hex,
+             "edge": f"/api/bundles/{lb.bundle.name}/{lb.bundle.version}/edge"}
+            for lb in service.bundles.values()]}
+
+    @app.get("/api/bundles/{name}/{version}/edge")
+    def bundle_edge(name: str, version: str, request: Request) -> dict[str, Any]:
+        """The edge part of one bundle: ``manifest.json`` and the edge side's files, each with its
+        sha256 and size. Unknown bundle or version: 404."""
+        auth.client_for(request.headers.get("authorization"))
+        return edge_listing(service.resolve(f"{name}/{version}").bundle)
+
+    @app.get("/api/bundles/{name}/{version}/edge/{path:path}")
+    def bundle_edge_file(name: str, version: str, path: str, request: Request) -> FileResponse:
+        """One file of the edge part (only names in the listing; anything else is 404)."""
+        auth.client_for(request.headers.get("authorization"))
+        p = edge_file(service.resolve(f"{name}/{version}").bundle, path)
+        return FileResponse(p, media_type="application/octet-stream")
 
     @app.get("/", response_class=HTMLResponse)
     def dashboard() -> str:
