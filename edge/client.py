@@ -5,6 +5,12 @@ read (too large, corrupt: named on stderr, the others still streamed); 2 bad arg
 bundle; 3 server unreachable (not resolvable, or not answering within ``--connect-timeout``, or lost
 for good mid-stream); 4 the server refused the stream (token, unknown bundle, …); 141 stdout closed
 early (``| head``). This module and everything it imports stay free of torch (tested).
+
+Bundles: the edge loads only the edge part of a bundle (``side="edge"``: front, codec graphs and
+tables), from ``--bundles``, else from the fetch cache; ``--fetch-bundle NAME[/VERSION]`` (or
+``--bundle NAME`` with ``--http URL`` when no copy is found) downloads it from the server's HTTP side
+into the cache first (:mod:`palettelink.fetch`). The HTTP address is ``--http URL``, by default the
+``--server`` host on port 8000 (https with ``--tls-ca``).
 """
 
 from __future__ import annotations
@@ -29,10 +35,11 @@ from edge.transport import (
     wait_ready,
 )
 from palettelink import capture
-from palettelink.bundle import find_bundle
+from palettelink.bundle import Bundle, find_bundle
 from palettelink.cliutil import add_version, quiet_on_broken_pipe
 from palettelink.codecs import EdgeEncoder, default_codec, make_encoder, spec
-from palettelink.errors import BundleNotFound, InvalidRequest, PaletteLinkError
+from palettelink.errors import BundleNotFound, InvalidRequest, PaletteLinkError, Unauthenticated
+from palettelink.fetch import Client, FetchError, default_cache, default_http_url, fetch_bundle
 from palettelink.ratecontrol import LevelCoder, controller_from
 from palettelink.v1 import palettelink_pb2 as pb
 
@@ -47,12 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="exit codes: 0 ok, 1 some frames failed, 2 bad input/bundle, 3 server unreachable, "
                "4 server refused the stream",
     )
-    p.add_argument("paths", nargs="+", metavar="PATH",
+    p.add_argument("paths", nargs="*", metavar="PATH",
                    help="image files, folders (recursive) or video files; camera:N for a camera")
     p.add_argument("--server", required=True, metavar="HOST:PORT", help="gRPC address of the server")
-    p.add_argument("--bundle", required=True, help="bundle name, name/version, or a bundle folder")
+    p.add_argument("--bundle", default=None, help="bundle name, name/version, or a bundle folder")
     p.add_argument("--bundles", type=Path, default=None, metavar="DIR",
-                   help="bundle root (default: $PALETTELINK_BUNDLES or ./bundles)")
+                   help="bundle root (default: $PALETTELINK_BUNDLES or ./bundles; then the fetch cache)")
+    p.add_argument("--fetch-bundle", default=None, metavar="NAME[/VERSION]",
+                   help="download the bundle's edge part from the server into the cache (verified, "
+                        "atomic), then stream PATHs with it, if any")
+    p.add_argument("--http", default=None, metavar="URL",
+                   help="the server's HTTP address for bundle downloads (default: http://HOST:8000 of "
+                        "--server, https with --tls-ca); with it, a --bundle found nowhere is fetched")
+    p.add_argument("--cache", type=Path, default=None, metavar="DIR",
+                   help="fetched bundles (default: $XDG_CACHE_HOME/palettelink/bundles or "
+                        "~/.cache/palettelink/bundles)")
     p.add_argument("--codec", default=None, help="baseline or palette (default: the bundle's best)")
     rate = p.add_mutually_exclusive_group()
     rate.add_argument("--bits", type=int, default=None, help="baseline: bits per value (2..8)")
@@ -153,6 +169,34 @@ def _level_for(args: argparse.Namespace, codec: str) -> int | None:
     return args.bits if args.bits is not None else args.level
 
 
+def _http_client(args: argparse.Namespace) -> Client:
+    url = args.http or default_http_url(args.server, tls=args.tls_ca is not None)
+    return Client(url, token=args.token, ca=args.tls_ca)
+
+
+def _log(msg: str) -> None:
+    print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
+
+
+def _bundle(args: argparse.Namespace) -> Bundle:
+    """The edge part of the bundle to stream with: fetched (``--fetch-bundle``), else found under
+    ``--bundles``, else in the cache, else fetched when ``--http`` names where from."""
+    cache = args.cache or default_cache()
+    if args.fetch_bundle:
+        return fetch_bundle(args.fetch_bundle, _http_client(args), cache, log=_log)
+    try:
+        return find_bundle(args.bundle, args.bundles, side="edge")
+    except BundleNotFound as first:
+        if Path(args.bundle).is_dir():
+            raise
+        try:
+            return find_bundle(args.bundle, cache, side="edge")
+        except BundleNotFound:
+            if not args.http:
+                raise BundleNotFound(f"{first} (nor in the fetch cache {cache})") from None
+    return fetch_bundle(args.bundle, _http_client(args), cache, log=_log)
+
+
 def _check_limits(args: argparse.Namespace) -> None:
     if args.window < 1:
         raise InvalidRequest(f"--window must be ≥ 1, got {args.window}")
@@ -169,17 +213,31 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 
     try:
         _check_limits(args)
-        sources = capture.expand(args.paths)
-        frames = capture.iter_frames(sources, args.every, args.max_frames, on_error=skip)
-        bundle = find_bundle(args.bundle, args.bundles)
+        if not args.bundle and not args.fetch_bundle:
+            raise InvalidRequest("give --bundle NAME (or --fetch-bundle NAME to download it)")
+        if not args.paths and not args.fetch_bundle:
+            raise InvalidRequest("give at least one PATH to stream")
+        if args.paths:
+            sources = capture.expand(args.paths)
+            frames = capture.iter_frames(sources, args.every, args.max_frames, on_error=skip)
+        bundle = _bundle(args)
+        if not args.paths:
+            print(f"{bundle.id} {bundle.path}", file=out)
+            return EXIT_OK
         codec = args.codec or default_codec(bundle)
         encoder: EdgeEncoder = make_encoder(bundle, codec)
         coder = LevelCoder(encoder, controller_from(_level_for(args, codec), args.target_bpp,
                                                     args.target_bytes, args.kbps, args.fps))
         channel = make_channel(args.server, args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    except FetchError as e:
+        return _fail(EXIT_UNREACHABLE, str(e))
+    except Unauthenticated as e:
+        return _fail(EXIT_REFUSED, str(e))
     except BundleNotFound as e:
+        if args.fetch_bundle or args.http:
+            return _fail(EXIT_USAGE, str(e))
         hint = f" (to build it there: palettelink build-bundle --out {args.bundles})" if args.bundles else ""
-        return _fail(EXIT_USAGE, f"{e}{hint}")
+        return _fail(EXIT_USAGE, f"{e}{hint}; or fetch it from the server: --fetch-bundle NAME")
     except (PaletteLinkError, ValueError, OSError) as e:
         return _fail(EXIT_USAGE, str(e))
 

@@ -16,7 +16,8 @@ from palettelink import capture
 from palettelink.errors import InvalidRequest
 
 EDGE_MODULES = ["edge.client", "palettelink.capture", "edge.transport", "edge.ratecontrol",
-                "palettelink.codecs.baseline", "palettelink.front", "palettelink.ratecontrol"]
+                "palettelink.codecs.baseline", "palettelink.front", "palettelink.ratecontrol",
+                "palettelink.fetch"]
 
 
 def test_edge_imports_no_torch_in_a_fresh_interpreter() -> None:
