@@ -12,7 +12,7 @@ from typing import Any
 
 from palettelink import codecs
 from palettelink.bundle import Bundle, default_root, list_bundles
-from palettelink.errors import PaletteLinkError
+from palettelink.errors import BundleError, PaletteLinkError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -71,7 +71,20 @@ def describe(bundle: Bundle) -> dict[str, Any]:
         "tensors": [{"name": t.name, "layer": t.layer, "shape": list(t.shape)} for t in bundle.tensors],
         "codecs": {c: codec_entry(bundle, c) for c in names},
         "default_codec": names[0],
+        "side": bundle.side,
     }
+
+
+def load_either_side(path: Path, verify: bool = True) -> Bundle:
+    """The whole bundle; or, for an edge-only copy (every server-side file absent, e.g. one fetched
+    with ``palettelink-edge --fetch-bundle``), its edge part."""
+    try:
+        return Bundle.load(path, verify)
+    except BundleError:
+        edge = Bundle.load(path, verify, side="edge")
+        if any((path / f).exists() for f in edge.sides["server"]):
+            raise
+        return edge
 
 
 def _level_text(lv: dict[str, Any]) -> str:
@@ -91,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     problems: list[str] = []
     for path in list_bundles(root):
         try:
-            found.append(describe(Bundle.load(path, verify=not args.no_verify)))
+            found.append(describe(load_either_side(path, verify=not args.no_verify)))
         except PaletteLinkError as e:
             problems.append(f"{path}: {e}")
     if args.json:
@@ -103,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
         print("  no bundles; build one with `palettelink build-bundle"
               + (f" --out {root}`" if args.bundles is not None else "`"))
     for b in found:
-        print(f"\n{b['id']}  ({b['path']})")
+        side = ", edge part only" if b["side"] == "edge" else ""
+        print(f"\n{b['id']}  ({b['path']}{side})")
         print(f"  task {b['task']}, classes {b['class_names']}, input {b['input_size']}², "
               f"table hash {b['table_hash'][:16]}")
         for t in b["tensors"]:

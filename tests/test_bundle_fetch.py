@@ -401,3 +401,19 @@ def test_a_listing_naming_paths_outside_the_bundle_is_refused(fake_server: dict,
     with pytest.raises(BundleError, match="unsafe file name"):
         fetch_bundle("toy/1", Client(fake_server["url"]), tmp_path / "cache")
     assert not (tmp_path / "escape").exists() and not any((tmp_path / "cache").rglob("*.onnx"))
+
+
+def test_info_describes_an_edge_only_copy(bundle, tmp_path: Path) -> None:  # noqa: ANN001
+    def info() -> dict:
+        r = subprocess.run([sys.executable, "-m", "palettelink.cli", "info", "--bundles", str(tmp_path),
+                            "--json"], capture_output=True, text=True, timeout=120, cwd=REPO, env=env())
+        assert "Traceback" not in r.stderr
+        return json.loads(r.stdout)
+
+    edge_copy(bundle, tmp_path / "fall-yolov8" / "1")
+    doc = info()
+    assert [(b["id"], b["side"]) for b in doc["bundles"]] == [("fall-yolov8/1", "edge")]
+    assert not doc["problems"]
+    (tmp_path / "fall-yolov8" / "1" / "model.pt").write_bytes(b"half a server copy")
+    doc = info()  # some server files but not all, or wrong: not an edge copy, a broken bundle
+    assert not doc["bundles"] and "missing" in doc["problems"][0]
