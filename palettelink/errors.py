@@ -45,7 +45,15 @@ class Unauthenticated(PaletteLinkError):
 
 
 class ResourceExhausted(PaletteLinkError):
+    """A limit of the receiver is reached. ``retry_after_ms`` (when > 0) is the receiver's hint of when
+    the same request may succeed (a stream slot or queue room freed); transports pass it on (gRPC
+    trailing metadata ``retry-after-ms``, ``FrameError.retry_after_ms``, HTTP ``Retry-After``)."""
+
     code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str = "", retry_after_ms: int = 0) -> None:
+        super().__init__(message)
+        self.retry_after_ms = int(retry_after_ms)
 
 
 class ServiceUnavailable(PaletteLinkError):

@@ -70,6 +70,7 @@ class ErrorStatus:
     grpc_code: grpc.StatusCode
     message: str
     http_code: int | None = None  # when the error's class says more than its gRPC code
+    retry_after_ms: int = 0  # a retry hint (RESOURCE_EXHAUSTED from a limit that frees up)
 
     @property
     def name(self) -> str:
@@ -97,7 +98,8 @@ def status_of(exc: BaseException, counter: ErrorCounter | None = None) -> ErrorS
             log.error("error %s carries unknown status name %r", type(exc).__name__, exc.code)
             code = grpc.StatusCode.INTERNAL
         http = next((v for k, v in HTTP_BY_CLASS.items() if isinstance(exc, k)), None)
-        status = ErrorStatus(code, clip(str(exc) or type(exc).__name__), http)
+        status = ErrorStatus(code, clip(str(exc) or type(exc).__name__), http,
+                             int(getattr(exc, "retry_after_ms", 0) or 0))
     else:
         log.error("unexpected error", exc_info=(type(exc), exc, exc.__traceback__))
         status = ErrorStatus(grpc.StatusCode.INTERNAL,
@@ -136,6 +138,8 @@ def grpc_errors(fn: F) -> F:
         if isinstance(exc, grpc.RpcError) and not context.is_active():
             return  # the client went away (cancelled, deadline): nobody to answer, nothing to log
         s = status_of(exc, getattr(self, "metrics", None))
+        if s.retry_after_ms:
+            context.set_trailing_metadata((("retry-after-ms", str(s.retry_after_ms)),))
         context.abort(s.grpc_code, s.message)
 
     if inspect.isgeneratorfunction(fn):

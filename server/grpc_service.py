@@ -9,6 +9,9 @@ The servicer converts messages and calls the service; errors become statuses onl
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,19 +22,20 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from palettelink.errors import InvalidRequest, PaletteLinkError
+from palettelink.errors import InvalidRequest, PaletteLinkError, ResourceExhausted
 from palettelink.v1 import palettelink_pb2 as pb
 from palettelink.v1 import palettelink_pb2_grpc as pb_grpc
 from server import __version__
 from server.auth import TokenAuth
 from server.errors import grpc_errors, status_of
 from server.results import FrameResult
-from server.service import EdgeReport, Service, check_name
+from server.service import EdgeReport, Service, StreamSession, check_name
 
 log = logging.getLogger("palettelink.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PaletteLink"].full_name
 MiB = 1 << 20
+HEADROOM, MIN_HEADROOM = 16, 4  # gRPC workers beyond --max-streams (default, least)
 
 
 def result_to_proto(r: FrameResult) -> pb.FrameResult:
@@ -88,26 +92,60 @@ class PaletteLinkServicer(pb_grpc.PaletteLinkServicer):
     @grpc_errors
     def Stream(self, request_iterator: Iterator[pb.StreamRequest],
                context: grpc.ServicerContext) -> Iterator[pb.StreamResponse]:
-        first = next(request_iterator, None)
-        if first is None:
-            return
-        if first.WhichOneof("msg") != "header":
-            raise InvalidRequest("the first message of a Stream must be a StreamHeader")
-        h = first.header
-        with self.service.open_stream(h.bundle, h.task, self._client(context, h.client_id),
-                                      h.want_preview) as session:
-            for req in request_iterator:
-                if req.WhichOneof("msg") != "frame":
-                    raise InvalidRequest("a Stream carries one StreamHeader, then only Frames")
-                f = req.frame
-                edge = EdgeReport(f.edge_front_ms, f.edge_encode_ms, f.capture_time_us)
-                try:
-                    res = result_to_proto(session.analyze(f.frame_id, f.payload, edge))
-                except Exception as e:  # this frame fails; the stream goes on
-                    s = status_of(e, self.metrics)
-                    res = pb.FrameResult(frame_id=f.frame_id, payload_bytes=len(f.payload),
-                                         error=pb.FrameError(code=s.number, status=s.name, message=s.message))
-                yield pb.StreamResponse(result=res)
+        svc, m = self.service, self.metrics
+        who = self.auth.client_for(_authorization(context))
+        # A slot is taken before the header is read (keyed by the token's client, else the peer), so
+        # header-less and idle streams count against the limits too and never fill the worker pool.
+        slot = who or _peer_host(context)
+        try:
+            svc.slots.acquire(slot)
+        except ResourceExhausted:
+            m.streams_refused.labels("limit").inc()
+            raise
+        inbox = _Inbox(request_iterator, svc)
+        try:
+            first = inbox.get(svc.header_timeout)
+            if first is None:
+                return
+            if first.WhichOneof("msg") != "header":
+                raise InvalidRequest("the first message of a Stream must be a StreamHeader")
+            h = first.header
+            client = self._client(context, h.client_id)
+            key = who or h.client_id or slot
+            with svc.open_stream(h.bundle, h.task, client, h.want_preview, slot=slot,
+                                 limit_key=key) as session:
+                slot = key
+                inbox.session = session
+                yield from self._frames(inbox, session)
+        except _Idle as e:
+            m.streams_closed.labels(e.reason).inc()
+            raise
+        finally:
+            inbox.close()
+            svc.slots.release(slot)
+
+    def _frames(self, inbox: _Inbox, session: StreamSession) -> Iterator[pb.StreamResponse]:
+        while True:
+            yield from inbox.refusals()
+            item = inbox.get(self.service.stream_idle_timeout, idle="frame")
+            admitted = inbox.last_admitted
+            if item is None:
+                yield from inbox.refusals()
+                return
+            if item is _WAKE:
+                continue
+            if item.WhichOneof("msg") != "frame":  # (not admitted: only frames are counted)
+                raise InvalidRequest("a Stream carries one StreamHeader, then only Frames")
+            f = item.frame
+            edge = EdgeReport(f.edge_front_ms, f.edge_encode_ms, f.capture_time_us)
+            try:
+                res = result_to_proto(session.analyze(f.frame_id, f.payload, edge, admitted=admitted))
+            except Exception as e:  # this frame fails; the stream goes on
+                res = frame_error(f, e, self.metrics)
+            finally:
+                if admitted:
+                    inbox.done_one()
+            yield pb.StreamResponse(result=res)
 
     @grpc_errors
     def Analyze(self, request: pb.AnalyzeRequest, context: grpc.ServicerContext) -> pb.AnalyzeResponse:
@@ -118,6 +156,131 @@ class PaletteLinkServicer(pb_grpc.PaletteLinkServicer):
     @grpc_errors
     def GetInfo(self, request: pb.GetInfoRequest, context: grpc.ServicerContext) -> pb.GetInfoResponse:
         return info_to_proto(self.service)
+
+
+def frame_error(f: pb.Frame, exc: BaseException, metrics: Any) -> pb.FrameResult:
+    """The answer of one frame that failed (the stream goes on), with its retry hint if any."""
+    s = status_of(exc, metrics)
+    return pb.FrameResult(frame_id=f.frame_id, payload_bytes=len(f.payload),
+                          error=pb.FrameError(code=s.number, status=s.name, message=s.message,
+                                              retry_after_ms=s.retry_after_ms))
+
+
+def _peer_host(context: grpc.ServicerContext) -> str:
+    """``ipv4:1.2.3.4`` of ``ipv4:1.2.3.4:5678`` (the port changes with every connection)."""
+    peer = str(context.peer() or "unknown")
+    return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
+
+
+class _Idle(PaletteLinkError):
+    """A stream closed by the server: no header in time, or no frame within the idle timeout."""
+
+    code = "DEADLINE_EXCEEDED"
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+_WAKE = object()
+_END = object()
+
+
+class _Inbox:
+    """The request side of one Stream, read by its own thread so that the handler can wait with a
+    timeout (idle streams are closed), frames over the global admission limit are refused on arrival,
+    not queued, and a stream with ``max_stream_queue`` frames waiting is not read further (flow
+    control holds its sender). Frames admitted here are counted out by :meth:`done_one` (or :meth:`close`)."""
+
+    def __init__(self, requests: Iterator[pb.StreamRequest], service: Service) -> None:
+        self.service = service
+        self.session: StreamSession | None = None
+        self._q: queue.Queue[Any] = queue.Queue()
+        self._refused: deque[pb.FrameResult] = deque()
+        self._lock = threading.Condition()
+        self._closed = False
+        self._waiting = 0  # admitted frames of this stream not answered yet
+        self.last_admitted = False  # whether the request :meth:`get` returned last was admitted
+        self._thread = threading.Thread(target=self._read, args=(requests,), name="stream-inbox", daemon=True)
+        self._thread.start()
+
+    def _read(self, requests: Iterator[pb.StreamRequest]) -> None:
+        try:
+            for req in requests:
+                self._admit(req)
+        except Exception as e:  # the call was cancelled or broke: the handler re-raises it
+            self._q.put(e)
+        else:
+            self._q.put(_END)
+
+    def _admit(self, req: pb.StreamRequest) -> None:
+        """Count a frame in and queue it, or refuse it at once (its answer queued in refusals). Under
+        the lock, so that :meth:`close` counts out every admitted frame."""
+        session = self.session
+        if session is None or req.WhichOneof("msg") != "frame":
+            with self._lock:
+                if not self._closed:
+                    self._q.put((req, False))
+                return
+        svc = self.service
+        with self._lock:
+            svc.metrics.stream_queue.observe(self._waiting)
+            # A full stream queue stops reading: flow control then holds the sender.
+            while self._waiting >= svc.admission.max_per_stream and not self._closed:
+                self._lock.wait(0.5)
+            if self._closed:
+                return
+            try:
+                svc.admission.admit()
+            except ResourceExhausted as e:
+                session.refused += 1
+                self._refused.append(frame_error(req.frame, e, svc.metrics))
+                self._q.put(_WAKE)
+                return
+            self._waiting += 1
+            session.queued = self._waiting
+            self._q.put((req, True))
+
+    def get(self, timeout: float, idle: str = "header") -> Any:
+        """The next request (None at the end, ``_WAKE`` when a refusal is waiting); :class:`_Idle`
+        when none comes within ``timeout`` seconds; the call's own error when it broke."""
+        try:
+            item = self._q.get(timeout=timeout)
+        except queue.Empty:
+            what = ("no StreamHeader within" if idle == "header" else "no frame for")
+            flag = "" if idle == "header" else " (--stream-idle-timeout)"
+            raise _Idle(f"{what} {timeout:g} s{flag}: the server closed this idle stream", idle) from None
+        self.last_admitted = isinstance(item, tuple) and item[1]
+        if item is _END:
+            return None
+        if isinstance(item, Exception):
+            raise item
+        return item if item is _WAKE else item[0]
+
+    def refusals(self) -> Iterator[pb.StreamResponse]:
+        while self._refused:
+            yield pb.StreamResponse(result=self._refused.popleft())
+
+    def done_one(self) -> None:
+        with self._lock:
+            self._waiting -= 1
+            if self.session is not None:
+                self.session.queued = self._waiting
+            self._lock.notify_all()
+
+    def close(self) -> None:
+        """The handler is done: frames admitted but never processed are counted out."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+            while True:
+                try:
+                    item = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, tuple) and item[1]:
+                    self.service.admission.done()
+                    self._waiting -= 1
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
@@ -178,8 +341,10 @@ class TLSConfig:
 class GrpcServer:
     """The gRPC server of one :class:`Service`: PaletteLink + health + reflection.
 
-    Each open Stream holds a worker thread, so the pool is sized to ``max_streams`` plus room for
-    unary calls; beyond ``workers`` concurrent calls gRPC itself answers RESOURCE_EXHAUSTED.
+    Each open Stream holds a worker thread (from its first byte on, header or not), so the pool is
+    sized to ``max_streams`` plus :data:`HEADROOM` for unary calls and health checks; the stream
+    limits (:class:`~server.service.StreamSlots`) refuse streams before the pool is full, so gRPC's
+    own RESOURCE_EXHAUSTED at ``workers`` concurrent calls is never reached by streams alone.
     Health reports NOT_SERVING until :meth:`set_serving` (after the bundles are loaded).
     """
 
@@ -188,7 +353,11 @@ class GrpcServer:
                  max_message_bytes: int = 16 * MiB, workers: int | None = None) -> None:
         self.service = service
         self.host = host
-        workers = workers or service.max_streams + 8
+        if workers is not None and workers < service.max_streams + MIN_HEADROOM:
+            raise ValueError(f"--workers {workers} leaves no room beside --max-streams "
+                             f"{service.max_streams}: give at least {service.max_streams + MIN_HEADROOM} "
+                             "(unary calls and health checks need free workers)")
+        workers = workers or service.max_streams + HEADROOM
         auth = auth or TokenAuth({})
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),

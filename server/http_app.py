@@ -33,7 +33,9 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
 
     async def _error(request: Request, exc: Exception) -> JSONResponse:
         status, body = http_status(exc, service.metrics)
-        return JSONResponse(body, status_code=status)
+        retry_ms = int(getattr(exc, "retry_after_ms", 0) or 0)
+        headers = {"Retry-After": str(max(1, -(-retry_ms // 1000)))} if retry_ms else None
+        return JSONResponse(body, status_code=status, headers=headers)
 
     # Our errors are answered quietly; anything else is also answered as JSON (and logged once more
     # by the ASGI server, since Starlette re-raises unexpected exceptions after answering).
@@ -58,9 +60,11 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
 
     @app.get("/readyz")
     def readyz() -> JSONResponse:
-        """Readiness: 503 until the bundles are loaded, so no traffic reaches a cold replica."""
-        ok = service.ready
-        return JSONResponse({"ready": ok, "bundles": sorted(service.bundles) if ok else []},
+        """Readiness: 503 until the bundles are loaded, so no traffic reaches a cold replica, and again
+        from the moment a drain starts (SIGTERM), so load balancers stop sending before the ports close."""
+        ok = service.ready and not service.draining
+        return JSONResponse({"ready": ok, "draining": service.draining,
+                             "bundles": sorted(service.bundles) if ok else []},
                             status_code=200 if ok else 503)
 
     @app.get("/metrics")

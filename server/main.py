@@ -82,8 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-client-ca", type=Path, help="CA that client certificates must chain to (mTLS)")
     p.add_argument("--http-tls", action="store_true", help="serve HTTP with the same certificate too")
     p.add_argument("--workers", type=int, default=None,
-                   help="gRPC worker threads (default: max streams + 8; each open stream holds one)")
-    p.add_argument("--max-streams", type=int, default=64, help="concurrent Stream calls")
+                   help="gRPC worker threads (default: --max-streams + 16; each open stream holds one; "
+                        "at least --max-streams + 4, so unary calls and health checks always find one)")
+    p.add_argument("--max-streams", type=int, default=64,
+                   help="concurrent Stream calls in all, header-less ones included (default 64)")
+    p.add_argument("--max-streams-per-client", type=int, default=16, metavar="N",
+                   help="concurrent Stream calls of one client: the token's client name, else the header's "
+                        "client_id, else the peer address (default 16)")
+    p.add_argument("--stream-idle-timeout", type=float, default=60.0, metavar="S",
+                   help="close a stream that sends no frame for S seconds (DEADLINE_EXCEEDED; default 60)")
+    p.add_argument("--header-timeout", type=float, default=5.0, metavar="S",
+                   help="close a stream that sends no StreamHeader within S seconds (default 5)")
+    p.add_argument("--max-pending-frames", type=int, default=32, metavar="N",
+                   help="frames admitted in all (waiting for or in decode + task); more are refused with "
+                        "RESOURCE_EXHAUSTED and a retry hint instead of queueing (default 32)")
+    p.add_argument("--max-stream-queue", type=int, default=4, metavar="N",
+                   help="frames waiting in one stream before its next is refused (default 4)")
+    p.add_argument("--drain-grace", type=float, default=5.0, metavar="S",
+                   help="on SIGTERM: /readyz turns 503 at once, running calls get S seconds (default 5)")
     p.add_argument("--max-message-mb", type=float, default=16.0, help="largest gRPC message")
     p.add_argument("--device", default="cpu", help="torch device of the task models (cpu, cuda, cuda:1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: usable CPUs)")
@@ -93,6 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default=os.environ.get("PALETTELINK_LOG", "INFO"))
     add_version(p)
     return p
+
+
+def _check_limits(args: argparse.Namespace) -> str | None:
+    """Why the limit flags do not fit together (None: they do)."""
+    for flag in ("max_streams", "max_streams_per_client", "max_pending_frames", "max_stream_queue"):
+        if getattr(args, flag) < 1:
+            return f"--{flag.replace('_', '-')} must be ≥ 1"
+    if args.stream_idle_timeout <= 0 or args.header_timeout <= 0 or args.drain_grace < 0:
+        return "--stream-idle-timeout and --header-timeout must be > 0, --drain-grace ≥ 0"
+    if args.workers is not None and args.workers < args.max_streams + 4:
+        return (f"--workers {args.workers} must be at least --max-streams + 4 = {args.max_streams + 4}, "
+                "so that unary calls and health checks always find a free worker")
+    return None
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -192,9 +221,19 @@ class PaletteLinkServer:
             self.service.load()
         self.grpc.set_serving(True)
 
+    def drain(self) -> None:
+        """The first step of a shutdown: ``/readyz`` answers 503 and gRPC health NOT_SERVING from
+        now on, while both ports still answer (so probes see it before connections are refused)."""
+        self.service.drain()
+        self.grpc.set_serving(False)
+
     def stop(self, grace: float = 5.0, close_service: bool = True) -> None:
-        """NOT_SERVING, finish running calls (up to ``grace`` s), stop HTTP, stop the task workers
-        (unless the service is shared with another server: ``close_service=False``)."""
+        """Drain (readiness false), finish running calls (up to ``grace`` s), stop HTTP, stop the task
+        workers (unless the service is shared with another server: ``close_service=False``)."""
+        if close_service:
+            self.drain()
+        else:
+            self.grpc.set_serving(False)
         self.grpc.stop(grace)
         self.http.should_exit = True
         if self._http_thread.is_alive():
@@ -234,9 +273,15 @@ def _main(argv: list[str] | None) -> int:
         print(f"palettelink-server: {e}", file=sys.stderr)
         return 2
     tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    if (why := _check_limits(args)) is not None:
+        print(f"palettelink-server: {why}", file=sys.stderr)
+        return 2
     service = Service(args.bundles or default_root(), args.bundle, device=args.device,
                       threads=args.threads, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-                      max_streams=args.max_streams, verify=not args.no_verify)
+                      max_streams=args.max_streams, max_streams_per_client=args.max_streams_per_client,
+                      max_pending=args.max_pending_frames, max_stream_queue=args.max_stream_queue,
+                      stream_idle_timeout=args.stream_idle_timeout, header_timeout=args.header_timeout,
+                      verify=not args.no_verify)
     try:
         server = PaletteLinkServer(service, host=args.host, grpc_port=args.grpc_port,
                                    http_port=args.http_port, auth=auth, tls=tls, http_tls=args.http_tls,
@@ -250,6 +295,7 @@ def _main(argv: list[str] | None) -> int:
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("got %s, shutting down", signal.Signals(signum).name)
+        server.drain()  # readiness false first: /readyz 503, health NOT_SERVING, then the drain
         stop.set()
 
     signal.signal(signal.SIGINT, on_signal)
@@ -271,7 +317,7 @@ def _main(argv: list[str] | None) -> int:
         print(" ".join(["READY", ports, f"bundles={','.join(service.bundles)}", *flags]), flush=True)
         while not stop.wait(0.5):
             pass
-    server.stop(grace=5.0)
+    server.stop(grace=args.drain_grace)
     log.info("stopped")
     return code
 

@@ -45,6 +45,19 @@ class Metrics:
         self.batch = Histogram(p + "batch_size", "Frames per task batch", ["bundle", "task"],
                                buckets=BATCH_BUCKETS, registry=r)
         self.active_streams = Gauge(p + "active_streams", "Open Stream calls", registry=r)
+        self.pending = Gauge(p + "pending_frames", "Frames admitted and not answered yet (admission control)",
+                             registry=r)
+        self.stream_queue = Histogram(p + "stream_queue_depth",
+                                      "Frames waiting in their stream when one more arrives",
+                                      buckets=(0, 1, 2, 4, 8, 16, 32), registry=r)
+        self.refused = Counter(p + "frames_refused",
+                               "Frames refused by admission control (RESOURCE_EXHAUSTED), by the full queue: "
+                               "stream_queue or server_queue", ["reason"], registry=r)
+        self.streams_refused = Counter(p + "streams_refused", "Stream calls refused by the stream limits",
+                                       ["reason"], registry=r)
+        self.streams_closed = Counter(p + "streams_closed_idle", "Streams closed by the server for idling: "
+                                      "no header in time, or no frame within --stream-idle-timeout",
+                                      ["reason"], registry=r)
         self.errors = Counter(p + "errors", "Errors answered, by status code", ["status"], registry=r)
         self.bundles_loaded = Gauge(p + "bundles_loaded", "Bundles loaded and serving", registry=r)
 

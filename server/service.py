@@ -128,6 +128,129 @@ def _version_key(version: str) -> tuple[int, int | str]:
     return (0, int(version)) if version.isdigit() else (1, version)
 
 
+class StreamSlots:
+    """Stream slots: at most ``total`` streams in all and ``per_client`` per client key (the token's
+    client name, else the client id of the header, else the peer address), counted from the moment a
+    call arrives, before its header, so neither idle nor header-less streams can take the gRPC worker
+    pool (sized above ``total``) from health checks, unary calls or other clients. Thread-safe."""
+
+    def __init__(self, total: int, per_client: int, retry_after_ms: int = 1000) -> None:
+        self.total = max(1, total)
+        self.per_client = max(1, min(per_client, self.total))
+        self.retry_after_ms = retry_after_ms
+        self._lock = threading.Lock()
+        self._by_key: dict[str, int] = {}
+        self._n = 0
+
+    @property
+    def in_use(self) -> int:
+        return self._n
+
+    def count(self, key: str) -> int:
+        with self._lock:
+            return self._by_key.get(key, 0)
+
+    def acquire(self, key: str) -> str:
+        """Take a slot for ``key`` (returned), or :class:`ResourceExhausted` naming the limit."""
+        with self._lock:
+            self._check(key)
+            self._by_key[key] = self._by_key.get(key, 0) + 1
+            self._n += 1
+        return key
+
+    def _check(self, key: str) -> None:
+        if self._n >= self.total:
+            raise ResourceExhausted(f"this server already holds its limit of {self.total} streams "
+                                    "(--max-streams); retry later or use another replica",
+                                    self.retry_after_ms)
+        if self._by_key.get(key, 0) >= self.per_client:
+            raise ResourceExhausted(f"client {clip(key, 80)!r} already holds its limit of {self.per_client} "
+                                    "streams (--max-streams-per-client); close one or retry later",
+                                    self.retry_after_ms)
+
+    def move(self, old: str, new: str) -> str:
+        """Re-key a held slot (the header named the client); refused like :meth:`acquire`, keeping
+        the old slot (release it)."""
+        if old == new:
+            return old
+        with self._lock:
+            n = self._by_key.get(new, 0)
+            if n >= self.per_client:
+                self._n -= 1  # check as if the slot were free, then take it back
+                try:
+                    self._check(new)
+                finally:
+                    self._n += 1
+            self._drop(old)
+            self._by_key[new] = n + 1
+        return new
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            self._drop(key)
+            self._n -= 1
+
+    def _drop(self, key: str) -> None:
+        n = self._by_key.get(key, 0) - 1
+        if n > 0:
+            self._by_key[key] = n
+        else:
+            self._by_key.pop(key, None)
+
+
+class Admission:
+    """Admission control: at most ``max_pending`` frames admitted in all (waiting for or in decode and
+    task). A frame over the bound is refused at once (RESOURCE_EXHAUSTED with a retry hint) instead of
+    queueing: latency stays bounded by roughly ``max_pending`` frame times however many clients push.
+    Within one stream at most ``max_per_stream`` frames wait; the transport stops reading that stream
+    meanwhile, so HTTP/2 flow control holds its sender (nothing is refused for that). Thread-safe."""
+
+    def __init__(self, metrics: Metrics, max_pending: int = 32, max_per_stream: int = 4) -> None:
+        self.metrics = metrics
+        self.max_pending = max(1, max_pending)
+        self.max_per_stream = max(1, max_per_stream)
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._frame_ms = 100.0  # moving average of admitted frames' server time, for the retry hint
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def retry_after_ms(self) -> int:
+        """About the time the frames admitted now need to clear (at least 50 ms, at most 10 s)."""
+        return int(min(10_000, max(50, self._frame_ms * max(1, self._pending) / 4)))
+
+    def admit(self) -> None:
+        """Count one frame in, or refuse it (:class:`ResourceExhausted` with ``retry_after_ms``)."""
+        with self._lock:
+            if self._pending < self.max_pending:
+                self._pending += 1
+                self.metrics.pending.set(self._pending)
+                return
+            n = self._pending
+        self.metrics.refused.labels("server_queue").inc()
+        ms = self.retry_after_ms()
+        raise ResourceExhausted(f"server overloaded, frame refused: {n} frames already waiting (limit "
+                                f"{self.max_pending}, --max-pending-frames); retry after {ms} ms", ms)
+
+    def done(self, seconds: float | None = None) -> None:
+        with self._lock:
+            self._pending -= 1
+            self.metrics.pending.set(self._pending)
+            if seconds is not None:
+                self._frame_ms = 0.8 * self._frame_ms + 0.2 * seconds * 1e3
+
+    @contextmanager
+    def frame(self) -> Iterator[None]:
+        self.admit()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.done(time.perf_counter() - t0)
+
+
 @dataclass
 class StreamSession:
     """One open Stream: bundle and task fixed by its header; frames go through :meth:`analyze`."""
@@ -142,12 +265,18 @@ class StreamSession:
     n_bytes: int = 0
     errors: int = 0
 
-    def analyze(self, frame_id: int, payload: bytes, edge: EdgeReport | None = None) -> FrameResult:
+    queued: int = 0  # frames received and admitted, not answered yet (set by the transport)
+    refused: int = 0
+
+    def analyze(self, frame_id: int, payload: bytes, edge: EdgeReport | None = None,
+                admitted: bool = False) -> FrameResult:
+        """One frame of this stream; ``admitted``: the transport already counted it in
+        (:meth:`Admission.admit`), else it is admitted here."""
         self.frames += 1
         self.n_bytes += len(payload)
         try:
             return self.service.analyze(self.bundle, self.task, payload, self.want_preview,
-                                        frame_id=frame_id, client=self.client, edge=edge)
+                                        frame_id=frame_id, client=self.client, edge=edge, admit=not admitted)
         except Exception:
             self.errors += 1
             raise
@@ -166,6 +295,8 @@ class Service:
     def __init__(self, bundles_root: str | os.PathLike[str], bundles: Sequence[str] | None = None, *,
                  device: str = "cpu", threads: int | None = None, max_batch: int = 8,
                  batch_wait_ms: float = 2.0, max_queue: int = 64, max_streams: int = 64,
+                 max_streams_per_client: int = 16, max_pending: int = 32, max_stream_queue: int = 4,
+                 stream_idle_timeout: float = 60.0, header_timeout: float = 5.0,
                  max_pixels: int = 1 << 26, recent_frames: int = 200, warmup: bool = True,
                  verify: bool = True) -> None:
         self.root = Path(bundles_root)
@@ -176,6 +307,8 @@ class Service:
         self.batch_wait_ms = batch_wait_ms
         self.max_queue = max_queue
         self.max_streams = max_streams
+        self.stream_idle_timeout = stream_idle_timeout
+        self.header_timeout = header_timeout
         self.max_pixels = max_pixels
         self.warmup = warmup
         self.verify = verify
@@ -187,6 +320,9 @@ class Service:
         self._lock = threading.Lock()
         self._recent: deque[dict[str, Any]] = deque(maxlen=recent_frames)
         self._streams: dict[int, StreamSession] = {}
+        self.slots = StreamSlots(max_streams, max_streams_per_client)
+        self.admission = Admission(self.metrics, max_pending, max_stream_queue)
+        self._draining = threading.Event()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -253,7 +389,17 @@ class Service:
         if torch.get_num_threads() != n:
             torch.set_num_threads(max(1, int(n or 1)))
 
+    @property
+    def draining(self) -> bool:
+        """True from :meth:`drain` on: readiness is false, running calls are being finished."""
+        return self._draining.is_set()
+
+    def drain(self) -> None:
+        """Start shutting down: ``/readyz`` answers 503 from now on (the first step of a SIGTERM)."""
+        self._draining.set()
+
     def close(self) -> None:
+        self._draining.set()
         self._ready.clear()
         for lb in self.bundles.values():
             for b in lb.batchers.values():
@@ -283,9 +429,21 @@ class Service:
         return task, lb.batchers[task]
 
     def analyze(self, bundle: str, task: str, payload: bytes, want_preview: bool = False, *,
-                frame_id: int = 0, client: str = "", edge: EdgeReport | None = None) -> FrameResult:
-        """Decode one coded frame and run ``task`` on it (``""`` = the bundle's own task)."""
+                frame_id: int = 0, client: str = "", edge: EdgeReport | None = None,
+                admit: bool = True) -> FrameResult:
+        """Decode one coded frame and run ``task`` on it (``""`` = the bundle's own task). With
+        ``admit`` the frame first passes admission control (refused at once when the server is full);
+        without, the caller admitted it and :meth:`Admission.done` is called here either way."""
+        if admit:
+            self.admission.admit()
         t0 = time.perf_counter()
+        try:
+            return self._analyze(bundle, task, payload, want_preview, frame_id, client, edge, t0)
+        finally:
+            self.admission.done(time.perf_counter() - t0)
+
+    def _analyze(self, bundle: str, task: str, payload: bytes, want_preview: bool, frame_id: int,
+                 client: str, edge: EdgeReport | None, t0: float) -> FrameResult:
         summary: dict[str, Any] = {"time": time.time(), "client": clip(client, 2 * MAX_NAME + 1),
                                    "frame_id": frame_id, "bundle": clip(bundle, MAX_NAME),
                                    "task": clip(task, MAX_NAME), "bytes": len(payload)}
@@ -346,18 +504,30 @@ class Service:
         return result
 
     @contextmanager
-    def open_stream(self, bundle: str, task: str, client: str = "",
-                    want_preview: bool = False) -> Iterator[StreamSession]:
-        """Validate a stream header (bundle, task, stream limit) and account for the open stream."""
+    def open_stream(self, bundle: str, task: str, client: str = "", want_preview: bool = False, *,
+                    slot: str | None = None, limit_key: str | None = None) -> Iterator[StreamSession]:
+        """Validate a stream header (bundle, task, stream limits) and account for the open stream.
+
+        ``slot``: the key of a slot the transport took when the call arrived (:attr:`slots`); it is
+        re-keyed to ``limit_key`` (default ``client``) and stays the caller's to release. Without it a
+        slot is taken and released here."""
         check_name(bundle, "bundle name")
         check_name(task, "task name")
         client = clip(client, 2 * MAX_NAME + 1)
         lb = self.resolve(bundle)
         task, _ = self._batcher(lb, task)
         session = StreamSession(self, lb.bundle.id, task, client, want_preview)
+        key = clip(limit_key or client, 2 * MAX_NAME + 1)
+        own = slot is None
+        try:
+            if own:
+                self.slots.acquire(key)
+            else:
+                self.slots.move(slot, key)  # type: ignore[arg-type]
+        except ResourceExhausted:
+            self.metrics.streams_refused.labels("limit").inc()
+            raise
         with self._lock:
-            if len(self._streams) >= self.max_streams:
-                raise ResourceExhausted(f"this server already holds {self.max_streams} streams")
             self._streams[id(session)] = session
         self.metrics.active_streams.inc()
         try:
@@ -366,6 +536,8 @@ class Service:
             with self._lock:
                 self._streams.pop(id(session), None)
             self.metrics.active_streams.dec()
+            if own:
+                self.slots.release(key)
 
     # -- introspection ---------------------------------------------------------------------------
 
@@ -383,7 +555,8 @@ class Service:
         with self._lock:
             sessions = list(self._streams.values())
         return [{"client": s.client, "bundle": s.bundle, "task": s.task, "opened": s.opened,
-                 "frames": s.frames, "bytes": s.n_bytes, "errors": s.errors} for s in sessions]
+                 "frames": s.frames, "bytes": s.n_bytes, "errors": s.errors, "queued": s.queued,
+                 "refused": s.refused} for s in sessions]
 
     def info(self) -> list[BundleInfo]:
         return [lb.info() for lb in self.bundles.values()]
@@ -396,4 +569,11 @@ class Service:
             "load_errors": dict(self.load_errors), "streams": self.streams(),
             "queues": {f"{k}:{t}": b.depth() for k, lb in self.bundles.items()
                        for t, b in lb.batchers.items()},
+            "draining": self.draining,
+            "limits": {"max_streams": self.slots.total, "max_streams_per_client": self.slots.per_client,
+                       "streams_in_use": self.slots.in_use, "max_pending_frames": self.admission.max_pending,
+                       "max_stream_queue": self.admission.max_per_stream,
+                       "pending_frames": self.admission.pending,
+                       "stream_idle_timeout_s": self.stream_idle_timeout,
+                       "header_timeout_s": self.header_timeout},
         }

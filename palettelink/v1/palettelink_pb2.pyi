@@ -105,14 +105,16 @@ class Timings(_message.Message):
     def __init__(self, decode_ms: _Optional[float] = ..., task_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class FrameError(_message.Message):
-    __slots__ = ("code", "status", "message")
+    __slots__ = ("code", "status", "message", "retry_after_ms")
     CODE_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
     code: int
     status: str
     message: str
-    def __init__(self, code: _Optional[int] = ..., status: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    retry_after_ms: int
+    def __init__(self, code: _Optional[int] = ..., status: _Optional[str] = ..., message: _Optional[str] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class FrameResult(_message.Message):
     __slots__ = ("frame_id", "boxes", "masks", "landmarks", "preview_jpeg", "timings", "payload_bytes", "bpp", "codec", "level", "truncated", "image_width", "image_height", "error")

@@ -1,0 +1,181 @@
+"""Back-pressure through the real gRPC server on 127.0.0.1 (issue 10, point 5): stream limits per client
+and in total counted before the header, idle and header-less streams closed, admission control that
+refuses frames with a retry hint, and health checks / GetInfo / other clients never starved. Small
+limits and timeouts keep it to seconds."""
+
+from __future__ import annotations
+
+import queue
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from palettelink.v1 import palettelink_pb2 as pb
+from palettelink.v1 import palettelink_pb2_grpc
+
+BUNDLE = "fall-yolov8"
+
+
+@pytest.fixture(scope="module")
+def limited(bundles_root: Path):  # noqa: ANN201 - server.main.PaletteLinkServer
+    """A server of its own with tiny limits: 4 streams in all, 2 per client, 1 frame admitted at a
+    time, header within 0.5 s, a frame at least every 1.5 s."""
+    from server.main import PaletteLinkServer
+    from server.service import Service
+
+    svc = Service(bundles_root, [BUNDLE], max_batch=1, batch_wait_ms=0, max_streams=4,
+                  max_streams_per_client=2, max_pending=1, max_stream_queue=4, stream_idle_timeout=1.5,
+                  header_timeout=0.5, warmup=False, verify=False)
+    srv = PaletteLinkServer(svc)
+    srv.start()
+    srv.load()
+    yield srv
+    srv.stop(grace=0.5)
+
+
+@pytest.fixture()
+def channel(limited) -> Iterator[grpc.Channel]:  # noqa: ANN001
+    with grpc.insecure_channel(limited.grpc_address) as ch:
+        yield ch
+
+
+class Held:
+    """A Stream call whose requests the test feeds one by one (None closes the request side)."""
+
+    def __init__(self, ch: grpc.Channel, client: str | None, timeout: float = 20) -> None:
+        self.q: queue.Queue[pb.StreamRequest | None] = queue.Queue()
+        if client is not None:
+            self.q.put(pb.StreamRequest(header=pb.StreamHeader(bundle=BUNDLE, client_id=client)))
+
+        def gen() -> Iterator[pb.StreamRequest]:
+            while (item := self.q.get()) is not None:
+                yield item
+
+        self.call = palettelink_pb2_grpc.PaletteLinkStub(ch).Stream(gen(), timeout=timeout)
+
+    def send(self, frame_id: int, payload: bytes) -> None:
+        self.q.put(pb.StreamRequest(frame=pb.Frame(frame_id=frame_id, payload=payload)))
+
+    def error(self) -> grpc.RpcError:
+        with pytest.raises(grpc.RpcError) as e:
+            list(self.call)
+        return e.value
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.call.cancel()
+
+
+def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def healthy(ch: grpc.Channel) -> None:
+    """Health.Check and GetInfo answer at once."""
+    st = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+    assert st == health_pb2.HealthCheckResponse.SERVING
+    info = palettelink_pb2_grpc.PaletteLinkStub(ch).GetInfo(pb.GetInfoRequest(), timeout=2)
+    assert [b.name for b in info.bundles] == [BUNDLE]
+
+
+def retry_hint(err: grpc.RpcError) -> int:
+    meta = dict(err.trailing_metadata() or ())  # type: ignore[attr-defined]
+    return int(meta["retry-after-ms"])
+
+
+def test_per_client_and_total_stream_limits(limited, channel: grpc.Channel, coded_frames) -> None:  # noqa: ANN001
+    slots = limited.service.slots
+    held = []
+    try:
+        for _ in range(2):
+            held.append(Held(channel, "greedy"))
+        until(lambda: slots.count("greedy") == 2)
+        third = Held(channel, "greedy")
+        err = third.error()
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "'greedy' already holds its limit of 2 streams" in err.details()
+        assert "--max-streams-per-client" in err.details()
+        assert retry_hint(err) > 0
+        healthy(channel)
+
+        # Another client below its share still streams, and gets answers.
+        other = Held(channel, "polite")
+        held.append(other)
+        other.send(7, coded_frames["bus"])
+        first = next(iter(other.call)).result
+        assert first.frame_id == 7 and first.boxes and not first.HasField("error")
+
+        held.append(Held(channel, "polite"))
+        until(lambda: slots.in_use == 4)
+        err = Held(channel, "late").error()
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "limit of 4 streams (--max-streams)" in err.details() and retry_hint(err) > 0
+        healthy(channel)  # the worker pool has room beside the streams
+    finally:
+        for h in held:
+            h.close()
+    until(lambda: slots.in_use == 0)
+    metrics = httpx.get(f"{limited.http_url}/metrics", timeout=5).text
+    assert re.search(r'palettelink_streams_refused_total\{reason="limit"\} [2-9]', metrics), metrics
+
+
+def test_headerless_and_idle_streams_are_closed(limited, channel: grpc.Channel) -> None:  # noqa: ANN001
+    slots = limited.service.slots
+    mute = [Held(channel, None), Held(channel, None)]
+    until(lambda: slots.in_use == 2)
+    err = Held(channel, None).error()  # header-less streams of one peer count against its share
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    healthy(channel)
+    t0 = time.monotonic()
+    for h in mute:
+        err = h.error()
+        assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "no StreamHeader within 0.5 s" in err.details()
+    assert time.monotonic() - t0 < 3
+
+    idle = Held(channel, "sleepy")
+    t0 = time.monotonic()
+    err = idle.error()
+    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "no frame for 1.5 s (--stream-idle-timeout)" in err.details()
+    assert 1.0 < time.monotonic() - t0 < 4
+    until(lambda: slots.in_use == 0)
+    metrics = httpx.get(f"{limited.http_url}/metrics", timeout=5).text
+    assert 'palettelink_streams_closed_idle_total{reason="header"} 2.0' in metrics
+    assert 'palettelink_streams_closed_idle_total{reason="frame"} 1.0' in metrics
+
+
+def test_admission_refuses_with_a_retry_hint_and_answers_every_frame(limited, channel: grpc.Channel,  # noqa: ANN001
+                                                                     coded_frames) -> None:  # noqa: ANN001
+    """One frame admitted at a time: frames that arrive while one is decoded are answered
+    RESOURCE_EXHAUSTED at once, with a retry hint; every frame gets exactly one answer."""
+    h = Held(channel, "burst")
+    for i in range(6):
+        h.send(i, coded_frames["zidane"])
+    h.q.put(None)
+    out = [r.result for r in h.call]
+    assert sorted(r.frame_id for r in out) == list(range(6))
+    refused = [r for r in out if r.HasField("error")]
+    answered = [r for r in out if not r.HasField("error")]
+    assert answered and answered[0].boxes
+    assert refused, "nothing was refused with 1 frame admitted at a time"
+    for r in refused:
+        assert r.error.status == "RESOURCE_EXHAUSTED" and r.error.retry_after_ms > 0
+        assert "--max-pending-frames" in r.error.message and "retry after" in r.error.message
+    assert limited.service.admission.pending == 0
+    metrics = httpx.get(f"{limited.http_url}/metrics", timeout=5).text
+    assert re.search(r'palettelink_frames_refused_total\{reason="server_queue"\} [1-9]', metrics)
+    assert "palettelink_pending_frames 0.0" in metrics
+
+    # The unary call and the HTTP twin pass the same admission and answer when there is room.
+    stub = palettelink_pb2_grpc.PaletteLinkStub(channel)
+    assert stub.Analyze(pb.AnalyzeRequest(payload=coded_frames["bus"]), timeout=30).result.boxes
