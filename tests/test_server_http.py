@@ -33,7 +33,8 @@ def http(live_server):  # noqa: ANN001, ANN201
 def test_probes(http: httpx.Client) -> None:
     assert http.get("/healthz").json() == {"status": "ok"}
     r = http.get("/readyz")
-    assert r.status_code == 200 and r.json() == {"ready": True, "draining": False, "bundles": ["fall-yolov8/1"]}
+    assert r.status_code == 200
+    assert r.json() == {"ready": True, "draining": False, "bundles": ["fall-yolov8/1"]}
 
 
 def test_info_json(http: httpx.Client, bundle) -> None:  # noqa: ANN001
