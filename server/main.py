@@ -98,8 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "RESOURCE_EXHAUSTED and a retry hint instead of queueing (default 32)")
     p.add_argument("--max-stream-queue", type=int, default=4, metavar="N",
                    help="frames waiting in one stream before its next is refused (default 4)")
+    p.add_argument("--drain-delay", type=float, default=1.0, metavar="S",
+                   help="on SIGTERM: /readyz 503 and health NOT_SERVING at once, new calls still taken for "
+                        "S seconds so load balancers see it first (default 1)")
     p.add_argument("--drain-grace", type=float, default=5.0, metavar="S",
-                   help="on SIGTERM: /readyz turns 503 at once, running calls get S seconds (default 5)")
+                   help="then running calls get S seconds to finish before they are cancelled (default 5)")
     p.add_argument("--max-message-mb", type=float, default=16.0, help="largest gRPC message")
     p.add_argument("--device", default="cpu", help="torch device of the task models (cpu, cuda, cuda:1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: usable CPUs)")
@@ -116,8 +119,8 @@ def _check_limits(args: argparse.Namespace) -> str | None:
     for flag in ("max_streams", "max_streams_per_client", "max_pending_frames", "max_stream_queue"):
         if getattr(args, flag) < 1:
             return f"--{flag.replace('_', '-')} must be ≥ 1"
-    if args.stream_idle_timeout <= 0 or args.header_timeout <= 0 or args.drain_grace < 0:
-        return "--stream-idle-timeout and --header-timeout must be > 0, --drain-grace ≥ 0"
+    if min(args.stream_idle_timeout, args.header_timeout) <= 0 or min(args.drain_grace, args.drain_delay) < 0:
+        return "--stream-idle-timeout and --header-timeout must be > 0, --drain-grace and --drain-delay ≥ 0"
     if args.workers is not None and args.workers < args.max_streams + 4:
         return (f"--workers {args.workers} must be at least --max-streams + 4 = {args.max_streams + 4}, "
                 "so that unary calls and health checks always find a free worker")
@@ -317,6 +320,7 @@ def _main(argv: list[str] | None) -> int:
         print(" ".join(["READY", ports, f"bundles={','.join(service.bundles)}", *flags]), flush=True)
         while not stop.wait(0.5):
             pass
+        time.sleep(args.drain_delay)  # readiness is already false (on_signal): let probes notice
     server.stop(grace=args.drain_grace)
     log.info("stopped")
     return code

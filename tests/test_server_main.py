@@ -159,3 +159,49 @@ def test_grpc_server_does_not_share_its_port(tmp_path: Path) -> None:
             GrpcServer(svc, port=a.port)
     finally:
         a.stop(0)
+
+
+def test_readiness_turns_false_first_on_sigterm(bundles_root: Path, coded_frames) -> None:  # noqa: ANN001
+    """SIGTERM while a stream is open: /readyz answers 503 (and health NOT_SERVING) at once, while the
+    ports still answer and the stream gets its grace; then the process exits 0."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    proc, lines = start("--bundles", str(bundles_root), "--bundle", "fall-yolov8", "--grpc-port", "0",
+                        "--http-port", "0", "--log-level", "warning", "--drain-grace", "3",
+                        "--drain-delay", "1")
+    try:
+        m = re.match(r"READY grpc=(\S+) http=(\S+)", wait_for(lines, "READY ", 120))
+        assert m
+        grpc_addr, http_addr = m.groups()
+        assert httpx.get(f"http://{http_addr}/readyz", timeout=5).status_code == 200
+        with grpc.insecure_channel(grpc_addr) as ch:
+            reqs: queue.Queue[pb.StreamRequest | None] = queue.Queue()
+            reqs.put(pb.StreamRequest(header=pb.StreamHeader(bundle="fall-yolov8")))
+            reqs.put(pb.StreamRequest(frame=pb.Frame(frame_id=1, payload=coded_frames["bus"])))
+            call = palettelink_pb2_grpc.PaletteLinkStub(ch).Stream(iter(reqs.get, None), timeout=30)
+            assert next(call).result.frame_id == 1  # the stream is open and answering
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            while httpx.get(f"http://{http_addr}/readyz", timeout=1).status_code == 200:
+                assert time.monotonic() - t0 < 1.0, "/readyz still 200 a second after SIGTERM"
+                time.sleep(0.02)
+            st = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
+            assert st.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            seen: list[int] = []
+            while proc.poll() is None and time.monotonic() - t0 < 10:
+                try:
+                    seen.append(httpx.get(f"http://{http_addr}/readyz", timeout=1).status_code)
+                except httpx.HTTPError:
+                    break
+                time.sleep(0.1)
+            assert seen and set(seen) == {503}, seen  # never 200 again once the drain started
+            assert len(seen) >= 5  # the HTTP side kept answering through the grace period
+            reqs.put(None)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    assert "Traceback" not in err, err
