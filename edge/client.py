@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import grpc
+
 from edge.transport import (
     Backoff,
     EdgeStream,
@@ -94,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reconnect attempts in a row once streaming (default 8)")
     p.add_argument("--connect-timeout", type=float, default=5.0, metavar="S",
                    help="seconds to wait for the first connection, DNS included (default 5); then exit 3")
+    p.add_argument("--frame-timeout", type=float, default=30.0, metavar="S",
+                   help="a frame unanswered for S seconds is reported failed (DEADLINE_EXCEEDED) and the "
+                        "stream re-opened; counts against --retries like a lost connection (default 30)")
     add_version(p)
     return p
 
@@ -200,8 +205,8 @@ def _bundle(args: argparse.Namespace) -> Bundle:
 def _check_limits(args: argparse.Namespace) -> None:
     if args.window < 1:
         raise InvalidRequest(f"--window must be ≥ 1, got {args.window}")
-    if args.retries < 0 or args.connect_timeout <= 0:
-        raise InvalidRequest("--retries must be ≥ 0 and --connect-timeout > 0")
+    if args.retries < 0 or args.connect_timeout <= 0 or args.frame_timeout <= 0:
+        raise InvalidRequest("--retries must be ≥ 0, --connect-timeout and --frame-timeout > 0")
 
 
 def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
@@ -246,20 +251,41 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     names = bundle.class_names
     n_frames = n_errors = 0
     stream: EdgeStream | None = None
+    in_hand: tuple[int, FrameMeta] | None = None  # the frame being handed to the stream
+
+    def emit(replies: Iterator[Reply]) -> None:
+        nonlocal n_frames, n_errors
+        for reply in replies:
+            rec = reply_record(reply, names)
+            print_record(rec, reply.meta.label, out, args.json)
+            n_frames += 1
+            n_errors += rec["error"] is not None
+
+    def give_up(code: grpc.StatusCode, reason: str) -> None:
+        """The stream is lost for good: every frame sent and unanswered, the one in hand and (with
+        --json) every input not read yet gets its one record, failed with ``reason``."""
+        nonlocal n_unsent
+        if stream is not None:
+            emit(stream.abandon(reason, code))
+        if in_hand is not None and (stream is None or not stream.pending(in_hand[0])):
+            emit(iter([_unsent(in_hand[0], in_hand[1], code, reason)]))
+        if not args.json:
+            return
+        for frame_id, cap in enumerate(frames, start=next_id):
+            h, w = cap.rgb.shape[:2]
+            meta = FrameMeta(cap.label, cap.source, cap.index, 0, -1, (w, h), {})
+            n_unsent += 1
+            emit(iter([_unsent(frame_id, meta, code, reason)]))
+
+    n_unsent = next_id = 0
     try:
         wait_ready(channel, args.server, args.connect_timeout)
         header = pb.StreamHeader(client_id=args.client_id, bundle=bundle.id, task=bundle.task)
-        stream = EdgeStream(channel, header, metadata, window=args.window, backoff=backoff)
-
-        def emit(replies: Iterator[Reply]) -> None:
-            nonlocal n_frames, n_errors
-            for reply in replies:
-                rec = reply_record(reply, names)
-                print_record(rec, reply.meta.label, out, args.json)
-                n_frames += 1
-                n_errors += rec["error"] is not None
+        stream = EdgeStream(channel, header, metadata, window=args.window, backoff=backoff,
+                            frame_timeout=args.frame_timeout)
 
         for frame_id, cap in enumerate(frames):
+            next_id = frame_id + 1
             coded = coder.encode(cap.rgb)
             enc = coded.encoded
             if coded.choice is not None and coded.choice.warning:
@@ -269,15 +295,22 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             req = pb.Frame(frame_id=frame_id, payload=enc.payload, capture_time_us=cap.capture_time_us,
                            edge_front_ms=enc.timings_ms.get("front_ms", 0.0),
                            edge_encode_ms=enc.timings_ms.get("encode_ms", 0.0))
+            in_hand = (frame_id, meta)
             emit(stream.send(req, meta))
+            in_hand = None
         emit(stream.finish())
     except PaletteLinkError as e:
         return _fail(EXIT_USAGE, str(e))
     except ServerUnavailable as e:
+        if stream is not None:
+            give_up(grpc.StatusCode.UNAVAILABLE, str(e))
+            _summary(n_frames, n_errors, n_unsent)
         return _fail(EXIT_UNREACHABLE, str(e))
     except StreamFailed as e:
         hint = {"UNAUTHENTICATED": " (pass --token or set $PALETTELINK_TOKEN)",
                 "NOT_FOUND": " (the server does not hold this bundle)"}.get(e.code.name, "")
+        give_up(e.code, f"server refused the stream: {e}")
+        _summary(n_frames, n_errors, n_unsent)
         return _fail(EXIT_REFUSED, f"server refused the stream: {e}{hint}")
     except KeyboardInterrupt:
         return _fail(130, "interrupted")
@@ -289,9 +322,21 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         print(f"{PROG}: reconnected {stream.reconnects} time(s)", file=sys.stderr)
     if skipped:
         print(f"{PROG}: {len(skipped)} input(s) could not be read: {', '.join(skipped)}", file=sys.stderr)
-    if n_errors:
-        print(f"{PROG}: {n_errors} of {n_frames} frame(s) failed", file=sys.stderr)
+    _summary(n_frames, n_errors, 0)
     return EXIT_FRAME_ERRORS if n_errors or skipped else EXIT_OK
+
+
+def _summary(n_frames: int, n_errors: int, n_unsent: int) -> None:
+    if n_errors:
+        unsent = f" ({n_unsent} never sent)" if n_unsent else ""
+        print(f"{PROG}: {n_errors} of {n_frames} frame(s) failed{unsent}", file=sys.stderr)
+
+
+def _unsent(frame_id: int, meta: FrameMeta, code: grpc.StatusCode, reason: str) -> Reply:
+    """The record of a frame never sent (the stream was lost before its turn)."""
+    res = pb.FrameResult(frame_id=frame_id, error=pb.FrameError(code=int(code.value[0]), status=code.name,
+                                                                message=f"not sent: {reason}"))
+    return Reply(frame_id, res, 0.0, meta)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,13 @@ reader thread hands responses back. When the call dies with UNAVAILABLE (server 
 balancer dropped the connection) the stream re-opens with exponential backoff and re-sends every
 frame that had no answer yet, so the caller sees each frame answered exactly once, in any order.
 Frame ids are the caller's; the server echoes them.
+
+Nothing waits forever: the channel sends keepalive pings (a dead or frozen peer breaks the call
+within ~30 s), and each frame has a deadline (``frame_timeout``): a frame unanswered that long is
+answered here, as failed (DEADLINE_EXCEEDED, with the reason), and the call is re-opened as after a
+lost connection; the failures in a row count against the retry budget like reconnects do. When the
+budget is spent, :meth:`EdgeStream.abandon` answers every frame still unanswered as failed, so each
+frame sent gets exactly one :class:`Reply`.
 """
 
 from __future__ import annotations
@@ -25,7 +32,10 @@ from palettelink.v1 import palettelink_pb2 as pb
 from palettelink.v1 import palettelink_pb2_grpc as pb_grpc
 
 MAX_MESSAGE_BYTES = 64 << 20
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+# UNAVAILABLE: server gone or restarting; DEADLINE_EXCEEDED: the server closed an idle stream;
+# RESOURCE_EXHAUSTED with a retry-after-ms hint: its stream limits are full for now.
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS = 20_000, 10_000  # the server accepts pings every 10 s at most
 
 
 class ServerUnavailable(Exception):
@@ -90,6 +100,11 @@ def make_channel(
         ("grpc.enable_retries", 0),
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 2000),
+        # A server that stops answering (frozen, a half-open connection) is noticed by the pings.
+        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
     ]
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
@@ -177,6 +192,15 @@ def wait_ready(channel: grpc.Channel, target: str, timeout: float) -> None:
     )
 
 
+def _retry_after_ms(err: grpc.RpcError) -> int:
+    """The server's ``retry-after-ms`` trailing metadata (0: none)."""
+    try:
+        meta = err.trailing_metadata() or ()  # type: ignore[attr-defined]
+        return int(next((v for k, v in meta if k == "retry-after-ms"), 0))
+    except (AttributeError, TypeError, ValueError):
+        return 0
+
+
 class _Call:
     """One gRPC ``Stream`` call: a request queue feeding it and a reader thread draining it."""
 
@@ -221,9 +245,13 @@ class EdgeStream:
 
     def __init__(self, channel: grpc.Channel, header: pb.StreamHeader,
                  metadata: Sequence[tuple[str, str]] = (), window: int = 2,
-                 backoff: Backoff | None = None) -> None:
+                 backoff: Backoff | None = None, frame_timeout: float | None = 30.0) -> None:
         if window < 1:
             raise ValueError("window must be ≥ 1")
+        if frame_timeout is not None and frame_timeout <= 0:
+            raise ValueError("frame_timeout must be > 0 (or None: no deadline)")
+        self.frame_timeout = frame_timeout
+        self.timeouts = 0
         self.stub = pb_grpc.PaletteLinkStub(channel)
         self.header = pb.StreamRequest(header=header)
         self.metadata = tuple(metadata)
@@ -264,7 +292,45 @@ class EdgeStream:
         self._call.cancel()
 
     def _next_event(self) -> Iterator[Reply]:
-        yield from self._handle(self._events.get())
+        """Wait for the next event, at most until the oldest unanswered frame's deadline; then that
+        frame (and any other past it) is answered as failed and the call re-opened."""
+        timeout = None
+        if self._pending and self.frame_timeout is not None:
+            oldest = min(p.sent for p in self._pending.values())
+            timeout = max(0.0, oldest + self.frame_timeout - time.perf_counter())
+        try:
+            event = self._events.get(timeout=timeout)
+        except queue.Empty:
+            yield from self._expire()
+            return
+        yield from self._handle(event)
+
+    def _expire(self) -> Iterator[Reply]:
+        assert self.frame_timeout is not None
+        now = time.perf_counter()
+        late = [fid for fid, p in self._pending.items() if now - p.sent >= self.frame_timeout]
+        why = (f"no answer within {self.frame_timeout:g} s (--frame-timeout): the server is hung, "
+               "overloaded or unreachable")
+        for fid in late:
+            self.timeouts += 1
+            yield self._failed(fid, grpc.StatusCode.DEADLINE_EXCEEDED, why)
+        if late:
+            self._reconnect(why)
+
+    def _failed(self, frame_id: int, code: grpc.StatusCode, message: str) -> Reply:
+        """The answer of a frame the server never answered: failed here, with the reason."""
+        p = self._pending.pop(frame_id)
+        res = pb.FrameResult(frame_id=frame_id, error=pb.FrameError(code=int(code.value[0]), status=code.name,
+                                                                    message=message))
+        return Reply(frame_id, res, (time.perf_counter() - p.sent) * 1e3, p.meta)
+
+    def abandon(self, reason: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> Iterator[Reply]:
+        """Give up: every frame still unanswered is answered as failed with ``reason``."""
+        for fid in list(self._pending):
+            yield self._failed(fid, code, f"not answered: {reason}")
+
+    def pending(self, frame_id: int) -> bool:
+        return frame_id in self._pending
 
     def _handle(self, event: tuple[int, str, Any]) -> Iterator[Reply]:
         generation, kind, value = event
@@ -284,21 +350,21 @@ class EdgeStream:
             return
         err: grpc.RpcError = value
         code = err.code()  # type: ignore[attr-defined]
-        if code not in RETRYABLE:
+        hint = _retry_after_ms(err)
+        if code not in RETRYABLE and not (code == grpc.StatusCode.RESOURCE_EXHAUSTED and hint):
             raise StreamFailed(code, err.details() or "")  # type: ignore[attr-defined]
-        self._reconnect(err)
+        self._reconnect(f"{code.name}: {err.details()}", hint / 1e3 if hint else None)  # type: ignore[attr-defined]
 
-    def _reconnect(self, err: grpc.RpcError) -> None:
-        """Re-open the call after a backoff and re-send the unanswered frames. The budget counts
-        failures in a row: any answered frame resets it, so a long stream survives many blips."""
+    def _reconnect(self, why: str, delay: float | None = None) -> None:
+        """Re-open the call after a backoff (or the server's retry hint) and re-send the unanswered
+        frames. The budget counts failures in a row: any answered frame resets it, so a long stream
+        survives many blips."""
         self._call.cancel()
         self._failures += 1
         if self._failures > self.backoff.retries:
             raise ServerUnavailable(
-                f"lost the server and could not reconnect after {self.backoff.retries} attempts: "
-                f"{err.details()}"  # type: ignore[attr-defined]
-            )
-        time.sleep(self.backoff.delay(self._failures))
+                f"lost the server and could not reconnect after {self.backoff.retries} attempts: {why}")
+        time.sleep(min(delay, self.backoff.maximum) if delay else self.backoff.delay(self._failures))
         self.reconnects += 1
         self._call = self._open()
         now = time.perf_counter()

@@ -352,3 +352,51 @@ def test_mtls_with_make_certs(server_service, bundles_root: Path, tmp_path: Path
         assert no_cert.returncode == 3, no_cert.stderr
     finally:
         srv.stop(grace=0.2, close_service=False)
+
+
+def test_a_frozen_server_fails_every_frame_with_a_reason_and_exit_3(bundles_root: Path, clip: Path) -> None:
+    """SIGSTOP the server after the first answer: the client never hangs. Frames unanswered within
+    --frame-timeout are failed (DEADLINE_EXCEEDED), the stream re-opened, and when --retries is spent
+    every remaining input still gets exactly one --json record (failed, with the reason); exit 3."""
+    proc = subprocess.Popen(
+        [*script("palettelink-server"), "--bundles", str(bundles_root), "--grpc-port", "0",
+         "--http-port", "0", "--no-verify"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env())
+    client = None
+    try:
+        assert proc.stdout is not None
+        address = None
+        for line in proc.stdout:
+            if line.startswith("READY "):
+                address = dict(f.split("=", 1) for f in line.split()[1:] if "=" in f)["grpc"]
+                break
+        assert address, "server did not get READY"
+        video = str(clip / "clip.avi")
+        client = subprocess.Popen(
+            script("palettelink-edge") + ["--server", address, "--bundle", "fall-yolov8", "--bundles",
+                                          str(bundles_root), "--codec", "baseline", "--bits", "2", "--json",
+                                          "--frame-timeout", "2", "--retries", "1", *[video] * 4],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env())
+        assert client.stdout is not None
+        first = client.stdout.readline()
+        assert first, "no first answer"
+        proc.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        rest, err = client.communicate(timeout=60)
+        wall = time.monotonic() - t0
+    finally:
+        if client is not None and client.poll() is None:
+            client.kill()
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait()
+    assert client.returncode == 3, err
+    assert wall < 15, f"the client took {wall:.1f} s after the server froze"
+    recs = [json.loads(line) for line in [first, *rest.splitlines()]]
+    assert sorted(r["frame_id"] for r in recs) == list(range(20))  # each input once, none lost
+    failed = [r for r in recs if r["error"]]
+    assert failed, "the server froze after the first answer, yet nothing failed"
+    assert {r["error"]["status"] for r in failed} <= {"DEADLINE_EXCEEDED", "UNAVAILABLE"}
+    assert any("--frame-timeout" in r["error"]["message"] for r in failed)
+    assert all(r["error"]["message"] for r in failed)
+    assert "could not reconnect" in err and "Traceback" not in err
