@@ -78,10 +78,14 @@ def _authorization(context: grpc.ServicerContext) -> str | None:
 
 
 class PaletteLinkServicer(pb_grpc.PaletteLinkServicer):
-    def __init__(self, service: Service, auth: TokenAuth | None = None) -> None:
+    def __init__(self, service: Service, auth: TokenAuth | None = None, max_unary: int = 12) -> None:
         self.service = service
         self.metrics = service.metrics  # read by grpc_errors to count errors by status
         self.auth = auth or TokenAuth({})
+        # Analyze calls in flight at once: with the streams, they never take the last free workers
+        # (kept for health checks and GetInfo).
+        self._unary = threading.BoundedSemaphore(max(1, max_unary))
+        self.max_unary = max(1, max_unary)
 
     def _client(self, context: grpc.ServicerContext, claimed: str = "") -> str:
         """The token's client (already checked by the interceptor), else what the client claims."""
@@ -149,8 +153,16 @@ class PaletteLinkServicer(pb_grpc.PaletteLinkServicer):
 
     @grpc_errors
     def Analyze(self, request: pb.AnalyzeRequest, context: grpc.ServicerContext) -> pb.AnalyzeResponse:
-        r = self.service.analyze(request.bundle, request.task, request.payload, request.want_preview,
-                                 client=self._client(context))
+        if not self._unary.acquire(blocking=False):
+            self.metrics.refused.labels("unary_calls").inc()
+            ms = self.service.admission.retry_after_ms()
+            raise ResourceExhausted(f"{self.max_unary} Analyze calls already in flight; use a Stream "
+                                    f"or retry after {ms} ms", ms)
+        try:
+            r = self.service.analyze(request.bundle, request.task, request.payload, request.want_preview,
+                                     client=self._client(context))
+        finally:
+            self._unary.release()
         return pb.AnalyzeResponse(result=result_to_proto(r))
 
     @grpc_errors
@@ -375,7 +387,8 @@ class GrpcServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        pb_grpc.add_PaletteLinkServicer_to_server(PaletteLinkServicer(service, auth), self.server)
+        servicer = PaletteLinkServicer(service, auth, max_unary=workers - service.max_streams - MIN_HEADROOM)
+        pb_grpc.add_PaletteLinkServicer_to_server(servicer, self.server)
         self.health = health.HealthServicer(experimental_non_blocking=True,
                                             experimental_thread_pool=ThreadPoolExecutor(max_workers=1))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
