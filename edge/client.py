@@ -320,6 +320,9 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         channel.close()
     if stream is not None and stream.reconnects:
         print(f"{PROG}: reconnected {stream.reconnects} time(s)", file=sys.stderr)
+    if stream is not None and stream.deferred:
+        print(f"{PROG}: the server was overloaded: {stream.deferred} frame(s) re-sent after its retry hint",
+              file=sys.stderr)
     if skipped:
         print(f"{PROG}: {len(skipped)} input(s) could not be read: {', '.join(skipped)}", file=sys.stderr)
     _summary(n_frames, n_errors, 0)

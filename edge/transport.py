@@ -11,7 +11,9 @@ within ~30 s), and each frame has a deadline (``frame_timeout``): a frame unansw
 answered here, as failed (DEADLINE_EXCEEDED, with the reason), and the call is re-opened as after a
 lost connection; the failures in a row count against the retry budget like reconnects do. When the
 budget is spent, :meth:`EdgeStream.abandon` answers every frame still unanswered as failed, so each
-frame sent gets exactly one :class:`Reply`.
+frame sent gets exactly one :class:`Reply`. A frame the server refused under load
+(RESOURCE_EXHAUSTED with ``retry_after_ms``) is re-sent after that hint, ``overload_retries`` times at
+most, before its refusal is the answer.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ class _Pending:
     request: pb.StreamRequest
     meta: Any
     sent: float = field(default_factory=time.perf_counter)
+    resend_at: float | None = None  # refused under load: re-sent then (the server's retry hint)
+    refusals: int = 0
 
 
 def make_channel(
@@ -245,13 +249,16 @@ class EdgeStream:
 
     def __init__(self, channel: grpc.Channel, header: pb.StreamHeader,
                  metadata: Sequence[tuple[str, str]] = (), window: int = 2,
-                 backoff: Backoff | None = None, frame_timeout: float | None = 30.0) -> None:
+                 backoff: Backoff | None = None, frame_timeout: float | None = 30.0,
+                 overload_retries: int = 3) -> None:
         if window < 1:
             raise ValueError("window must be ≥ 1")
         if frame_timeout is not None and frame_timeout <= 0:
             raise ValueError("frame_timeout must be > 0 (or None: no deadline)")
         self.frame_timeout = frame_timeout
+        self.overload_retries = overload_retries
         self.timeouts = 0
+        self.deferred = 0  # frames re-sent after a RESOURCE_EXHAUSTED answer with a retry hint
         self.stub = pb_grpc.PaletteLinkStub(channel)
         self.header = pb.StreamRequest(header=header)
         self.metadata = tuple(metadata)
@@ -294,21 +301,32 @@ class EdgeStream:
     def _next_event(self) -> Iterator[Reply]:
         """Wait for the next event, at most until the oldest unanswered frame's deadline; then that
         frame (and any other past it) is answered as failed and the call re-opened."""
-        timeout = None
-        if self._pending and self.frame_timeout is not None:
-            oldest = min(p.sent for p in self._pending.values())
-            timeout = max(0.0, oldest + self.frame_timeout - time.perf_counter())
+        now = time.perf_counter()
+        self._resend_due(now)
+        due = [p.resend_at for p in self._pending.values() if p.resend_at is not None]
+        if self.frame_timeout is not None:
+            due += [p.sent + self.frame_timeout for p in self._pending.values() if p.resend_at is None]
+        timeout = max(0.0, min(due) - now) if due else None
         try:
             event = self._events.get(timeout=timeout)
         except queue.Empty:
-            yield from self._expire()
+            self._resend_due(time.perf_counter())
+            if self.frame_timeout is not None:
+                yield from self._expire()
             return
         yield from self._handle(event)
+
+    def _resend_due(self, now: float) -> None:
+        for p in self._pending.values():
+            if p.resend_at is not None and p.resend_at <= now:
+                p.resend_at, p.sent = None, now
+                self._call.send(p.request)
 
     def _expire(self) -> Iterator[Reply]:
         assert self.frame_timeout is not None
         now = time.perf_counter()
-        late = [fid for fid, p in self._pending.items() if now - p.sent >= self.frame_timeout]
+        late = [fid for fid, p in self._pending.items()
+                if p.resend_at is None and now - p.sent >= self.frame_timeout]
         why = (f"no answer within {self.frame_timeout:g} s (--frame-timeout): the server is hung, "
                "overloaded or unreachable")
         for fid in late:
@@ -338,9 +356,17 @@ class EdgeStream:
             return  # a late event from a call we already gave up on
         if kind == "result":
             self._failures = 0
-            pending = self._pending.pop(value.frame_id, None)
-            if pending is None:
-                return  # not a frame we are waiting for (already answered)
+            pending = self._pending.get(value.frame_id)
+            if pending is None or pending.resend_at is not None:
+                return  # not a frame we are waiting for (already answered, or a stale refusal)
+            hint = value.error.retry_after_ms if value.HasField("error") else 0
+            if (value.error.status == "RESOURCE_EXHAUSTED" and hint > 0
+                    and pending.refusals < self.overload_retries):
+                pending.refusals += 1  # the server is overloaded: try again when it says
+                pending.resend_at = time.perf_counter() + min(hint / 1e3, self.backoff.maximum)
+                self.deferred += 1
+                return
+            del self._pending[value.frame_id]
             yield Reply(value.frame_id, value, (time.perf_counter() - pending.sent) * 1e3, pending.meta)
             return
         if kind == "end":
@@ -369,5 +395,5 @@ class EdgeStream:
         self._call = self._open()
         now = time.perf_counter()
         for p in self._pending.values():
-            p.sent = now
+            p.sent, p.resend_at = now, None
             self._call.send(p.request)

@@ -179,3 +179,23 @@ def test_admission_refuses_with_a_retry_hint_and_answers_every_frame(limited, ch
     # The unary call and the HTTP twin pass the same admission and answer when there is room.
     stub = palettelink_pb2_grpc.PaletteLinkStub(channel)
     assert stub.Analyze(pb.AnalyzeRequest(payload=coded_frames["bus"]), timeout=30).result.boxes
+
+
+def test_the_edge_stream_resends_refused_frames_after_the_hint(limited, channel: grpc.Channel,  # noqa: ANN001
+                                                               coded_frames) -> None:  # noqa: ANN001
+    """The real edge transport against the same 1-frame admission: refused frames are re-sent after
+    the server's retry hint, and every frame ends up answered once, without an error."""
+    from edge.transport import EdgeStream
+
+    s = EdgeStream(channel, pb.StreamHeader(bundle=BUNDLE, client_id="edge"), window=4, frame_timeout=20,
+                   overload_retries=50)
+    replies = []
+    try:
+        for i in range(6):
+            replies += list(s.send(pb.Frame(frame_id=i, payload=coded_frames["zidane"])))
+        replies += list(s.finish())
+    finally:
+        s.close()
+    assert sorted(r.frame_id for r in replies) == list(range(6))
+    assert [r.frame_id for r in replies if r.result.HasField("error")] == []
+    assert s.deferred >= 1
