@@ -37,7 +37,7 @@ def parse(stdout: str) -> dict[tuple[str, str], Counter[str]]:
         if line.startswith("== "):
             section = line.strip("= ").split(" (")[0]
         elif m := FRAME.match(line):
-            current = out.setdefault((section, m.group(1)), Counter())
+            current = out.setdefault((section, Path(m.group(1)).name), Counter())
         elif (m := BOX.match(line)) and current is not None:
             current[m.group(1)] += 1
     return out
