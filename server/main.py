@@ -96,8 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pending-frames", type=int, default=32, metavar="N",
                    help="frames admitted in all (waiting for or in decode + task); more are refused with "
                         "RESOURCE_EXHAUSTED and a retry hint instead of queueing (default 32)")
+    p.add_argument("--shed-latency-ms", type=float, default=2000.0, metavar="MS",
+                   help="while recent frames took longer than MS, admit only --max-batch frames at a time "
+                        "and refuse the rest (RESOURCE_EXHAUSTED + retry hint); 0: off (default 2000)")
     p.add_argument("--max-stream-queue", type=int, default=4, metavar="N",
-                   help="frames waiting in one stream before its next is refused (default 4)")
+                   help="frames waiting in one stream; beyond, the stream is not read further and flow "
+                        "control holds its sender (default 4)")
     p.add_argument("--drain-delay", type=float, default=1.0, metavar="S",
                    help="on SIGTERM: /readyz 503 and health NOT_SERVING at once, new calls still taken for "
                         "S seconds so load balancers see it first (default 1)")
@@ -283,6 +287,7 @@ def _main(argv: list[str] | None) -> int:
                       threads=args.threads, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                       max_streams=args.max_streams, max_streams_per_client=args.max_streams_per_client,
                       max_pending=args.max_pending_frames, max_stream_queue=args.max_stream_queue,
+                      shed_latency_ms=args.shed_latency_ms,
                       stream_idle_timeout=args.stream_idle_timeout, header_timeout=args.header_timeout,
                       verify=not args.no_verify)
     try:

@@ -205,10 +205,15 @@ class Admission:
     Within one stream at most ``max_per_stream`` frames wait; the transport stops reading that stream
     meanwhile, so HTTP/2 flow control holds its sender (nothing is refused for that). Thread-safe."""
 
-    def __init__(self, metrics: Metrics, max_pending: int = 32, max_per_stream: int = 4) -> None:
+    def __init__(self, metrics: Metrics, max_pending: int = 32, max_per_stream: int = 4,
+                 shed_latency_ms: float = 2000.0, floor: int = 8) -> None:
         self.metrics = metrics
         self.max_pending = max(1, max_pending)
         self.max_per_stream = max(1, max_per_stream)
+        # Latency feedback: while recent frames took longer than shed_latency_ms, only ``floor``
+        # frames (a full batch) are admitted at a time, whatever max_pending allows.
+        self.shed_latency_ms = shed_latency_ms
+        self.floor = max(1, min(floor, self.max_pending))
         self._lock = threading.Lock()
         self._pending = 0
         self._frame_ms = 100.0  # moving average of admitted frames' server time, for the retry hint
@@ -224,15 +229,18 @@ class Admission:
     def admit(self) -> None:
         """Count one frame in, or refuse it (:class:`ResourceExhausted` with ``retry_after_ms``)."""
         with self._lock:
-            if self._pending < self.max_pending:
+            n = self._pending
+            slow = self.shed_latency_ms > 0 and self._frame_ms > self.shed_latency_ms
+            if n < (self.floor if slow else self.max_pending):
                 self._pending += 1
                 self.metrics.pending.set(self._pending)
                 return
-            n = self._pending
-        self.metrics.refused.labels("server_queue").inc()
+        self.metrics.refused.labels("latency" if slow and n < self.max_pending else "server_queue").inc()
         ms = self.retry_after_ms()
-        raise ResourceExhausted(f"server overloaded, frame refused: {n} frames already waiting (limit "
-                                f"{self.max_pending}, --max-pending-frames); retry after {ms} ms", ms)
+        why = (f"recent frames took {self._frame_ms:.0f} ms, over --shed-latency-ms "
+               f"{self.shed_latency_ms:g}, and {n} are already waiting" if slow and n < self.max_pending else
+               f"{n} frames already waiting (limit {self.max_pending}, --max-pending-frames)")
+        raise ResourceExhausted(f"server overloaded, frame refused: {why}; retry after {ms} ms", ms)
 
     def done(self, seconds: float | None = None) -> None:
         with self._lock:
@@ -296,6 +304,7 @@ class Service:
                  device: str = "cpu", threads: int | None = None, max_batch: int = 8,
                  batch_wait_ms: float = 2.0, max_queue: int = 64, max_streams: int = 64,
                  max_streams_per_client: int = 16, max_pending: int = 32, max_stream_queue: int = 4,
+                 shed_latency_ms: float = 2000.0,
                  stream_idle_timeout: float = 60.0, header_timeout: float = 5.0,
                  max_pixels: int = 1 << 26, recent_frames: int = 200, warmup: bool = True,
                  verify: bool = True) -> None:
@@ -321,7 +330,8 @@ class Service:
         self._recent: deque[dict[str, Any]] = deque(maxlen=recent_frames)
         self._streams: dict[int, StreamSession] = {}
         self.slots = StreamSlots(max_streams, max_streams_per_client)
-        self.admission = Admission(self.metrics, max_pending, max_stream_queue)
+        self.admission = Admission(self.metrics, max_pending, max_stream_queue, shed_latency_ms,
+                                   floor=max(2, max_batch))
         self._draining = threading.Event()
 
     # -- lifecycle -------------------------------------------------------------------------------

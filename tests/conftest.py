@@ -70,10 +70,12 @@ def coded_frames(bundle, images: list[Path]) -> dict[str, bytes]:  # noqa: ANN00
 @pytest.fixture(scope="session")
 def server_service(bundles_root: Path):  # noqa: ANN201 - server.service.Service
     """A loaded :class:`server.service.Service` over ``bundles_root``. It batches up to 4 frames (20 ms
-    window) so concurrent streams really share batches in the tests."""
+    window) so concurrent streams really share batches in the tests. Latency shedding is off (tests that
+    count answers must not see refusals when the shared CPUs are slow); tests/test_server_limits.py
+    tests it."""
     from server.service import Service
 
-    svc = Service(bundles_root, max_batch=4, batch_wait_ms=20)
+    svc = Service(bundles_root, max_batch=4, batch_wait_ms=20, shed_latency_ms=0)
     svc.load()
     yield svc
     svc.close()

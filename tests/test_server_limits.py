@@ -199,3 +199,29 @@ def test_the_edge_stream_resends_refused_frames_after_the_hint(limited, channel:
     assert sorted(r.frame_id for r in replies) == list(range(6))
     assert [r.frame_id for r in replies if r.result.HasField("error")] == []
     assert s.deferred >= 1
+
+
+def test_latency_feedback_admits_only_a_batch_while_frames_are_slow() -> None:
+    from palettelink.errors import ResourceExhausted
+    from server.metrics import Metrics
+    from server.service import Admission
+
+    a = Admission(Metrics(), max_pending=10, shed_latency_ms=100, floor=2)
+    for _ in range(3):
+        a.admit()
+    for _ in range(3):
+        a.done(0.5)  # frames took 500 ms: over the 100 ms target
+    a.admit()
+    a.admit()
+    with pytest.raises(ResourceExhausted, match="--shed-latency-ms") as e:
+        a.admit()
+    assert e.value.retry_after_ms >= 50
+    for _ in range(2):
+        a.done(0.001)
+    for _ in range(20):  # fast again: the average comes down and the full bound applies
+        a.admit()
+        a.done(0.001)
+    for _ in range(10):
+        a.admit()
+    with pytest.raises(ResourceExhausted, match="--max-pending-frames"):
+        a.admit()

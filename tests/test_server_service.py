@@ -88,7 +88,8 @@ def test_batcher_refuses_when_full_and_after_close() -> None:
 
 @pytest.fixture(scope="module")
 def batching_service(bundles_root):  # noqa: ANN001, ANN201
-    svc = Service(bundles_root, max_batch=3, batch_wait_ms=2000, max_streams=1, warmup=False)
+    svc = Service(bundles_root, max_batch=3, batch_wait_ms=2000, max_streams=1, warmup=False,
+                  shed_latency_ms=0)
     svc.load()
     yield svc
     svc.close()
