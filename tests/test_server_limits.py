@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import queue
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -149,6 +150,8 @@ def test_headerless_and_idle_streams_are_closed(limited, channel: grpc.Channel) 
     assert "no frame for 1.5 s (--stream-idle-timeout)" in err.details()
     assert 1.0 < time.monotonic() - t0 < 4
     until(lambda: slots.in_use == 0)
+    # The threads that read the closed streams end with them (nothing piles up per idle stream).
+    until(lambda: not [t for t in threading.enumerate() if t.name == "stream-inbox"])
     metrics = httpx.get(f"{limited.http_url}/metrics", timeout=5).text
     assert 'palettelink_streams_closed_idle_total{reason="header"} 2.0' in metrics
     assert 'palettelink_streams_closed_idle_total{reason="frame"} 1.0' in metrics
