@@ -205,3 +205,15 @@ def test_readiness_turns_false_first_on_sigterm(bundles_root: Path, coded_frames
     assert proc.stderr is not None
     err = proc.stderr.read()
     assert "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--workers", "10", "--max-streams", "64"], "--workers 10 must be at least --max-streams + 4 = 68"),
+    (["--max-streams-per-client", "0"], "--max-streams-per-client must be ≥ 1"),
+    (["--stream-idle-timeout", "0"], "--stream-idle-timeout and --header-timeout must be > 0"),
+])
+def test_limit_flags_that_do_not_fit_exit_2(tmp_path: Path, args: list[str], says: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "server.main", "--bundles", str(tmp_path), *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert says in r.stderr and "Traceback" not in r.stderr
