@@ -80,11 +80,12 @@ def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
         time.sleep(0.01)
 
 
-def healthy(ch: grpc.Channel) -> None:
+def healthy(ch: grpc.Channel, token: str | None = None) -> None:
     """Health.Check and GetInfo answer at once."""
     st = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2).status
     assert st == health_pb2.HealthCheckResponse.SERVING
-    info = palettelink_pb2_grpc.PaletteLinkStub(ch).GetInfo(pb.GetInfoRequest(), timeout=2)
+    meta = [("authorization", f"Bearer {token}")] if token else None
+    info = palettelink_pb2_grpc.PaletteLinkStub(ch).GetInfo(pb.GetInfoRequest(), timeout=2, metadata=meta)
     assert [b.name for b in info.bundles] == [BUNDLE]
 
 
@@ -228,3 +229,40 @@ def test_latency_feedback_admits_only_a_batch_while_frames_are_slow() -> None:
         a.admit()
     with pytest.raises(ResourceExhausted, match="--max-pending-frames"):
         a.admit()
+
+
+def test_with_tokens_the_share_is_the_token_clients_whatever_client_id_it_claims(limited) -> None:  # noqa: ANN001
+    from server.auth import TokenAuth
+    from server.main import PaletteLinkServer
+
+    srv = PaletteLinkServer(limited.service, auth=TokenAuth({"tok-a": "device-a", "tok-b": "device-b"}))
+    srv.start()
+    srv.load()  # the service is loaded already: only reports SERVING
+    held = []
+    try:
+        with grpc.insecure_channel(srv.grpc_address) as ch:
+            stub = palettelink_pb2_grpc.PaletteLinkStub(ch)
+
+            def open_(token: str, client_id: str) -> Iterator[pb.StreamResponse]:
+                reqs: queue.Queue[pb.StreamRequest | None] = queue.Queue()
+                reqs.put(pb.StreamRequest(header=pb.StreamHeader(bundle=BUNDLE, client_id=client_id)))
+                held.append(reqs)
+                return stub.Stream(iter(reqs.get, None), timeout=10,
+                                   metadata=[("authorization", f"Bearer {token}")])
+
+            calls = [open_("tok-a", "x"), open_("tok-a", "y")]
+            until(lambda: limited.service.slots.count("device-a") == 2)
+            with pytest.raises(grpc.RpcError) as e:
+                list(open_("tok-a", "z"))
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "'device-a' already holds its limit of 2 streams" in e.value.details()
+            other = open_("tok-b", "x")  # another token's client still streams
+            until(lambda: limited.service.slots.count("device-b") == 1)
+            healthy(ch, "tok-b")
+            for c in [*calls, other]:
+                c.cancel()
+    finally:
+        for q in held:
+            q.put(None)
+        srv.stop(grace=0.5, close_service=False)
+    until(lambda: limited.service.slots.in_use == 0)
