@@ -3,8 +3,9 @@
 Exit codes: 0 all frames answered; 1 some frames came back with an error or some inputs could not be
 read (too large, corrupt: named on stderr, the others still streamed); 2 bad arguments, inputs or
 bundle; 3 server unreachable (not resolvable, or not answering within ``--connect-timeout``, or lost
-for good mid-stream); 4 the server refused the stream (token, unknown bundle, …); 141 stdout closed
-early (``| head``). This module and everything it imports stay free of torch (tested).
+or frozen for good mid-stream: every frame unanswered, and with ``--json`` every input not sent, then
+gets one failed record with the reason); 4 the server refused the stream (token, unknown bundle, …);
+141 stdout closed early (``| head``). This module and everything it imports stay free of torch (tested).
 
 Bundles: the edge loads only the edge part of a bundle (``side="edge"``: front, codec graphs and
 tables), from ``--bundles``, else from the fetch cache; ``--fetch-bundle NAME[/VERSION]`` (or

@@ -2,8 +2,10 @@
 
 Both ports are bound first (``0`` picks a free one), then the bundles load while ``/readyz`` says 503
 and gRPC health says NOT_SERVING; then one line ``READY grpc=HOST:PORT http=HOST:PORT`` goes to
-stdout, which scripts and tests wait for. SIGINT/SIGTERM stop it cleanly: health turns NOT_SERVING,
-running calls get a grace period, then the process exits 0.
+stdout, which scripts and tests wait for. SIGINT/SIGTERM stop it cleanly: ``/readyz`` turns 503 and
+health NOT_SERVING at once, calls are still taken for ``--drain-delay`` seconds, running calls get
+``--drain-grace`` seconds, then the process exits 0. Stream limits, idle timeouts and admission
+control: see :class:`server.service.StreamSlots` and :class:`server.service.Admission`.
 
 Exit codes: 0 clean stop; 2 bad arguments, no usable bundle, or the ``server`` extra not installed
 (one line says which pip extra); 3 the gRPC or HTTP port is taken. The heavy imports (torch, FastAPI,
