@@ -21,8 +21,15 @@ def test_sources_are_disjoint_sorted_and_stable() -> None:
     train, ev = data.training_images(), data.eval_images()
     assert train == data.training_images() and ev == data.eval_images()
     assert train == sorted(train, key=data.item_key) and ev == sorted(ev, key=data.item_key)
-    files = lambda items: {i[0] if isinstance(i, tuple) else i for i in items}  # noqa: E731
-    assert not files(train) & files(ev), "TRAIN and EVAL must not share a file or video"
+    photos = lambda items: {i for i in items if not isinstance(i, tuple)}  # noqa: E731
+    assert not photos(train) & photos(ev), "TRAIN and EVAL must not share a photo"
+    # A video may serve both, split by time range: every training frame well before every eval frame.
+    for video in {i[0] for i in ev if isinstance(i, tuple)}:
+        tr = [i[1] for i in train if isinstance(i, tuple) and i[0] == video]
+        if tr:
+            n = data.video_length(video)
+            first_eval = min(i[1] for i in ev if isinstance(i, tuple) and i[0] == video)
+            assert max(tr) + 0.1 * n < first_eval, f"{video.name}: train and eval frames too close in time"
     if not data.OPENCV_DATA.is_dir():
         pytest.skip("opencv-doc is not installed")
     assert len(train) >= 50 and len(ev) >= 40
