@@ -87,11 +87,13 @@ class ErrorStatus:
 
 
 class ErrorCounter(Protocol):
-    def count_error(self, status: str) -> None: ...
+    def count_error(self, status: str, bundle: str | None = None, codec: str | None = None) -> None: ...
 
 
-def status_of(exc: BaseException, counter: ErrorCounter | None = None) -> ErrorStatus:
-    """Classify ``exc``; log unexpected ones with their traceback; count it when asked."""
+def status_of(exc: BaseException, counter: ErrorCounter | None = None,
+              labels: dict[str, str] | None = None) -> ErrorStatus:
+    """Classify ``exc``; log unexpected ones with their traceback; count it when asked (by status, and
+    for an error about one coded frame by its ``labels``: ``bundle`` and ``codec``)."""
     if isinstance(exc, PaletteLinkError):
         code = getattr(grpc.StatusCode, exc.code, None)
         if not isinstance(code, grpc.StatusCode):
@@ -105,7 +107,7 @@ def status_of(exc: BaseException, counter: ErrorCounter | None = None) -> ErrorS
         status = ErrorStatus(grpc.StatusCode.INTERNAL,
                              f"internal error ({type(exc).__name__}); see the server log")
     if counter is not None:
-        counter.count_error(status.name)
+        counter.count_error(status.name, **(labels or {}))
     return status
 
 
@@ -132,12 +134,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def grpc_errors(fn: F) -> F:
     """Decorate a servicer method (unary or response-streaming) so any exception becomes a gRPC
-    status via ``context.abort``. The servicer's ``metrics`` attribute, if any, counts it."""
+    status via ``context.abort``. The servicer's ``metrics`` attribute, if any, counts it, with the
+    labels its ``error_labels(method, request)``, if any, gives (bundle and codec of a coded frame)."""
 
-    def fail(self: Any, context: grpc.ServicerContext, exc: Exception) -> None:
+    def fail(self: Any, request: Any, context: grpc.ServicerContext, exc: Exception) -> None:
         if isinstance(exc, grpc.RpcError) and not context.is_active():
             return  # the client went away (cancelled, deadline): nobody to answer, nothing to log
-        s = status_of(exc, getattr(self, "metrics", None))
+        labeller = getattr(self, "error_labels", None)
+        labels = labeller(fn.__name__, request) if labeller else None
+        s = status_of(exc, getattr(self, "metrics", None), labels)
         if s.retry_after_ms:
             context.set_trailing_metadata((("retry-after-ms", str(s.retry_after_ms)),))
         context.abort(s.grpc_code, s.message)
@@ -149,7 +154,7 @@ def grpc_errors(fn: F) -> F:
             try:
                 yield from fn(self, request, context)
             except Exception as e:  # the one catch-all of the gRPC transport
-                fail(self, context, e)
+                fail(self, request, context, e)
 
         return gen_wrapper  # type: ignore[return-value]
 
@@ -158,6 +163,6 @@ def grpc_errors(fn: F) -> F:
         try:
             return fn(self, request, context)
         except Exception as e:
-            fail(self, context, e)
+            fail(self, request, context, e)
 
     return wrapper  # type: ignore[return-value]

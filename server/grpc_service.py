@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from palettelink import bitstream, codecs
 from palettelink.errors import InvalidRequest, PaletteLinkError, ResourceExhausted
 from palettelink.v1 import palettelink_pb2 as pb
 from palettelink.v1 import palettelink_pb2_grpc as pb_grpc
@@ -145,7 +147,7 @@ class PaletteLinkServicer(pb_grpc.PaletteLinkServicer):
             try:
                 res = result_to_proto(session.analyze(f.frame_id, f.payload, edge, admitted=admitted))
             except Exception as e:  # this frame fails; the stream goes on
-                res = frame_error(f, e, self.metrics)
+                res = frame_error(f, e, self.metrics, frame_labels(self.service, session.bundle, f.payload))
             finally:
                 if admitted:
                     inbox.done_one()
@@ -165,14 +167,32 @@ class PaletteLinkServicer(pb_grpc.PaletteLinkServicer):
             self._unary.release()
         return pb.AnalyzeResponse(result=result_to_proto(r))
 
+    def error_labels(self, method: str, request: Any) -> dict[str, str] | None:
+        """Labels of a failed call that carried one coded frame (read by :func:`grpc_errors`)."""
+        return frame_labels(self.service, request.bundle, request.payload) if method == "Analyze" else None
+
     @grpc_errors
     def GetInfo(self, request: pb.GetInfoRequest, context: grpc.ServicerContext) -> pb.GetInfoResponse:
         return info_to_proto(self.service)
 
 
-def frame_error(f: pb.Frame, exc: BaseException, metrics: Any) -> pb.FrameResult:
+def frame_labels(service: Service, bundle: str, payload: bytes) -> dict[str, str]:
+    """Metric labels of a coded frame that failed, low-cardinality whatever the client sent: the id of
+    a bundle loaded here, else ``unknown``; the codec its header's codec byte names, else ``unknown``
+    (one byte read, no parsing: refusals under load come fast)."""
+    try:
+        bid = service.resolve(bundle).bundle.id
+    except Exception:
+        bid = "unknown"
+    head = bytes(payload[:bitstream._FIXED.size])
+    spec = (codecs.spec_for_wire_id(head[5]) if len(head) > 5 and head[:4] == bitstream.MAGIC else None)
+    return {"bundle": bid, "codec": spec.name if spec else "unknown"}
+
+
+def frame_error(f: pb.Frame, exc: BaseException, metrics: Any,
+                labels: dict[str, str] | None = None) -> pb.FrameResult:
     """The answer of one frame that failed (the stream goes on), with its retry hint if any."""
-    s = status_of(exc, metrics)
+    s = status_of(exc, metrics, labels)
     return pb.FrameResult(frame_id=f.frame_id, payload_bytes=len(f.payload),
                           error=pb.FrameError(code=s.number, status=s.name, message=s.message,
                                               retry_after_ms=s.retry_after_ms))
@@ -246,7 +266,8 @@ class _Inbox:
                 svc.admission.admit()
             except ResourceExhausted as e:
                 session.refused += 1
-                self._refused.append(frame_error(req.frame, e, svc.metrics))
+                labels = frame_labels(svc, session.bundle, req.frame.payload)
+                self._refused.append(frame_error(req.frame, e, svc.metrics, labels))
                 self._q.put(_WAKE)
                 return
             self._waiting += 1
@@ -295,6 +316,63 @@ class _Inbox:
                     self._waiting -= 1
 
 
+class MetricsInterceptor(grpc.ServerInterceptor):
+    """Counts every gRPC call by method and final status code and times it (the first interceptor, so
+    calls the auth interceptor refuses are counted too). ``method`` is ``package.Service/Method``;
+    calls to methods this server does not have count as ``unknown``."""
+
+    def __init__(self, metrics: Any) -> None:
+        self.metrics = metrics
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None:
+            self.metrics.count_call("unknown", "UNIMPLEMENTED", 0.0)
+            return None
+        return _observed(handler, str(details.method).lstrip("/"), self.metrics)
+
+
+def _call_code(context: grpc.ServicerContext, exc: BaseException | None) -> str:
+    code = context.code()  # set by abort() / set_code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(exc, GeneratorExit) or not context.is_active():
+        return "CANCELLED"
+    return "OK" if exc is None else "UNKNOWN"
+
+
+def _observed(handler: Any, method: str, metrics: Any) -> Any:
+    """``handler`` with its behaviour timed and counted."""
+    behavior = (handler.unary_unary or handler.unary_stream or handler.stream_unary
+                or handler.stream_stream)
+
+    def done(context: grpc.ServicerContext, t0: float, exc: BaseException | None) -> None:
+        metrics.count_call(method, _call_code(context, exc), time.perf_counter() - t0)
+
+    if handler.response_streaming:
+        def run(request: Any, context: grpc.ServicerContext) -> Any:
+            t0, exc = time.perf_counter(), None
+            try:
+                yield from behavior(request, context)
+            except BaseException as e:
+                exc = e
+                raise
+            finally:
+                done(context, t0, exc)
+    else:
+        def run(request: Any, context: grpc.ServicerContext) -> Any:  # type: ignore[misc]
+            t0, exc = time.perf_counter(), None
+            try:
+                return behavior(request, context)
+            except BaseException as e:
+                exc = e
+                raise
+            finally:
+                done(context, t0, exc)
+
+    return _handler_like(handler, run)
+
+
 class AuthInterceptor(grpc.ServerInterceptor):
     """Refuses calls without a valid bearer token before they reach a handler. Health checks stay
     open so load balancers and kubelets can probe without credentials."""
@@ -324,15 +402,20 @@ def _deny(handler: Any, status: Any) -> Any:
     def abort(request: Any, context: grpc.ServicerContext) -> Any:
         context.abort(status.grpc_code, status.message)
 
+    return _handler_like(handler, abort)
+
+
+def _handler_like(handler: Any, behavior: Callable[..., Any]) -> Any:
+    """A handler of the same shape and serializers as ``handler`` that runs ``behavior``."""
     kw = {"request_deserializer": handler.request_deserializer,
           "response_serializer": handler.response_serializer}
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort, **kw)
+        return grpc.stream_stream_rpc_method_handler(behavior, **kw)
     if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort, **kw)
+        return grpc.stream_unary_rpc_method_handler(behavior, **kw)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort, **kw)
-    return grpc.unary_unary_rpc_method_handler(abort, **kw)
+        return grpc.unary_stream_rpc_method_handler(behavior, **kw)
+    return grpc.unary_unary_rpc_method_handler(behavior, **kw)
 
 
 @dataclass(frozen=True)
@@ -373,7 +456,8 @@ class GrpcServer:
         auth = auth or TokenAuth({})
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
-            interceptors=[AuthInterceptor(auth, service.metrics)] if auth.enabled else [],
+            interceptors=[MetricsInterceptor(service.metrics)]
+            + ([AuthInterceptor(auth, service.metrics)] if auth.enabled else []),
             maximum_concurrent_rpcs=workers,
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),

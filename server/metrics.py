@@ -8,12 +8,27 @@ or frame ids).
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import platform
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from server import __version__
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BPP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+# gRPC calls: unary ones take milliseconds, a Stream lasts as long as its client streams.
+CALL_BUCKETS = LATENCY_BUCKETS + (30.0, 60.0, 300.0, 1800.0)
 
 
 class Metrics:
@@ -21,7 +36,15 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        # process_* (CPU seconds, RSS, open fds, start time; Linux /proc), python_info, python_gc_*.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         p = "palettelink_"
+        self.build_info = Gauge(p + "build_info", "Always 1: server version, Python version and the bundles "
+                                "loaded (comma-separated ids, empty while loading)",
+                                ["version", "python", "bundles"], registry=r)
+        self.set_bundles([])
         self.frames = Counter(p + "frames_received", "Coded frames received",
                               ["bundle", "codec", "level"], registry=r)
         self.bytes = Counter(p + "bytes_received", "Coded payload bytes received",
@@ -59,10 +82,30 @@ class Metrics:
                                       "no header in time, or no frame within --stream-idle-timeout",
                                       ["reason"], registry=r)
         self.errors = Counter(p + "errors", "Errors answered, by status code", ["status"], registry=r)
+        self.frame_errors = Counter(p + "frame_errors", "Coded frames answered with an error (gRPC Stream "
+                                    "frames and Analyze calls), by bundle (unknown: not loaded here), codec "
+                                    "(from the frame header; unknown: unreadable) and status",
+                                    ["bundle", "codec", "status"], registry=r)
+        self.grpc_requests = Counter(p + "grpc_requests", "gRPC calls finished, by method and status code",
+                                     ["method", "code"], registry=r)
+        self.grpc_seconds = Histogram(p + "grpc_request_seconds", "gRPC call duration, by method (a Stream: "
+                                      "its whole life)", ["method"], buckets=CALL_BUCKETS, registry=r)
         self.bundles_loaded = Gauge(p + "bundles_loaded", "Bundles loaded and serving", registry=r)
 
-    def count_error(self, status: str) -> None:
+    def set_bundles(self, bundle_ids: list[str]) -> None:
+        """The build-info series, with the bundles now loaded (one series at a time)."""
+        self.build_info.clear()
+        self.build_info.labels(__version__, platform.python_version(), ",".join(sorted(bundle_ids))).set(1)
+
+    def count_error(self, status: str, bundle: str | None = None, codec: str | None = None) -> None:
+        """Count an error by status; one about a coded frame (``bundle`` given) also by bundle and codec."""
         self.errors.labels(status).inc()
+        if bundle is not None:
+            self.frame_errors.labels(bundle, codec or "unknown", status).inc()
+
+    def count_call(self, method: str, code: str, seconds: float) -> None:
+        self.grpc_requests.labels(method, code).inc()
+        self.grpc_seconds.labels(method).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

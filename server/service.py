@@ -365,6 +365,7 @@ class Service:
                                  + (f": {self.load_errors}" if self.load_errors else
                                     "; build one with `palettelink build-bundle`"))
         self.metrics.bundles_loaded.set(len(self.bundles))
+        self.metrics.set_bundles(list(self.bundles))
         self._ready.set()
         log.info("serving bundles %s", ", ".join(f"{k} {v.tasks}" for k, v in self.bundles.items()))
 
