@@ -9,10 +9,12 @@ decoded: a small PNG can declare 20,000×20,000 pixels, and OpenCV would decode 
 
 from __future__ import annotations
 
+import io
 import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -85,25 +87,44 @@ def image_size(path: str | Path) -> tuple[int, int] | None:
     Pillow's format plugins parse the header, called directly rather than through ``Image.open``:
     that applies Pillow's decompression-bomb limit before we can name the size, and in a process
     that imported ultralytics it is patched to install a HEIF plugin for files it does not know."""
-    Image.init()
     try:
         with open(path, "rb") as fp:
-            prefix = fp.read(16)
-            for fmt in _HEADER_FORMATS:
-                factory, accept = Image.OPEN.get(fmt, (None, None))
-                if factory is None or (accept is not None and accept(prefix) is not True):
-                    continue
-                fp.seek(0)
-                try:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        im = factory(fp, str(path))
-                except (SyntaxError, IndexError, TypeError, ValueError, EOFError, OSError, struct.error):
-                    continue  # a broken header: let the next format (or OpenCV) try
-                return int(im.size[0]), int(im.size[1])
+            return _header_size(fp, str(path))
     except OSError:
         return None
+
+
+def _header_size(fp: BinaryIO, name: str) -> tuple[int, int] | None:
+    Image.init()
+    prefix = fp.read(16)
+    for fmt in _HEADER_FORMATS:
+        factory, accept = Image.OPEN.get(fmt, (None, None))
+        if factory is None or (accept is not None and accept(prefix) is not True):
+            continue
+        fp.seek(0)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                im = factory(fp, name)
+        except (SyntaxError, IndexError, TypeError, ValueError, EOFError, OSError, struct.error):
+            continue  # a broken header: let the next format (or OpenCV) try
+        return int(im.size[0]), int(im.size[1])
     return None
+
+
+def decode_image(data: bytes, name: str = "upload", max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """:func:`load_image` for bytes in memory (an upload): the header is recognised and its size
+    checked before any pixel is decoded; nothing touches the disk. Not an image of a known format:
+    :class:`~palettelink.errors.InvalidRequest`."""
+    size = _header_size(io.BytesIO(data), name)
+    if size is None:
+        raise InvalidRequest(f"{name} is not an image (PNG, JPEG, BMP, WebP or TIFF)")
+    check_size(name, *size, max_pixels=max_pixels)
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise InvalidRequest(f"cannot decode image {name}")
+    check_size(name, bgr.shape[1], bgr.shape[0], max_pixels)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:

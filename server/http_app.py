@@ -11,25 +11,45 @@ never FastAPI's ``{"detail": …}``.
 
 from __future__ import annotations
 
+import asyncio
+import json
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from palettelink.errors import PaletteLinkError, ServiceUnavailable, TooLarge
 from palettelink.fetch import edge_file, edge_listing
 from server import __version__
+from server import api_models as m
 from server.auth import TokenAuth
+from server.dashboard import TryIt, bench_curves, render
 from server.errors import clip, http_error, http_status
 from server.service import Service
 
+STATIC = Path(__file__).with_name("static")
+LIVE_PERIOD_S = 1.0  # how often /api/live sends the streams
+LIVE_MAX_S = 600.0  # one event stream's lifetime; EventSource reconnects by itself
 
-def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: int = 16 << 20) -> FastAPI:
+
+def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: int = 16 << 20,
+               bench_json: Path | None = None) -> FastAPI:
     auth = auth or TokenAuth({})
-    app = FastAPI(title="PaletteLink server", version=__version__, docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="PaletteLink server", version=__version__, docs_url=None, redoc_url=None)
+    try_it = TryIt(service)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    try:  # Swagger UI's own files, served from the package (the default page loads them from a CDN)
+        from swagger_ui_bundle import swagger_ui_path
+        app.mount("/swagger", StaticFiles(directory=swagger_ui_path), name="swagger")
+        have_swagger = True
+    except ImportError:
+        have_swagger = False
 
     async def _error(request: Request, exc: Exception) -> JSONResponse:
         status, body = http_status(exc, service.metrics)
@@ -71,14 +91,56 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
     def metrics() -> Response:
         return Response(service.metrics.render(), media_type=service.metrics.content_type)
 
-    @app.get("/api/info")
+    @app.get("/api/info", response_model=m.InfoModel)
     def info() -> dict[str, Any]:
+        """Server, bundles, open streams, queues and limits."""
         return service.status()
 
-    @app.get("/api/frames")
+    @app.get("/api/frames", response_model=list[m.FrameSummaryModel], response_model_exclude_none=True)
     def frames(limit: int = Query(50, ge=0, le=1000)) -> list[dict[str, Any]]:
         """Recent frames, newest first (successes and errors)."""
         return service.recent_frames(limit)
+
+    @app.get("/api/streams", response_model=m.StreamsModel)
+    def streams() -> dict[str, Any]:
+        """Open streams (rates over 10 s, server latency p50/p95, per-frame series, newest frame's
+        boxes) and the last few closed ones."""
+        return service.stream_stats()
+
+    @app.get("/api/live", response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}},
+                              "description": "server-sent events, each `data:` an /api/streams answer"}})
+    async def live(request: Request) -> StreamingResponse:
+        """Server-sent events: the ``/api/streams`` answer every second (the Live and Frame pages)."""
+        async def events():  # noqa: ANN202
+            loop = asyncio.get_running_loop()
+            end = loop.time() + LIVE_MAX_S
+            yield "retry: 2000\n\n"
+            while loop.time() < end and not service.draining and not await request.is_disconnected():
+                yield f"data: {json.dumps(service.stream_stats())}\n\n"
+                await asyncio.sleep(LIVE_PERIOD_S)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    @app.post("/api/try", response_model=m.TryModel,
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
+    async def try_image(request: Request, bundle: str = "", task: str = "", codec: str = "",
+                        level: int | None = Query(None, ge=0, le=255)) -> dict[str, Any]:
+        """Body: an image file (PNG, JPEG, BMP, WebP, TIFF). The server codes it with the edge's encoder
+        (``codec`` at ``level``; default the bundle's codec at its finest level), decodes it and runs the
+        task, and the same at baseline 8 bits as the reference. Nothing is written to disk; not an
+        image, too many pixels (checked from the header), unknown bundle, codec or level: 4xx."""
+        auth.client_for(request.headers.get("authorization"))
+        data = await _read_body(request, max_body_bytes)
+        return await run_in_threadpool(try_it.run, data, bundle, task, codec, level)
+
+    @app.get("/api/bench", response_model=m.BenchModel)
+    def bench() -> dict[str, Any]:
+        """The rate–accuracy curves of the bench JSON (``--bench-json``, default the repository's
+        ``docs/results/bench-eval.json``): per method, (bpp, AP50) points by bpp."""
+        return bench_curves(bench_json)
 
     @app.post("/api/analyze")
     async def analyze(request: Request, bundle: str = "", task: str = "", want_preview: bool = False,
@@ -86,12 +148,7 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
         """Body: one coded frame (``application/octet-stream``). Same checks and results as the
         gRPC ``Analyze``; errors as JSON ``{"error": {code, status, message}}``."""
         client = auth.client_for(request.headers.get("authorization"))
-        body = bytearray()
-        async for chunk in request.stream():  # never buffer more than the limit
-            body += chunk
-            if len(body) > max_body_bytes:
-                raise TooLarge(f"request body exceeds {max_body_bytes} bytes")
-        payload = bytes(body)
+        payload = await _read_body(request, max_body_bytes)
         result = await run_in_threadpool(service.analyze, bundle, task, payload, want_preview,
                                          frame_id=frame_id, client=client)
         return result.to_dict()
@@ -122,12 +179,47 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
         p = edge_file(service.resolve(f"{name}/{version}").bundle, path)
         return FileResponse(p, media_type="application/octet-stream")
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def dashboard() -> str:
-        return DASHBOARD
+        return render("live")
+
+    @app.get("/frame", response_class=HTMLResponse, include_in_schema=False)
+    def frame_page() -> str:
+        return render("frame")
+
+    @app.get("/try", response_class=HTMLResponse, include_in_schema=False)
+    def try_page() -> str:
+        return render("try")
+
+    @app.get("/rate", response_class=HTMLResponse, include_in_schema=False)
+    def rate_page() -> str:
+        return render("rate")
+
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    def docs() -> HTMLResponse:
+        """Swagger UI with its scripts and styles from this server (works offline)."""
+        if not have_swagger:
+            return HTMLResponse("<p>Swagger UI needs the package <code>swagger-ui-bundle</code> (pip install "
+                                "'palettelink[server]'); the schema is at <a href=/openapi.json>/openapi.json"
+                                "</a>.</p>")
+        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json",
+                                   title="PaletteLink server · API",
+                                   swagger_js_url="/swagger/swagger-ui-bundle.js",
+                                   swagger_css_url="/swagger/swagger-ui.css",
+                                   swagger_favicon_url="/swagger/favicon-32x32.png")
 
     app.state.service = service
     return app
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (:class:`TooLarge`) as soon as it passes ``limit`` bytes."""
+    body = bytearray()
+    async for chunk in request.stream():  # never buffer more than the limit
+        body += chunk
+        if len(body) > limit:
+            raise TooLarge(f"request body exceeds {limit} bytes")
+    return bytes(body)
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -139,80 +231,3 @@ def _validation_message(exc: RequestValidationError) -> str:
         parts.append(f"{clip(where, 80)}: {clip(str(err.get('msg', 'invalid')), 200)}")
     return "; ".join(parts) or "invalid request"
 
-
-DASHBOARD = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>PaletteLink server</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
- body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d232b}
- header{background:#1d232b;color:#fff;padding:10px 20px;display:flex;gap:16px;align-items:baseline}
- header h1{font-size:18px;margin:0} header span{opacity:.75}
- main{padding:16px 20px;display:grid;gap:16px}
- section{background:#fff;border:1px solid #dde1e6;border-radius:6px;padding:12px 16px}
- h2{font-size:15px;margin:0 0 8px} table{border-collapse:collapse;width:100%}
- th,td{text-align:left;padding:3px 8px;border-bottom:1px solid #eef0f2;white-space:nowrap}
- th{font-weight:600;color:#555} td.n{text-align:right;font-variant-numeric:tabular-nums}
- .err{color:#b3261e} .ok{color:#1b7f3b} .muted{color:#888} code{font-size:12px}
-</style></head><body>
-<header><h1>PaletteLink</h1><span id="state">…</span><span id="meta"></span>
- <span style="margin-left:auto"><a style="color:#9cf" href="/metrics">metrics</a> ·
- <a style="color:#9cf" href="/docs">API</a></span></header>
-<main>
-<section><h2>Bundles</h2><table id="bundles"><thead><tr><th>bundle</th><th>tasks</th><th>classes</th>
- <th>codecs and levels</th><th>table hash</th></tr></thead><tbody></tbody></table></section>
-<section><h2>Open streams</h2><table id="streams"><thead><tr><th>client</th><th>bundle</th><th>task</th>
- <th class="n">frames</th><th class="n">bytes</th><th class="n">errors</th><th>since</th></tr></thead>
- <tbody></tbody></table></section>
-<section><h2>Recent frames</h2><table id="frames"><thead><tr><th>time</th><th>client</th><th>frame</th>
- <th>bundle</th><th>codec/level</th><th class="n">bytes</th><th class="n">bpp</th><th class="n">boxes</th>
- <th>detections</th><th class="n">decode ms</th><th class="n">queue ms</th><th class="n">task ms</th>
- <th class="n">total ms</th><th>status</th></tr></thead><tbody></tbody></table></section>
-</main>
-<script>
-const ESC = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"};
-const esc = s => String(s ?? "").replace(/[&<>"']/g, c => ESC[c]);
-const num = (v, d = 1) => v == null ? "" : Number(v).toFixed(d);
-const t = s => new Date(s * 1000).toLocaleTimeString();
-const td = (v, cls = "") => `<td${cls ? ` class="${cls}"` : ""}>${v}</td>`;
-const row = cells => `<tr>${cells.join("")}</tr>`;
-function fill(id, rows) {
-  document.querySelector(`#${id} tbody`).innerHTML =
-    rows.join("") || `<tr><td class="muted" colspan="14">none</td></tr>`;
-}
-const levels = c => c.levels.map(l => esc(l.level) + (l.mean_bpp ? ` (${num(l.mean_bpp, 3)} bpp)` : ""));
-const bundleRow = b => row([
-  td(esc(`${b.name}/${b.version}`)), td(esc(b.tasks.join(", "))), td(esc(b.class_names.join(", "))),
-  td(b.codecs.map(c => `${esc(c.name)}: ${levels(c).join(" ")}`).join("<br>")),
-  td(`<code>${esc(b.table_hash.slice(0, 16))}</code>`)]);
-const streamRow = s => row([
-  td(esc(s.client)), td(esc(s.bundle)), td(esc(s.task)), td(s.frames, "n"), td(s.bytes, "n"),
-  td(s.errors, "n"), td(t(s.opened))]);
-const status = f => f.error
-  ? `<span class="err" title="${esc(f.error.message)}">${esc(f.error.status)}</span>`
-  : '<span class="ok">OK</span>';
-const frameRow = f => row([
-  td(t(f.time)), td(esc(f.client)), td(esc(f.frame_id)), td(esc(f.bundle)),
-  td(f.codec ? `${esc(f.codec)}/${esc(f.level)}${f.truncated ? " (cut)" : ""}` : ""),
-  td(f.bytes, "n"), td(num(f.bpp, 3), "n"), td(f.boxes ?? "", "n"),
-  td((f.detections || []).map(d => `${esc(d[0])} ${num(d[1], 2)}`).join(", ")),
-  td(num(f.timings?.decode_ms), "n"), td(num(f.timings?.queue_ms), "n"),
-  td(num(f.timings?.task_ms), "n"), td(num(f.timings?.total_ms), "n"), td(status(f))]);
-async function refresh() {
-  const state = document.getElementById("state");
-  try {
-    const [info, frames] = await Promise.all([
-      fetch("api/info").then(r => r.json()), fetch("api/frames?limit=50").then(r => r.json())]);
-    state.innerHTML = info.ready ? '<b class="ok">ready</b>' : '<b class="err">loading</b>';
-    document.getElementById("meta").textContent =
-      `v${info.server_version} · ${info.device} · up ${Math.round(info.uptime_s)} s`;
-    fill("bundles", info.bundles.map(bundleRow));
-    fill("streams", info.streams.map(streamRow));
-    fill("frames", frames.map(frameRow));
-  } catch (e) {
-    state.innerHTML = '<b class="err">unreachable</b>';
-  }
-}
-refresh();
-setInterval(refresh, 2000);
-</script></body></html>
-"""

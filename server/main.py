@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=8, help="most frames per task batch")
     p.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long a batch waits to fill")
     p.add_argument("--no-verify", action="store_true", help="skip sha256 checks of bundle files at load")
+    p.add_argument("--bench-json", type=Path, default=None, metavar="FILE",
+                   help="bench results drawn on the dashboard's Rate–accuracy page (default: the "
+                        "repository's docs/results/bench-eval.json)")
     p.add_argument("--log-level", default=os.environ.get("PALETTELINK_LOG", "INFO"))
     add_version(p)
     return p
@@ -163,7 +166,7 @@ class PaletteLinkServer:
     def __init__(self, service: Service, *, host: str = "127.0.0.1", grpc_port: int = 0, http_port: int = 0,
                  auth: TokenAuth | None = None, tls: TLSConfig | None = None, http_tls: bool = False,
                  max_message_bytes: int = 16 * MiB, workers: int | None = None,
-                 log_level: str = "warning") -> None:
+                 log_level: str = "warning", bench_json: Path | None = None) -> None:
         import uvicorn
 
         from server.grpc_service import GrpcServer
@@ -193,7 +196,7 @@ class PaletteLinkServer:
         self.http_port = int(self._sock.getsockname()[1])
         https = tls if http_tls else None
         self.http_scheme = "https" if https else "http"
-        app = create_app(service, auth, max_body_bytes=max_message_bytes)
+        app = create_app(service, auth, max_body_bytes=max_message_bytes, bench_json=bench_json)
         config = uvicorn.Config(app, log_level=log_level.lower(), access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=3,
                                 ssl_certfile=str(https.cert) if https else None,
@@ -296,7 +299,7 @@ def _main(argv: list[str] | None) -> int:
         server = PaletteLinkServer(service, host=args.host, grpc_port=args.grpc_port,
                                    http_port=args.http_port, auth=auth, tls=tls, http_tls=args.http_tls,
                                    max_message_bytes=int(args.max_message_mb * MiB), workers=args.workers,
-                                   log_level=args.log_level)
+                                   log_level=args.log_level, bench_json=args.bench_json)
     except PortInUse as e:
         service.close()
         print(f"{PROG}: {e.strerror}", file=sys.stderr)

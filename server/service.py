@@ -7,6 +7,7 @@ work and every check lives here, so the two behave the same and are tested once.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import sys
@@ -259,6 +260,11 @@ class Admission:
             self.done(time.perf_counter() - t0)
 
 
+HISTORY = 60  # frames of each stream kept for the dashboard's rates and sparklines
+MAX_LAST_BOXES = 100
+_stream_ids = itertools.count(1)
+
+
 @dataclass
 class StreamSession:
     """One open Stream: bundle and task fixed by its header; frames go through :meth:`analyze`."""
@@ -275,6 +281,11 @@ class StreamSession:
 
     queued: int = 0  # frames received and admitted, not answered yet (set by the transport)
     refused: int = 0
+    sid: int = field(default_factory=lambda: next(_stream_ids))  # the dashboard's name for it
+    # The dashboard's rolling window: (time, bytes, codec, level, server ms) of the last frames, and
+    # the newest frame's boxes. Bounded: HISTORY frames, MAX_LAST_BOXES boxes.
+    history: deque[tuple[float, int, str, int, float]] = field(default_factory=lambda: deque(maxlen=HISTORY))
+    last: dict[str, Any] | None = None
 
     def analyze(self, frame_id: int, payload: bytes, edge: EdgeReport | None = None,
                 admitted: bool = False) -> FrameResult:
@@ -283,11 +294,38 @@ class StreamSession:
         self.frames += 1
         self.n_bytes += len(payload)
         try:
-            return self.service.analyze(self.bundle, self.task, payload, self.want_preview,
-                                        frame_id=frame_id, client=self.client, edge=edge, admit=not admitted)
+            r = self.service.analyze(self.bundle, self.task, payload, self.want_preview,
+                                     frame_id=frame_id, client=self.client, edge=edge, admit=not admitted)
         except Exception:
             self.errors += 1
             raise
+        now = time.time()
+        self.history.append((now, r.payload_bytes, r.codec, r.level, r.timings.total_ms))
+        self.last = {"time": now, "frame_id": frame_id, "codec": r.codec, "level": r.level,
+                     "bytes": r.payload_bytes, "bpp": r.bpp, "width": r.image_width,
+                     "height": r.image_height, "boxes": [asdict(b) for b in r.output.boxes[:MAX_LAST_BOXES]]}
+        return r
+
+    def stats(self, window_s: float = 10.0) -> dict[str, Any]:
+        """What the dashboard shows of this stream: totals, rates over the last ``window_s`` seconds,
+        server-latency percentiles and the per-frame series of the rolling window."""
+        hist = list(self.history)
+        recent = [h for h in hist if h[0] >= time.time() - window_s]
+        span = recent[-1][0] - recent[0][0] if len(recent) > 1 else 0.0
+        lat = sorted(h[4] for h in hist)
+
+        def pct(q: float) -> float | None:
+            return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else None
+
+        return {"id": self.sid, "client": self.client, "bundle": self.bundle, "task": self.task,
+                "opened": self.opened, "frames": self.frames, "bytes": self.n_bytes, "errors": self.errors,
+                "queued": self.queued, "refused": self.refused,
+                "codec": hist[-1][2] if hist else None, "level": hist[-1][3] if hist else None,
+                "kbps": sum(h[1] for h in recent[1:]) * 8 / 1e3 / span if span > 0 else None,
+                "fps": (len(recent) - 1) / span if span > 0 else None,
+                "latency_p50_ms": pct(0.5), "latency_p95_ms": pct(0.95),
+                "series": {"kbit": [h[1] * 8 / 1e3 for h in hist], "level": [h[3] for h in hist]},
+                "last": self.last}
 
 
 class Service:
@@ -329,6 +367,7 @@ class Service:
         self._lock = threading.Lock()
         self._recent: deque[dict[str, Any]] = deque(maxlen=recent_frames)
         self._streams: dict[int, StreamSession] = {}
+        self._closed: deque[dict[str, Any]] = deque(maxlen=8)  # the dashboard's recently closed streams
         self.slots = StreamSlots(max_streams, max_streams_per_client)
         self.admission = Admission(self.metrics, max_pending, max_stream_queue, shed_latency_ms,
                                    floor=max(2, max_batch))
@@ -544,8 +583,10 @@ class Service:
         try:
             yield session
         finally:
+            closed = dict(session.stats(), closed=time.time())
             with self._lock:
                 self._streams.pop(id(session), None)
+                self._closed.append(closed)
             self.metrics.active_streams.dec()
             if own:
                 self.slots.release(key)
@@ -568,6 +609,13 @@ class Service:
         return [{"client": s.client, "bundle": s.bundle, "task": s.task, "opened": s.opened,
                  "frames": s.frames, "bytes": s.n_bytes, "errors": s.errors, "queued": s.queued,
                  "refused": s.refused} for s in sessions]
+
+    def stream_stats(self) -> dict[str, list[dict[str, Any]]]:
+        """The dashboard's view: open streams with rates, latency and last frame; recently closed."""
+        with self._lock:
+            sessions = list(self._streams.values())
+            closed = list(self._closed)[::-1]
+        return {"open": [s.stats() for s in sessions], "closed": closed}
 
     def info(self) -> list[BundleInfo]:
         return [lb.info() for lb in self.bundles.values()]

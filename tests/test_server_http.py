@@ -83,7 +83,8 @@ def test_recent_frames_and_dashboard(http: httpx.Client, coded_frames) -> None: 
     assert newest["bpp"] == pytest.approx(body["bpp"]) and "error" not in newest
     page = http.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
-    assert "PaletteLink" in page.text and "api/frames" in page.text
+    assert "PaletteLink" in page.text and 'id="frames"' in page.text
+    assert "api/frames" in http.get("/static/live.js").text
 
 
 @pytest.mark.parametrize(("params", "content", "status", "name"), [

@@ -1,0 +1,181 @@
+"""Response models of the JSON APIs, so the OpenAPI schema (``/openapi.json``, ``/docs``) types them.
+
+They describe what :class:`~server.service.Service` already returns; extra keys are allowed so that
+a field added there never turns an answer into a validation error.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class BoxModel(_Open):
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    class_id: int
+    class_name: str
+    score: float
+
+
+class LevelModel(_Open):
+    level: int
+    palette_size: int = 0
+    mean_bits: float = 0.0
+    mean_bpp: float = 0.0
+
+
+class CodecModel(_Open):
+    name: str
+    levels: list[LevelModel]
+    progressive: bool = False
+
+
+class TensorModel(_Open):
+    name: str
+    layer: int
+    shape: list[int]
+
+
+class BundleModel(_Open):
+    name: str
+    version: str
+    table_hash: str
+    tasks: list[str]
+    class_names: list[str]
+    codecs: list[CodecModel]
+    tensors: list[TensorModel]
+    input_size: int
+
+
+class StreamModel(_Open):
+    client: str
+    bundle: str
+    task: str
+    opened: float
+    frames: int
+    bytes: int
+    errors: int
+    queued: int = 0
+    refused: int = 0
+
+
+class InfoModel(_Open):
+    server_version: str
+    ready: bool
+    device: str
+    uptime_s: float
+    bundles: list[BundleModel]
+    load_errors: dict[str, str]
+    streams: list[StreamModel]
+    queues: dict[str, int]
+    draining: bool
+    limits: dict[str, float]
+
+
+class FrameErrorModel(_Open):
+    status: str
+    message: str
+
+
+class FrameSummaryModel(_Open):
+    """One entry of the recent-frames list: a success (codec … timings) or an ``error``."""
+
+    time: float
+    client: str
+    frame_id: int
+    bundle: str
+    task: str
+    bytes: int
+    codec: str | None = None
+    level: int | None = None
+    bpp: float | None = None
+    truncated: bool | None = None
+    image: list[int] | None = None
+    boxes: int | None = None
+    batch: int | None = None
+    detections: list[list[str | float]] | None = None
+    timings: dict[str, float] | None = None
+    error: FrameErrorModel | None = None
+
+
+class LastFrameModel(_Open):
+    time: float
+    frame_id: int
+    codec: str
+    level: int
+    bytes: int
+    bpp: float
+    width: int
+    height: int
+    boxes: list[BoxModel]
+
+
+class StreamSeriesModel(_Open):
+    kbit: list[float]
+    level: list[int]
+
+
+class StreamStatsModel(StreamModel):
+    id: int
+    codec: str | None = None
+    level: int | None = None
+    kbps: float | None = None
+    fps: float | None = None
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    series: StreamSeriesModel
+    last: LastFrameModel | None = None
+    closed: float | None = None
+
+
+class StreamsModel(_Open):
+    open: list[StreamStatsModel]
+    closed: list[StreamStatsModel]
+
+
+class TryResultModel(_Open):
+    codec: str
+    level: int
+    bytes: int
+    bpp: float
+    encode_ms: float
+    server_ms: float
+    boxes: list[BoxModel]
+
+
+class TryModel(_Open):
+    """``/api/try``: the upload coded as asked, and the reference (uncompressed: baseline 8 bits)."""
+
+    bundle: str
+    task: str
+    width: int
+    height: int
+    image_bytes: int
+    result: TryResultModel
+    reference: TryResultModel
+
+
+class BenchPointModel(_Open):
+    bpp: float
+    ap50: float
+    label: str = ""
+
+
+class BenchCurveModel(_Open):
+    method: str
+    kind: str = ""
+    points: list[BenchPointModel]
+
+
+class BenchModel(_Open):
+    source: str
+    bundle: str = ""
+    metric: str = ""
+    images: int | None = None
+    curves: list[BenchCurveModel]

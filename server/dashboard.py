@@ -1,0 +1,187 @@
+"""The dashboard's server side: page shells (server-rendered HTML; the scripts and styles are files
+under ``server/static/``, served by the app, nothing from a CDN), *Try it* (an uploaded image coded
+with the edge's own encoder and answered by the same :class:`~server.service.Service`), and the
+rate–accuracy curves of a bench JSON.
+
+Pages: ``/`` Live (open streams over SSE with sparklines), ``/frame`` Frame view (the newest frame's
+boxes), ``/try`` Try it, ``/rate`` Rate–accuracy. See the README's *Dashboard* section.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from palettelink import codecs
+from palettelink.errors import InvalidRequest, ServiceUnavailable
+from palettelink.image import decode_image
+from server import __version__
+from server.service import Service
+
+REPO_BENCH = Path(__file__).resolve().parents[1] / "docs" / "results" / "bench-eval.json"
+REFERENCE = ("baseline", 8)  # "uncompressed": 8-bit features, what the bench's baseline/8 measures
+TRY_CLIENT = "dashboard:try"
+
+PAGES = [("/", "live", "Live"), ("/frame", "frame", "Frame view"), ("/try", "try", "Try it"),
+         ("/rate", "rate", "Rate–accuracy")]
+
+
+def page(name: str, title: str, body: str) -> str:
+    """One page: header with navigation, ``body``, then ``/static/common.js`` and ``/static/NAME.js``."""
+    nav = " ".join(f'<a href="{href}"{" class=on" if key == name else ""}>{html.escape(label)}</a>'
+                   for href, key, label in PAGES)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>PaletteLink · {html.escape(title)}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="stylesheet" href="/static/dashboard.css"></head><body data-page="{name}">
+<header><h1>PaletteLink</h1><nav>{nav}</nav><span id="state">…</span><span id="meta"></span>
+ <span class="right"><a href="/metrics">metrics</a> · <a href="/docs">API</a> ·
+ v{html.escape(__version__)}</span>
+</header>
+<main>
+{body}
+</main>
+<script src="/static/common.js"></script><script src="/static/{name}.js"></script>
+</body></html>
+"""
+
+
+LIVE = """<section><h2>Open streams <span class="muted" id="live-note">(live, server-sent events)</span></h2>
+<div class="scroll"><table id="streams"><thead><tr><th>client</th><th>bundle</th><th>task</th>
+<th>codec/level</th><th class="n">kbps</th><th class="n">fps</th><th class="n">p50 ms</th>
+<th class="n">p95 ms</th><th class="n">frames</th><th class="n">errors</th><th>bitrate (kbit/frame)</th>
+<th>level</th><th>since</th></tr></thead><tbody></tbody></table></div>
+<p class="muted">Rates over the last 10 s; latency is the server's time per frame (decode + queue + task)
+over the last 60 frames; sparklines show those 60 frames.</p></section>
+<section><h2>Recently closed streams</h2><div class="scroll"><table id="closed"><thead><tr><th>client</th>
+<th>bundle</th><th>task</th><th>codec/level</th><th class="n">frames</th><th class="n">bytes</th>
+<th class="n">errors</th><th>closed</th></tr></thead><tbody></tbody></table></div></section>
+<section><h2>Bundles</h2><div class="scroll"><table id="bundles"><thead><tr><th>bundle</th><th>tasks</th>
+<th>classes</th><th>codecs and levels</th><th>table hash</th></tr></thead><tbody></tbody></table></div>
+</section>
+<section><h2>Recent frames</h2><div class="scroll"><table id="frames"><thead><tr><th>time</th><th>client</th>
+<th>frame</th><th>bundle</th><th>codec/level</th><th class="n">bytes</th><th class="n">bpp</th>
+<th class="n">boxes</th><th>detections</th><th class="n">decode</th><th class="n">queue</th>
+<th class="n">task</th><th class="n">total ms</th><th>status</th></tr></thead><tbody></tbody></table></div>
+</section>"""
+
+FRAME = """<section><h2>Latest frame <select id="stream"></select></h2>
+<p class="note">Pixels are not sent: the protocol carries features, not images, so boxes are drawn on a
+neutral canvas of the frame's size. A decoded preview arrives with a future generator.</p>
+<div class="frame-row"><svg id="frame" class="canvas" viewBox="0 0 640 360" role="img"
+aria-label="latest frame with its boxes"></svg><div id="frame-info" class="muted">no stream yet</div></div>
+</section>"""
+
+TRY = """<section><h2>Try it</h2>
+<form id="try-form"><label>image <input type="file" id="try-file" accept="image/*" required></label>
+<label>bundle <select id="try-bundle"></select></label> <label>codec <select id="try-codec"></select></label>
+<label>level <select id="try-level"></select></label> <button type="submit">Encode and analyse</button>
+</form>
+<p class="muted">The server codes the image with the edge's own encoder (the bundle's front and codec),
+decodes it and runs the task, and does the same at baseline 8 bits as the uncompressed reference.
+Nothing is stored.</p>
+<div id="try-error" class="err"></div>
+<div id="try-out" class="pair"></div></section>"""
+
+RATE = """<section><h2>Rate–accuracy <span class="muted" id="rate-source"></span></h2>
+<div class="chart-row"><svg id="rate" class="chart" viewBox="0 0 900 460" role="img"
+aria-label="AP50 against bits per pixel, per method"></svg><div id="rate-legend"></div></div>
+<p class="muted" id="rate-metric"></p></section>"""
+
+BODIES = {"live": ("Live", LIVE), "frame": ("Frame view", FRAME), "try": ("Try it", TRY),
+          "rate": ("Rate–accuracy", RATE)}
+
+
+def render(name: str) -> str:
+    title, body = BODIES[name]
+    return page(name, title, body)
+
+
+# -- rate–accuracy ---------------------------------------------------------------------------------
+
+
+def bench_curves(path: Path | None) -> dict[str, Any]:
+    """The curves of a bench JSON (``palettelink bench --json``): per method, (bpp, AP50) by bpp."""
+    path = path or REPO_BENCH
+    try:
+        report = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ServiceUnavailable(f"no bench results at {path} (run `palettelink bench`, or pass "
+                                 "--bench-json)") from None
+    except (OSError, ValueError) as e:
+        raise ServiceUnavailable(f"bench results at {path} unreadable: {e}") from None
+    curves: dict[str, dict[str, Any]] = {}
+    for r in report.get("rows", []):
+        if r.get("bpp") is None or r.get("ap50") is None or float(r["bpp"]) <= 0:
+            continue
+        c = curves.setdefault(r["method"], {"method": r["method"], "kind": r.get("kind", ""), "points": []})
+        c["points"].append({"bpp": float(r["bpp"]), "ap50": float(r["ap50"]),
+                            "label": str(r.get("label", ""))})
+    for c in curves.values():
+        c["points"].sort(key=lambda p: p["bpp"])
+    images = report.get("images")
+    return {"source": Path(path).name, "bundle": str(report.get("bundle", "")),
+            "metric": str(report.get("metric", "")),
+            "images": len(images) if isinstance(images, list) else images, "curves": list(curves.values())}
+
+
+# -- try it ----------------------------------------------------------------------------------------
+
+
+class TryIt:
+    """Codes uploads with the edge encoders of the server's bundles (built once per bundle and codec,
+    one encode at a time each) and answers them through the service."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self._lock = threading.Lock()
+        self._encoders: dict[tuple[str, str], tuple[Any, threading.Lock]] = {}
+
+    def _encoder(self, bundle: Any, codec: str) -> tuple[Any, threading.Lock]:
+        key = (bundle.id, codec)
+        with self._lock:
+            if key not in self._encoders:
+                self._encoders[key] = (codecs.make_encoder(bundle, codec), threading.Lock())
+            return self._encoders[key]
+
+    def _one(self, lb: Any, task: str, rgb: Any, codec: str, level: int) -> dict[str, Any]:
+        enc, lock = self._encoder(lb.bundle, codec)
+        if level not in enc.levels():
+            raise InvalidRequest(f"codec {codec} of bundle {lb.bundle.id} has levels {enc.levels()}, "
+                                 f"not {level}")
+        t0 = time.perf_counter()
+        with lock:
+            payload = enc.encode(rgb, level).payload
+        encode_ms = (time.perf_counter() - t0) * 1e3
+        r = self.service.analyze(lb.bundle.id, task, payload, client=TRY_CLIENT)
+        return {"codec": r.codec, "level": r.level, "bytes": r.payload_bytes, "bpp": r.bpp,
+                "encode_ms": encode_ms, "server_ms": r.timings.total_ms,
+                "boxes": [asdict(b) for b in r.output.boxes]}
+
+    def run(self, data: bytes, bundle: str, task: str, codec: str, level: int | None) -> dict[str, Any]:
+        lb = self.service.resolve(bundle)
+        offered = codecs.available(lb.bundle)
+        codec = codec or codecs.default_codec(lb.bundle)
+        if codec not in offered:
+            raise InvalidRequest(f"bundle {lb.bundle.id} offers codecs {offered}, not {codec!r}")
+        task = task or lb.bundle.task
+        if task not in lb.tasks:
+            raise InvalidRequest(f"bundle {lb.bundle.id} serves tasks {lb.tasks}, not {task!r}")
+        if not data:
+            raise InvalidRequest("empty upload: send the image file as the request body")
+        rgb = decode_image(data, "upload", self.service.max_pixels)
+        if level is None:
+            level = self._encoder(lb.bundle, codec)[0].levels()[0]
+        result = self._one(lb, task, rgb, codec, int(level))
+        ref_codec, ref_level = REFERENCE
+        if ref_codec in offered:
+            reference = self._one(lb, task, rgb, ref_codec, ref_level)
+        else:  # a bundle without the baseline codec: its finest level is the reference
+            reference = self._one(lb, task, rgb, codec, self._encoder(lb.bundle, codec)[0].levels()[0])
+        return {"bundle": lb.bundle.id, "task": task, "width": int(rgb.shape[1]), "height": int(rgb.shape[0]),
+                "image_bytes": len(data), "result": result, "reference": reference}

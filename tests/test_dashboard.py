@@ -1,0 +1,192 @@
+"""The dashboard's server side over a real uvicorn: pages and their local assets, per-stream stats over
+SSE, Try it (good uploads and every kind of bad one), the bench curves, offline /docs and the typed
+OpenAPI schema. The browser side is tests/test_dashboard_browser.py."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import struct
+import threading
+import zlib
+
+import grpc
+import httpx
+import pytest
+
+from palettelink.v1 import palettelink_pb2 as pb
+from palettelink.v1 import palettelink_pb2_grpc
+
+
+@pytest.fixture()
+def http(live_server):  # noqa: ANN001, ANN201
+    with httpx.Client(base_url=live_server.http_url, timeout=60) as c:
+        yield c
+
+
+def png(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG of ``width``×``height``: 9000² pixels compress to ~100 KB and would decode to
+    240 MB of BGR (an image bomb); refused from its header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z = zlib.compressobj(9)
+    row = b"\x00" + bytes((width + 7) // 8)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("path", ["/", "/frame", "/try", "/rate"])
+def test_pages_use_only_local_assets(http: httpx.Client, path: str) -> None:
+    page = http.get(path)
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    refs = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert refs and not [r for r in refs if "//" in r], refs  # nothing from another host
+    for ref in refs:
+        if ref.startswith("/static/"):
+            assert http.get(ref).status_code == 200, ref
+
+
+def test_open_stream_stats_over_sse(http: httpx.Client, live_server, coded_frames) -> None:  # noqa: ANN001
+    """A stream held open after 3 answered frames shows up with its rates, levels and last frame's boxes;
+    after it closes it is listed as closed."""
+    answered, release = threading.Semaphore(0), threading.Event()
+
+    def reqs():  # noqa: ANN202
+        yield pb.StreamRequest(header=pb.StreamHeader(bundle="fall-yolov8", client_id="dash-sse"))
+        for i in range(3):
+            yield pb.StreamRequest(frame=pb.Frame(frame_id=i + 1, payload=coded_frames["bus"]))
+        release.wait(30)
+
+    with grpc.insecure_channel(live_server.grpc_address) as ch:
+        stub = palettelink_pb2_grpc.PaletteLinkStub(ch)
+        call = stub.Stream(reqs(), timeout=60)
+        got = []
+
+        def read() -> None:
+            for r in call:
+                got.append(r)
+                answered.release()
+
+        t = threading.Thread(target=read, daemon=True)
+        t.start()
+        for _ in range(3):
+            assert answered.acquire(timeout=60)
+        with http.stream("GET", "/api/live") as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    data = json.loads(line[6:])
+                    break
+        (s,) = [s for s in data["open"] if s["client"] == "dash-sse"]
+        assert s["frames"] == 3 and s["codec"] == "baseline" and s["level"] == 4
+        assert s["fps"] > 0 and s["kbps"] > 0 and 0 < s["latency_p50_ms"] <= s["latency_p95_ms"]
+        assert len(s["series"]["kbit"]) == 3 and s["series"]["level"] == [4, 4, 4]
+        last = s["last"]
+        assert last["frame_id"] == 3 and (last["width"], last["height"]) == (810, 1080)
+        assert len(last["boxes"]) >= 3 and {"x1", "y2", "class_name", "score"} <= set(last["boxes"][0])
+        release.set()
+        t.join(30)
+    closed = http.get("/api/streams").json()["closed"]
+    assert any(c["id"] == s["id"] and c["closed"] for c in closed)
+
+
+def test_try_it(http: httpx.Client, images) -> None:  # noqa: ANN001
+    data = images[0].read_bytes()
+    r = http.post("/api/try", params={"bundle": "fall-yolov8", "codec": "baseline", "level": 3}, content=data)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["width"], body["height"]) == (810, 1080) and body["image_bytes"] == len(data)
+    res, ref = body["result"], body["reference"]
+    assert (res["codec"], res["level"]) == ("baseline", 3) and (ref["codec"], ref["level"]) == ("baseline", 8)
+    assert 0 < res["bytes"] < ref["bytes"] and res["bpp"] == pytest.approx(8 * res["bytes"] / (810 * 1080))
+    assert len(ref["boxes"]) >= 3 and res["boxes"]
+    frames = http.get("/api/frames", params={"limit": 2}).json()
+    assert {f["client"] for f in frames} == {"dashboard:try"}
+
+
+def test_try_it_default_codec_and_level(http: httpx.Client, images, bundle) -> None:  # noqa: ANN001
+    from palettelink import codecs
+
+    r = http.post("/api/try", content=images[1].read_bytes())
+    assert r.status_code == 200, r.text
+    assert r.json()["result"]["codec"] == codecs.default_codec(bundle)
+
+
+@pytest.mark.parametrize(("params", "content", "status", "needle"), [
+    ({}, b"definitely not an image", 400, "not an image"),
+    ({}, b"", 400, "empty upload"),
+    ({}, png(9000, 9000), 400, "9000x9000"),  # a bomb: more pixels than the server's limit
+    ({}, png(20000, 8), 400, "at most"),  # wider than a frame can carry
+    ({}, b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, 400, "not an image"),  # a broken header
+    ({"bundle": "nope"}, b"x", 404, "no bundle"),
+    ({"codec": "jpeg"}, b"x", 400, "not 'jpeg'"),
+    ({"codec": "baseline", "level": 1}, None, 400, "not 1"),
+    ({"level": -1}, b"x", 400, "level"),
+    ({"task": "segment"}, b"x", 400, "segment"),
+])
+def test_try_it_refuses_bad_input(http: httpx.Client, images, params, content,  # noqa: ANN001
+                                  status: int, needle: str) -> None:
+    r = http.post("/api/try", params=params, content=images[0].read_bytes() if content is None else content)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert needle in err["message"] and err["status"] and err["code"]
+    assert http.get("/healthz").status_code == 200  # the server keeps running
+
+
+def test_try_it_body_limit(http: httpx.Client) -> None:
+    r = http.post("/api/try", content=io.BytesIO(bytes((16 << 20) + 1)).read())
+    assert r.status_code == 413 and r.json()["error"]["status"] == "RESOURCE_EXHAUSTED"
+
+
+def test_bench_curves(http: httpx.Client) -> None:
+    body = http.get("/api/bench").json()
+    assert body["source"] == "bench-eval.json" and body["bundle"] == "fall-yolov8/1"
+    methods = {c["method"]: c["points"] for c in body["curves"]}
+    assert {"baseline", "palette", "jpeg"} <= set(methods)
+    for pts in methods.values():
+        assert [p["bpp"] for p in pts] == sorted(p["bpp"] for p in pts) and all(p["bpp"] > 0 for p in pts)
+
+
+def test_bench_json_flag(server_service, tmp_path) -> None:  # noqa: ANN001
+    from server.main import PaletteLinkServer, build_parser
+
+    assert build_parser().parse_args(["--bench-json", "x.json"]).bench_json.name == "x.json"
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"bundle": "b/1", "rows": [
+        {"method": "m", "bpp": 0.5, "ap50": 0.9}, {"method": "m", "bpp": 0.1, "ap50": 0.5}]}))
+    srv = PaletteLinkServer(server_service, bench_json=path)
+    srv.start()
+    try:
+        with httpx.Client(base_url=srv.http_url, timeout=30) as c:
+            (curve,) = c.get("/api/bench").json()["curves"]
+            assert [p["bpp"] for p in curve["points"]] == [0.1, 0.5]
+            path.unlink()
+            r = c.get("/api/bench")
+            assert r.status_code == 503 and "no bench results" in r.json()["error"]["message"]
+    finally:
+        srv.stop(grace=1.0, close_service=False)
+
+
+def test_docs_work_offline(http: httpx.Client) -> None:
+    page = http.get("/docs").text
+    refs = re.findall(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""", page)
+    assert "/swagger/swagger-ui-bundle.js" in refs and "/swagger/swagger-ui.css" in refs
+    assert not [r for r in refs if "//" in r], refs
+    for ref in ("/swagger/swagger-ui-bundle.js", "/swagger/swagger-ui.css"):
+        r = http.get(ref)
+        assert r.status_code == 200 and len(r.content) > 10_000
+
+
+def test_openapi_types_the_json_apis(http: httpx.Client) -> None:
+    spec = http.get("/openapi.json").json()
+    for path, model in [("/api/info", "InfoModel"), ("/api/streams", "StreamsModel"),
+                        ("/api/try", "TryModel"), ("/api/bench", "BenchModel")]:
+        op = spec["paths"][path].get("get") or spec["paths"][path]["post"]
+        schema = op["responses"]["200"]["content"]["application/json"]["schema"]
+        assert schema["$ref"].endswith(f"/{model}"), (path, schema)
+    frames = spec["paths"]["/api/frames"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert frames["items"]["$ref"].endswith("/FrameSummaryModel")
+    assert "StreamStatsModel" in spec["components"]["schemas"]
