@@ -26,12 +26,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-edge": ("palettelink.bench.edge_speed", "edge time per frame and an int8 front"),
     "info": ("palettelink.info", "show the bundles under a root and their codecs and levels"),
     "fuzz": ("palettelink.fuzz", "mutate real frames of every codec; decode in-process or via a server"),
+    "loadtest": ("palettelink.loadtest", "N concurrent streams against a server for a bounded time"),
 }
 
 # The pip extra a command needs beyond the core (checked before importing it, so an edge install gets
 # a one-line hint instead of a ModuleNotFoundError). Commands not listed need the core only.
 EXTRAS: dict[str, str] = {"build-bundle": "train", "train": "train", "bench": "train",
-                          "bench-stream": "train", "bench-edge": "train", "fuzz": "server"}
+                          "bench-stream": "train", "bench-edge": "train", "fuzz": "server",
+                          "loadtest": "edge"}
 
 
 def main(argv: list[str] | None = None) -> int:
