@@ -91,6 +91,8 @@ class Metrics:
         self.grpc_seconds = Histogram(p + "grpc_request_seconds", "gRPC call duration, by method (a Stream: "
                                       "its whole life)", ["method"], buckets=CALL_BUCKETS, registry=r)
         self.bundles_loaded = Gauge(p + "bundles_loaded", "Bundles loaded and serving", registry=r)
+        self.ready = Gauge(p + "ready", "1 while /readyz answers 200 (bundles loaded, not draining), else 0",
+                           registry=r)
 
     def set_bundles(self, bundle_ids: list[str]) -> None:
         """The build-info series, with the bundles now loaded (one series at a time)."""

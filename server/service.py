@@ -360,6 +360,7 @@ class Service:
         self.warmup = warmup
         self.verify = verify
         self.metrics = Metrics()
+        self.metrics.ready.set_function(lambda: float(self.ready and not self.draining))
         self.bundles: dict[str, LoadedBundle] = {}
         self.load_errors: dict[str, str] = {}
         self.started = time.time()

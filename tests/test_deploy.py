@@ -278,7 +278,7 @@ def test_server_has_a_pod_disruption_budget() -> None:
 
 
 # Custom resources that need their operator's CRD: no schema ships with Kubernetes.
-CRD_KINDS = {"ServiceMonitor"}
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 K8S_VERSION = "1.30"  # the oldest Kubernetes these manifests are meant for
 
 
