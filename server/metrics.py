@@ -74,8 +74,9 @@ class Metrics:
                                       "Frames waiting in their stream when one more arrives",
                                       buckets=(0, 1, 2, 4, 8, 16, 32), registry=r)
         self.refused = Counter(p + "frames_refused",
-                               "Frames refused by admission control (RESOURCE_EXHAUSTED), by the full queue: "
-                               "stream_queue or server_queue", ["reason"], registry=r)
+                               "Frames refused with RESOURCE_EXHAUSTED, by reason: server_queue (admission "
+                               "limit), latency (shedding), unary_calls (Analyze calls in flight)",
+                               ["reason"], registry=r)
         self.streams_refused = Counter(p + "streams_refused", "Stream calls refused by the stream limits",
                                        ["reason"], registry=r)
         self.streams_closed = Counter(p + "streams_closed_idle", "Streams closed by the server for idling: "
