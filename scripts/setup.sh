@@ -23,6 +23,7 @@ if command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
   [[ -d /usr/share/backgrounds/gnome ]] || missing+=(gnome-backgrounds)  # training images
   command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
   command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+  [[ -x /usr/bin/chromium && -x /usr/bin/chromedriver ]] || missing+=(chromium chromium-driver)  # browser test
   if ((${#missing[@]})); then
     say "apt-get install ${missing[*]}"
     if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >/dev/null; then

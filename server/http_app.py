@@ -44,12 +44,11 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
     app = FastAPI(title="PaletteLink server", version=__version__, docs_url=None, redoc_url=None)
     try_it = TryIt(service)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    try:  # Swagger UI's own files, served from the package (the default page loads them from a CDN)
-        from swagger_ui_bundle import swagger_ui_path
-        app.mount("/swagger", StaticFiles(directory=swagger_ui_path), name="swagger")
-        have_swagger = True
-    except ImportError:
-        have_swagger = False
+    # Swagger UI's own files, served from a package (FastAPI's default page loads them from a CDN).
+    # fastapi-offline ships Swagger UI 5, which renders OpenAPI 3.1 (swagger-ui-bundle's 4.15 does not).
+    swagger = _swagger_assets()
+    if swagger is not None:
+        app.mount("/swagger", StaticFiles(directory=swagger), name="swagger")
 
     async def _error(request: Request, exc: Exception) -> JSONResponse:
         status, body = http_status(exc, service.metrics)
@@ -198,18 +197,30 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
     @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
     def docs() -> HTMLResponse:
         """Swagger UI with its scripts and styles from this server (works offline)."""
-        if not have_swagger:
-            return HTMLResponse("<p>Swagger UI needs the package <code>swagger-ui-bundle</code> (pip install "
+        if swagger is None:
+            return HTMLResponse("<p>Swagger UI needs the package <code>fastapi-offline</code> (pip install "
                                 "'palettelink[server]'); the schema is at <a href=/openapi.json>/openapi.json"
                                 "</a>.</p>")
         return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json",
                                    title="PaletteLink server · API",
                                    swagger_js_url="/swagger/swagger-ui-bundle.js",
                                    swagger_css_url="/swagger/swagger-ui.css",
-                                   swagger_favicon_url="/swagger/favicon-32x32.png")
+                                   swagger_favicon_url="/swagger/favicon.png")
 
     app.state.service = service
     return app
+
+
+def _swagger_assets() -> Path | None:
+    """The folder of Swagger UI's scripts and styles in the installed ``fastapi-offline`` (found
+    without importing it), or ``None``."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("fastapi_offline")
+    if spec is None or not spec.origin:
+        return None
+    d = Path(spec.origin).parent / "static"
+    return d if (d / "swagger-ui-bundle.js").is_file() else None
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

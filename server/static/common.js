@@ -44,11 +44,13 @@ function drawBoxes(svg, width, height, boxes, {image = null, label = ""} = {}) {
   (boxes || []).forEach(b => {
     const c = COLORS[(b.class_id ?? 0) % COLORS.length];
     const w = Math.max(1, b.x2 - b.x1), h = Math.max(1, b.y2 - b.y1);
+    const lw = fs * 0.62 * (String(b.class_name).length + 5), lh = fs * 1.3;  // the label stays inside
+    const lx = Math.max(0, Math.min(b.x1, width - lw)), ly = b.y1 >= lh ? b.y1 - lh : b.y1;
     parts.push(`<g class="box"><rect x="${b.x1}" y="${b.y1}" width="${w}" height="${h}" fill="none" ` +
       `stroke="${c}" stroke-width="${Math.max(2, fs / 6)}"/>` +
-      `<rect x="${b.x1}" y="${Math.max(0, b.y1 - fs * 1.3)}" width="${fs * 0.62 * (esc(b.class_name).length + 5)}" ` +
-      `height="${fs * 1.3}" fill="${c}"/><text x="${b.x1 + fs * 0.2}" y="${Math.max(0, b.y1 - fs * 1.3) + fs}" ` +
-      `font-size="${fs}" fill="#fff">${esc(b.class_name)} ${num(b.score, 2)}</text></g>`);
+      `<rect x="${lx}" y="${ly}" width="${lw}" height="${lh}" fill="${c}"/>` +
+      `<text x="${lx + fs * 0.2}" y="${ly + fs}" font-size="${fs}" fill="#fff">` +
+      `${esc(b.class_name)} ${num(b.score, 2)}</text></g>`);
   });
   svg.innerHTML = parts.join("");
 }

@@ -1,0 +1,192 @@
+"""The dashboard in a real headless Chromium (Debian's ``chromium`` + ``chromium-driver``, driven by
+Selenium with the driver path given, so Selenium Manager downloads nothing).
+
+Streams frames coded by the edge encoder into the live server over gRPC, holds the stream open, and
+checks what the scripts render on each page at 1400 px: the stream row with its sparklines (Live), the
+boxes over the frame canvas (Frame view), the result of an upload (Try it), the curves (Rate–accuracy),
+and Swagger UI's operations (/docs, from local assets). Screenshots go to ``$PALETTELINK_ARTIFACTS``
+(default ``test-artifacts/`` in the repository, ignored by git).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+
+from palettelink.v1 import palettelink_pb2 as pb
+from palettelink.v1 import palettelink_pb2_grpc
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+REPO = Path(__file__).resolve().parents[1]
+WIDTH = 1400
+CLIENT = "browser-test"
+
+pytestmark = pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+                                reason="needs /usr/bin/chromium and /usr/bin/chromedriver "
+                                       "(apt-get install chromium chromium-driver; scripts/setup.sh tries)")
+
+
+@pytest.fixture(scope="module")
+def artifacts() -> Path:
+    d = Path(os.environ.get("PALETTELINK_ARTIFACTS") or REPO / "test-artifacts") / "dashboard"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - a selenium WebDriver
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service as ChromeService
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # belt and braces: Selenium Manager must not fetch
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync",
+                 f"--window-size={WIDTH},1000", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=ChromeService(executable_path=str(CHROMEDRIVER)), options=opts)
+    driver.set_page_load_timeout(20)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def open_stream(live_server, bundle, images):  # noqa: ANN001, ANN201
+    """A gRPC stream of 6 frames (baseline at levels 3..8, coded by the edge encoder) held open until
+    the module's tests are done."""
+    from palettelink.codecs import make_encoder
+    from palettelink.image import load_image
+
+    enc = make_encoder(bundle, "baseline")
+    analysis = enc.analyse(load_image(images[0]))
+    payloads = [enc.encode_analysis(analysis, lv).payload for lv in (3, 4, 5, 6, 7, 8)]
+    answered, release = threading.Semaphore(0), threading.Event()
+
+    def reqs():  # noqa: ANN202
+        yield pb.StreamRequest(header=pb.StreamHeader(bundle="fall-yolov8", client_id=CLIENT))
+        for i, p in enumerate(payloads):
+            yield pb.StreamRequest(frame=pb.Frame(frame_id=i + 1, payload=p))
+        release.wait(120)
+
+    with grpc.insecure_channel(live_server.grpc_address) as ch:
+        call = palettelink_pb2_grpc.PaletteLinkStub(ch).Stream(reqs(), timeout=180)
+
+        def read() -> None:
+            for r in call:
+                assert not r.result.HasField("error"), r.result.error
+                answered.release()
+
+        t = threading.Thread(target=read, daemon=True)
+        t.start()
+        for _ in payloads:
+            assert answered.acquire(timeout=60)
+        yield live_server
+        release.set()
+        t.join(30)
+
+
+def wait_for(driver, css: str, timeout: float = 15.0, count: int = 1):  # noqa: ANN001, ANN201
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(
+        lambda d: (els := d.find_elements(By.CSS_SELECTOR, css)) and len(els) >= count and els)
+
+
+def fits(driver) -> None:  # noqa: ANN001
+    """Nothing wider than the window: no page scroll sideways, every table inside its box."""
+    page_w = driver.execute_script("return document.documentElement.scrollWidth")
+    assert page_w <= WIDTH, f"page is {page_w} px wide at {WIDTH} px"
+    over = driver.execute_script(
+        "return [...document.querySelectorAll('.scroll')].filter(e => e.scrollWidth > e.clientWidth + 1)"
+        ".map(e => e.querySelector('table').id + ': ' + e.scrollWidth + ' > ' + e.clientWidth)")
+    assert not over, over
+
+
+def shot(driver, artifacts: Path, name: str) -> None:  # noqa: ANN001
+    driver.save_screenshot(str(artifacts / f"{name}.png"))
+    assert (artifacts / f"{name}.png").stat().st_size > 5000
+
+
+def test_live_page(browser, open_stream, artifacts: Path) -> None:  # noqa: ANN001
+    browser.get(open_stream.http_url + "/")
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    tr = WebDriverWait(browser, 15).until(lambda d: next(
+        (r for r in d.find_elements("css selector", "#streams tbody tr") if CLIENT in r.text), None))
+    assert "baseline/8" in tr.text and "fall-yolov8/1" in tr.text
+    for cls in ("kbit", "level"):
+        d = tr.find_element("css selector", f"svg.{cls} path").get_attribute("d")
+        assert d.count("L") + d.count("V") >= 5, (cls, d)  # 6 frames drawn
+    wait_for(browser, "#frames tbody tr td.n")  # recent frames filled by its poll
+    wait_for(browser, "#bundles tbody tr code")
+    fits(browser)
+    shot(browser, artifacts, "live")
+
+
+def test_frame_view(browser, open_stream, artifacts: Path) -> None:  # noqa: ANN001
+    browser.get(open_stream.http_url + "/frame")
+    boxes = wait_for(browser, "#frame g.box", count=3)
+    assert all(b.find_element("css selector", "text").text.split()[-1].startswith("0.") for b in boxes)
+    assert browser.find_element("css selector", "#frame").get_dom_attribute("viewBox") == "0 0 810 1080"
+    assert "Pixels are not sent" in browser.find_element("css selector", ".note").text
+    assert CLIENT in browser.find_element("css selector", "#stream").text
+    fits(browser)
+    shot(browser, artifacts, "frame")
+
+
+def test_try_it(browser, live_server, images, artifacts: Path) -> None:  # noqa: ANN001
+    from selenium.webdriver.support.ui import Select
+
+    browser.get(live_server.http_url + "/try")
+    wait_for(browser, "#try-level option")
+    Select(browser.find_element("css selector", "#try-codec")).select_by_visible_text("baseline")
+    Select(browser.find_element("css selector", "#try-level")).select_by_value("3")
+    browser.find_element("css selector", "#try-file").send_keys(str(images[0]))
+    browser.find_element("css selector", "#try-form button").click()
+    wait_for(browser, "#try-out[data-done] figure", timeout=60, count=2)
+    coded, ref = browser.find_elements("css selector", "#try-out figure")
+    assert "baseline/3" in coded.text and "baseline/8" in ref.text
+    assert int(coded.find_element("css selector", ".bytes").text) < int(ref.find_element("css selector",
+                                                                                          ".bytes").text)
+    assert ref.find_elements("css selector", "g.box") and ref.find_elements("css selector", "image")
+    assert browser.find_element("css selector", "#try-error").text == ""
+    fits(browser)
+    shot(browser, artifacts, "try")
+    # a file that is not an image: the page shows the server's error, the server keeps answering
+    bad = artifacts / "not-an-image.png"
+    bad.write_bytes(b"not an image at all")
+    browser.find_element("css selector", "#try-file").send_keys(str(bad))
+    browser.find_element("css selector", "#try-form button").click()
+    err = wait_for(browser, "#try-error")[0]
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 30).until(lambda d: "not an image" in err.text)
+    assert "INVALID_ARGUMENT" in err.text
+    bad.unlink()
+
+
+def test_rate_accuracy(browser, live_server, artifacts: Path) -> None:  # noqa: ANN001
+    browser.get(live_server.http_url + "/rate")
+    curves = wait_for(browser, "#rate path.curve", count=3)
+    methods = {c.get_attribute("data-method") for c in curves}
+    assert {"baseline", "palette", "jpeg"} <= methods
+    assert all(len(c.get_attribute("d")) > 10 for c in curves)
+    assert "bench-eval.json" in browser.find_element("css selector", "#rate-source").text
+    fits(browser)
+    shot(browser, artifacts, "rate")
+
+
+def test_docs_offline(browser, live_server, artifacts: Path) -> None:  # noqa: ANN001
+    browser.get(live_server.http_url + "/docs")
+    ops = wait_for(browser, ".swagger-ui .opblock", count=5)
+    assert any("/api/try" in o.text for o in ops)
+    urls = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert urls and all(u.startswith(live_server.http_url) for u in urls), urls
+    shot(browser, artifacts, "docs")
