@@ -309,3 +309,40 @@ def test_rules_are_loaded_by_compose_kustomize_and_the_operator() -> None:
     assert rule["kind"] == "PrometheusRule" and rule["metadata"]["namespace"] == "palettelink"
     assert rule["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"], \
         "deploy/k8s/prometheusrule.yaml must hold the groups of deploy/prometheus/alerts.yml"
+
+
+def test_grpc_calls_refused_by_auth_or_unknown_are_counted(server_service) -> None:  # noqa: ANN001
+    """The metrics interceptor runs before the auth interceptor: a call without a token counts as
+    UNAUTHENTICATED, a method this server lacks as ``unknown``, open health checks as OK."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from palettelink.v1 import palettelink_pb2_grpc
+    from server.auth import TokenAuth
+    from server.grpc_service import GrpcServer
+
+    def now(name: str, **labels: str) -> float:
+        return value(server_service.metrics.render().decode(), name, **labels)
+
+    calls = "palettelink_grpc_requests_total"
+    info, check = "palettelink.v1.PaletteLink/GetInfo", "grpc.health.v1.Health/Check"
+    before = {"denied": now(calls, method=info, code="UNAUTHENTICATED"),
+              "unknown": now(calls, method="unknown", code="UNIMPLEMENTED"),
+              "health": now(calls, method=check, code="OK")}
+    srv = GrpcServer(server_service, auth=TokenAuth({"s3cret": "cam-1"}))
+    srv.start()
+    srv.set_serving(True)
+    try:
+        with grpc.insecure_channel(srv.address) as ch:
+            with pytest.raises(grpc.RpcError) as e:
+                palettelink_pb2_grpc.PaletteLinkStub(ch).GetInfo(pb.GetInfoRequest(), timeout=10)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as e:
+                ch.unary_unary("/palettelink.v1.PaletteLink/NoSuchMethod")(b"", timeout=10)
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    finally:
+        srv.stop(grace=1.0)
+    assert now(calls, method=info, code="UNAUTHENTICATED") == before["denied"] + 1
+    assert now(calls, method="unknown", code="UNIMPLEMENTED") == before["unknown"] + 1
+    assert now(calls, method=check, code="OK") == before["health"] + 1
