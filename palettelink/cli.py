@@ -27,13 +27,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("palettelink.info", "show the bundles under a root and their codecs and levels"),
     "fuzz": ("palettelink.fuzz", "mutate real frames of every codec; decode in-process or via a server"),
     "loadtest": ("palettelink.loadtest", "N concurrent streams against a server for a bounded time"),
+    "bench-serve": ("palettelink.bench.serve", "serving throughput (decode + task) at batch 1 and batched"),
 }
 
 # The pip extra a command needs beyond the core (checked before importing it, so an edge install gets
 # a one-line hint instead of a ModuleNotFoundError). Commands not listed need the core only.
 EXTRAS: dict[str, str] = {"build-bundle": "train", "train": "train", "bench": "train",
                           "bench-stream": "train", "bench-edge": "train", "fuzz": "server",
-                          "loadtest": "edge"}
+                          "loadtest": "edge", "bench-serve": "train"}
 
 
 def main(argv: list[str] | None = None) -> int:
