@@ -179,3 +179,75 @@ class BenchModel(_Open):
     metric: str = ""
     images: int | None = None
     curves: list[BenchCurveModel]
+
+
+class MaskModel(_Open):
+    width: int
+    height: int
+    counts: list[int]
+    class_id: int = 0
+    score: float = 0.0
+
+
+class LandmarksModel(_Open):
+    points: list[list[float]]
+    scheme: str = ""
+    score: float = 0.0
+
+
+class TaskOutputModel(_Open):
+    boxes: list[BoxModel]
+    masks: list[MaskModel] = []
+    landmarks: list[LandmarksModel] = []
+    preview_jpeg: int = 0  # its size in bytes (the bytes themselves are not in JSON)
+
+
+class TimingsModel(_Open):
+    decode_ms: float
+    task_ms: float
+    queue_ms: float
+    total_ms: float
+
+
+class AnalyzeModel(_Open):
+    """``/api/analyze``: one frame's results, as the gRPC ``FrameResult``."""
+
+    frame_id: int
+    bundle: str
+    task: str
+    codec: str
+    level: int
+    payload_bytes: int
+    bpp: float
+    truncated: bool
+    image_width: int
+    image_height: int
+    output: TaskOutputModel
+    timings: TimingsModel
+    batch_size: int = 1
+
+
+class BundleRefModel(_Open):
+    id: str
+    name: str
+    version: str
+    table_hash: str
+    edge: str
+
+
+class BundlesModel(_Open):
+    bundles: list[BundleRefModel]
+
+
+class EdgeFileModel(_Open):
+    path: str
+    sha256: str
+    size: int | None = None
+
+
+class EdgeListingModel(_Open):
+    id: str
+    name: str
+    version: str
+    table_hash: str
+    files: list[EdgeFileModel]

@@ -141,7 +141,7 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
         ``docs/results/bench-eval.json``): per method, (bpp, AP50) points by bpp."""
         return bench_curves(bench_json)
 
-    @app.post("/api/analyze")
+    @app.post("/api/analyze", response_model=m.AnalyzeModel)
     async def analyze(request: Request, bundle: str = "", task: str = "", want_preview: bool = False,
                       frame_id: int = 0) -> dict[str, Any]:
         """Body: one coded frame (``application/octet-stream``). Same checks and results as the
@@ -152,7 +152,7 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
                                          frame_id=frame_id, client=client)
         return result.to_dict()
 
-    @app.get("/api/bundles")
+    @app.get("/api/bundles", response_model=m.BundlesModel)
     def bundles(request: Request) -> dict[str, Any]:
         """The bundles this server serves, each with the path of its edge part's listing."""
         auth.client_for(request.headers.get("authorization"))
@@ -164,7 +164,7 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
              "edge": f"/api/bundles/{lb.bundle.name}/{lb.bundle.version}/edge"}
             for lb in service.bundles.values()]}
 
-    @app.get("/api/bundles/{name}/{version}/edge")
+    @app.get("/api/bundles/{name}/{version}/edge", response_model=m.EdgeListingModel)
     def bundle_edge(name: str, version: str, request: Request) -> dict[str, Any]:
         """The edge part of one bundle: ``manifest.json`` and the edge side's files, each with its
         sha256 and size. Unknown bundle or version: 404."""

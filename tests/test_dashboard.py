@@ -183,7 +183,9 @@ def test_docs_work_offline(http: httpx.Client) -> None:
 def test_openapi_types_the_json_apis(http: httpx.Client) -> None:
     spec = http.get("/openapi.json").json()
     for path, model in [("/api/info", "InfoModel"), ("/api/streams", "StreamsModel"),
-                        ("/api/try", "TryModel"), ("/api/bench", "BenchModel")]:
+                        ("/api/try", "TryModel"), ("/api/bench", "BenchModel"),
+                        ("/api/analyze", "AnalyzeModel"), ("/api/bundles", "BundlesModel"),
+                        ("/api/bundles/{name}/{version}/edge", "EdgeListingModel")]:
         op = spec["paths"][path].get("get") or spec["paths"][path]["post"]
         schema = op["responses"]["200"]["content"]["application/json"]["schema"]
         assert schema["$ref"].endswith(f"/{model}"), (path, schema)
