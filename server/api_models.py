@@ -146,6 +146,8 @@ class TryResultModel(_Open):
     bpp: float
     encode_ms: float
     server_ms: float
+    target_bpp: float | None = None
+    warning: str | None = None  # the target was below the coarsest level
     boxes: list[BoxModel]
 
 

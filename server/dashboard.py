@@ -20,6 +20,7 @@ from typing import Any
 from palettelink import codecs
 from palettelink.errors import InvalidRequest, ServiceUnavailable
 from palettelink.image import decode_image
+from palettelink.ratecontrol import FixedLevel, LevelCoder, TargetBpp
 from server import __version__
 from server.service import Service
 
@@ -80,7 +81,10 @@ aria-label="latest frame with its boxes"></svg><div id="frame-info" class="muted
 TRY = """<section><h2>Try it</h2>
 <form id="try-form"><label>image <input type="file" id="try-file" accept="image/*" required></label>
 <label>bundle <select id="try-bundle"></select></label> <label>codec <select id="try-codec"></select></label>
-<label>level <select id="try-level"></select></label> <button type="submit">Encode and analyse</button>
+<label>level <select id="try-level"></select></label>
+<label>or target bpp <input type="number" id="try-bpp" min="0.001" step="any" placeholder="level"
+size="6"></label>
+<button type="submit">Encode and analyse</button>
 </form>
 <p class="muted">The server codes the image with the edge's own encoder (the bundle's front and codec),
 decodes it and runs the task, and does the same at baseline 8 bits as the uncompressed reference.
@@ -149,21 +153,30 @@ class TryIt:
                 self._encoders[key] = (codecs.make_encoder(bundle, codec), threading.Lock())
             return self._encoders[key]
 
-    def _one(self, lb: Any, task: str, rgb: Any, codec: str, level: int) -> dict[str, Any]:
+    def _one(self, lb: Any, task: str, rgb: Any, codec: str, level: int | None,
+             target_bpp: float | None = None) -> dict[str, Any]:
+        """Code ``rgb`` at ``level``, or at the finest level within ``target_bpp`` (the edge's own rate
+        control, :class:`~palettelink.ratecontrol.LevelCoder`), and answer it through the service."""
         enc, lock = self._encoder(lb.bundle, codec)
-        if level not in enc.levels():
+        if target_bpp is None and level not in enc.levels():
             raise InvalidRequest(f"codec {codec} of bundle {lb.bundle.id} has levels {enc.levels()}, "
                                  f"not {level}")
+        control = TargetBpp(target_bpp) if target_bpp is not None else FixedLevel(int(level or 0))
+        coder = LevelCoder(enc, control)
         t0 = time.perf_counter()
         with lock:
-            payload = enc.encode(rgb, level).payload
+            coded = coder.encode(rgb)
         encode_ms = (time.perf_counter() - t0) * 1e3
-        r = self.service.analyze(lb.bundle.id, task, payload, client=TRY_CLIENT)
+        r = self.service.analyze(lb.bundle.id, task, coded.encoded.payload, client=TRY_CLIENT)
         return {"codec": r.codec, "level": r.level, "bytes": r.payload_bytes, "bpp": r.bpp,
-                "encode_ms": encode_ms, "server_ms": r.timings.total_ms,
+                "encode_ms": encode_ms, "server_ms": r.timings.total_ms, "target_bpp": target_bpp,
+                "warning": coded.choice.warning if coded.choice else None,
                 "boxes": [asdict(b) for b in r.output.boxes]}
 
-    def run(self, data: bytes, bundle: str, task: str, codec: str, level: int | None) -> dict[str, Any]:
+    def run(self, data: bytes, bundle: str, task: str, codec: str, level: int | None,
+            target_bpp: float | None = None) -> dict[str, Any]:
+        if level is not None and target_bpp is not None:
+            raise InvalidRequest("give a level or a target bpp, not both")
         lb = self.service.resolve(bundle)
         offered = codecs.available(lb.bundle)
         codec = codec or codecs.default_codec(lb.bundle)
@@ -175,9 +188,9 @@ class TryIt:
         if not data:
             raise InvalidRequest("empty upload: send the image file as the request body")
         rgb = decode_image(data, "upload", self.service.max_pixels)
-        if level is None:
+        if level is None and target_bpp is None:
             level = self._encoder(lb.bundle, codec)[0].levels()[0]
-        result = self._one(lb, task, rgb, codec, int(level))
+        result = self._one(lb, task, rgb, codec, level, target_bpp)
         ref_codec, ref_level = REFERENCE
         if ref_codec in offered:
             reference = self._one(lb, task, rgb, ref_codec, ref_level)

@@ -126,14 +126,16 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
     async def try_image(request: Request, bundle: str = "", task: str = "", codec: str = "",
-                        level: int | None = Query(None, ge=0, le=255)) -> dict[str, Any]:
+                        level: int | None = Query(None, ge=0, le=255),
+                        target_bpp: float | None = Query(None, gt=0, le=1000)) -> dict[str, Any]:
         """Body: an image file (PNG, JPEG, BMP, WebP, TIFF). The server codes it with the edge's encoder
-        (``codec`` at ``level``; default the bundle's codec at its finest level), decodes it and runs the
+        (``codec`` at ``level``, or at the finest level within ``target_bpp``; default the bundle's codec at
+        its finest level), decodes it and runs the
         task, and the same at baseline 8 bits as the reference. Nothing is written to disk; not an
         image, too many pixels (checked from the header), unknown bundle, codec or level: 4xx."""
         auth.client_for(request.headers.get("authorization"))
         data = await _read_body(request, max_body_bytes)
-        return await run_in_threadpool(try_it.run, data, bundle, task, codec, level)
+        return await run_in_threadpool(try_it.run, data, bundle, task, codec, level, target_bpp)
 
     @app.get("/api/bench", response_model=m.BenchModel)
     def bench() -> dict[str, Any]:

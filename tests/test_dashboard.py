@@ -115,6 +115,15 @@ def test_try_it_default_codec_and_level(http: httpx.Client, images, bundle) -> N
     assert r.json()["result"]["codec"] == codecs.default_codec(bundle)
 
 
+def test_try_it_target_bpp(http: httpx.Client, images) -> None:  # noqa: ANN001
+    """The edge's rate control picks the finest level within the target; below the coarsest, a warning."""
+    data = images[0].read_bytes()
+    r = http.post("/api/try", params={"codec": "baseline", "target_bpp": 5.0}, content=data).json()["result"]
+    assert r["level"] == 4 and r["bpp"] <= 5.0 and r["target_bpp"] == 5.0 and r["warning"] is None
+    r = http.post("/api/try", params={"codec": "baseline", "target_bpp": 0.01}, content=data).json()["result"]
+    assert r["level"] == 2 and "below the coarsest level" in r["warning"]
+
+
 @pytest.mark.parametrize(("params", "content", "status", "needle"), [
     ({}, b"definitely not an image", 400, "not an image"),
     ({}, b"", 400, "empty upload"),
@@ -126,6 +135,8 @@ def test_try_it_default_codec_and_level(http: httpx.Client, images, bundle) -> N
     ({"codec": "baseline", "level": 1}, None, 400, "not 1"),
     ({"level": -1}, b"x", 400, "level"),
     ({"task": "segment"}, b"x", 400, "segment"),
+    ({"level": 3, "target_bpp": 1}, b"x", 400, "not both"),
+    ({"target_bpp": 0}, b"x", 400, "target_bpp"),
 ])
 def test_try_it_refuses_bad_input(http: httpx.Client, images, params, content,  # noqa: ANN001
                                   status: int, needle: str) -> None:

@@ -27,7 +27,9 @@ function figure(title, r, w, h, url) {
   const fig = document.createElement("figure");
   fig.innerHTML = `<figcaption><b>${esc(title)}</b>: ${esc(r.codec)}/${esc(r.level)} · ` +
     `<span class="bytes">${r.bytes}</span> B · <span class="bpp">${num(r.bpp, 3)}</span> bpp · ` +
-    `${r.boxes.length} box(es) · encode ${num(r.encode_ms)} ms, server ${num(r.server_ms)} ms</figcaption>`;
+    `${r.boxes.length} box(es) · encode ${num(r.encode_ms)} ms, server ${num(r.server_ms)} ms` +
+    (r.target_bpp ? ` · target ${r.target_bpp} bpp` : "") +
+    (r.warning ? `<br><span class="err">${esc(r.warning)}</span>` : "") + "</figcaption>";
   const svg = document.createElementNS(SVG, "svg");
   fig.appendChild(svg);
   drawBoxes(svg, w, h, r.boxes, {image: url});
@@ -40,8 +42,8 @@ $("try-form").onsubmit = async ev => {
   if (!file) return;
   $("try-error").textContent = "";
   $("try-out").innerHTML = '<span class="muted">coding…</span>';
-  const q = new URLSearchParams({bundle: $("try-bundle").value, codec: $("try-codec").value,
-                                 level: $("try-level").value});
+  const q = new URLSearchParams({bundle: $("try-bundle").value, codec: $("try-codec").value});
+  if ($("try-bpp").value) q.set("target_bpp", $("try-bpp").value); else q.set("level", $("try-level").value);
   try {
     const r = await getJSON(`/api/try?${q}`, {method: "POST", body: file,
                                               headers: {"content-type": "application/octet-stream"}});
