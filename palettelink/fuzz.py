@@ -269,6 +269,7 @@ class Mutator:
         return r
 
     def _field_extreme(self, rng: random.Random, s: Seed) -> bytes:
+        """The new header before the original layers and CRCs (half the cases), else re-checksummed."""
         r = self._extreme(rng, s)
         out = r.pack()
         # raw: keep the original layer bytes and CRCs after the new header
