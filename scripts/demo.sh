@@ -68,15 +68,15 @@ for bits in 8 6 4; do
     "${samples[@]}"
 done
 if has_palette; then
-  for level in 0 3 6; do
+  for level in 0 2 5; do
     echo
     echo "== palette codec, level $level (0 = finest) =="
     palettelink-edge --server "$grpc" --bundle "$BUNDLE" --bundles "$ROOT" --codec palette --level "$level" \
       "${samples[@]}"
   done
   echo
-  echo "== palette codec, rate control: --target-bpp 0.02 (finest level within the budget) =="
-  palettelink-edge --server "$grpc" --bundle "$BUNDLE" --bundles "$ROOT" --codec palette --target-bpp 0.02 \
+  echo "== palette codec, rate control: --target-bpp 0.03 (finest level within the budget) =="
+  palettelink-edge --server "$grpc" --bundle "$BUNDLE" --bundles "$ROOT" --codec palette --target-bpp 0.03 \
     "${samples[@]}"
 fi
 echo
