@@ -68,7 +68,7 @@ for bits in 8 6 4; do
     "${samples[@]}"
 done
 if has_palette; then
-  for level in 0 2 5; do
+  for level in 0 2 4; do
     echo
     echo "== palette codec, level $level (0 = finest) =="
     palettelink-edge --server "$grpc" --bundle "$BUNDLE" --bundles "$ROOT" --codec palette --level "$level" \
