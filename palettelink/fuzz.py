@@ -103,16 +103,8 @@ class Raw:
 
 
 def _uvarint(n: int) -> bytes:
-    n = max(0, n)
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
+    """The container's varint (one implementation, in bitstream); mutated lengths may go negative."""
+    return bitstream._uvarint(max(0, n))
 
 
 def _spans(payload: bytes) -> tuple[int, list[tuple[int, int]]]:
