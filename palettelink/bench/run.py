@@ -195,17 +195,20 @@ class Runner:
         return [row.summary(self.references, names, self.ref_conf) for row in self.rows.values()]
 
 
+def _curve(rows: list[dict[str, Any]], method: str, key: str) -> tuple[list[float], list[float]]:
+    """(bpp, accuracy) points of ``method`` in ``rows``, NaN accuracies left out."""
+    pts = [(r["bpp"], r[key]) for r in rows if r["method"] == method and r[key] == r[key]]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
 def bd_rates_between(rows: list[dict[str, Any]], other: list[dict[str, Any]],
                      key: str = "ap50") -> dict[str, float | None]:
     """BD-rate (%) of each method of ``rows`` against the same method in ``other`` (another run)."""
     from palettelink.bench.bdrate import bd_rate
 
-    def curve(rs: list[dict[str, Any]], method: str) -> tuple[list[float], list[float]]:
-        pts = [(r["bpp"], r[key]) for r in rs if r["method"] == method and r[key] == r[key]]
-        return [p[0] for p in pts], [p[1] for p in pts]
-
     common = [m for m in dict.fromkeys(r["method"] for r in rows) if any(o["method"] == m for o in other)]
-    return {m: bd_rate(*curve(other, m), *curve(rows, m)) for m in common if len(curve(rows, m)[0]) >= 2}
+    return {m: bd_rate(*_curve(other, m, key), *_curve(rows, m, key)) for m in common
+            if len(_curve(rows, m, key)[0]) >= 2}
 
 
 def bd_rates(rows: list[dict[str, Any]], anchor: str = "jpeg", key: str = "ap50") -> dict[str, float | None]:
@@ -214,8 +217,7 @@ def bd_rates(rows: list[dict[str, Any]], anchor: str = "jpeg", key: str = "ap50"
     from palettelink.bench.bdrate import bd_rate
 
     def curve(method: str) -> tuple[list[float], list[float]]:
-        pts = [(r["bpp"], r[key]) for r in rows if r["method"] == method and r[key] == r[key]]
-        return [p[0] for p in pts], [p[1] for p in pts]
+        return _curve(rows, method, key)
 
     methods = list(dict.fromkeys(r["method"] for r in rows))
     if anchor not in methods:
