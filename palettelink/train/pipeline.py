@@ -408,6 +408,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiny", action="store_true", help="smoke run: seconds, not minutes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", help="warm-start the bottleneck from this trained assets folder")
+    p.add_argument("--image-codec", action="store_true",
+                   help="train the image bundle's codec (pixel autoencoder + palette) instead of a "
+                        "bundle's feature codec; --out defaults to assets/codecs/image-512")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -418,6 +421,17 @@ def run(args: argparse.Namespace) -> int:
                       bottleneck_minutes=minutes, finetune_minutes=ft,
                       max_images=args.max_images, seed=args.seed, tiny=args.tiny, init=args.init,
                       video_every=args.every, video_span=args.span)
+    if args.image_codec:
+        from palettelink.train import data
+        from palettelink.train.image_codec import train_image_codec
+
+        items = data.training_images(args.images, max_images=4 if args.tiny else args.max_images,
+                                     every=args.every, span=args.span)
+        out = train_image_codec(items, Path(args.work or ".cache/palettelink-image"),
+                                Path(args.out or "assets/codecs/image-512"), minutes=minutes,
+                                finetune_minutes=ft, groups=args.groups, k0=args.k0, tiny=args.tiny)
+        print(f"image codec assets written to {out}; install with: palettelink build-bundle --image")
+        return 0
     if args.adapt:
         dest = adapt(args.adapt, args.images, Path(args.work) if args.work else None, cfg, args.bundles,
                      args.bundle_out)

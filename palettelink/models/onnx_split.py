@@ -1,0 +1,184 @@
+"""Split any ONNX graph in two: the front (edge) ends at named cut tensors; every tensor the rest of
+the graph reads from the front crosses, skips included.
+
+The graph is data, as ultralytics' layer list is: a node belongs to the front when a cut tensor
+depends on it; the crossing tensors are the front's outputs that tail nodes read. Both halves are cut
+out with ``onnx.utils.extract_model`` (no model-specific code) and checked: front + tail == whole on
+sample inputs. ``cut="auto"`` picks the point "after the backbone": of the cuts in the second half of
+the graph (by node order), the one whose crossing tensors hold the fewest floats.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from palettelink.errors import BundleError
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class Crossing:
+    name: str
+    shape: tuple[int, ...]  # without the batch axis
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    cut: tuple[str, ...]
+    crossing: tuple[Crossing, ...]
+    input_name: str
+    outputs: tuple[str, ...]
+    front_nodes: int
+    tail_nodes: int
+
+    @property
+    def floats(self) -> int:
+        return sum(c.size for c in self.crossing)
+
+
+def _load(model: str | Path | Any) -> Any:
+    import onnx
+
+    m = onnx.load(str(model)) if isinstance(model, str | Path) else model
+    return onnx.shape_inference.infer_shapes(m)
+
+
+def _shapes(m: Any) -> dict[str, tuple[int, ...]]:
+    out: dict[str, tuple[int, ...]] = {}
+    for vi in [*m.graph.value_info, *m.graph.input, *m.graph.output]:
+        dims = vi.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            out[vi.name] = tuple(int(d.dim_value) for d in dims)
+    return out
+
+
+def _producers(m: Any) -> dict[str, int]:
+    return {o: i for i, n in enumerate(m.graph.node) for o in n.output if o}
+
+
+def _inputs_of(m: Any) -> list[str]:
+    inits = {t.name for t in m.graph.initializer}
+    return [i.name for i in m.graph.input if i.name not in inits]
+
+
+def candidate_tensors(model: str | Path | Any, limit: int = 40) -> list[str]:
+    """Names of 4-D activations, in node order (what an error message offers as cut points)."""
+    m = _load(model)
+    shapes = _shapes(m)
+    names = [o for n in m.graph.node for o in n.output if len(shapes.get(o, ())) == 4]
+    if len(names) <= limit:
+        return names
+    step = len(names) / limit
+    return [names[int(i * step)] for i in range(limit)]
+
+
+def _plan(m: Any, cut: Sequence[str]) -> SplitPlan:
+    prod = _producers(m)
+    shapes = _shapes(m)
+    inputs = _inputs_of(m)
+    if len(inputs) != 1:
+        raise BundleError(f"the model has {len(inputs)} inputs {inputs}; a split model takes one image")
+    missing = [c for c in cut if c not in prod]
+    if missing:
+        raise BundleError(f"cut tensor(s) {missing} are not produced by any node of the model; "
+                          f"candidates: {', '.join(candidate_tensors(m, 25))}")
+    front: set[int] = set()
+    stack = [prod[c] for c in cut]
+    while stack:
+        i = stack.pop()
+        if i in front:
+            continue
+        front.add(i)
+        stack.extend(prod[t] for t in m.graph.node[i].input if t in prod)
+    front_out = {o for i in front for o in m.graph.node[i].output}
+    graph_outs = [o.name for o in m.graph.output]
+    crossing: list[str] = []
+    for i, node in enumerate(m.graph.node):
+        if i in front:
+            continue
+        for t in node.input:
+            if t in inputs:
+                raise BundleError(f"tail node {node.name or node.op_type} reads the model input {t!r}: "
+                                  "cut later, so the tail needs only what the front makes")
+            if t in front_out and t not in crossing:
+                crossing.append(t)
+    crossing.extend(o for o in graph_outs if o in front_out and o not in crossing)
+    crossing.sort(key=lambda t: prod[t])
+    bad = [t for t in crossing if len(shapes.get(t, ())) < 2]
+    if bad:
+        raise BundleError(f"crossing tensor(s) {bad} have no static shape; export with a fixed input size")
+    return SplitPlan(tuple(cut), tuple(Crossing(t, shapes[t][1:]) for t in crossing), inputs[0],
+                     tuple(graph_outs), len(front), len(m.graph.node) - len(front))
+
+
+def plan_split(model: str | Path | Any, cut: Sequence[str] | str = AUTO) -> SplitPlan:
+    """The split at ``cut`` (tensor names, or ``"auto"``)."""
+    m = _load(model)
+    if cut != AUTO:
+        return _plan(m, [cut] if isinstance(cut, str) else list(cut))
+    shapes = _shapes(m)
+    nodes = m.graph.node
+    best: SplitPlan | None = None
+    for i in range(len(nodes) // 2, len(nodes) - 1):
+        outs = [o for o in nodes[i].output if len(shapes.get(o, ())) == 4]
+        if not outs:
+            continue
+        try:
+            p = _plan(m, outs)
+        except BundleError:
+            continue
+        if p.tail_nodes == 0 or not p.crossing:
+            continue
+        if best is None or p.floats < best.floats:
+            best = p
+    if best is None:
+        raise BundleError("found no cut in the second half of the graph; name one with --cut; candidates: "
+                          + ", ".join(candidate_tensors(m, 25)))
+    return best
+
+
+def split_model(model: str | Path, plan: SplitPlan, front_path: Path, tail_path: Path) -> None:
+    """Write front.onnx (input → crossing tensors) and tail.onnx (crossing → the model's outputs)."""
+    import onnx
+    from onnx.utils import extract_model
+
+    names = [c.name for c in plan.crossing]
+    with tempfile.TemporaryDirectory() as td:  # extract_model wants a file with inferred shapes
+        src = Path(td) / "inferred.onnx"
+        onnx.save(_load(model), str(src))
+        extract_model(str(src), str(front_path), [plan.input_name], names)
+        extract_model(str(src), str(tail_path), names, list(plan.outputs))
+
+
+def verify_split(model: str | Path, front_path: Path, tail_path: Path, inputs: Sequence[np.ndarray],
+                 atol: float = 1e-4) -> float:
+    """Max abs difference between whole(x) and tail(front(x)) over ``inputs``; BundleError above ``atol``."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    whole, front, tail = (ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
+                          for p in (model, front_path, tail_path))
+    worst = 0.0
+    for x in inputs:
+        feeds = {whole.get_inputs()[0].name: x}
+        ref = whole.run(None, feeds)
+        cross = front.run(None, {front.get_inputs()[0].name: x})
+        got = tail.run(None, {i.name: t for i, t in zip(tail.get_inputs(), cross, strict=True)})
+        for a, b in zip(ref, got, strict=True):
+            worst = max(worst, float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+                        if np.size(a) else 0.0)
+    if worst > atol:
+        raise BundleError(f"front + tail differ from the whole model by {worst:.3g} (> {atol:g})")
+    return worst
