@@ -32,8 +32,10 @@ PAGES = [("/", "live", "Live"), ("/frame", "frame", "Frame view"), ("/try", "try
          ("/rate", "rate", "Rate–accuracy")]
 
 
-def page(name: str, title: str, body: str) -> str:
-    """One page: header with navigation, ``body``, then ``/static/common.js`` and ``/static/NAME.js``."""
+def page(name: str, title: str, body: str, logout: bool = False) -> str:
+    """One page: header with navigation, ``body``, then ``/static/common.js`` and ``/static/NAME.js``.
+    ``logout``: the server has tokens, so the header offers to end the browser's session."""
+    out = ' · <a href="/logout" id="logout">log out</a>' if logout else ""
     nav = " ".join(f'<a href="{href}"{" class=on" if key == name else ""}>{html.escape(label)}</a>'
                    for href, key, label in PAGES)
     return f"""<!doctype html>
@@ -42,7 +44,7 @@ def page(name: str, title: str, body: str) -> str:
 <link rel="stylesheet" href="/static/dashboard.css"></head><body data-page="{name}">
 <header><h1>PaletteLink</h1><nav>{nav}</nav><span id="state">…</span><span id="meta"></span>
  <span class="right"><a href="/metrics">metrics</a> · <a href="/docs">API</a> ·
- v{html.escape(__version__)}</span>
+ v{html.escape(__version__)}{out}</span>
 </header>
 <main>
 {body}
@@ -101,9 +103,9 @@ BODIES = {"live": ("Live", LIVE), "frame": ("Frame view", FRAME), "try": ("Try i
           "rate": ("Rate–accuracy", RATE)}
 
 
-def render(name: str) -> str:
+def render(name: str, logout: bool = False) -> str:
     title, body = BODIES[name]
-    return page(name, title, body)
+    return page(name, title, body, logout)
 
 
 # -- rate–accuracy ---------------------------------------------------------------------------------

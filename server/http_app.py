@@ -1,9 +1,13 @@
 """HTTP transport (FastAPI): probes, Prometheus metrics, JSON status, a small dashboard, and a REST
 twin of ``Analyze`` — all thin routes over the same :class:`~server.service.Service`.
 
-Probes, metrics and the dashboard are open (put them behind the cluster network); ``/api/analyze``
-(coded frames) and ``/api/bundles/...`` (the edge part of each bundle, for ``palettelink-edge
---fetch-bundle``; see :mod:`palettelink.fetch`) need a bearer token when tokens are configured.
+With tokens configured, every route needs one (:class:`RequireToken`): ``authorization: Bearer``,
+or the session cookie the dashboard's ``/login`` form sets, since a browser cannot add a header to
+a page load or an ``EventSource``. Open are only the probes ``/healthz`` and ``/readyz`` (kubelets
+send no token), the login form itself and, with ``public_metrics`` (``--public-metrics``),
+``/metrics``. A refusal is 401 with ``WWW-Authenticate: Bearer`` in the one error shape; a browser's
+page load is sent to the login form instead. Client-supplied names are bounded
+(:func:`server.service.check_name`) before anything stores or echoes them.
 Errors reach clients only through ``server/errors.py``, all in one JSON shape ``{"error": {code,
 status, message}}`` — also the framework's own refusals (a bad query parameter, an unknown route),
 never FastAPI's ``{"detail": …}``.
@@ -12,9 +16,11 @@ never FastAPI's ``{"detail": …}``.
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,25 +29,151 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import RedirectResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from palettelink.errors import PaletteLinkError, ServiceUnavailable, TooLarge
+from palettelink.errors import PaletteLinkError, ServiceUnavailable, TooLarge, Unauthenticated
 from palettelink.fetch import edge_file, edge_listing
 from server import __version__
 from server import api_models as m
-from server.auth import TokenAuth
+from server.auth import SESSION_TTL_S, TokenAuth
 from server.dashboard import TryIt, bench_curves, render
-from server.errors import clip, http_error, http_status
-from server.service import Service
+from server.errors import ErrorCounter, clip, http_error, http_status
+from server.service import Service, check_name
 
 STATIC = Path(__file__).with_name("static")
 LIVE_PERIOD_S = 1.0  # how often /api/live sends the streams
 LIVE_MAX_S = 600.0  # one event stream's lifetime; EventSource reconnects by itself
 
+# -- auth: who may read what ----------------------------------------------------------------------
+
+PROBES = frozenset({"/healthz", "/readyz"})  # kubelets and load balancers send no token
+LOGIN_PATHS = frozenset({"/login", "/logout"})  # the way in (and out) must be reachable without one
+# The session cookie. Over https it carries the __Host- prefix: the browser then only keeps it when it
+# is Secure, for Path=/ and without Domain, so no other host or plain-http page can set or shadow it.
+SESSION_COOKIE, SECURE_SESSION_COOKIE = "palettelink_session", "__Host-palettelink_session"
+CHALLENGE = 'Bearer realm="palettelink"'
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+MAX_FORM_BYTES = 4096  # the login form: a token and a path
+MAX_NEXT = 512  # characters of the login form's return path
+MAX_PATH = 512  # characters of a bundle file path a client asks for
+MAX_FRAME_ID = (1 << 64) - 1  # the protocol's uint64
+CLIENT = "palettelink.client"  # the ASGI scope key where RequireToken leaves the caller's client name
+
+
+class CrossOrigin(PaletteLinkError):
+    """A cookie-authenticated write sent from another origin (a cross-site request forgery)."""
+
+    code = "PERMISSION_DENIED"
+
+
+class RequireToken:
+    """ASGI middleware: with tokens configured, a request reaches a route only with a valid
+    ``authorization: Bearer`` header or session cookie, except on ``open_paths``.
+
+    A pure ASGI wrapper, not ``BaseHTTPMiddleware``, so the event stream of ``/api/live`` and the
+    bundle file downloads pass through unbuffered. The caller's client name goes to ``scope[CLIENT]``.
+    A write (POST) authenticated by the cookie must come from this origin too: SameSite=Strict keeps
+    other sites' requests from carrying the cookie, and this check holds where a browser does not.
+    """
+
+    def __init__(self, app: ASGIApp, auth: TokenAuth, open_paths: frozenset[str],
+                 metrics: ErrorCounter | None = None) -> None:
+        self.app, self.auth, self.open_paths, self.metrics = app, auth, open_paths, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope[CLIENT] = ""
+        if not self.auth.enabled or scope["path"] in self.open_paths:
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        try:
+            scope[CLIENT] = self._authenticate(request)
+        except (Unauthenticated, CrossOrigin) as e:
+            await self._refuse(request, e)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _authenticate(self, request: Request) -> str:
+        """The caller's client name: a header says it (and must be right), else the session cookie."""
+        header = request.headers.get("authorization")
+        if header is not None:
+            return self.auth.client_for(header)
+        cookie = request.cookies.get(SECURE_SESSION_COOKIE) or request.cookies.get(SESSION_COOKIE)
+        if not cookie:
+            raise Unauthenticated("missing 'authorization: Bearer <token>' (browsers: log in at /login)")
+        client = self.auth.client_for_session(cookie)
+        if request.method not in SAFE_METHODS and not same_origin(request):
+            raise CrossOrigin("a request with the session cookie from another origin; send it from this "
+                              "server's pages or with 'authorization: Bearer <token>'")
+        return client
+
+    def _refuse(self, request: Request, exc: PaletteLinkError) -> Response:
+        """A page load of a browser goes to the login form; anything else is our JSON 401 (or 403)."""
+        if (isinstance(exc, Unauthenticated) and request.method in ("GET", "HEAD")
+                and "authorization" not in request.headers
+                and "text/html" in request.headers.get("accept", "")):
+            back = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            return RedirectResponse("/login?" + urlencode({"next": local_path(back)}), status_code=303)
+        status, body = http_status(exc, self.metrics)
+        headers = {}
+        if status == 401:  # RFC 6750: an error code only when credentials were sent
+            sent = "authorization" in request.headers or SESSION_COOKIE in request.cookies \
+                or SECURE_SESSION_COOKIE in request.cookies
+            headers["WWW-Authenticate"] = CHALLENGE + (', error="invalid_token"' if sent else "")
+        return JSONResponse(body, status_code=status, headers=headers)
+
+
+def same_origin(request: Request) -> bool:
+    """Whether a browser sent ``request`` from this server's own pages: its ``Origin`` names this
+    host (no ``Origin``: not a browser's cross-origin write, which always has one)."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    return urlsplit(origin).netloc.lower() == request.headers.get("host", "").lower() != ""
+
+
+def local_path(target: str | None) -> str:
+    """``target`` if it is a path of this server (so the login form never redirects elsewhere), else ``/``."""
+    t = target or "/"
+    if (len(t) > MAX_NEXT or not t.startswith("/") or t.startswith("//") or "\\" in t
+            or not t.isprintable() or t.split("?", 1)[0] in LOGIN_PATHS):
+        return "/"
+    return t
+
+
+def login_page(target: str, error: str = "") -> str:
+    """The login form: one token field; self-contained (no asset needs a login to load)."""
+    err = f'<p class="err" id="login-error">{html.escape(error)}</p>' if error else ""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>PaletteLink · log in</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>body{{font:15px system-ui,sans-serif;max-width:28em;margin:12vh auto;padding:0 1em;color:#222}}
+input{{font:inherit;width:100%;box-sizing:border-box;padding:.45em;margin:.3em 0 .9em}}
+button{{font:inherit;padding:.4em 1.4em}} .err{{color:#b00020}} .muted{{color:#666}}</style></head>
+<body><h1>PaletteLink</h1>
+<p class="muted">This server needs a token: a line of its <code>--tokens-file</code> (or
+<code>$PALETTELINK_TOKENS</code>). It is checked once; the browser then holds a session cookie for
+{SESSION_TTL_S // 3600} h, never the token.</p>
+{err}<form id="login" method="post" action="/login"><label for="token">token</label>
+<input id="token" name="token" type="password" autocomplete="current-password" required autofocus>
+<input type="hidden" name="next" value="{html.escape(target)}"><button type="submit">Log in</button></form>
+</body></html>
+"""
+
 
 def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: int = 16 << 20,
-               bench_json: Path | None = None) -> FastAPI:
+               bench_json: Path | None = None, public_metrics: bool = False) -> FastAPI:
+    """The HTTP app over ``service``. With ``auth`` enabled every route needs a token but the probes
+    and the login form, and ``/metrics`` too unless ``public_metrics``."""
     auth = auth or TokenAuth({})
     app = FastAPI(title="PaletteLink server", version=__version__, docs_url=None, redoc_url=None)
+    open_paths = PROBES | LOGIN_PATHS | ({"/metrics"} if public_metrics else set())
+    app.add_middleware(RequireToken, auth=auth, open_paths=frozenset(open_paths),  # type: ignore[arg-type]
+                       metrics=service.metrics)
     try_it = TryIt(service)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     # Swagger UI's own files, served from a package (FastAPI's default page loads them from a CDN).
@@ -133,7 +265,8 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
         its finest level), decodes it and runs the
         task, and the same at baseline 8 bits as the reference. Nothing is written to disk; not an
         image, too many pixels (checked from the header), unknown bundle, codec or level: 4xx."""
-        auth.client_for(request.headers.get("authorization"))
+        for value, what in ((bundle, "bundle name"), (task, "task name"), (codec, "codec name")):
+            check_name(value, what)
         data = await _read_body(request, max_body_bytes)
         return await run_in_threadpool(try_it.run, data, bundle, task, codec, level, target_bpp)
 
@@ -145,19 +278,18 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
 
     @app.post("/api/analyze", response_model=m.AnalyzeModel)
     async def analyze(request: Request, bundle: str = "", task: str = "", want_preview: bool = False,
-                      frame_id: int = 0) -> dict[str, Any]:
+                      frame_id: int = Query(0, ge=0, le=MAX_FRAME_ID)) -> dict[str, Any]:
         """Body: one coded frame (``application/octet-stream``). Same checks and results as the
         gRPC ``Analyze``; errors as JSON ``{"error": {code, status, message}}``."""
-        client = auth.client_for(request.headers.get("authorization"))
+        client = _client(request)
         payload = await _read_body(request, max_body_bytes)
         result = await run_in_threadpool(service.analyze, bundle, task, payload, want_preview,
                                          frame_id=frame_id, client=client)
         return result.to_dict()
 
     @app.get("/api/bundles", response_model=m.BundlesModel)
-    def bundles(request: Request) -> dict[str, Any]:
+    def bundles() -> dict[str, Any]:
         """The bundles this server serves, each with the path of its edge part's listing."""
-        auth.client_for(request.headers.get("authorization"))
         if not service.ready:
             raise ServiceUnavailable("bundles are still loading")
         return {"bundles": [
@@ -167,34 +299,73 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
             for lb in service.bundles.values()]}
 
     @app.get("/api/bundles/{name}/{version}/edge", response_model=m.EdgeListingModel)
-    def bundle_edge(name: str, version: str, request: Request) -> dict[str, Any]:
+    def bundle_edge(name: str, version: str) -> dict[str, Any]:
         """The edge part of one bundle: ``manifest.json`` and the edge side's files, each with its
         sha256 and size. Unknown bundle or version: 404."""
-        auth.client_for(request.headers.get("authorization"))
-        return edge_listing(service.resolve(f"{name}/{version}").bundle)
+        return edge_listing(service.resolve(_bundle_id(name, version)).bundle)
 
     @app.get("/api/bundles/{name}/{version}/edge/{path:path}")
-    def bundle_edge_file(name: str, version: str, path: str, request: Request) -> FileResponse:
+    def bundle_edge_file(name: str, version: str, path: str) -> FileResponse:
         """One file of the edge part (only names in the listing; anything else is 404)."""
-        auth.client_for(request.headers.get("authorization"))
-        p = edge_file(service.resolve(f"{name}/{version}").bundle, path)
+        rel = check_name(path, "file path", MAX_PATH)
+        p = edge_file(service.resolve(_bundle_id(name, version)).bundle, rel)
         return FileResponse(p, media_type="application/octet-stream")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def dashboard() -> str:
-        return render("live")
+        return render("live", logout=auth.enabled)
 
     @app.get("/frame", response_class=HTMLResponse, include_in_schema=False)
     def frame_page() -> str:
-        return render("frame")
+        return render("frame", logout=auth.enabled)
 
     @app.get("/try", response_class=HTMLResponse, include_in_schema=False)
     def try_page() -> str:
-        return render("try")
+        return render("try", logout=auth.enabled)
 
     @app.get("/rate", response_class=HTMLResponse, include_in_schema=False)
     def rate_page() -> str:
-        return render("rate")
+        return render("rate", logout=auth.enabled)
+
+    @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
+    def login_form(request: Request) -> Response:
+        """The dashboard's way in (no token needed to see it)."""
+        target = local_path(request.query_params.get("next"))
+        if not auth.enabled:
+            return RedirectResponse(target, status_code=303)
+        return HTMLResponse(login_page(target), headers={"Cache-Control": "no-store"})
+
+    @app.post("/login", include_in_schema=False)
+    async def login(request: Request) -> Response:
+        """Form ``token=…&next=…``: a known token gets a session cookie (HttpOnly, SameSite=Strict,
+        Secure over https) and a redirect to ``next``; anything else the form again, 401."""
+        if not auth.enabled:
+            return RedirectResponse("/", status_code=303)
+        if not same_origin(request):
+            raise CrossOrigin("a login form posted from another origin")
+        form = parse_qs((await _read_body(request, MAX_FORM_BYTES)).decode("utf-8", "replace"),
+                        max_num_fields=8)
+        target = local_path((form.get("next") or ["/"])[0])
+        try:
+            session = auth.session_for((form.get("token") or [""])[0].strip())
+        except Unauthenticated:
+            service.metrics.count_error("UNAUTHENTICATED")
+            return HTMLResponse(login_page(target, "unknown token"), status_code=401,
+                                headers={"WWW-Authenticate": CHALLENGE, "Cache-Control": "no-store"})
+        response = RedirectResponse(target, status_code=303)
+        secure = request.url.scheme == "https"
+        response.set_cookie(SECURE_SESSION_COOKIE if secure else SESSION_COOKIE, session,
+                            max_age=SESSION_TTL_S, path="/", secure=secure, httponly=True, samesite="strict")
+        return response
+
+    @app.api_route("/logout", methods=["GET", "POST"], include_in_schema=False)
+    def logout(request: Request) -> Response:
+        """Forget the session cookie (in this browser; the session itself ends at its expiry)."""
+        response = RedirectResponse("/login" if auth.enabled else "/", status_code=303)
+        secure = request.url.scheme == "https"
+        response.delete_cookie(SECURE_SESSION_COOKIE if secure else SESSION_COOKIE, path="/", secure=secure,
+                               httponly=True, samesite="strict")
+        return response
 
     @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
     def docs() -> HTMLResponse:
@@ -211,6 +382,16 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
 
     app.state.service = service
     return app
+
+
+def _client(request: Request) -> str:
+    """The caller's client name, as :class:`RequireToken` found it (``""`` with auth off)."""
+    return str(request.scope.get(CLIENT, ""))
+
+
+def _bundle_id(name: str, version: str) -> str:
+    """``name/version`` from a URL, each part bounded before an error can quote it."""
+    return f"{check_name(name, 'bundle name')}/{check_name(version, 'bundle version')}"
 
 
 def _swagger_assets() -> Path | None:

@@ -7,10 +7,15 @@ health NOT_SERVING at once, calls are still taken for ``--drain-delay`` seconds,
 ``--drain-grace`` seconds, then the process exits 0. Stream limits, idle timeouts and admission
 control: see :class:`server.service.StreamSlots` and :class:`server.service.Admission`.
 
-Exit codes: 0 clean stop; 2 bad arguments, no usable bundle, or the ``server`` extra not installed
-(one line says which pip extra); 3 the gRPC or HTTP port is taken. The heavy imports (torch, FastAPI,
-uvicorn) happen in :func:`main` after that check, so an edge-only install gets the hint, not a
-traceback, and ``--version`` works everywhere.
+Both doors are secured alike: tokens apply to every HTTP route but the probes (and ``/metrics`` with
+``--public-metrics``), ``--http-tls`` serves HTTPS with the gRPC certificate, and with
+``--tls-client-ca`` the HTTP port asks for client certificates too. gRPC over TLS with plain HTTP is
+refused at start (exit 2) unless ``--http-insecure`` says it is meant (a TLS-terminating proxy).
+
+Exit codes: 0 clean stop; 2 bad arguments (insecure flag combinations among them), no usable bundle,
+or the ``server`` extra not installed (one line says which pip extra); 3 the gRPC or HTTP port is
+taken. The heavy imports (torch, FastAPI, uvicorn) happen in :func:`main` after that check, so an
+edge-only install gets the hint, not a traceback, and ``--version`` works everywhere.
 """
 
 from __future__ import annotations
@@ -81,8 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-client bearer tokens, '<client> <token>' a line (also $PALETTELINK_TOKENS)")
     p.add_argument("--tls-cert", type=Path, help="server certificate (PEM) for gRPC TLS")
     p.add_argument("--tls-key", type=Path, help="server private key (PEM)")
-    p.add_argument("--tls-client-ca", type=Path, help="CA that client certificates must chain to (mTLS)")
-    p.add_argument("--http-tls", action="store_true", help="serve HTTP with the same certificate too")
+    p.add_argument("--tls-client-ca", type=Path,
+                   help="CA that client certificates must chain to (mTLS; on HTTP too with --http-tls)")
+    p.add_argument("--http-tls", action="store_true",
+                   help="serve HTTPS with the same certificate (and client-certificate check); required "
+                        "with --tls-cert unless --http-insecure")
+    p.add_argument("--http-insecure", action="store_true",
+                   help="serve plain HTTP although gRPC uses TLS (only behind a proxy that terminates TLS "
+                        "for the HTTP port; logs a warning)")
+    p.add_argument("--public-metrics", action="store_true",
+                   help="serve /metrics without a token when tokens are configured (default: it needs "
+                        "one, like every route but /healthz and /readyz)")
     p.add_argument("--workers", type=int, default=None,
                    help="gRPC worker threads (default: --max-streams + 16; each open stream holds one; "
                         "at least --max-streams + 4, so unary calls and health checks always find one)")
@@ -136,6 +150,18 @@ def _check_limits(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _check_security(args: argparse.Namespace) -> str | None:
+    """Why the TLS flags would leave the HTTP port less protected than gRPC (None: they do not)."""
+    if args.http_tls and args.http_insecure:
+        return "--http-tls and --http-insecure contradict each other: pick one"
+    if args.tls_cert and not args.http_tls and not args.http_insecure:
+        mtls = " and its client-certificate check (--tls-client-ca)" if args.tls_client_ca else ""
+        return (f"gRPC uses TLS (--tls-cert){mtls} but HTTP would be plain, tokens and dashboard in clear: "
+                "add --http-tls to serve HTTPS with the same certificate, or --http-insecure if a proxy "
+                "terminates TLS for the HTTP port")
+    return None
+
+
 def _bind(host: str, port: int) -> socket.socket:
     """The HTTP listening socket, bound here so a taken port is a :class:`PortInUse`, not a uvicorn
     traceback. SO_REUSEADDR (restart over TIME_WAIT) but never SO_REUSEPORT (a second server)."""
@@ -164,9 +190,15 @@ class PaletteLinkServer:
     """
 
     def __init__(self, service: Service, *, host: str = "127.0.0.1", grpc_port: int = 0, http_port: int = 0,
-                 auth: TokenAuth | None = None, tls: TLSConfig | None = None, http_tls: bool = False,
+                 auth: TokenAuth | None = None, tls: TLSConfig | None = None, http_tls: bool | None = None,
                  max_message_bytes: int = 16 * MiB, workers: int | None = None,
-                 log_level: str = "warning", bench_json: Path | None = None) -> None:
+                 log_level: str = "warning", bench_json: Path | None = None,
+                 public_metrics: bool = False) -> None:
+        """``http_tls``: serve HTTPS with ``tls`` (its ``client_ca`` included: client certificates are
+        then required on HTTP as on gRPC); ``None``, the default, follows ``tls``, so an embedded server
+        is never less secure on HTTP than on gRPC unless ``http_tls=False`` says so."""
+        import ssl
+
         import uvicorn
 
         from server.grpc_service import GrpcServer
@@ -194,13 +226,23 @@ class PaletteLinkServer:
             self.grpc.stop(0)
             raise
         self.http_port = int(self._sock.getsockname()[1])
-        https = tls if http_tls else None
+        https = tls if (http_tls is None or http_tls) else None
+        if tls is not None and https is None:
+            log.warning("HTTP is plain while gRPC uses TLS: tokens and dashboard data cross the HTTP port "
+                        "in clear (--http-insecure); a proxy must terminate TLS for it")
+        elif auth.enabled and tls is None:
+            log.warning("tokens are configured but TLS is off: they cross both ports in clear; use "
+                        "--tls-cert/--tls-key with --http-tls outside a trusted network")
         self.http_scheme = "https" if https else "http"
-        app = create_app(service, auth, max_body_bytes=max_message_bytes, bench_json=bench_json)
+        self.http_mtls = bool(https and https.client_ca)
+        app = create_app(service, auth, max_body_bytes=max_message_bytes, bench_json=bench_json,
+                         public_metrics=public_metrics)
         config = uvicorn.Config(app, log_level=log_level.lower(), access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=3,
                                 ssl_certfile=str(https.cert) if https else None,
-                                ssl_keyfile=str(https.key) if https else None)
+                                ssl_keyfile=str(https.key) if https else None,
+                                ssl_ca_certs=str(https.client_ca) if self.http_mtls else None,  # type: ignore[union-attr]
+                                ssl_cert_reqs=ssl.CERT_REQUIRED if self.http_mtls else ssl.CERT_NONE)
         self.http = uvicorn.Server(config)
         self._http_thread = threading.Thread(target=self.http.run, kwargs={"sockets": [self._sock]},
                                              name="http", daemon=True)
@@ -279,6 +321,9 @@ def _main(argv: list[str] | None) -> int:
     if (args.tls_client_ca or args.http_tls) and not args.tls_cert:
         print("palettelink-server: --tls-client-ca and --http-tls need --tls-cert/--tls-key", file=sys.stderr)
         return 2
+    if (why := _check_security(args)) is not None:
+        print(f"palettelink-server: {why}", file=sys.stderr)
+        return 2
     try:
         auth = TokenAuth.from_sources(args.tokens_file)
     except PaletteLinkError as e:
@@ -299,7 +344,8 @@ def _main(argv: list[str] | None) -> int:
         server = PaletteLinkServer(service, host=args.host, grpc_port=args.grpc_port,
                                    http_port=args.http_port, auth=auth, tls=tls, http_tls=args.http_tls,
                                    max_message_bytes=int(args.max_message_mb * MiB), workers=args.workers,
-                                   log_level=args.log_level, bench_json=args.bench_json)
+                                   log_level=args.log_level, bench_json=args.bench_json,
+                                   public_metrics=args.public_metrics)
     except PortInUse as e:
         service.close()
         print(f"{PROG}: {e.strerror}", file=sys.stderr)
@@ -326,7 +372,9 @@ def _main(argv: list[str] | None) -> int:
     except ImportError as e:  # a task model's dependency (torch, ultralytics) that does not import
         code = report_import_error(PROG, "server", e)
     else:
-        flags = [f for f, on in (("tls", tls), ("mtls", tls and tls.client_ca), ("auth", auth.enabled)) if on]
+        flags = [f for f, on in (("tls", tls), ("mtls", tls and tls.client_ca), ("auth", auth.enabled),
+                                 ("https", server.http_scheme == "https"), ("http-mtls", server.http_mtls))
+                 if on]
         print(" ".join(["READY", ports, f"bundles={','.join(service.bundles)}", *flags]), flush=True)
         while not stop.wait(0.5):
             pass

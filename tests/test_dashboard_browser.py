@@ -190,3 +190,59 @@ def test_docs_offline(browser, live_server, artifacts: Path) -> None:  # noqa: A
     urls = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert urls and all(u.startswith(live_server.http_url) for u in urls), urls
     shot(browser, artifacts, "docs")
+
+
+# -- with tokens: the login form and the session cookie ---------------------------------------------
+
+TOKEN = "browser-s3cret"
+
+
+@pytest.fixture(scope="module")
+def token_server(server_service):  # noqa: ANN001, ANN201 - server.main.PaletteLinkServer
+    """A second in-process server over the same Service, with one token."""
+    from server.auth import TokenAuth
+    from server.main import PaletteLinkServer
+
+    srv = PaletteLinkServer(server_service, auth=TokenAuth({TOKEN: "browser-user"}))
+    srv.start()
+    srv.load()
+    yield srv
+    srv.stop(grace=1.0, close_service=False)
+
+
+def test_login_with_a_token(browser, token_server, artifacts: Path) -> None:  # noqa: ANN001
+    """A page load lands on the login form; a wrong token is refused there; the right one opens the
+    page asked for, whose scripts, event stream and Swagger UI then run on the HttpOnly,
+    SameSite=Strict session cookie (the token itself never reaches the page); "log out" ends it."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url = token_server.http_url
+    browser.get(url + "/rate")
+    WebDriverWait(browser, 15).until(lambda d: "/login" in d.current_url)
+    assert browser.current_url == url + "/login?next=%2Frate"
+    wait_for(browser, "#token")[0].send_keys("not-the-token")
+    browser.find_element("css selector", "#login button").click()
+    assert "unknown token" in wait_for(browser, "#login-error")[0].text
+    shot(browser, artifacts, "login")
+    wait_for(browser, "#token")[0].send_keys(TOKEN)
+    browser.find_element("css selector", "#login button").click()
+    WebDriverWait(browser, 15).until(lambda d: d.current_url == url + "/rate")
+    wait_for(browser, "#rate path.curve", count=3)  # /api/bench answered with the cookie
+
+    (cookie,) = [c for c in browser.get_cookies() if c["name"] == "palettelink_session"]
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and TOKEN not in cookie["value"]
+    assert browser.execute_script("return document.cookie") == ""  # scripts cannot read it
+
+    browser.get(url + "/")
+    wait_for(browser, "#bundles tbody tr code")  # /api/info
+    wait_for(browser, "#streams tbody tr")  # filled by the first event of /api/live
+    WebDriverWait(browser, 15).until(lambda d: d.find_element("css selector", "#state").text == "ready")
+    browser.get(url + "/docs")
+    wait_for(browser, ".swagger-ui .opblock", count=5)  # /openapi.json and the Swagger assets
+
+    browser.get(url + "/")
+    wait_for(browser, "#logout")[0].click()
+    WebDriverWait(browser, 15).until(lambda d: "/login" in d.current_url)
+    assert not [c for c in browser.get_cookies() if c["name"] == "palettelink_session"]
+    browser.get(url + "/frame")
+    WebDriverWait(browser, 15).until(lambda d: "/login" in d.current_url)

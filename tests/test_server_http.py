@@ -133,3 +133,33 @@ def test_not_ready_until_loaded(bundles_root, coded_frames) -> None:  # noqa: AN
             assert stub.Analyze(pb.AnalyzeRequest(payload=coded_frames["bus"]), timeout=30).result.boxes
     finally:
         srv.stop(grace=1.0)
+
+
+LONG = "x" * 5000
+
+
+@pytest.mark.parametrize(("method", "path", "params"), [
+    ("POST", "/api/analyze", {"bundle": LONG}),
+    ("POST", "/api/analyze", {"bundle": "fall-yolov8", "task": LONG}),
+    ("POST", "/api/analyze", {"frame_id": "9" * 40}),  # past the protocol's uint64
+    ("POST", "/api/try", {"bundle": LONG}),
+    ("POST", "/api/try", {"task": LONG}),
+    ("POST", "/api/try", {"codec": LONG}),
+    ("GET", f"/api/bundles/{LONG}/1/edge", {}),
+    ("GET", f"/api/bundles/fall-yolov8/{LONG}/edge", {}),
+    ("GET", f"/api/bundles/fall-yolov8/1/edge/{LONG}", {}),
+    ("GET", f"/{LONG}", {}),  # an unknown route
+], ids=["analyze-bundle", "analyze-task", "analyze-frame-id", "try-bundle", "try-task", "try-codec",
+        "edge-name", "edge-version", "edge-file", "unknown-route"])
+def test_client_strings_are_bounded_before_echo_or_storage(http: httpx.Client, method: str, path: str,
+                                                           params: dict[str, str]) -> None:
+    """A long name is refused (4xx) with a message that quotes at most its start, and what the
+    recent-frames list keeps of it is bounded too."""
+    r = http.request(method, path, params=params, content=b"x" if method == "POST" else None)
+    assert 400 <= r.status_code < 500, r.text
+    err = r.json()["error"]
+    assert err["status"] in ("INVALID_ARGUMENT", "NOT_FOUND")
+    assert len(err["message"]) <= 300 and LONG not in err["message"] and "9" * 40 not in err["message"]
+    for f in http.get("/api/frames", params={"limit": 20}).json():
+        assert len(f["client"]) <= 257 and len(f.get("bundle", "")) <= 128 and len(f.get("task", "")) <= 128
+        assert len(f.get("error", {}).get("message", "")) <= 300

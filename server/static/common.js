@@ -55,8 +55,14 @@ function drawBoxes(svg, width, height, boxes, {image = null, label = ""} = {}) {
   svg.innerHTML = parts.join("");
 }
 
+// With tokens on, the session cookie ends after a while: a 401 sends the page back to the login form.
+function toLogin() {
+  location.assign("/login?next=" + encodeURIComponent(location.pathname + location.search));
+}
+
 async function getJSON(url, opts) {
   const r = await fetch(url, opts);
+  if (r.status === 401) toLogin();
   const body = await r.json().catch(() => ({error: {message: `HTTP ${r.status}`}}));
   if (!r.ok) throw new Error(body.error ? `${body.error.status || r.status}: ${body.error.message}` : r.status);
   return body;
@@ -79,7 +85,10 @@ async function headerState() {
 function liveStreams(onData) {
   const es = new EventSource("/api/live");
   es.onmessage = ev => onData(JSON.parse(ev.data));
-  es.onerror = () => { document.getElementById("state").innerHTML = '<b class="err">reconnecting</b>'; };
+  es.onerror = () => {
+    document.getElementById("state").innerHTML = '<b class="err">reconnecting</b>';
+    if (es.readyState === EventSource.CLOSED) headerState();  // refused (a 401 among them): ask why
+  };
   es.onopen = () => headerState();
   return es;
 }
