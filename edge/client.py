@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=None, help="frame rate the --kbps budget is spread over")
     p.add_argument("--every", type=int, default=1, metavar="N", help="keep every N-th video frame")
     p.add_argument("--max-frames", type=int, default=None, metavar="N", help="stop after N frames in all")
+    p.add_argument("--task", default=None,
+                   help="task the server runs on the stream (default: the bundle's own; an image bundle "
+                        "offers detect, segment, landmarks, pose and preview)")
+    p.add_argument("--preview", type=Path, default=None, metavar="DIR",
+                   help="ask for the server's rebuilt picture of each frame and save it as DIR/<frame>.jpg")
     p.add_argument("--json", action="store_true", help="one JSON object per frame on stdout")
     p.add_argument("--token", default=os.environ.get("PALETTELINK_TOKEN"),
                    help="client token sent as 'authorization: Bearer T' (default: $PALETTELINK_TOKEN)")
@@ -121,6 +126,14 @@ def _box_dict(b: pb.Box, names: Sequence[str]) -> dict[str, Any]:
             "xyxy": [round(float(v), 1) for v in (b.x1, b.y1, b.x2, b.y2)]}
 
 
+def _mask_dict(m: pb.Mask) -> dict[str, Any]:
+    """A mask's size and coverage (the runs themselves stay in the reply: the edge only reports)."""
+    ones = sum(int(c) for c in list(m.counts)[1::2])
+    area = max(1, int(m.width) * int(m.height))
+    return {"width": int(m.width), "height": int(m.height), "pixels": ones, "fraction": round(ones / area, 4),
+            "counts": len(m.counts)}
+
+
 def reply_record(reply: Reply, names: Sequence[str]) -> dict[str, Any]:
     """What one answered frame turns into: the ``--json`` line, also the source of the text line."""
     r, m = reply.result, reply.meta
@@ -132,6 +145,11 @@ def reply_record(reply: Reply, names: Sequence[str]) -> dict[str, Any]:
         "codec": r.codec or None, "level": r.level if r.codec else m.level,
         "bytes": n_bytes, "bpp": round(8.0 * n_bytes / (w * h), 4), "width": w, "height": h,
         "boxes": [_box_dict(b, names) for b in r.boxes],
+        "masks": [_mask_dict(mk) for mk in r.masks],
+        "landmarks": [{"scheme": ls.scheme, "score": round(float(ls.score), 4),
+                       "points": [[round(float(q.x), 1), round(float(q.y), 1), round(float(q.visibility), 3)]
+                                  for q in ls.points]} for ls in r.landmarks],
+        "preview_bytes": len(r.preview_jpeg),
         "latency_ms": round(reply.latency_ms, 2),
         "edge_ms": {k: round(v, 2) for k, v in m.timings_ms.items()},
         "server_ms": {k: round(getattr(r.timings, k), 2)
@@ -155,12 +173,29 @@ def print_record(rec: dict[str, Any], label: str, out: TextIO, as_json: bool) ->
     if rec["error"]:
         out.write(f"{head}  ERROR {rec['error']['status']}: {rec['error']['message']}\n")
     else:
-        out.write(f"{head}  {len(rec['boxes'])} box(es)\n")
-        for b in rec["boxes"]:
+        extra = "".join(f", {len(rec[k])} {k}" for k in ("masks", "landmarks") if rec[k])
+        out.write(f"{head}  {len(rec['boxes'])} box(es){extra}\n")
+        for i, b in enumerate(rec["boxes"]):
             x1, y1, x2, y2 = b["xyxy"]
+            pts = rec["landmarks"][i] if i < len(rec["landmarks"]) else None
+            more = f"  {len(pts['points'])} {pts['scheme']} points" if pts else ""
             out.write(f"    {b['class_name']:<12} {b['score']:.2f}  "
-                      f"[{x1:7.1f} {y1:7.1f} {x2:7.1f} {y2:7.1f}]\n")
+                      f"[{x1:7.1f} {y1:7.1f} {x2:7.1f} {y2:7.1f}]{more}\n")
+        for m in rec["masks"]:
+            out.write(f"    mask {m['width']}x{m['height']}  {100 * m['fraction']:.1f} % of the image\n")
+        if rec["preview_bytes"]:
+            out.write(f"    preview {rec['preview_bytes']:,} B\n")
     out.flush()
+
+
+def save_preview(folder: Path, label: str, jpeg: bytes) -> Path:
+    """DIR/<label>.jpg, written atomically (a label's path separators become '_')."""
+    from palettelink.bundle import atomic_write_bytes
+
+    safe = "".join(c if c.isalnum() or c in "-_.#" else "_" for c in label)[:120] or "frame"
+    path = folder / f"{safe}.jpg"
+    atomic_write_bytes(path, jpeg)
+    return path
 
 
 def _fail(code: int, msg: str) -> int:
@@ -258,6 +293,8 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         nonlocal n_frames, n_errors
         for reply in replies:
             rec = reply_record(reply, names)
+            if args.preview is not None and reply.result.preview_jpeg:
+                save_preview(args.preview, reply.meta.label, reply.result.preview_jpeg)
             print_record(rec, reply.meta.label, out, args.json)
             n_frames += 1
             n_errors += rec["error"] is not None
@@ -281,7 +318,8 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     n_unsent = next_id = 0
     try:
         wait_ready(channel, args.server, args.connect_timeout)
-        header = pb.StreamHeader(client_id=args.client_id, bundle=bundle.id, task=bundle.task)
+        header = pb.StreamHeader(client_id=args.client_id, bundle=bundle.id, task=args.task or bundle.task,
+                                 want_preview=args.preview is not None)
         stream = EdgeStream(channel, header, metadata, window=args.window, backoff=backoff,
                             frame_timeout=args.frame_timeout)
 

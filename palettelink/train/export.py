@@ -119,8 +119,8 @@ def export_decoder_onnx(dec: Decoder, path: str | Path,
 
     h, w are dynamic (the decoder is fully convolutional); level < 0 selects the unquantised path.
     """
-    if isinstance(cfg, BottleneckConfig):
-        c = cfg
+    if isinstance(cfg, BottleneckConfig) or hasattr(cfg, "z_stride"):
+        c = cfg  # type: ignore[assignment]
     else:
         c = BottleneckConfig.from_dict(dict(cfg)) if cfg else dec.cfg
     h = c.size // c.z_stride
@@ -154,6 +154,14 @@ def load_codec_models(assets_dir: str | Path, det: Any, size: int = 640,
     codec = codec if codec is not None else json.loads((assets / "codec.json").read_text())
     enc_sd = torch.load(assets / "encoder.pt", map_location="cpu", weights_only=True)
     dec_sd = torch.load(assets / "decoder.pt", map_location="cpu", weights_only=True)
+    if (codec.get("bottleneck") or {}).get("arch") == "image":  # the image bundle's pixel autoencoder
+        from palettelink.train.image_codec import ImageCodecConfig, ImageDecoder, ImageEncoder
+
+        icfg = ImageCodecConfig.from_dict(dict(codec["bottleneck"]))
+        ienc, idec = ImageEncoder(icfg), ImageDecoder(icfg, int(dec_sd["level_emb.weight"].shape[0]) - 1)
+        ienc.load_state_dict(enc_sd)
+        idec.load_state_dict(dec_sd)
+        return ienc.eval(), idec.eval(), icfg  # type: ignore[return-value]
     cfg = _bottleneck_config(codec, det, size, enc_sd)
     enc = Encoder(cfg)
     enc.load_state_dict(enc_sd)

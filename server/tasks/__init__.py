@@ -1,5 +1,5 @@
-"""Task runners: name → class. A new task (segment, landmarks, pose, preview) is one module that
-registers itself here; the service and both transports pick it up with no other change.
+"""Task runners: name → class. A new task is one module that registers itself here (and one line in
+``MODULES``); the service and both transports pick it up with no other change.
 
 A runner owns the task model of one bundle. It is only ever called from that bundle's batching
 worker thread (see :mod:`server.batching`), so it needs no locking of its own.
@@ -20,6 +20,10 @@ from server.results import TaskOutput
 # never runs a task never imports its model code.
 MODULES: dict[str, str] = {
     "detect": "server.tasks.detect",
+    "segment": "server.tasks.segment",
+    "landmarks": "server.tasks.landmarks",
+    "pose": "server.tasks.pose",
+    "preview": "server.tasks.preview",
 }
 
 

@@ -1,50 +1,54 @@
-"""Detection: decoded split tensors → the bundle's detector tail → boxes in image pixels."""
+"""Detection: boxes in image pixels with class names, for every model family.
+
+- ``ultralytics``: the decoded split tensors through the YOLO tail (torch), one pass per batch;
+- ``image``: the zoo detector (COCO CenterNet) on the rebuilt picture x̂;
+- ``onnx``: the bundle's ``tail.onnx`` on the decoded tensors, then the zoo detector's postprocess.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-import torch
 
 from palettelink.bundle import Bundle
 from palettelink.codecs import Decoded
 from palettelink.image import letterbox_info
-from palettelink.models.ultra import Detection, SplitDetector
+from palettelink.models import family_of, task_model
 from server.results import Box, TaskOutput
 from server.tasks import register
+from server.tasks.zoo import ZooRunner, providers_for
 
 
-@register("detect")
-class DetectRunner:
-    """Runs :class:`palettelink.models.ultra.SplitDetector` (torch) on decoded tensors."""
+def _boxes(dets: Sequence[Any], names: Sequence[str]) -> TaskOutput:
+    def name(c: int) -> str:
+        return names[c] if 0 <= c < len(names) else str(c)
 
-    name = "detect"
+    return TaskOutput(boxes=[
+        Box(x1=float(d.xyxy[0]), y1=float(d.xyxy[1]), x2=float(d.xyxy[2]), y2=float(d.xyxy[3]),
+            class_id=int(d.class_id), class_name=name(int(d.class_id)), score=float(d.score))
+        for d in dets
+    ])
 
-    def __init__(self, bundle: Bundle, device: str = "cpu") -> None:
+
+class _YoloDetect:
+    """:class:`palettelink.models.ultra.SplitDetector` (torch) on decoded tensors."""
+
+    def __init__(self, bundle: Bundle, device: str) -> None:
+        from palettelink.models.ultra import SplitDetector
+
         self.bundle = bundle
         self.detector = SplitDetector.from_bundle(bundle, device=device)
         self.class_names = list(self.detector.class_names or bundle.class_names)
 
-    @classmethod
-    def supports(cls, bundle: Bundle) -> bool:
-        return bundle.task == "detect" or "detect" in bundle.manifest.get("tasks", [])
-
-    def _name(self, class_id: int) -> str:
-        return self.class_names[class_id] if 0 <= class_id < len(self.class_names) else str(class_id)
-
-    def _output(self, dets: Sequence[Detection]) -> TaskOutput:
-        return TaskOutput(boxes=[
-            Box(x1=float(d.xyxy[0]), y1=float(d.xyxy[1]), x2=float(d.xyxy[2]), y2=float(d.xyxy[3]),
-                class_id=int(d.class_id), class_name=self._name(int(d.class_id)), score=float(d.score))
-            for d in dets
-        ])
-
     def run_batch(self, items: Sequence[Decoded], want_preview: bool = False) -> list[TaskOutput]:
         """One tail pass over the whole batch (frames from all streams), then NMS per frame."""
+        import torch
+
         lbs = [letterbox_info(*d.image_size, self.bundle.input_size) for d in items]
         if len(items) == 1:
-            return [self._output(self.detector.detect_tensors(items[0].tensors, lbs[0]))]
+            return [_boxes(self.detector.detect_tensors(items[0].tensors, lbs[0]), self.class_names)]
         with torch.inference_mode():
             batch = [
                 torch.from_numpy(np.ascontiguousarray(np.concatenate([d.tensors[i] for d in items]),
@@ -52,9 +56,74 @@ class DetectRunner:
                 for i in range(len(self.bundle.tensors))
             ]
             preds = self.detector.tail(batch)
-            return [self._output(self.detector.postprocess(preds[k : k + 1], lb)) for k, lb in enumerate(lbs)]
+            return [_boxes(self.detector.postprocess(preds[k : k + 1], lb), self.class_names)
+                    for k, lb in enumerate(lbs)]
 
     def warmup(self) -> None:
         zeros = [np.zeros((1, *t.shape), np.float32) for t in self.bundle.tensors]
         s = self.bundle.input_size
         self.detector.detect_tensors(zeros, letterbox_info(s, s, s))
+
+
+class _ImageDetect(ZooRunner):
+    task = "detect"
+
+    def convert(self, result: Any) -> TaskOutput:
+        return _boxes(result.detections, self.bundle.class_names)
+
+
+class _OnnxDetect:
+    """tail.onnx on the decoded crossing tensors → the zoo detector's postprocess (letterbox space)."""
+
+    def __init__(self, bundle: Bundle, device: str) -> None:
+        from palettelink.front import ort_session
+        from palettelink.models import zoo
+
+        self.bundle = bundle
+        found = task_model(bundle, "detect")
+        assert found is not None
+        self.tail = ort_session(str(bundle.file(found[1])))
+        self.tail.set_providers(providers_for(device))
+        self.inputs = [i.name for i in self.tail.get_inputs()]
+        self.post = zoo.load(found[0], None)
+
+    def run_batch(self, items: Sequence[Decoded], want_preview: bool = False) -> list[TaskOutput]:
+        out = []
+        for d in items:
+            raw = self.tail.run(None, dict(zip(self.inputs, d.tensors, strict=True)))
+            lb = letterbox_info(*d.image_size, self.bundle.input_size)
+            out.append(_boxes(self.post.postprocess_letterboxed(raw, lb), self.bundle.class_names))
+        return out
+
+    def warmup(self) -> None:
+        self.tail.run(None, {n: np.zeros((1, *t.shape), np.float32)
+                             for n, t in zip(self.inputs, self.bundle.tensors, strict=True)})
+
+
+_BY_FAMILY: dict[str, Any] = {"ultralytics": _YoloDetect, "image": _ImageDetect, "onnx": _OnnxDetect}
+
+
+@register("detect")
+class DetectRunner:
+    """Picks the family's implementation; the service sees one runner per task."""
+
+    def __init__(self, bundle: Bundle, device: str = "cpu") -> None:
+        self.bundle = bundle
+        self.impl = _BY_FAMILY[family_of(bundle)](bundle, device)
+
+    @classmethod
+    def supports(cls, bundle: Bundle) -> bool:
+        fam = family_of(bundle)
+        if fam != "ultralytics" and task_model(bundle, "detect") is None:
+            return False
+        return bundle.task == "detect" or "detect" in bundle.manifest.get("tasks", [])
+
+    @property
+    def detector(self) -> Any:  # the YOLO family's detector (tests and the serving bench use it)
+        return self.impl.detector
+
+    def run_batch(self, items: Sequence[Decoded], want_preview: bool = False) -> list[TaskOutput]:
+        return self.impl.run_batch(items, want_preview)
+
+    def warmup(self) -> None:
+        self.impl.warmup()

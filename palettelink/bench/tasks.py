@@ -1,0 +1,404 @@
+"""``palettelink bench-tasks``: every task of an image bundle, per palette level, beside JPEG/WebP/AVIF.
+
+The reference is each task model on the uncompressed original (DESIGN §5: agreement with the
+uncompressed pipeline, no labels needed); each row runs the same model on what a codec rebuilt
+(the image codec's x̂ at each level, or the decoded JPEG/WebP/AVIF) and scores:
+
+- detect: box AP50 and AP50:95 against the reference boxes (:mod:`palettelink.bench.metrics`);
+- segment: mask IoU, pooled over images (Σ intersection / Σ union);
+- landmarks: NME (mean point error / the reference face's inter-ocular distance) of matched faces, and
+  the success rate: reference faces found with NME ≤ 0.05;
+- pose: mean OKS (COCO sigmas, the reference person's box area as scale) of each reference person's
+  best match, and the fraction with OKS ≥ 0.5;
+- the picture: PSNR and MS-SSIM of the rebuilt image against the original, at the original size.
+
+``--coco FILE`` scores detection against real labels too (COCO-format annotations whose
+``file_name`` matches the images given with ``--images``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from palettelink import __version__
+from palettelink.bench import metrics
+from palettelink.bench.methods import Context, Item, Method, make_method
+from palettelink.bundle import Bundle, find_bundle
+from palettelink.errors import InvalidRequest
+from palettelink.front import Front
+from palettelink.image import letterbox
+from palettelink.models import family_of, task_model
+from palettelink.models.image import rebuilt_image
+
+TASKS = ("detect", "segment", "landmarks", "pose")
+# mediapipe face mesh: outer eye corners (the inter-ocular distance of NME)
+EYE_CORNERS = (33, 263)
+COCO_SIGMAS = np.array([.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89,
+                        .89]) / 10.0
+
+
+# --------------------------------------------------------------------------------------------------
+# metrics (each takes per-image references and predictions as the zoo's result objects)
+
+
+def mask_iou(refs: Sequence[np.ndarray], preds: Sequence[np.ndarray]) -> float:
+    inter = sum(int(np.logical_and(r, p).sum()) for r, p in zip(refs, preds, strict=True))
+    union = sum(int(np.logical_or(r, p).sum()) for r, p in zip(refs, preds, strict=True))
+    return float("nan") if union == 0 else inter / union
+
+
+def _box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    ua = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / ua if ua > 0 else 0.0
+
+
+def landmark_nme(refs: Sequence[Sequence[Any]], preds: Sequence[Sequence[Any]], ok: float = 0.05
+                 ) -> tuple[float, float, int]:
+    """(mean NME of matched faces, success rate, reference faces). Faces are (box, points [N, ≥2])."""
+    errs, hits, n = [], 0, 0
+    for ref, pred in zip(refs, preds, strict=True):
+        for rbox, rpts in ref:
+            n += 1
+            best = max(pred, key=lambda f: _box_iou(rbox, f[0]), default=None)
+            if best is None or _box_iou(rbox, best[0]) < 0.3:
+                continue
+            r, p = np.asarray(rpts)[:, :2], np.asarray(best[1])[:, :2]
+            iod = float(np.linalg.norm(r[EYE_CORNERS[0]] - r[EYE_CORNERS[1]])) if len(r) > 263 else \
+                float(np.hypot(rbox[2] - rbox[0], rbox[3] - rbox[1]))
+            e = float(np.linalg.norm(r - p, axis=1).mean()) / max(iod, 1e-6)
+            errs.append(e)
+            hits += e <= ok
+    return (float(np.mean(errs)) if errs else float("nan")), (hits / n if n else float("nan")), n
+
+
+def oks(ref_kps: np.ndarray, pred_kps: np.ndarray, area: float, vis: float = 0.3) -> float:
+    """COCO object keypoint similarity; reference keypoints below ``vis`` score do not count."""
+    r, p = np.asarray(ref_kps), np.asarray(pred_kps)
+    keep = r[:, 2] >= vis
+    if not keep.any():
+        return float("nan")
+    d2 = ((r[:, :2] - p[:, :2]) ** 2).sum(1)
+    k2 = (2 * COCO_SIGMAS) ** 2
+    return float(np.exp(-d2 / (2 * max(area, 1.0) * k2))[keep].mean())
+
+
+def pose_oks(refs: Sequence[Sequence[Any]], preds: Sequence[Sequence[Any]]) -> tuple[float, float, int]:
+    """(mean OKS, fraction with OKS ≥ 0.5, reference persons); persons are (box, keypoints [17, 3])."""
+    vals = []
+    for ref, pred in zip(refs, preds, strict=True):
+        for rbox, rk in ref:
+            area = (rbox[2] - rbox[0]) * (rbox[3] - rbox[1])
+            scores = [oks(rk, pk, area) for _, pk in pred]
+            scores = [s for s in scores if s == s]
+            if oks(rk, rk, area) != oks(rk, rk, area):  # no visible reference keypoint: not scored
+                continue
+            vals.append(max(scores, default=0.0))
+    if not vals:
+        return float("nan"), float("nan"), 0
+    return float(np.mean(vals)), float(np.mean(np.asarray(vals) >= 0.5)), len(vals)
+
+
+def picture_quality(rgb: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """(PSNR dB, MS-SSIM) of ``rgb`` against ``ref`` (both HxWx3 uint8, same size)."""
+    import torch
+    from pytorch_msssim import ms_ssim
+
+    a, b = rgb.astype(np.float64), ref.astype(np.float64)
+    mse = float(np.mean((a - b) ** 2))
+    psnr = 99.0 if mse == 0 else 10 * math.log10(255.0**2 / mse)
+    ta = torch.from_numpy(rgb.transpose(2, 0, 1)[None].astype(np.float32))
+    tb = torch.from_numpy(ref.transpose(2, 0, 1)[None].astype(np.float32))
+    small = min(rgb.shape[:2]) <= 160  # five scales need > 160 px with the 11-px window
+    ms = float(ms_ssim(ta, tb, data_range=255.0, win_size=7 if small else 11))
+    return psnr, ms
+
+
+# --------------------------------------------------------------------------------------------------
+# task adapters: the zoo model's result → what the metrics take
+
+
+@dataclass
+class TaskAdapter:
+    predict: Callable[[Any, np.ndarray], Any]  # (zoo model, rgb) → per-image result for the metric
+    score: Callable[[list[Any], list[Any]], dict[str, float]]
+    headline: str  # the key of ``score`` that "fraction of uncompressed" uses
+
+
+def _boxes(model: Any, rgb: np.ndarray) -> list[metrics.Box]:
+    return [metrics.Box(tuple(float(v) for v in d.xyxy), int(d.class_id), float(d.score))  # type: ignore[arg-type]
+            for d in model.run(rgb).detections]
+
+
+def _score_detect(refs: list[Any], preds: list[Any]) -> dict[str, float]:
+    r = metrics.evaluate(refs, preds)
+    return {"ap50": r.ap50, "ap50_95": r.ap50_95, "n_reference": r.n_reference}
+
+
+def _mask(model: Any, rgb: np.ndarray) -> np.ndarray:
+    return np.asarray(model.run(rgb).mask, bool)
+
+
+def _faces(model: Any, rgb: np.ndarray) -> list[tuple[tuple[float, ...], np.ndarray]]:
+    return [(tuple(float(v) for v in f.box), np.asarray(f.points)) for f in model.run(rgb).faces]
+
+
+def _score_landmarks(refs: list[Any], preds: list[Any]) -> dict[str, float]:
+    nme, rate, n = landmark_nme(refs, preds)
+    return {"nme": nme, "success_at_0.05": rate, "n_reference": n}
+
+
+def _people(model: Any, rgb: np.ndarray) -> list[tuple[tuple[float, ...], np.ndarray]]:
+    return [(tuple(float(v) for v in p.box), np.asarray(p.keypoints)) for p in model.run(rgb).people]
+
+
+def _score_pose(refs: list[Any], preds: list[Any]) -> dict[str, float]:
+    m, frac, n = pose_oks(refs, preds)
+    return {"oks": m, "oks_at_0.5": frac, "n_reference": n}
+
+
+ADAPTERS: dict[str, TaskAdapter] = {
+    "detect": TaskAdapter(_boxes, _score_detect, "ap50"),
+    "segment": TaskAdapter(_mask, lambda r, p: {"iou": mask_iou(r, p)}, "iou"),
+    "landmarks": TaskAdapter(_faces, _score_landmarks, "success_at_0.05"),
+    "pose": TaskAdapter(_people, _score_pose, "oks"),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# runner
+
+
+@dataclass
+class Row:
+    method: str
+    point: int
+    label: str
+    n_bytes: list[int] = field(default_factory=list)
+    pixels: list[int] = field(default_factory=list)
+    preds: dict[str, list[Any]] = field(default_factory=dict)
+    psnr: list[float] = field(default_factory=list)
+    msssim: list[float] = field(default_factory=list)
+
+
+def load_task_models(bundle: Bundle, tasks: Sequence[str]) -> dict[str, Any]:
+    from palettelink.models import zoo
+
+    out = {}
+    for t in tasks:
+        tm = task_model(bundle, t)
+        if tm is None:
+            raise InvalidRequest(f"bundle {bundle.id} has no model for task {t!r}")
+        out[t] = zoo.load(tm[0], bundle.file(tm[1]))
+    return out
+
+
+def rebuilt_rgb(bundle: Bundle, item: Item, out: Any) -> np.ndarray:
+    if out.rgb is not None:
+        return np.asarray(out.rgb)
+    return rebuilt_image(out.tensors[0], (item.letterbox.width, item.letterbox.height), bundle.input_size)
+
+
+class TaskRunner:
+    def __init__(self, bundle: Bundle, methods: list[Method], tasks: Sequence[str]) -> None:
+        self.bundle, self.methods, self.tasks = bundle, methods, list(tasks)
+        self.models = load_task_models(bundle, tasks)
+        self.refs: dict[str, list[Any]] = {t: [] for t in tasks}
+        self.images: list[dict[str, Any]] = []
+        self.rows = {(m.name, p): Row(m.name, p, m.label(p)) for m in methods for p in m.points()}
+        self.timing: dict[str, list[float]] = {}
+
+    def add_image(self, name: str, rgb: np.ndarray, progress: Any = None) -> None:
+        x, lb = letterbox(rgb, self.bundle.input_size)
+        item = Item(name, rgb, x, lb, [x])
+        for t in self.tasks:
+            self.refs[t].append(ADAPTERS[t].predict(self.models[t], rgb))
+        self.images.append({"name": name, "width": lb.width, "height": lb.height})
+        for m in self.methods:
+            for point in m.points():
+                out = m.run(item, point)
+                im = rebuilt_rgb(self.bundle, item, out)
+                row = self.rows[(m.name, point)]
+                row.n_bytes.append(out.n_bytes)
+                row.pixels.append(item.pixels)
+                p, s = picture_quality(im, rgb)
+                row.psnr.append(p)
+                row.msssim.append(s)
+                for t in self.tasks:
+                    t0 = time.perf_counter()
+                    row.preds.setdefault(t, []).append(ADAPTERS[t].predict(self.models[t], im))
+                    self.timing.setdefault(t, []).append((time.perf_counter() - t0) * 1e3)
+                if progress is not None:
+                    progress.update(1)
+
+    def summary(self) -> list[dict[str, Any]]:
+        rows = []
+        for r in self.rows.values():
+            d: dict[str, Any] = {"method": r.method, "point": r.point, "label": r.label,
+                                 "bpp": 8.0 * sum(r.n_bytes) / sum(r.pixels),
+                                 "bytes_mean": float(np.mean(r.n_bytes)),
+                                 "psnr": float(np.mean(r.psnr)), "msssim": float(np.mean(r.msssim))}
+            for t in self.tasks:
+                d[t] = ADAPTERS[t].score(self.refs[t], r.preds[t])
+            rows.append(d)
+        return rows
+
+
+def best_points(rows: list[dict[str, Any]], tasks: Sequence[str], frac: float = 0.95) -> dict[str, Any]:
+    """Per task and method: the lowest bpp whose headline score is ≥ ``frac`` (of the uncompressed
+    pipeline's, which is 1 by construction for agreement scores)."""
+    out: dict[str, Any] = {}
+    for t in tasks:
+        key = ADAPTERS[t].headline
+        per: dict[str, Any] = {}
+        for r in rows:
+            v = r[t].get(key)
+            if v is None or v != v or v < frac:
+                continue
+            if r["method"] not in per or r["bpp"] < per[r["method"]]["bpp"]:
+                per[r["method"]] = {"bpp": round(r["bpp"], 4), "label": r["label"], key: round(v, 4)}
+        out[t] = per
+    return out
+
+
+def format_table(rows: list[dict[str, Any]], tasks: Sequence[str]) -> str:
+    head = f"{'method':<8} {'point':>6} {'bpp':>7} {'PSNR':>6} {'MS-SSIM':>7}"
+    cols = {"detect": ("ap50", "AP50"), "segment": ("iou", "mIoU"), "landmarks": ("nme", "NME"),
+            "pose": ("oks", "OKS")}
+    for t in tasks:
+        head += f" {cols[t][1]:>7}"
+    if "detect" in tasks:
+        head += f" {'AP50:95':>7}"
+    if "landmarks" in tasks:
+        head += f" {'lm@.05':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        line = f"{r['method']:<8} {r['label']:>6} {r['bpp']:7.3f} {r['psnr']:6.2f} {r['msssim']:7.4f}"
+        for t in tasks:
+            line += f" {r[t][cols[t][0]]:7.3f}"
+        if "detect" in tasks:
+            line += f" {r['detect']['ap50_95']:7.3f}"
+        if "landmarks" in tasks:
+            line += f" {r['landmarks']['success_at_0.05']:7.3f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], tasks: Sequence[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("psnr", "PSNR (dB)"), ("msssim", "MS-SSIM")] + [(t, f"{t}: {ADAPTERS[t].headline}")
+                                                               for t in tasks]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels, strict=True):
+        for m in dict.fromkeys(r["method"] for r in rows):
+            pts = sorted((r["bpp"], r[key] if key in ("psnr", "msssim") else r[key][ADAPTERS[key].headline])
+                         for r in rows if r["method"] == m)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=m, ms=3)
+        ax.set_xscale("log")
+        ax.set_xlabel("bpp")
+        ax.set_title(label, fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", default="vision-image", help="an image bundle (build-bundle --image)")
+    p.add_argument("--bundles", help="bundles root (default $PALETTELINK_BUNDLES or ./bundles)")
+    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
+    p.add_argument("--levels", default=None, help="palette levels (default all)")
+    p.add_argument("--anchors", default="jpeg,webp,avif")
+    p.add_argument("--qualities", default=None, help="anchor qualities (default each codec's ladder)")
+    p.add_argument("--eval-set", action="store_true", help="the held-out evaluation set (train/data.py)")
+    p.add_argument("--images", nargs="*", default=[], help="image files/folders/videos")
+    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--out", type=Path, default=Path("bench-out/tasks"))
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _images(args: argparse.Namespace) -> list[tuple[str, np.ndarray]]:
+    from palettelink import capture
+    from palettelink.image import load_image
+    from palettelink.samples import sample_images
+
+    out: list[tuple[str, np.ndarray]] = []
+    if args.eval_set:
+        from palettelink.train import data
+
+        items = data.eval_images()
+        out += [(data.item_key(i), rgb) for i, rgb in zip(items, data.load_all_rgb(items), strict=True)]
+    elif not args.images:
+        out += [(p.name, load_image(p)) for p in sample_images()]
+    if args.images:
+        out += [(c.label, c.rgb) for c in capture.iter_frames(capture.expand(args.images), 1, None)]
+    return out[: args.max_images] if args.max_images else out
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    bundle = find_bundle(args.bundle, args.bundles)
+    fam = family_of(bundle)
+    if fam != "image":
+        raise InvalidRequest(f"bench-tasks scores image bundles; {bundle.id} is of family {fam!r} "
+                             "(use `palettelink bench` for split detectors)")
+    tasks = [t for t in args.tasks.split(",") if t]
+    bad = [t for t in tasks if t not in ADAPTERS]
+    if bad:
+        raise InvalidRequest(f"unknown task(s) {bad}; known: {list(ADAPTERS)}")
+    options: dict[str, Any] = {}
+    if args.levels:
+        options["palette_levels"] = [int(v) for v in args.levels.split(",")]
+    if args.qualities:
+        for fmt in ("jpeg", "webp", "avif"):
+            options[f"{fmt}_qualities"] = [int(v) for v in args.qualities.split(",")]
+    ctx = Context(bundle, Front(bundle), options)
+    methods = [make_method(n, ctx) for n in ["palette", *[a for a in args.anchors.split(",") if a]]]
+    runner = TaskRunner(bundle, methods, tasks)
+    images = _images(args)
+    t0 = time.perf_counter()
+    with tqdm(total=len(images) * sum(len(m.points()) for m in methods), unit="pt",
+              disable=args.no_progress) as bar:
+        for name, rgb in images:
+            runner.add_image(name, rgb, bar)
+    rows = runner.summary()
+    report = {"palettelink": __version__, "bundle": bundle.id, "tasks": tasks,
+              "reference": "each task model on the uncompressed original image",
+              "models": {t: task_model(bundle, t)[0] for t in tasks},  # type: ignore[index]
+              "images": runner.images, "seconds": round(time.perf_counter() - t0, 1),
+              "reference_counts": {t: rows[0][t].get("n_reference") for t in tasks} if rows else {},
+              "task_ms": {t: float(np.mean(v)) for t, v in runner.timing.items()},
+              "rows": rows, "lowest_bpp_at_0.95": best_points(rows, tasks)}
+    if args.eval_set:
+        from palettelink.train import data
+
+        report["sources"] = data.describe_sources(data.eval_images())
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench-tasks.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    title = f"{bundle.id}: {len(runner.images)} image(s)"
+    plot(rows, tasks, args.out / "tasks.png", title)
+    print(title)
+    print(format_table(rows, tasks))
+    for t, per in report["lowest_bpp_at_0.95"].items():
+        print(f"{t}: lowest bpp at ≥ 0.95 of uncompressed: "
+              + (", ".join(f"{m} {v['bpp']} ({v['label']})" for m, v in per.items()) or "none"))
+    print(f"wrote {args.out / 'bench-tasks.json'} and {args.out / 'tasks.png'}")
+    return 0
