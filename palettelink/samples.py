@@ -5,7 +5,8 @@ Importing ultralytics writes a settings file and prints a banner to stdout on fi
 that captures stdout (the demo script did) must never import it to find a path. ``find_spec`` only
 locates the package.
 
-    python -m palettelink.samples      # one absolute path per line
+    python -m palettelink.samples            # one absolute path per line
+    python -m palettelink.samples --face DIR # scikit-image's astronaut (a face) written to DIR
 """
 
 from __future__ import annotations
@@ -31,7 +32,30 @@ def sample_images() -> list[Path]:
     return [] if assets is None else sorted(p for p in (assets / n for n in SAMPLE_NAMES) if p.is_file())
 
 
+def face_sample(folder: Path) -> Path | None:
+    """scikit-image's ``astronaut`` (a face, for the landmarks task) as DIR/astronaut.png; None when
+    scikit-image is not installed."""
+    try:
+        from skimage import data
+    except ImportError:
+        return None
+    from PIL import Image
+
+    path = Path(folder) / "astronaut.png"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(data.astronaut()).save(path)
+    return path
+
+
 def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--face":
+        face = face_sample(Path(sys.argv[2]))
+        if face is None:
+            print("palettelink.samples: scikit-image is not installed (no face sample)", file=sys.stderr)
+            return 2
+        print(face)
+        return 0
     paths = sample_images()
     if not paths:
         print("palettelink.samples: ultralytics is not installed (no sample images)", file=sys.stderr)

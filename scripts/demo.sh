@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# PaletteLink end to end on this machine: set up, build the bundle if missing, start the server, stream
-# the two sample images through the edge client at 8, 6 and 4 bits (baseline) and at three palette
-# levels plus a bpp target (palette codec), stop the server.
+# PaletteLink end to end on this machine: set up, build the bundles if missing, start the server, then
+# stream the sample images through the edge client:
+#   - COCO detection (the default: the image bundle, vision-image) at three palette levels and a bpp
+#     target, then each other task of that one stream once: segment, landmarks, pose, preview;
+#   - the person/fall detector (fall-yolov8, a YOLO split) at 8 bits (baseline) and palette levels 0, 2.
 #
 #   bash scripts/demo.sh
 set -euo pipefail
@@ -12,11 +14,16 @@ bash scripts/setup.sh
 . "${VENV:-.venv}/bin/activate"
 
 ROOT=${PALETTELINK_BUNDLES:-bundles}
-BUNDLE=fall-yolov8
-has_palette() { grep -q '"palette"' "$ROOT/$BUNDLE/1/manifest.json" 2>/dev/null; }
-if [[ ! -f $ROOT/$BUNDLE/1/manifest.json ]] || { [[ -f assets/codecs/$BUNDLE/codec.json ]] && ! has_palette; }; then
-  echo "demo: building bundle $ROOT/$BUNDLE/1 (front, tail and the trained palette codec)"
+COCO=vision-image
+FALL=fall-yolov8
+has_palette() { grep -q '"palette"' "$ROOT/$1/1/manifest.json" 2>/dev/null; }
+if [[ ! -f $ROOT/$FALL/1/manifest.json ]] || { [[ -f assets/codecs/$FALL/codec.json ]] && ! has_palette "$FALL"; }; then
+  echo "demo: building bundle $ROOT/$FALL/1 (front, tail and the trained palette codec)"
   palettelink build-bundle --out "$ROOT" --force
+fi
+if [[ ! -f $ROOT/$COCO/1/manifest.json ]]; then
+  echo "demo: building bundle $ROOT/$COCO/1 (the image codec and the model zoo's task models)"
+  palettelink build-bundle --image --out "$ROOT" --force
 fi
 palettelink info --bundles "$ROOT"
 
@@ -61,23 +68,41 @@ if ((${#samples[@]} < 2)); then
   echo "demo: sample images not found (is ultralytics installed in ${VENV:-.venv}?)" >&2
   exit 1
 fi
-for bits in 8 6 4; do
+work=$(mktemp -d -t palettelink-demo.XXXXXX)
+face=$(python -m palettelink.samples --face "$work")
+edge() { palettelink-edge --server "$grpc" --bundles "$ROOT" "$@"; }
+
+for level in 0 2 4; do
   echo
-  echo "== baseline codec, $bits bits per value =="
-  palettelink-edge --server "$grpc" --bundle "$BUNDLE" --bundles "$ROOT" --codec baseline --bits "$bits" \
-    "${samples[@]}"
+  echo "== COCO detection ($COCO), palette level $level (0 = finest) =="
+  edge --bundle "$COCO" --level "$level" "${samples[@]}"
 done
-if has_palette; then
-  for level in 0 2 4; do
+echo
+echo "== COCO detection ($COCO), rate control: --target-bpp 0.05 (finest level within the budget) =="
+edge --bundle "$COCO" --target-bpp 0.05 "${samples[@]}"
+echo
+echo "== segment ($COCO), palette level 0: person masks =="
+edge --bundle "$COCO" --task segment --level 0 "${samples[@]}"
+echo
+echo "== landmarks ($COCO), palette level 0: faces and their 468 points =="
+edge --bundle "$COCO" --task landmarks --level 0 "$face"
+echo
+echo "== pose ($COCO), palette level 0: 17 keypoints per person =="
+edge --bundle "$COCO" --task pose --level 0 "${samples[@]}"
+echo
+echo "== preview ($COCO), palette level 0: the picture rebuilt from the same stream =="
+edge --bundle "$COCO" --task preview --level 0 --preview "$work/previews" "${samples[@]}"
+echo "demo: previews written to $work/previews"
+
+echo
+echo "== fall detector ($FALL), baseline codec, 8 bits per value =="
+edge --bundle "$FALL" --codec baseline --bits 8 "${samples[@]}"
+if has_palette "$FALL"; then
+  for level in 0 2; do
     echo
-    echo "== palette codec, level $level (0 = finest) =="
-    palettelink-edge --server "$grpc" --bundle "$BUNDLE" --bundles "$ROOT" --codec palette --level "$level" \
-      "${samples[@]}"
+    echo "== fall detector ($FALL), palette codec, level $level (0 = finest) =="
+    edge --bundle "$FALL" --codec palette --level "$level" "${samples[@]}"
   done
-  echo
-  echo "== palette codec, rate control: --target-bpp 0.03 (finest level within the budget) =="
-  palettelink-edge --server "$grpc" --bundle "$BUNDLE" --bundles "$ROOT" --codec palette --target-bpp 0.03 \
-    "${samples[@]}"
 fi
 echo
-echo "demo: done (try: palettelink bench --bundles $ROOT)"
+echo "demo: done (try: palettelink bench-tasks --bundles $ROOT; the dashboard: palettelink-server)"

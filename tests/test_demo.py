@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FRAME = re.compile(r"^(\S+\.jpg)\s+[\d,]+ B\s+[\d.]+ bpp\s+(\S+)")
+FRAME = re.compile(r"^(\S+\.(?:jpg|png))\s+[\d,]+ B\s+[\d.]+ bpp\s+(\S+)")
 BOX = re.compile(r"^\s+(\S+)\s+([\d.]+)\s+\[")
 
 
@@ -35,7 +35,7 @@ def parse(stdout: str) -> dict[tuple[str, str], Counter[str]]:
     section, current = "", None
     for line in stdout.splitlines():
         if line.startswith("== "):
-            section = line.strip("= ").split(" (")[0]
+            section = line.strip("= ").split(" (0 = finest)")[0]
         elif m := FRAME.match(line):
             current = out.setdefault((section, Path(m.group(1)).name), Counter())
         elif (m := BOX.match(line)) and current is not None:
@@ -57,9 +57,23 @@ def test_demo_runs_first_time_with_a_fresh_home(demo: subprocess.CompletedProces
 
 def test_demo_palette_rows_name_the_reference_classes(demo: subprocess.CompletedProcess[str]) -> None:
     rows = parse(demo.stdout)
-    reference = {img: set(c) for (sec, img), c in rows.items() if sec == "baseline codec, 8 bits per value"}
+    fall = "fall detector (fall-yolov8)"
+    base = f"{fall}, baseline codec, 8 bits per value"
+    reference = {img: set(c) for (sec, img), c in rows.items() if sec == base}
     assert set(reference) == {"bus.jpg", "zidane.jpg"}, rows
-    palette = {k: set(c) for k, c in rows.items() if k[0].startswith("palette codec")}
-    assert {sec for sec, _ in palette} >= {"palette codec, level 0", "palette codec, level 4"}, rows
+    palette = {k: set(c) for k, c in rows.items() if k[0].startswith(f"{fall}, palette codec")}
+    want = {f"{fall}, palette codec, level 0", f"{fall}, palette codec, level 2"}
+    assert {sec for sec, _ in palette} >= want, rows
     for (section, img), classes in palette.items():
         assert classes == reference[img], f"{section} on {img}: {classes} vs uncompressed {reference[img]}"
+
+
+def test_demo_runs_every_task_of_the_coco_stream(demo: subprocess.CompletedProcess[str]) -> None:
+    rows = parse(demo.stdout)
+    coco = rows[("COCO detection (vision-image), palette level 0", "bus.jpg")]
+    assert coco["bus"] >= 1 and coco["person"] >= 2, coco
+    for task in ("segment", "landmarks", "pose", "preview"):
+        assert any(sec.startswith(f"{task} (vision-image)") for sec, _ in rows), (task, sorted(rows))
+    faces = rows[("landmarks (vision-image), palette level 0: faces and their 468 points", "astronaut.png")]
+    assert faces["face"] == 1, faces
+    assert "mask " in demo.stdout and "preview " in demo.stdout and " ERROR " not in demo.stdout
