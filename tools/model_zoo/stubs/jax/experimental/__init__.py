@@ -1,0 +1,1 @@
+"""Stub package: see jax2tf."""

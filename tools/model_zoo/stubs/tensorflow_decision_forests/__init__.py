@@ -1,0 +1,1 @@
+"""Stub: tensorflowjs imports it at module load; the graph-model conversion never calls it."""
