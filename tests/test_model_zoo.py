@@ -122,7 +122,7 @@ def test_registry_helpers() -> None:
     names = zoo.class_names("centernet")
     assert names[:2] == ["person", "bicycle"] and len(names) == 80
     assert zoo.input_spec("centernet") == {"name": "tower_0/images:0", "shape": [1, 512, 512, 3],
-                                           "dtype": "float32", "layout": "NHWC", "size": 512,
+                                           "dtype": "float32", "layout": "nhwc", "size": 512,
                                            "scale": 255.0, "offset": 0.0}
     assert zoo.input_spec("facemesh-detection-short")["scale"] == 2.0
     assert zoo.input_spec("nope") is None

@@ -147,7 +147,7 @@ def class_names(name: str) -> list[str]:
 
 def input_spec(name: str) -> dict[str, Any] | None:
     """The input contract of a zoo model for code that feeds it a [0, 1] image tensor:
-    ``size`` (square side, or None), ``layout`` (NHWC/NCHW), ``scale``/``offset`` (model value =
+    ``size`` (square side, or None), ``layout`` ("nhwc"/"nchw"), ``scale``/``offset`` (model value =
     x01 * scale + offset), ``dtype``, ``name``, ``shape``. None for a name the zoo does not know."""
     try:
         i = entry(name)["input"]
@@ -156,7 +156,7 @@ def input_spec(name: str) -> dict[str, Any] | None:
     lo, hi = (float(v) for v in i["range"].split(".."))
     shape = list(i["shape"])
     size = shape[1] if shape[1] == shape[2] and shape[1] > 0 else None
-    return {"name": i["name"], "shape": shape, "dtype": i["dtype"], "layout": i["layout"].split()[0],
+    return {"name": i["name"], "shape": shape, "dtype": i["dtype"], "layout": i["layout"].split()[0].lower(),
             "size": size, "scale": hi - lo, "offset": lo}
 
 
