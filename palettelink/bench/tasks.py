@@ -349,7 +349,18 @@ def _images(args: argparse.Namespace) -> list[tuple[str, np.ndarray]]:
         out += [(p.name, load_image(p)) for p in sample_images()]
     if args.images:
         out += [(c.label, c.rgb) for c in capture.iter_frames(capture.expand(args.images), 1, None)]
-    return out[: args.max_images] if args.max_images else out
+    if args.max_images and len(out) > args.max_images:  # spread over every source, not the first ones
+        keep = np.unique(np.linspace(0, len(out) - 1, args.max_images).round().astype(int))
+        out = [out[int(i)] for i in keep]
+    if args.eval_set or not args.images:  # a face no training source holds (scikit-image's astronaut)
+        import tempfile
+
+        from palettelink.samples import face_sample
+
+        face = face_sample(Path(tempfile.gettempdir()) / "palettelink-samples")
+        if face is not None:
+            out.append((face.name, load_image(face)))
+    return out
 
 
 def run(args: argparse.Namespace) -> int:

@@ -230,7 +230,7 @@ def build_onnx_bundle(model: str | Path, cut: str | list[str] = "auto", out_root
             "split": {"after_layer": plan.front_nodes, "cut": list(plan.cut), "tensors": [
                 {"name": c.name, "layer": i, "shape": list(c.shape)} for i, c in enumerate(plan.crossing)]},
             "front": {"file": "front.onnx", "input": "images", "outputs": names},
-            "tail": {"file": "tail.onnx", "outputs": list(plan.outputs), "verified_max_abs_diff": diff},
+            "tail": {"file": "tail.onnx", "outputs": list(plan.outputs), "verified_max_rel_diff": diff},
             "task_models": {task: {"model": zoo_model, "file": "tail.onnx"}},
             "codecs": {"baseline": {"levels": list(range(2, 9)), "param": "bits"}},
             "tables": [], "sides": {"edge": ["front.onnx"]},
