@@ -97,7 +97,8 @@ def build_bundle(weights: str | Path | None = None, out_root: str | Path | None 
 
 IMAGE_NAME = "vision-image"
 # task → model-zoo model that runs it on the image bundle's rebuilt image x̂ (palettelink/models/zoo)
-IMAGE_TASK_MODELS = {"detect": "centernet", "segment": "selfie", "landmarks": "facemesh", "pose": "movenet"}
+IMAGE_TASK_MODELS = {"detect": "centernet", "segment": "selfie", "landmarks": "facemesh",
+                     "pose": "movenet-multipose"}  # multipose: a real per-person score, up to 6 people
 DEFAULT_IMAGE_ASSETS = DEFAULT_ASSETS / "image-512"
 
 
@@ -139,9 +140,10 @@ def _copy_zoo_models(tmp: Path, names: dict[str, str]) -> dict[str, dict[str, st
     (tmp / "models").mkdir(exist_ok=True)
     out = {}
     for task, model in names.items():
-        src = zoo.verified_file(model)
-        shutil.copyfile(src, tmp / "models" / src.name)
-        out[task] = {"model": model, "file": f"models/{src.name}"}
+        files = zoo.files_of(model)  # the main file first; the face mesh also needs its detector
+        for src in files:
+            shutil.copyfile(src, tmp / "models" / src.name)
+        out[task] = {"model": model, "file": f"models/{files[0].name}"}
     return out
 
 
