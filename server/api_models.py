@@ -23,6 +23,22 @@ class BoxModel(_Open):
     score: float
 
 
+class MaskModel(_Open):
+    """Run-length counts over the frame, row-major, starting with a run of zeros."""
+
+    width: int
+    height: int
+    counts: list[int]
+    class_id: int = 0
+    score: float = 0.0
+
+
+class LandmarksModel(_Open):
+    points: list[list[float]]
+    scheme: str = ""
+    score: float = 0.0
+
+
 class LevelModel(_Open):
     level: int
     palette_size: int = 0
@@ -84,8 +100,10 @@ class FrameErrorModel(_Open):
 
 
 class FrameSummaryModel(_Open):
-    """One entry of the recent-frames list: a success (codec … timings) or an ``error``."""
+    """One entry of the recent-frames list: a success (codec … timings) or an ``error``. ``key``
+    names the frame (and its picture at ``preview_url`` while the store holds it)."""
 
+    key: int | None = None
     time: float
     client: str
     frame_id: int
@@ -98,15 +116,23 @@ class FrameSummaryModel(_Open):
     truncated: bool | None = None
     image: list[int] | None = None
     boxes: int | None = None
+    masks: int | None = None
+    landmarks: int | None = None
     batch: int | None = None
     detections: list[list[str | float]] | None = None
     timings: dict[str, float] | None = None
     error: FrameErrorModel | None = None
+    preview: bool = False
+    preview_url: str | None = None
 
 
 class LastFrameModel(_Open):
+    """A stream's newest frame with what its task returned (bounded), and its picture if stored."""
+
     time: float
+    key: int | None = None
     frame_id: int
+    task: str | None = None
     codec: str
     level: int
     bytes: int
@@ -114,6 +140,10 @@ class LastFrameModel(_Open):
     width: int
     height: int
     boxes: list[BoxModel]
+    masks: list[MaskModel] = []
+    landmarks: list[LandmarksModel] = []
+    preview: bool = False
+    preview_url: str | None = None
 
 
 class StreamSeriesModel(_Open):
@@ -149,6 +179,11 @@ class TryResultModel(_Open):
     target_bpp: float | None = None
     warning: str | None = None  # the target was below the coarsest level
     boxes: list[BoxModel]
+    masks: list[MaskModel] = []
+    landmarks: list[LandmarksModel] = []
+    key: int | None = None  # the frame in /api/frames
+    preview: bool = False
+    preview_url: str | None = None  # the rebuilt picture (asked with want_preview)
 
 
 class TryModel(_Open):
@@ -181,20 +216,6 @@ class BenchModel(_Open):
     metric: str = ""
     images: int | None = None
     curves: list[BenchCurveModel]
-
-
-class MaskModel(_Open):
-    width: int
-    height: int
-    counts: list[int]
-    class_id: int = 0
-    score: float = 0.0
-
-
-class LandmarksModel(_Open):
-    points: list[list[float]]
-    scheme: str = ""
-    score: float = 0.0
 
 
 class TaskOutputModel(_Open):

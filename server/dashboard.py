@@ -3,8 +3,10 @@ under ``server/static/``, served by the app, nothing from a CDN), *Try it* (an u
 with the edge's own encoder and answered by the same :class:`~server.service.Service`), and the
 rate–accuracy curves of a bench JSON.
 
-Pages: ``/`` Live (open streams over SSE with sparklines), ``/frame`` Frame view (the newest frame's
-boxes), ``/try`` Try it, ``/rate`` Rate–accuracy. See the README's *Dashboard* section.
+Pages: ``/`` Live (open streams over SSE with sparklines), ``/frame`` Frame view (the newest frame:
+the picture the server rebuilt when the stream asked for a preview, else a neutral canvas, with its
+masks, boxes, landmarks and keypoints), ``/try`` Try it, ``/rate`` Rate–accuracy. See the README's
+*Dashboard* section.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from palettelink.errors import InvalidRequest, ServiceUnavailable
 from palettelink.image import decode_image
 from palettelink.ratecontrol import FixedLevel, LevelCoder, TargetBpp
 from server import __version__
-from server.service import Service
+from server.service import Service, output_json
 
 REPO_BENCH = Path(__file__).resolve().parents[1] / "docs" / "results" / "bench-eval.json"
 REFERENCE = ("baseline", 8)  # "uncompressed": 8-bit features, what the bench's baseline/8 measures
@@ -68,29 +70,35 @@ over the last 60 frames; sparklines show those 60 frames.</p></section>
 <th>classes</th><th>codecs and levels</th><th>table hash</th></tr></thead><tbody></tbody></table></div>
 </section>
 <section><h2>Recent frames</h2><div class="scroll"><table id="frames"><thead><tr><th>time</th><th>client</th>
-<th>frame</th><th>bundle</th><th>codec/level</th><th class="n">bytes</th><th class="n">bpp</th>
+<th>frame</th><th>bundle · task</th><th>codec/level</th><th class="n">bytes</th><th class="n">bpp</th>
 <th class="n">boxes</th><th>detections</th><th class="n">decode</th><th class="n">queue</th>
 <th class="n">task</th><th class="n">total ms</th><th>status</th></tr></thead><tbody></tbody></table></div>
 </section>"""
 
 FRAME = """<section><h2>Latest frame <select id="stream"></select></h2>
-<p class="note">Pixels are not sent: the protocol carries features, not images, so boxes are drawn on a
-neutral canvas of the frame's size. A decoded preview arrives with a future generator.</p>
+<p class="note">Feature streams carry no pixels: their results are drawn on a neutral canvas of the frame's
+size. A stream of an image bundle that asks for a preview (<code>want_preview</code>, the edge's
+<code>--preview</code>) shows the picture the server rebuilt from it, under its masks, boxes and
+keypoints; the server keeps the last few such pictures in memory.</p>
 <div class="frame-row"><svg id="frame" class="canvas" viewBox="0 0 640 360" role="img"
 aria-label="latest frame with its boxes"></svg><div id="frame-info" class="muted">no stream yet</div></div>
 </section>"""
 
 TRY = """<section><h2>Try it</h2>
 <form id="try-form"><label>image <input type="file" id="try-file" accept="image/*" required></label>
-<label>bundle <select id="try-bundle"></select></label> <label>codec <select id="try-codec"></select></label>
+<label>bundle <select id="try-bundle"></select></label> <label>task <select id="try-task"></select></label>
+<label>codec <select id="try-codec"></select></label>
 <label>level <select id="try-level"></select></label>
 <label>or target bpp <input type="number" id="try-bpp" min="0.001" step="any" placeholder="level"
 size="6"></label>
+<label title="show the picture the server rebuilt from the coded stream (image bundles)"><input
+type="checkbox" id="try-preview"> preview</label>
 <button type="submit">Encode and analyse</button>
 </form>
 <p class="muted">The server codes the image with the edge's own encoder (the bundle's front and codec),
 decodes it and runs the task, and does the same at baseline 8 bits as the uncompressed reference.
-Nothing is stored.</p>
+Results are drawn over your upload, or with <i>preview</i> over the picture the server rebuilt (kept in
+memory with the last few previews). Nothing is written to disk.</p>
 <div id="try-error" class="err"></div>
 <div id="try-out" class="pair"></div></section>"""
 
@@ -156,9 +164,10 @@ class TryIt:
             return self._encoders[key]
 
     def _one(self, lb: Any, task: str, rgb: Any, codec: str, level: int | None,
-             target_bpp: float | None = None) -> dict[str, Any]:
+             target_bpp: float | None = None, want_preview: bool = False) -> dict[str, Any]:
         """Code ``rgb`` at ``level``, or at the finest level within ``target_bpp`` (the edge's own rate
-        control, :class:`~palettelink.ratecontrol.LevelCoder`), and answer it through the service."""
+        control, :class:`~palettelink.ratecontrol.LevelCoder`), and answer it through the service
+        (with ``want_preview`` the picture the server rebuilt goes to its preview store)."""
         enc, lock = self._encoder(lb.bundle, codec)
         if target_bpp is None and level not in enc.levels():
             raise InvalidRequest(f"codec {codec} of bundle {lb.bundle.id} has levels {enc.levels()}, "
@@ -169,14 +178,16 @@ class TryIt:
         with lock:
             coded = coder.encode(rgb)
         encode_ms = (time.perf_counter() - t0) * 1e3
-        r = self.service.analyze(lb.bundle.id, task, coded.encoded.payload, client=TRY_CLIENT)
+        key, r = self.service.analyze_keyed(lb.bundle.id, task, coded.encoded.payload, want_preview,
+                                            client=TRY_CLIENT)
         return {"codec": r.codec, "level": r.level, "bytes": r.payload_bytes, "bpp": r.bpp,
                 "encode_ms": encode_ms, "server_ms": r.timings.total_ms, "target_bpp": target_bpp,
                 "warning": coded.choice.warning if coded.choice else None,
-                "boxes": [asdict(b) for b in r.output.boxes]}
+                **output_json(r.output), "boxes": [asdict(b) for b in r.output.boxes],  # all boxes
+                **(self.service.with_preview({"key": key}) or {})}  # key, preview, preview_url
 
     def run(self, data: bytes, bundle: str, task: str, codec: str, level: int | None,
-            target_bpp: float | None = None) -> dict[str, Any]:
+            target_bpp: float | None = None, want_preview: bool = False) -> dict[str, Any]:
         if level is not None and target_bpp is not None:
             raise InvalidRequest("give a level or a target bpp, not both")
         lb = self.service.resolve(bundle)
@@ -192,11 +203,12 @@ class TryIt:
         rgb = decode_image(data, "upload", self.service.max_pixels)
         if level is None and target_bpp is None:
             level = self._encoder(lb.bundle, codec)[0].levels()[0]
-        result = self._one(lb, task, rgb, codec, level, target_bpp)
+        result = self._one(lb, task, rgb, codec, level, target_bpp, want_preview)
         ref_codec, ref_level = REFERENCE
         if ref_codec in offered:
-            reference = self._one(lb, task, rgb, ref_codec, ref_level)
+            reference = self._one(lb, task, rgb, ref_codec, ref_level, want_preview=want_preview)
         else:  # a bundle without the baseline codec: its finest level is the reference
-            reference = self._one(lb, task, rgb, codec, self._encoder(lb.bundle, codec)[0].levels()[0])
+            reference = self._one(lb, task, rgb, codec, self._encoder(lb.bundle, codec)[0].levels()[0],
+                                  want_preview=want_preview)
         return {"bundle": lb.bundle.id, "task": task, "width": int(rgb.shape[1]), "height": int(rgb.shape[0]),
                 "image_bytes": len(data), "result": result, "reference": reference}

@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -39,7 +40,7 @@ from server import api_models as m
 from server.auth import SESSION_TTL_S, TokenAuth
 from server.dashboard import TryIt, bench_curves, render
 from server.errors import ErrorCounter, clip, http_error, http_status
-from server.service import Service, check_name
+from server.service import PREVIEW_PATH, Service, check_name
 
 STATIC = Path(__file__).with_name("static")
 LIVE_PERIOD_S = 1.0  # how often /api/live sends the streams
@@ -229,8 +230,17 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
 
     @app.get("/api/frames", response_model=list[m.FrameSummaryModel], response_model_exclude_none=True)
     def frames(limit: int = Query(50, ge=0, le=1000)) -> list[dict[str, Any]]:
-        """Recent frames, newest first (successes and errors)."""
+        """Recent frames, newest first (successes and errors); ``key`` names each, and ``preview_url``
+        its rebuilt picture while the preview store keeps it."""
         return service.recent_frames(limit)
+
+    @app.get(PREVIEW_PATH, response_class=Response,
+             responses={200: {"content": {"image/jpeg": {}}, "description": "the rebuilt picture"},
+                        404: {"description": "not asked for, or no longer kept (error JSON)"}})
+    def frame_preview(key: int = PathParam(ge=0, le=MAX_FRAME_ID)) -> Response:
+        """The picture the server rebuilt for frame ``key`` of ``/api/frames`` (asked for with
+        ``want_preview``), while the preview store's bound keeps it; else 404."""
+        return Response(service.preview(key), media_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
     @app.get("/api/streams", response_model=m.StreamsModel)
     def streams() -> dict[str, Any]:
@@ -259,16 +269,19 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
                   "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
     async def try_image(request: Request, bundle: str = "", task: str = "", codec: str = "",
                         level: int | None = Query(None, ge=0, le=255),
-                        target_bpp: float | None = Query(None, gt=0, le=1000)) -> dict[str, Any]:
+                        target_bpp: float | None = Query(None, gt=0, le=1000),
+                        want_preview: bool = False) -> dict[str, Any]:
         """Body: an image file (PNG, JPEG, BMP, WebP, TIFF). The server codes it with the edge's encoder
         (``codec`` at ``level``, or at the finest level within ``target_bpp``; default the bundle's codec at
-        its finest level), decodes it and runs the
-        task, and the same at baseline 8 bits as the reference. Nothing is written to disk; not an
-        image, too many pixels (checked from the header), unknown bundle, codec or level: 4xx."""
+        its finest level), decodes it and runs ``task`` (default the bundle's own; the tasks of a bundle
+        are in ``/api/info``), and the same at baseline 8 bits as the reference. With ``want_preview``
+        each answer names the picture the server rebuilt (``preview_url``, kept in memory a while).
+        Nothing is written to disk; not an image, too many pixels (checked from the header), unknown
+        bundle, task, codec or level: 4xx."""
         for value, what in ((bundle, "bundle name"), (task, "task name"), (codec, "codec name")):
             check_name(value, what)
         data = await _read_body(request, max_body_bytes)
-        return await run_in_threadpool(try_it.run, data, bundle, task, codec, level, target_bpp)
+        return await run_in_threadpool(try_it.run, data, bundle, task, codec, level, target_bpp, want_preview)
 
     @app.get("/api/bench", response_model=m.BenchModel)
     def bench() -> dict[str, Any]:

@@ -13,8 +13,8 @@ import os
 import sys
 import threading
 import time
-from collections import deque
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +36,7 @@ from server import __version__
 from server.batching import Batcher
 from server.errors import clip
 from server.metrics import Metrics
-from server.results import FrameResult, Timings
+from server.results import FrameResult, TaskOutput, Timings
 from server.tasks import MODULES, make_runner, tasks_for
 
 log = logging.getLogger("palettelink.server")
@@ -262,7 +262,96 @@ class Admission:
 
 HISTORY = 60  # frames of each stream kept for the dashboard's rates and sparklines
 MAX_LAST_BOXES = 100
+# What of a frame's masks and landmarks the dashboard's JSON carries (the SSE event repeats it every
+# second for every open stream, so it stays bounded whatever a task returns).
+MAX_LAST_MASKS = 4
+MAX_MASK_RUNS = 20_000  # runs of one mask (a person at 1080p: a few thousand); noisier ones are left out
+MAX_LAST_LANDMARKS = 16  # landmark sets: faces (468 points each) or people (17 keypoints each)
+PREVIEW_FRAMES = 32  # the preview store's default bounds: pictures …
+PREVIEW_BYTES = 16 << 20  # … and bytes (a 1080p JPEG at quality 85 is ~0.2-0.4 MB)
+PREVIEW_PATH = "/api/frames/{key}/preview.jpg"  # where the HTTP app serves a stored preview
 _stream_ids = itertools.count(1)
+
+
+class PreviewGone(PaletteLinkError):
+    """No stored preview for that frame: none was asked for, or the store's bound evicted it."""
+
+    code = "NOT_FOUND"
+
+
+class PreviewStore:
+    """The rebuilt pictures (JPEG) of recent frames whose sender asked for one, for the dashboard.
+
+    Frames are named by the key of the recent-frames list. Bounded twice, oldest out first: at most
+    ``max_items`` pictures and ``max_bytes`` bytes (a picture larger than that is not kept). The
+    newest picture of each open stream (its ``owner``) goes last, so the live view can still fetch the
+    frame an event just named while other streams push faster than it polls. Thread-safe."""
+
+    def __init__(self, max_items: int = PREVIEW_FRAMES, max_bytes: int = PREVIEW_BYTES) -> None:
+        self.max_items = max(0, int(max_items))
+        self.max_bytes = max(0, int(max_bytes))
+        self._lock = threading.Lock()
+        self._items: OrderedDict[int, bytes] = OrderedDict()
+        self._newest: dict[Hashable, int] = {}  # owner (a stream) → key of its newest picture
+        self._bytes = 0
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
+
+    @property
+    def n_bytes(self) -> int:
+        return self._bytes
+
+    def put(self, key: int, jpeg: bytes, owner: Hashable | None = None) -> bool:
+        """Keep ``jpeg`` as frame ``key``'s picture, evicting the oldest over the bounds; True if kept."""
+        if not jpeg or len(jpeg) > self.max_bytes or self.max_items == 0:
+            return False
+        with self._lock:
+            old = self._items.pop(key, None)
+            self._bytes += len(jpeg) - (len(old) if old is not None else 0)
+            self._items[key] = bytes(jpeg)
+            if owner is not None:
+                self._newest[owner] = key
+            self._evict()
+            return key in self._items
+
+    def _evict(self) -> None:
+        def over() -> bool:
+            return len(self._items) > self.max_items or self._bytes > self.max_bytes
+
+        newest = set(self._newest.values())
+        for spare_newest in (True, False):  # a stream's newest only when the rest cannot make room
+            for k in list(self._items):
+                if not over():
+                    return
+                if spare_newest and k in newest:
+                    continue
+                self._bytes -= len(self._items.pop(k))
+                self.evicted += 1
+
+    def get(self, key: int) -> bytes | None:
+        with self._lock:
+            return self._items.get(key)
+
+    def release(self, owner: Hashable) -> None:
+        """``owner`` (a stream) closed: its newest picture ages like any other from now on."""
+        with self._lock:
+            self._newest.pop(owner, None)
+
+
+def output_json(out: TaskOutput) -> dict[str, Any]:
+    """A task output as the dashboard's JSON: boxes, masks (run-length counts as on the wire) and
+    landmark sets, each bounded (``MAX_LAST_*``); the preview goes to the :class:`PreviewStore`."""
+    masks = [{"width": mk.width, "height": mk.height, "counts": list(mk.counts), "class_id": mk.class_id,
+              "score": mk.score} for mk in out.masks[:MAX_LAST_MASKS] if len(mk.counts) <= MAX_MASK_RUNS]
+    landmarks = [{"scheme": ls.scheme, "score": ls.score,
+                  "points": [[round(float(x), 1), round(float(y), 1), round(float(v), 3)]
+                             for x, y, v in ls.points]} for ls in out.landmarks[:MAX_LAST_LANDMARKS]]
+    return {"boxes": [asdict(b) for b in out.boxes[:MAX_LAST_BOXES]], "masks": masks, "landmarks": landmarks}
 
 
 @dataclass
@@ -294,16 +383,17 @@ class StreamSession:
         self.frames += 1
         self.n_bytes += len(payload)
         try:
-            r = self.service.analyze(self.bundle, self.task, payload, self.want_preview,
-                                     frame_id=frame_id, client=self.client, edge=edge, admit=not admitted)
+            key, r = self.service.analyze_keyed(self.bundle, self.task, payload, self.want_preview,
+                                                frame_id=frame_id, client=self.client, edge=edge,
+                                                admit=not admitted, preview_owner=self.sid)
         except Exception:
             self.errors += 1
             raise
         now = time.time()
         self.history.append((now, r.payload_bytes, r.codec, r.level, r.timings.total_ms))
-        self.last = {"time": now, "frame_id": frame_id, "codec": r.codec, "level": r.level,
-                     "bytes": r.payload_bytes, "bpp": r.bpp, "width": r.image_width,
-                     "height": r.image_height, "boxes": [asdict(b) for b in r.output.boxes[:MAX_LAST_BOXES]]}
+        self.last = {"time": now, "key": key, "frame_id": frame_id, "task": r.task, "codec": r.codec,
+                     "level": r.level, "bytes": r.payload_bytes, "bpp": r.bpp, "width": r.image_width,
+                     "height": r.image_height, **output_json(r.output)}
         return r
 
     def stats(self, window_s: float = 10.0) -> dict[str, Any]:
@@ -325,7 +415,7 @@ class StreamSession:
                 "fps": (len(recent) - 1) / span if span > 0 else None,
                 "latency_p50_ms": pct(0.5), "latency_p95_ms": pct(0.95),
                 "series": {"kbit": [h[1] * 8 / 1e3 for h in hist], "level": [h[3] for h in hist]},
-                "last": self.last}
+                "last": self.service.with_preview(self.last)}
 
 
 class Service:
@@ -345,7 +435,8 @@ class Service:
                  shed_latency_ms: float = 2000.0,
                  stream_idle_timeout: float = 60.0, header_timeout: float = 5.0,
                  max_pixels: int = 1 << 26, recent_frames: int = 200, warmup: bool = True,
-                 verify: bool = True) -> None:
+                 verify: bool = True, preview_frames: int = PREVIEW_FRAMES,
+                 preview_bytes: int = PREVIEW_BYTES) -> None:
         self.root = Path(bundles_root)
         self.names = list(bundles) if bundles else None
         self.device = device
@@ -367,6 +458,9 @@ class Service:
         self._ready = threading.Event()
         self._lock = threading.Lock()
         self._recent: deque[dict[str, Any]] = deque(maxlen=recent_frames)
+        self._frame_keys = itertools.count(1)  # names each frame of the recent list (and its preview)
+        # The pictures of recent frames whose sender asked for one (want_preview, or task preview).
+        self.previews = PreviewStore(preview_frames, preview_bytes)
         self._streams: dict[int, StreamSession] = {}
         self._closed: deque[dict[str, Any]] = deque(maxlen=8)  # the dashboard's recently closed streams
         self.slots = StreamSlots(max_streams, max_streams_per_client)
@@ -485,17 +579,28 @@ class Service:
         """Decode one coded frame and run ``task`` on it (``""`` = the bundle's own task). With
         ``admit`` the frame first passes admission control (refused at once when the server is full);
         without, the caller admitted it and :meth:`Admission.done` is called here either way."""
+        return self.analyze_keyed(bundle, task, payload, want_preview, frame_id=frame_id, client=client,
+                                  edge=edge, admit=admit)[1]
+
+    def analyze_keyed(self, bundle: str, task: str, payload: bytes, want_preview: bool = False, *,
+                      frame_id: int = 0, client: str = "", edge: EdgeReport | None = None,
+                      admit: bool = True, preview_owner: Hashable | None = None) -> tuple[int, FrameResult]:
+        """:meth:`analyze`, also returning the frame's key in the recent-frames list (which names its
+        stored preview, if any). ``preview_owner``: the stream whose newest picture this is."""
         if admit:
             self.admission.admit()
         t0 = time.perf_counter()
         try:
-            return self._analyze(bundle, task, payload, want_preview, frame_id, client, edge, t0)
+            return self._analyze(bundle, task, payload, want_preview, frame_id, client, edge, t0,
+                                 preview_owner)
         finally:
             self.admission.done(time.perf_counter() - t0)
 
     def _analyze(self, bundle: str, task: str, payload: bytes, want_preview: bool, frame_id: int,
-                 client: str, edge: EdgeReport | None, t0: float) -> FrameResult:
-        summary: dict[str, Any] = {"time": time.time(), "client": clip(client, 2 * MAX_NAME + 1),
+                 client: str, edge: EdgeReport | None, t0: float,
+                 preview_owner: Hashable | None = None) -> tuple[int, FrameResult]:
+        key = next(self._frame_keys)
+        summary: dict[str, Any] = {"key": key, "time": time.time(), "client": clip(client, 2 * MAX_NAME + 1),
                                    "frame_id": frame_id, "bundle": clip(bundle, MAX_NAME),
                                    "task": clip(task, MAX_NAME), "bytes": len(payload)}
         try:
@@ -547,12 +652,17 @@ class Service:
                 lag = time.time() - edge.capture_time_us / 1e6
                 if 0 <= lag < 3600:  # clocks of edge and server disagree otherwise; do not record junk
                     m.e2e.labels(bid).observe(lag)
+        # Only a picture somebody asked for is kept: the sender set want_preview, or ran the task
+        # whose one result is the picture. Another task's runner may rebuild x̂ without it.
+        if (want_preview or task == "preview") and br.output.preview_jpeg:
+            self.previews.put(key, br.output.preview_jpeg, preview_owner)
         summary.update(codec=decoded.codec, level=decoded.level, bpp=bpp, truncated=decoded.truncated,
-                       image=[w, h], boxes=len(br.output.boxes), batch=br.batch_size,
+                       image=[w, h], boxes=len(br.output.boxes), masks=len(br.output.masks),
+                       landmarks=len(br.output.landmarks), batch=br.batch_size,
                        detections=[[b.class_name, round(b.score, 3)] for b in br.output.boxes[:8]],
                        timings=asdict(result.timings))
         self._remember(summary)
-        return result
+        return key, result
 
     @contextmanager
     def open_stream(self, bundle: str, task: str, client: str = "", want_preview: bool = False, *,
@@ -585,6 +695,7 @@ class Service:
             yield session
         finally:
             closed = dict(session.stats(), closed=time.time())
+            self.previews.release(session.sid)
             with self._lock:
                 self._streams.pop(id(session), None)
                 self._closed.append(closed)
@@ -599,10 +710,31 @@ class Service:
             self._recent.append(summary)
 
     def recent_frames(self, limit: int = 50) -> list[dict[str, Any]]:
-        """Newest first."""
+        """Newest first, each saying whether its preview is still stored (``preview``, ``preview_url``)."""
         with self._lock:
             items = list(self._recent)
-        return items[::-1][: max(0, limit)]
+        return [self.with_preview(f) for f in items[::-1][: max(0, limit)]]
+
+    def with_preview(self, frame: dict[str, Any] | None) -> dict[str, Any] | None:
+        """A copy of a frame's JSON (a recent-frames entry, a stream's last frame) with ``preview``:
+        whether the store still holds its picture, and then ``preview_url``, where it is served."""
+        if frame is None:
+            return None
+        key = frame.get("key")
+        out = {k: v for k, v in frame.items() if k not in ("preview", "preview_url")}
+        out["preview"] = key is not None and key in self.previews
+        if out["preview"]:
+            out["preview_url"] = PREVIEW_PATH.format(key=key)
+        return out
+
+    def preview(self, key: int) -> bytes:
+        """The stored preview JPEG of frame ``key``, else :class:`PreviewGone` (HTTP 404)."""
+        jpeg = self.previews.get(key)
+        if jpeg is None:
+            raise PreviewGone(f"no preview of frame {key}: none was asked for (want_preview) or the "
+                              f"store (the newest {self.previews.max_items} pictures, "
+                              f"{self.previews.max_bytes >> 20} MiB) no longer holds it")
+        return jpeg
 
     def streams(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -616,7 +748,8 @@ class Service:
         with self._lock:
             sessions = list(self._streams.values())
             closed = list(self._closed)[::-1]
-        return {"open": [s.stats() for s in sessions], "closed": closed}
+        return {"open": [s.stats() for s in sessions],
+                "closed": [dict(c, last=self.with_preview(c.get("last"))) for c in closed]}
 
     def info(self) -> list[BundleInfo]:
         return [lb.info() for lb in self.bundles.values()]

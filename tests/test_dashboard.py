@@ -1,6 +1,7 @@
 """The dashboard's server side over a real uvicorn: pages and their local assets, per-stream stats over
 SSE, Try it (good uploads and every kind of bad one), the bench curves, offline /docs and the typed
-OpenAPI schema. The browser side is tests/test_dashboard_browser.py."""
+OpenAPI schema. The browser side is tests/test_dashboard_browser.py; the image bundle's tasks and
+previews are tests/test_dashboard_tasks.py."""
 
 from __future__ import annotations
 
@@ -91,6 +92,21 @@ def test_open_stream_stats_over_sse(http: httpx.Client, live_server, coded_frame
         t.join(30)
     closed = http.get("/api/streams").json()["closed"]
     assert any(c["id"] == s["id"] and c["closed"] for c in closed)
+
+
+def test_feature_frames_have_no_preview(http: httpx.Client, coded_frames) -> None:  # noqa: ANN001
+    """A feature bundle rebuilds no picture: asking for one stores nothing, and its URL is a 404 in the
+    error JSON. (The image bundle's previews: tests/test_dashboard_tasks.py.)"""
+    r = http.post("/api/analyze", params={"want_preview": "true", "frame_id": 4242},
+                  content=coded_frames["bus"])
+    assert r.status_code == 200 and r.json()["output"]["preview_jpeg"] == 0
+    (f,) = [f for f in http.get("/api/frames").json() if f["frame_id"] == 4242]
+    assert f["key"] > 0 and f["preview"] is False and "preview_url" not in f
+    assert f["masks"] == 0 and f["landmarks"] == 0
+    gone = http.get(f"/api/frames/{f['key']}/preview.jpg")
+    assert gone.status_code == 404 and gone.json()["error"]["status"] == "NOT_FOUND"
+    page = http.get("/frame").text
+    assert "want_preview" in page and "future generator" not in page
 
 
 def test_try_it(http: httpx.Client, images) -> None:  # noqa: ANN001

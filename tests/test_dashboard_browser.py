@@ -4,7 +4,9 @@ Selenium with the driver path given, so Selenium Manager downloads nothing).
 Streams frames coded by the edge encoder into the live server over gRPC, holds the stream open, and
 checks what the scripts render on each page at 1400 px: the stream row with its sparklines (Live), the
 boxes over the frame canvas (Frame view), the result of an upload (Try it), the curves (Rate–accuracy),
-and Swagger UI's operations (/docs, from local assets). Screenshots go to ``$PALETTELINK_ARTIFACTS``
+and Swagger UI's operations (/docs, from local assets). Over a second server with the image bundle
+(tests/test_dashboard_tasks.py builds it): the rebuilt picture under a mask and a pose's keypoints
+(Frame view), and Try it with a task and a preview. Screenshots go to ``$PALETTELINK_ARTIFACTS``
 (default ``test-artifacts/`` in the repository, ignored by git).
 """
 
@@ -135,7 +137,8 @@ def test_frame_view(browser, open_stream, artifacts: Path) -> None:  # noqa: ANN
     boxes = wait_for(browser, "#frame g.box", count=3)
     assert all(b.find_element("css selector", "text").text.split()[-1].startswith("0.") for b in boxes)
     assert browser.find_element("css selector", "#frame").get_dom_attribute("viewBox") == "0 0 810 1080"
-    assert "Pixels are not sent" in browser.find_element("css selector", ".note").text
+    assert "Feature streams carry no pixels" in browser.find_element("css selector", ".note").text
+    assert not browser.find_elements("css selector", "#frame image")  # the neutral canvas
     assert CLIENT in browser.find_element("css selector", "#stream").text
     fits(browser)
     shot(browser, artifacts, "frame")
@@ -190,6 +193,93 @@ def test_docs_offline(browser, live_server, artifacts: Path) -> None:  # noqa: A
     urls = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert urls and all(u.startswith(live_server.http_url) for u in urls), urls
     shot(browser, artifacts, "docs")
+
+
+# -- the image bundle's tasks: the rebuilt picture, masks, keypoints ------------------------------------
+
+NATURAL_SIZE = """const src = document.querySelector(arguments[0]).getAttribute("href");
+return new Promise(done => { const i = new Image(); i.onload = () => done([i.naturalWidth, i.naturalHeight]);
+                             i.onerror = () => done(null); i.src = src; });"""
+
+
+@pytest.fixture(scope="module")
+def image_server(tmp_path_factory: pytest.TempPathFactory, images):  # noqa: ANN001, ANN201
+    """A server over the image bundle (its tasks' results made known where the codec is a tiny one),
+    with a segment and a pose stream already run, each asking for the preview."""
+    from test_dashboard_tasks import coded_image, image_root, image_service, stream
+
+    from server.main import PaletteLinkServer
+
+    root, _ = image_root(tmp_path_factory)
+    srv = PaletteLinkServer(image_service(root))
+    srv.start()
+    srv.load()
+    bus = coded_image(srv.service.resolve("vision-image").bundle, images[0])
+    for task in ("segment", "pose"):
+        stream(srv.grpc_address, task, [bus], f"browser-{task}")
+    yield srv
+    srv.stop(grace=1.0)
+
+
+def choose_stream(driver, client: str) -> None:  # noqa: ANN001
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    WebDriverWait(driver, 15).until(lambda d: client in d.find_element("css selector", "#stream").text)
+    pick = Select(driver.find_element("css selector", "#stream"))
+    pick.select_by_value(next(o.get_attribute("value") for o in pick.options if client in o.text))
+
+
+def test_frame_view_draws_the_picture_masks_and_keypoints(browser, image_server, artifacts: Path) -> None:  # noqa: ANN001
+    browser.get(image_server.http_url + "/frame")
+    choose_stream(browser, "browser-segment")
+    wait_for(browser, "#frame image.preview")
+    wait_for(browser, "#frame image.mask")
+    svg = browser.find_element("css selector", "#frame")
+    assert svg.get_dom_attribute("viewBox") == "0 0 810 1080"
+    assert svg.get_dom_attribute("data-preview").endswith("/preview.jpg")  # the stored picture, fetched
+    assert browser.execute_script(NATURAL_SIZE, "#frame image.preview") == [810, 1080]
+    assert browser.execute_script(NATURAL_SIZE, "#frame image.mask") == [810, 1080]  # the RLE, decoded
+    assert "1 mask" in browser.find_element("css selector", "#frame-info").text
+    fits(browser)
+    shot(browser, artifacts, "frame-segment")
+
+    choose_stream(browser, "browser-pose")
+    dots = wait_for(browser, "#frame g.pose circle", count=5)
+    assert browser.find_elements("css selector", "#frame g.pose line")  # the skeleton's limbs
+    assert not browser.find_elements("css selector", "#frame image.mask")
+    assert dots and browser.find_elements("css selector", "#frame image.preview")
+    assert browser.execute_script(NATURAL_SIZE, "#frame image.preview") == [810, 1080]
+    shot(browser, artifacts, "frame-pose")
+
+    browser.get(image_server.http_url + "/")  # the recent frames link their pictures
+    links = wait_for(browser, "#frames a.preview-link", count=2)
+    assert all(a.get_attribute("href").endswith("/preview.jpg") for a in links)
+    fits(browser)
+
+
+def test_try_it_with_a_task_and_a_preview(browser, image_server, images, artifacts: Path) -> None:  # noqa: ANN001
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    browser.get(image_server.http_url + "/try")
+    wait_for(browser, "#try-level option")
+    Select(browser.find_element("css selector", "#try-bundle")).select_by_visible_text("vision-image/1")
+    WebDriverWait(browser, 5).until(lambda d: "pose" in d.find_element("css selector", "#try-task").text)
+    tasks = [o.text for o in Select(browser.find_element("css selector", "#try-task")).options]
+    assert tasks == ["detect", "segment", "landmarks", "pose", "preview"]
+    Select(browser.find_element("css selector", "#try-task")).select_by_visible_text("pose")
+    browser.find_element("css selector", "#try-preview").click()
+    browser.find_element("css selector", "#try-file").send_keys(str(images[0]))
+    browser.find_element("css selector", "#try-form button").click()
+    wait_for(browser, "#try-out[data-done] figure", timeout=90, count=2)
+    coded = browser.find_elements("css selector", "#try-out figure")[0]
+    assert "over the picture the server rebuilt" in coded.text and "pose" in coded.text
+    picture = coded.find_element("css selector", "svg").get_dom_attribute("data-preview")
+    assert picture.endswith("/preview.jpg")
+    assert coded.find_elements("css selector", "g.pose circle")
+    assert browser.execute_script(NATURAL_SIZE, "#try-out figure svg image.preview") == [810, 1080]
+    assert browser.find_element("css selector", "#try-error").text == ""
+    fits(browser)
+    shot(browser, artifacts, "try-pose")
 
 
 # -- with tokens: the login form and the session cookie ---------------------------------------------

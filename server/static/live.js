@@ -17,13 +17,20 @@ const bundleRow = b => row([
 const status = f => f.error
   ? `<span class="err" title="${esc(f.error.message)}">${esc(f.error.status)}</span>`
   : '<span class="ok">OK</span>';
+// What else the task found besides boxes (masks, landmark sets), after the detections.
+const extras = f => [f.masks ? `${f.masks} mask(s)` : "", f.landmarks ? `${f.landmarks} landmark set(s)` : ""]
+  .filter(Boolean).map(esc);
+// A frame whose picture the server still keeps links it (a new tab shows the JPEG).
+const picture = f => f.preview_url
+  ? ` · <a class="preview-link" href="${esc(f.preview_url)}" target="_blank">picture</a>` : "";
 const frameRow = f => row([
-  td(clock(f.time)), td(esc(f.client)), td(esc(f.frame_id)), td(esc(f.bundle)),
+  td(clock(f.time)), td(esc(f.client)), td(esc(f.frame_id)),
+  td(`${esc(f.bundle)}<br><span class="muted">${esc(f.task)}</span>`),
   td(f.codec ? `${esc(f.codec)}/${esc(f.level)}${f.truncated ? " (cut)" : ""}` : ""),
   td(f.bytes, "n"), td(num(f.bpp, 3), "n"), td(f.boxes ?? "", "n"),
-  td((f.detections || []).map(d => `${esc(d[0])} ${num(d[1], 2)}`).join(", ")),
+  td([...(f.detections || []).map(d => `${esc(d[0])} ${num(d[1], 2)}`), ...extras(f)].join(", ")),
   td(num(f.timings?.decode_ms), "n"), td(num(f.timings?.queue_ms), "n"),
-  td(num(f.timings?.task_ms), "n"), td(num(f.timings?.total_ms), "n"), td(status(f))]);
+  td(num(f.timings?.task_ms), "n"), td(num(f.timings?.total_ms), "n"), td(status(f) + picture(f))]);
 
 liveStreams(data => {
   fill("streams", data.open.map(streamRow), 13);
