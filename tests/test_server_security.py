@@ -131,7 +131,8 @@ def test_tokens_are_enforced_on_rest(token_server, coded_frames) -> None:  # noq
 ROUTES = [
     ("GET", "/", 200), ("GET", "/frame", 200), ("GET", "/try", 200), ("GET", "/rate", 200),
     ("GET", "/docs", 200), ("GET", "/openapi.json", 200), ("GET", "/metrics", 200),
-    ("GET", "/api/info", 200), ("GET", "/api/frames", 200), ("GET", "/api/streams", 200),
+    ("GET", "/api/info", 200), ("GET", "/api/frames", 200), ("GET", "/api/frames/1/preview.jpg", 404),
+    ("GET", "/api/streams", 200),
     ("GET", "/api/live", 200), ("GET", "/api/bench", 200), ("POST", "/api/try", 400),  # an empty upload
     ("POST", "/api/analyze", 200), ("GET", "/api/bundles", 200),
     ("GET", "/api/bundles/fall-yolov8/1/edge", 200),
