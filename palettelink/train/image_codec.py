@@ -318,41 +318,61 @@ def encode_latents(enc: ImageEncoder, rgbs: Sequence[np.ndarray], size: int, ext
 
 def finetune_generator(enc: ImageEncoder, dec: ImageDecoder, views: _Views, quantise: Any, n_levels: int,
                        minutes: float, cfg: ImageCodecConfig, steps: int = 1_000_000) -> ImageDecoder:
-    """Stage 3: the level-conditioned generator on palette-decoded z (encoder frozen), a random level
-    per sample (plus the unquantised path, so it is kept)."""
+    """Stage 3: the level-conditioned generator on palette-decoded z, a random level per sample (plus
+    the unquantised path, so it is kept). The encoder trains along at a tenth of the rate through a
+    straight-through palette (VQ-VAE style, with a commitment term), so z moves towards the palette's
+    entries instead of the generator alone absorbing the quantisation error; the palette itself stays
+    as built."""
     dec = dec.resized(n_levels) if dec.n_levels != n_levels else dec
-    opt = torch.optim.Adam(dec.parameters(), lr=cfg.lr * 0.3)
+    opt = torch.optim.Adam([{"params": dec.parameters(), "lr": cfg.lr * 0.3},
+                            {"params": enc.parameters(), "lr": cfg.lr * 0.03}])
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     t0, step = time.perf_counter(), 0
     dec.train()
+    enc.train()
     while step < steps and time.perf_counter() - t0 < minutes * 60:
         x = views.batch()
-        with torch.no_grad():
-            z = enc([x])
+        z = enc([x])
         lv = torch.randint(-1, n_levels, (x.shape[0],), generator=gen)
-        zq = quantise(z, lv.clamp_min(0))
+        with torch.no_grad():
+            zq = quantise(z.detach(), lv.clamp_min(0))
+        commit = F.mse_loss(z, zq) / z.detach().var().clamp_min(1e-6)
+        zq = z + (zq - z).detach()  # straight-through: the generator sees the palette, the encoder a gradient
         zq = torch.where((lv < 0).view(-1, 1, 1, 1), z, zq)
         (x_hat,) = dec(zq, lv)
-        loss = image_loss(x_hat, x, cfg)
+        loss = image_loss(x_hat, x, cfg) + 0.05 * commit
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         step += 1
         if step % 50 == 0:
             print(f"[image-codec] finetune step {step} loss {float(loss):.4f}", flush=True)
+    enc.eval()
     return dec.eval()
+
+
+IMAGE_STAGES = ("autoencoder", "palette", "finetune", "context")
 
 
 def train_image_codec(items: Sequence[Any], work: Path, out: Path, cfg: ImageCodecConfig | None = None,
                       minutes: float = 30.0, finetune_minutes: float = 6.0, groups: int = 4, k0: int = 256,
-                      tiny: bool = False) -> Path:
+                      tiny: bool = False, force: Sequence[str] = ()) -> Path:
     """Every stage, cached in ``work``; writes the assets folder ``out`` (the same files a feature
-    codec's assets hold, so ``build-bundle`` installs either)."""
+    codec's assets hold, so ``build-bundle`` installs either). ``force``: stages to run again; a
+    forced autoencoder *continues* from its checkpoint up to ``minutes`` in all (so a longer budget
+    trains on), and every later stage is redone."""
     from palettelink.train import context, data, palette
     from palettelink.train.pipeline import Stage, _jsonable
 
     cfg = cfg or ImageCodecConfig()
     work.mkdir(parents=True, exist_ok=True)
+    forced = [s for s in IMAGE_STAGES if s in force]
+    if forced:  # a stage forced means every stage after it is stale too
+        for name in IMAGE_STAGES[IMAGE_STAGES.index(forced[0]):]:
+            if name == "autoencoder":
+                (work / name / "done.json").unlink(missing_ok=True)
+            else:
+                shutil.rmtree(work / name, ignore_errors=True)
     rgbs = data.load_all_rgb(items)
     views = _Views(rgbs, cfg, cfg.seed)
     report: dict[str, Any] = {"config": cfg.to_dict(), "train_images": data.describe_sources(items),
@@ -387,10 +407,15 @@ def train_image_codec(items: Sequence[Any], work: Path, out: Path, cfg: ImageCod
                                  finetune_minutes, cfg, steps=4 if tiny else 1_000_000)
         st.dir.mkdir(parents=True, exist_ok=True)
         torch.save(dec.state_dict(), st.dir / "decoder.pt")
-        st.finish({"minutes": finetune_minutes})
+        torch.save(enc.state_dict(), st.dir / "encoder.pt")
+        st.finish({"minutes": finetune_minutes, "encoder": "straight-through palette, lr x0.03"})
     dec = ImageDecoder(cfg, n_levels)
     dec.load_state_dict(torch.load(st.dir / "decoder.pt", map_location="cpu", weights_only=True))
     dec.eval()
+    if (st.dir / "encoder.pt").is_file():
+        enc.load_state_dict(torch.load(st.dir / "encoder.pt", map_location="cpu", weights_only=True))
+        enc.eval()
+        latents = encode_latents(enc, rgbs[:8] if tiny else rgbs, cfg.size, 0 if tiny else 2, cfg.seed)
     report["stages"]["finetune"] = st.info()
 
     st = Stage(work, "context")

@@ -404,7 +404,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--images videos: only the time range A-B (fractions, e.g. 0-0.6: keep the rest "
                         "of the footage for evaluation)")
     p.add_argument("--vgg16-weights", help="torchvision VGG16 state dict for the paper's pseudo-labels")
-    p.add_argument("--force", nargs="*", choices=STAGES, default=[], help="re-run these stages")
+    p.add_argument("--force", nargs="*", choices=sorted({*STAGES, "autoencoder"}), default=[],
+                   help="re-run these stages (--image-codec: autoencoder continues from its checkpoint)")
     p.add_argument("--tiny", action="store_true", help="smoke run: seconds, not minutes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", help="warm-start the bottleneck from this trained assets folder")
@@ -429,7 +430,8 @@ def run(args: argparse.Namespace) -> int:
                                      every=args.every, span=args.span)
         out = train_image_codec(items, Path(args.work or ".cache/palettelink-image"),
                                 Path(args.out or "assets/codecs/image-512"), minutes=minutes,
-                                finetune_minutes=ft, groups=args.groups, k0=args.k0, tiny=args.tiny)
+                                finetune_minutes=ft, groups=args.groups, k0=args.k0, tiny=args.tiny,
+                                force=args.force or ())
         print(f"image codec assets written to {out}; install with: palettelink build-bundle --image")
         return 0
     if args.adapt:

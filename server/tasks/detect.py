@@ -92,7 +92,7 @@ class _OnnxDetect:
         for d in items:
             raw = self.tail.run(None, dict(zip(self.inputs, d.tensors, strict=True)))
             lb = letterbox_info(*d.image_size, self.bundle.input_size)
-            out.append(_boxes(self.post.postprocess_letterboxed(raw, lb), self.bundle.class_names))
+            out.append(_boxes(self.post.postprocess_letterboxed(raw, lb).detections, self.bundle.class_names))
         return out
 
     def warmup(self) -> None:
