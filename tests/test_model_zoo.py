@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from palettelink.bundle import sha256_file
 from palettelink.errors import BundleError
 from palettelink.image import load_image
 from palettelink.models import zoo
@@ -60,7 +61,7 @@ def test_committed_files_match_zoo_json() -> None:
     for name, m in man["models"].items():
         path = zoo.zoo_dir() / m["file"]
         assert path.stat().st_size == m["bytes"] <= 30 * 1024 * 1024, name
-        assert zoo._sha256(path) == m["sha256"], name
+        assert sha256_file(path) == m["sha256"], name
         assert m["verification"]["max_abs_diff"] <= 1e-3, name
         assert isinstance(m["licence"]["certain"], bool) and m["licence"]["spdx"], name
         assert m["upstream"]["source"].startswith("https://"), name

