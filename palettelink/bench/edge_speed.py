@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     bundle = find_bundle(args.bundle, args.bundles)
     video = data.OPENCV_DATA / "vtest.avi"
-    frames = data.load_all_rgb(data._video_frames(video, count=args.eval_frames, span=(0.7, 1.0)))
+    frames = data.load_all_rgb(data.video_frames(video, count=args.eval_frames, span=(0.7, 1.0)))
     rgb = frames[0]
     x, _ = letterbox(rgb, bundle.input_size)
     front = Front(bundle, args.threads)
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         rows["fps"] = 1e3 / rows["encode_ms"]
         rows["bytes"] = float(len(enc.encode_analysis(analysis, args.level).payload))
     if not args.no_int8:
-        calib_items = data._video_frames(video, count=32, span=(0.0, 0.58))
+        calib_items = data.video_frames(video, count=32, span=(0.0, 0.58))
         calib = [letterbox(f, bundle.input_size)[0] for f in data.load_all_rgb(calib_items)]
         with tempfile.TemporaryDirectory() as tmp:
             q = Path(tmp) / "front.int8.onnx"

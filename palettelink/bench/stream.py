@@ -41,10 +41,10 @@ def _floats(text: str) -> list[float]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from palettelink.train.pipeline import _span
+    from palettelink.train.pipeline import parse_span
 
     p.add_argument("--video", default=DEFAULT_VIDEO, help=f"video file (default {DEFAULT_VIDEO})")
-    p.add_argument("--span", type=_span, default=(0.7, 1.0), metavar="A-B",
+    p.add_argument("--span", type=parse_span, default=(0.7, 1.0), metavar="A-B",
                    help="time range of the video (fractions; default 0.7-1.0, the held-out part of vtest)")
     p.add_argument("--max-frames", type=int, default=60, help="frames spread over the span (default 60)")
     p.add_argument("--bundle", default="fall-yolov8")
@@ -61,7 +61,7 @@ def extract_frames(video: str, span: tuple[float, float], n: int, folder: Path) 
     """``n`` frames spread over ``span`` of ``video`` as lossless PNGs (the edge reads the folder)."""
     from palettelink.train import data
 
-    items = data._video_frames(Path(video), count=n, span=span)
+    items = data.video_frames(Path(video), count=n, span=span)
     if not items:
         raise InvalidRequest(f"{video}: the video will not open or has no frames in that span")
     paths = []

@@ -75,7 +75,7 @@ def video_length(path: Path) -> int:
     return n
 
 
-def _video_frames(path: Path, every: int | None = None, count: int | None = None,
+def video_frames(path: Path, every: int | None = None, count: int | None = None,
                   span: tuple[float, float] = (0.0, 1.0)) -> list[Item]:
     """Frames of ``path`` inside the time range ``span`` (fractions of its length): every
     ``every``-th, or ``count`` spread evenly."""
@@ -117,7 +117,7 @@ def _user_source(p: Path, every: int = USER_VIDEO_EVERY, span: tuple[float, floa
     if p.suffix.lower() in IMAGE_SUFFIXES:
         return [p]
     if p.suffix.lower() in VIDEO_SUFFIXES:
-        frames = _video_frames(p, every=every, span=span)
+        frames = video_frames(p, every=every, span=span)
         if not frames:
             raise InvalidRequest(f"{p}: the video will not open or has no frames in {span[0]:g}–{span[1]:g}")
         return frames
@@ -136,7 +136,7 @@ def training_sources(root: Path = OPENCV_DATA, backgrounds: Path = GNOME_BACKGRO
                                           and not _denied(p.name) and p.name not in EVAL_PHOTOS)
         for name, every, span in TRAIN_VIDEOS:
             if (root / name).is_file():
-                src[f"{name} (every {every} frames, {span[0]:.0%}–{span[1]:.0%})"] = _video_frames(
+                src[f"{name} (every {every} frames, {span[0]:.0%}–{span[1]:.0%})"] = video_frames(
                     root / name, every=every, span=span)
     if backgrounds.is_dir():
         src["gnome-backgrounds"] = sorted(p for p in backgrounds.iterdir()
@@ -158,7 +158,7 @@ def eval_sources(root: Path = OPENCV_DATA, frames: int = EVAL_VIDEO_FRAMES) -> d
     for name, count, span in EVAL_VIDEOS:
         if (root / name).is_file():
             n = frames if name == "vtest.avi" else count
-            src[f"{name} ({n} frames, {span[0]:.0%}–{span[1]:.0%})"] = _video_frames(root / name, count=n,
+            src[f"{name} ({n} frames, {span[0]:.0%}–{span[1]:.0%})"] = video_frames(root / name, count=n,
                                                                                      span=span)
     photos = sorted(root / n for n in EVAL_PHOTOS if (root / n).is_file())
     if photos:

@@ -341,7 +341,8 @@ def write_assets(out: Path, bundle: Any, enc: Any, dec: Any, tables: dict[str, n
 ADAPT_MINUTES, ADAPT_FINETUNE_MINUTES = 6.0, 2.0
 
 
-def _span(text: str) -> tuple[float, float]:
+def parse_span(text: str) -> tuple[float, float]:
+    """``A-B`` (fractions of a video, 0 ≤ A < B ≤ 1) for ``--span`` options."""
     try:
         a, b = (float(v) for v in text.split("-"))
     except ValueError as e:
@@ -407,7 +408,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"level-conditioned decoder budget (default 5; --adapt: {ADAPT_FINETUNE_MINUTES:g})")
     p.add_argument("--max-images", type=int)
     p.add_argument("--every", type=int, default=3, metavar="N", help="--images videos: every N-th frame")
-    p.add_argument("--span", type=_span, default=(0.0, 1.0), metavar="A-B",
+    p.add_argument("--span", type=parse_span, default=(0.0, 1.0), metavar="A-B",
                    help="--images videos: only the time range A-B (fractions, e.g. 0-0.6: keep the rest "
                         "of the footage for evaluation)")
     p.add_argument("--vgg16-weights", help="torchvision VGG16 state dict for the paper's pseudo-labels")
