@@ -46,7 +46,10 @@ def parse(stdout: str) -> dict[tuple[str, str], Counter[str]]:
 @pytest.fixture(scope="module")
 def demo(bundles_root: Path, tmp_path_factory: pytest.TempPathFactory) -> subprocess.CompletedProcess[str]:
     tmp = tmp_path_factory.mktemp("demo")
-    return subprocess.run(["bash", "scripts/demo.sh"], cwd=REPO, env=fresh_env(tmp, bundles_root),
+    root = tmp / "bundles"  # the session's fall bundle, linked; the demo builds vision-image beside it,
+    root.mkdir()            # not in the shared root (other tests expect that root to hold one bundle)
+    (root / "fall-yolov8").symlink_to(bundles_root / "fall-yolov8", target_is_directory=True)
+    return subprocess.run(["bash", "scripts/demo.sh"], cwd=REPO, env=fresh_env(tmp, root),
                           capture_output=True, text=True, timeout=900)
 
 
