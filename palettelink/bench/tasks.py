@@ -4,7 +4,8 @@ The reference is each task model on the uncompressed original (DESIGN §5: agree
 uncompressed pipeline, no labels needed); each row runs the same model on what a codec rebuilt
 (the image codec's x̂ at each level, or the decoded JPEG/WebP/AVIF) and scores:
 
-- detect: box AP50 and AP50:95 against the reference boxes (:mod:`palettelink.bench.metrics`);
+- detect: box AP50 and AP50:95 against the reference boxes (score ≥ 0.3, what the server reports),
+  predictions ranked down to score 0.05 (:mod:`palettelink.bench.metrics`);
 - segment: mask IoU, pooled over images (Σ intersection / Σ union);
 - landmarks: NME (mean point error / the reference face's inter-ocular distance) of matched faces, and
   the success rate: reference faces found with NME ≤ 0.05;
@@ -131,14 +132,18 @@ def picture_quality(rgb: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
 
 @dataclass
 class TaskAdapter:
-    predict: Callable[[Any, np.ndarray], Any]  # (zoo model, rgb) → per-image result for the metric
+    predict: Callable[[Any, np.ndarray, bool], Any]  # (zoo model, rgb, is_reference) → per-image result
     score: Callable[[list[Any], list[Any]], dict[str, float]]
     headline: str  # the key of ``score`` that "fraction of uncompressed" uses
 
 
-def _boxes(model: Any, rgb: np.ndarray) -> list[metrics.Box]:
+REF_CONF, PRED_CONF = 0.3, 0.05  # reference boxes as the server reports them; predictions ranked for AP
+
+
+def _boxes(model: Any, rgb: np.ndarray, ref: bool) -> list[metrics.Box]:
+    dets = model.run(rgb, score_threshold=REF_CONF if ref else PRED_CONF).detections
     return [metrics.Box(tuple(float(v) for v in d.xyxy), int(d.class_id), float(d.score))  # type: ignore[arg-type]
-            for d in model.run(rgb).detections]
+            for d in dets]
 
 
 def _score_detect(refs: list[Any], preds: list[Any]) -> dict[str, float]:
@@ -146,11 +151,11 @@ def _score_detect(refs: list[Any], preds: list[Any]) -> dict[str, float]:
     return {"ap50": r.ap50, "ap50_95": r.ap50_95, "n_reference": r.n_reference}
 
 
-def _mask(model: Any, rgb: np.ndarray) -> np.ndarray:
+def _mask(model: Any, rgb: np.ndarray, ref: bool) -> np.ndarray:
     return np.asarray(model.run(rgb).mask, bool)
 
 
-def _faces(model: Any, rgb: np.ndarray) -> list[tuple[tuple[float, ...], np.ndarray]]:
+def _faces(model: Any, rgb: np.ndarray, ref: bool) -> list[tuple[tuple[float, ...], np.ndarray]]:
     return [(tuple(float(v) for v in f.box), np.asarray(f.points)) for f in model.run(rgb).faces]
 
 
@@ -159,7 +164,7 @@ def _score_landmarks(refs: list[Any], preds: list[Any]) -> dict[str, float]:
     return {"nme": nme, "success_at_0.05": rate, "n_reference": n}
 
 
-def _people(model: Any, rgb: np.ndarray) -> list[tuple[tuple[float, ...], np.ndarray]]:
+def _people(model: Any, rgb: np.ndarray, ref: bool) -> list[tuple[tuple[float, ...], np.ndarray]]:
     return [(tuple(float(v) for v in p.box), np.asarray(p.keypoints)) for p in model.run(rgb).people]
 
 
@@ -223,7 +228,7 @@ class TaskRunner:
         x, lb = letterbox(rgb, self.bundle.input_size)
         item = Item(name, rgb, x, lb, [x])
         for t in self.tasks:
-            self.refs[t].append(ADAPTERS[t].predict(self.models[t], rgb))
+            self.refs[t].append(ADAPTERS[t].predict(self.models[t], rgb, True))
         self.images.append({"name": name, "width": lb.width, "height": lb.height})
         for m in self.methods:
             for point in m.points():
@@ -237,7 +242,7 @@ class TaskRunner:
                 row.msssim.append(s)
                 for t in self.tasks:
                     t0 = time.perf_counter()
-                    row.preds.setdefault(t, []).append(ADAPTERS[t].predict(self.models[t], im))
+                    row.preds.setdefault(t, []).append(ADAPTERS[t].predict(self.models[t], im, False))
                     self.timing.setdefault(t, []).append((time.perf_counter() - t0) * 1e3)
                 if progress is not None:
                     progress.update(1)
