@@ -230,3 +230,28 @@ def test_bench_tasks_scores_every_task_per_level_beside_jpeg(image_bundles_root,
         assert 0 <= r["detect"]["ap50"] <= 1 and 0 <= r["segment"]["iou"] <= 1
         assert r["pose"]["n_reference"] >= 1 and r["landmarks"]["n_reference"] >= 1  # the astronaut
     assert (out / "tasks.png").stat().st_size > 10_000
+
+
+def test_bench_tasks_scores_detection_against_coco_labels(image_bundles_root, images, tmp_path) -> None:  # noqa: ANN001
+    from palettelink import cli
+
+    # labels for bus.jpg: the bus and the two people in front (x, y, w, h), COCO's own category ids
+    coco = {"images": [{"id": 7, "file_name": "bus.jpg"}],
+            "categories": [{"id": 1, "name": "person"}, {"id": 6, "name": "bus"}],
+            "annotations": [{"id": 1, "image_id": 7, "category_id": 6, "bbox": [17, 230, 790, 520]},
+                            {"id": 2, "image_id": 7, "category_id": 1, "bbox": [48, 398, 197, 504]},
+                            {"id": 3, "image_id": 7, "category_id": 1, "bbox": [222, 406, 123, 450]}]}
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps(coco))
+    out = tmp_path / "bench"
+    assert cli.main(["bench-tasks", "--bundles", str(image_bundles_root), "--tasks", "detect",
+                     "--levels", "0", "--anchors", "jpeg", "--qualities", "50", "--images", str(images[0]),
+                     "--coco", str(labels), "--out", str(out), "--no-progress"]) == 0
+    lab = json.loads((out / "bench-tasks.json").read_text())["labels"]
+    assert lab["images"] == 1 and lab["boxes"] == 3
+    assert lab["uncompressed"]["ap50"] > 0.5  # the real model on the real labels
+    assert set(lab["rows"]) == {"palette L0", "jpeg q50"}
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert cli.main(["bench-tasks", "--bundles", str(image_bundles_root), "--tasks", "detect",
+                     "--images", str(images[0]), "--coco", str(bad), "--out", str(out), "--no-progress"]) == 2

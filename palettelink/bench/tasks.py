@@ -14,7 +14,7 @@ uncompressed pipeline, no labels needed); each row runs the same model on what a
 - the picture: PSNR and MS-SSIM of the rebuilt image against the original, at the original size.
 
 ``--coco FILE`` scores detection against real labels too (COCO-format annotations whose
-``file_name`` matches the images given with ``--images``).
+``file_name`` matches the benchmarked images; categories matched by name).
 """
 
 from __future__ import annotations
@@ -185,6 +185,28 @@ ADAPTERS: dict[str, TaskAdapter] = {
 # runner
 
 
+def load_coco_labels(path: Path, class_names: Sequence[str]) -> dict[str, list[metrics.Box]]:
+    """A COCO-format annotation file → ground-truth boxes by image file name, in the detector's class
+    ids (matched by category *name*: COCO's ids have gaps, CenterNet's 0..79 do not). Crowd boxes and
+    categories the detector does not know are left out."""
+    try:
+        coco = json.loads(Path(path).read_text())
+        cats = {int(c["id"]): str(c["name"]) for c in coco["categories"]}
+        files = {int(i["id"]): Path(str(i["file_name"])).name for i in coco["images"]}
+        anns = coco["annotations"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InvalidRequest(f"--coco {path}: not a COCO-format annotation file ({e})") from e
+    index = {n: i for i, n in enumerate(class_names)}
+    out: dict[str, list[metrics.Box]] = {f: [] for f in files.values()}
+    for a in anns:
+        name = cats.get(int(a["category_id"]))
+        if a.get("iscrowd") or name not in index or int(a["image_id"]) not in files:
+            continue
+        x, y, w, h = (float(v) for v in a["bbox"])
+        out[files[int(a["image_id"])]].append(metrics.Box((x, y, x + w, y + h), index[name]))
+    return out
+
+
 @dataclass
 class Row:
     method: str
@@ -220,6 +242,7 @@ class TaskRunner:
         self.bundle, self.methods, self.tasks = bundle, methods, list(tasks)
         self.models = load_task_models(bundle, tasks)
         self.refs: dict[str, list[Any]] = {t: [] for t in tasks}
+        self.ranked: list[Any] = []
         self.images: list[dict[str, Any]] = []
         self.rows = {(m.name, p): Row(m.name, p, m.label(p)) for m in methods for p in m.points()}
         self.timing: dict[str, list[float]] = {}
@@ -229,6 +252,8 @@ class TaskRunner:
         item = Item(name, rgb, x, lb, [x])
         for t in self.tasks:
             self.refs[t].append(ADAPTERS[t].predict(self.models[t], rgb, True))
+        if "detect" in self.tasks:  # the uncompressed pipeline ranked like every row (for --coco)
+            self.ranked.append(ADAPTERS["detect"].predict(self.models["detect"], rgb, False))
         self.images.append({"name": name, "width": lb.width, "height": lb.height})
         for m in self.methods:
             for point in m.points():
@@ -246,6 +271,22 @@ class TaskRunner:
                     self.timing.setdefault(t, []).append((time.perf_counter() - t0) * 1e3)
                 if progress is not None:
                     progress.update(1)
+
+    def label_scores(self, labels: dict[str, list[metrics.Box]]) -> dict[str, Any]:
+        """Detection AP against real labels, for the uncompressed pipeline and every row, on the
+        images the annotation file covers (matched by file name)."""
+        keep = [i for i, im in enumerate(self.images) if Path(im["name"]).name in labels]
+        if not keep:
+            raise InvalidRequest("--coco: none of the benchmarked images is in the annotation file")
+        gt = [labels[Path(self.images[i]["name"]).name] for i in keep]
+
+        def ap(preds: list[Any]) -> dict[str, float]:
+            res = metrics.evaluate(gt, [preds[i] for i in keep])
+            return {"ap50": res.ap50, "ap50_95": res.ap50_95}
+
+        return {"images": len(keep), "boxes": sum(len(g) for g in gt),
+                "uncompressed": ap(self.ranked),
+                "rows": {f"{r.method} {r.label}": ap(r.preds["detect"]) for r in self.rows.values()}}
 
     def summary(self) -> list[dict[str, Any]]:
         rows = []
@@ -335,6 +376,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-set", action="store_true", help="the held-out evaluation set (train/data.py)")
     p.add_argument("--images", nargs="*", default=[], help="image files/folders/videos")
     p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--coco", type=Path, default=None, metavar="FILE",
+                   help="COCO-format annotations: also score detection against these labels (images "
+                        "matched by file name)")
     p.add_argument("--out", type=Path, default=Path("bench-out/tasks"))
     p.add_argument("--no-progress", action="store_true")
 
@@ -407,6 +451,10 @@ def run(args: argparse.Namespace) -> int:
         from palettelink.train import data
 
         report["sources"] = data.describe_sources(data.eval_images())
+    if args.coco is not None:
+        if "detect" not in tasks:
+            raise InvalidRequest("--coco scores the detect task; add it to --tasks")
+        report["labels"] = runner.label_scores(load_coco_labels(args.coco, bundle.class_names))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench-tasks.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     title = f"{bundle.id}: {len(runner.images)} image(s)"
@@ -416,5 +464,10 @@ def run(args: argparse.Namespace) -> int:
     for t, per in report["lowest_bpp_at_0.95"].items():
         print(f"{t}: lowest bpp at ≥ 0.95 of uncompressed: "
               + (", ".join(f"{m} {v['bpp']} ({v['label']})" for m, v in per.items()) or "none"))
+    if "labels" in report:
+        lab = report["labels"]
+        rows_ap = ", ".join(f"{k} {v['ap50']:.3f}" for k, v in lab["rows"].items())
+        print(f"against {args.coco} ({lab['images']} images, {lab['boxes']} boxes): uncompressed AP50 "
+              f"{lab['uncompressed']['ap50']:.3f}; {rows_ap}")
     print(f"wrote {args.out / 'bench-tasks.json'} and {args.out / 'tasks.png'}")
     return 0
