@@ -124,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-grace", type=float, default=5.0, metavar="S",
                    help="then running calls get S seconds to finish before they are cancelled (default 5)")
     p.add_argument("--max-message-mb", type=float, default=16.0, help="largest gRPC message")
+    p.add_argument("--preview-frames", type=int, default=None, metavar="N",
+                   help="rebuilt pictures kept for the dashboard (image bundles, only those asked for; "
+                        "default 32; 0 keeps none)")
+    p.add_argument("--preview-mb", type=float, default=None, metavar="MB",
+                   help="and at most this many MB of them (default 16)")
     p.add_argument("--device", default="cpu", help="torch device of the task models (cpu, cuda, cuda:1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: usable CPUs)")
     p.add_argument("--max-batch", type=int, default=8, help="most frames per task batch")
@@ -137,6 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _preview_limits(args: argparse.Namespace) -> dict[str, int]:
+    """The preview-store bounds the operator set (the Service's defaults otherwise)."""
+    out = {}
+    if args.preview_frames is not None:
+        out["preview_frames"] = int(args.preview_frames)
+    if args.preview_mb is not None:
+        out["preview_bytes"] = int(args.preview_mb * MiB)
+    return out
+
+
 def _check_limits(args: argparse.Namespace) -> str | None:
     """Why the limit flags do not fit together (None: they do)."""
     for flag in ("max_streams", "max_streams_per_client", "max_pending_frames", "max_stream_queue"):
@@ -144,6 +159,8 @@ def _check_limits(args: argparse.Namespace) -> str | None:
             return f"--{flag.replace('_', '-')} must be ≥ 1"
     if min(args.stream_idle_timeout, args.header_timeout) <= 0 or min(args.drain_grace, args.drain_delay) < 0:
         return "--stream-idle-timeout and --header-timeout must be > 0, --drain-grace and --drain-delay ≥ 0"
+    if min(args.preview_frames or 0, args.preview_mb or 0) < 0:
+        return "--preview-frames and --preview-mb must be ≥ 0"
     if args.workers is not None and args.workers < args.max_streams + 4:
         return (f"--workers {args.workers} must be at least --max-streams + 4 = {args.max_streams + 4}, "
                 "so that unary calls and health checks always find a free worker")
@@ -339,7 +356,7 @@ def _main(argv: list[str] | None) -> int:
                       max_pending=args.max_pending_frames, max_stream_queue=args.max_stream_queue,
                       shed_latency_ms=args.shed_latency_ms,
                       stream_idle_timeout=args.stream_idle_timeout, header_timeout=args.header_timeout,
-                      verify=not args.no_verify)
+                      verify=not args.no_verify, **_preview_limits(args))
     try:
         server = PaletteLinkServer(service, host=args.host, grpc_port=args.grpc_port,
                                    http_port=args.http_port, auth=auth, tls=tls, http_tls=args.http_tls,

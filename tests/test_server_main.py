@@ -211,9 +211,18 @@ def test_readiness_turns_false_first_on_sigterm(bundles_root: Path, coded_frames
     (["--workers", "10", "--max-streams", "64"], "--workers 10 must be at least --max-streams + 4 = 68"),
     (["--max-streams-per-client", "0"], "--max-streams-per-client must be ≥ 1"),
     (["--stream-idle-timeout", "0"], "--stream-idle-timeout and --header-timeout must be > 0"),
+    (["--preview-frames", "-1"], "--preview-frames and --preview-mb must be ≥ 0"),
 ])
 def test_limit_flags_that_do_not_fit_exit_2(tmp_path: Path, args: list[str], says: str) -> None:
     r = subprocess.run([sys.executable, "-m", "server.main", "--bundles", str(tmp_path), *args], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     assert says in r.stderr and "Traceback" not in r.stderr
+
+
+def test_preview_flags_bound_the_services_store() -> None:
+    from server.main import _preview_limits, build_parser
+
+    assert _preview_limits(build_parser().parse_args([])) == {}  # the Service's defaults
+    args = build_parser().parse_args(["--preview-frames", "4", "--preview-mb", "2"])
+    assert _preview_limits(args) == {"preview_frames": 4, "preview_bytes": 2 << 20}
