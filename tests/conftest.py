@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -122,3 +129,51 @@ def grpc_stub(live_server):  # noqa: ANN001, ANN201 - palettelink_pb2_grpc.Palet
 
     with grpc.insecure_channel(live_server.grpc_address) as channel:
         yield palettelink_pb2_grpc.PaletteLinkStub(channel)
+
+
+@contextlib.contextmanager
+def _server_process(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 180,
+                    stop_timeout: float = 60) -> Iterator[dict[str, str]]:
+    """Start ``cmd`` (a ``palettelink-server``), yield the fields of its READY line (``grpc``,
+    ``http``, … ; bare words as "on") once it prints one, then SIGTERM it: it must exit 0. The log
+    is in every failure message."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
+                            env=env)
+    lines: queue.Queue[str | None] = queue.Queue()
+    log: list[str] = []
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.append(line)
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    ready = None
+    deadline = time.monotonic() + timeout
+    while ready is None and time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        if line.startswith("READY "):
+            ready = dict(f.split("=", 1) if "=" in f else (f, "on") for f in line.split()[1:])
+    try:
+        if ready is None:
+            pytest.fail("palettelink-server did not get READY:\n" + "".join(log))
+        yield ready
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=stop_timeout) == 0, "".join(log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server_process() -> Callable[..., contextlib.AbstractContextManager[dict[str, str]]]:
+    """``with server_process(cmd, env, cwd) as ready:`` a real server process, READY fields yielded."""
+    return _server_process

@@ -8,13 +8,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import queue
 import shutil
-import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -208,47 +205,15 @@ def test_unreachable_http_exits_3(live_server, tmp_path: Path) -> None:  # noqa:
 
 
 @pytest.fixture(scope="module")
-def served_copy(bundles_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def served_copy(bundles_root: Path, tmp_path_factory: pytest.TempPathFactory,
+                server_process) -> Iterator[dict[str, str]]:  # noqa: ANN001
     """``palettelink-server`` over a copy of the bundles root, with a token; yields ``grpc``, ``http``
     and ``root`` (the copy: files may be changed after the server verified them at start)."""
     root = tmp_path_factory.mktemp("served") / "bundles"
     shutil.copytree(bundles_root, root)
-    proc = subprocess.Popen(
-        [*script("palettelink-server"), "--bundles", str(root), "--grpc-port", "0", "--http-port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-        env=env(PALETTELINK_TOKENS=f"cam={TOKEN}"))
-    lines: queue.Queue[str | None] = queue.Queue()
-    log: list[str] = []
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.append(line)
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    ready = None
-    deadline = time.monotonic() + 180
-    while ready is None and time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-        except queue.Empty:
-            break
-        if line is None:
-            break
-        if line.startswith("READY "):
-            ready = dict(f.split("=", 1) for f in line.split()[1:] if "=" in f)
-    if ready is None:
-        proc.kill()
-        pytest.fail("palettelink-server did not get READY:\n" + "".join(log))
-    yield {"grpc": ready["grpc"], "http": ready["http"], "root": str(root)}
-    proc.send_signal(signal.SIGTERM)
-    try:
-        assert proc.wait(timeout=30) == 0, "".join(log)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    cmd = [*script("palettelink-server"), "--bundles", str(root), "--grpc-port", "0", "--http-port", "0"]
+    with server_process(cmd, env(PALETTELINK_TOKENS=f"cam={TOKEN}"), REPO, stop_timeout=30) as ready:
+        yield {"grpc": ready["grpc"], "http": ready["http"], "root": str(root)}
 
 
 def test_tokens_are_required(served_copy: dict[str, str], tmp_path: Path, images: list[Path]) -> None:

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,47 +54,13 @@ def edge(*args: str, token: str | None = TOKEN, timeout: float = 120, pre: list[
 
 
 @pytest.fixture(scope="module")
-def server(bundles_root: Path) -> Iterator[str]:
+def server(bundles_root: Path, server_process) -> Iterator[str]:  # noqa: ANN001
     """``palettelink-server --grpc-port 0 --http-port 0`` as a child process with a token; yields
     its gRPC address once it prints READY, and stops it with SIGTERM (it must exit 0)."""
-    proc = subprocess.Popen(
-        [*script("palettelink-server"), "--bundles", str(bundles_root), "--grpc-port", "0",
-         "--http-port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-        env=env(PALETTELINK_TOKENS=f"edge-test={TOKEN}"),
-    )
-    lines: queue.Queue[str | None] = queue.Queue()
-    log: list[str] = []
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.append(line)
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    address = None
-    deadline = time.monotonic() + 180
-    while address is None and time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-        except queue.Empty:
-            break
-        if line is None:
-            break
-        if line.startswith("READY "):
-            address = dict(f.split("=", 1) for f in line.split()[1:] if "=" in f)["grpc"]
-    if address is None:
-        proc.kill()
-        pytest.fail("palettelink-server did not get READY:\n" + "".join(log))
-    yield address
-    proc.send_signal(signal.SIGTERM)
-    try:
-        assert proc.wait(timeout=30) == 0, "".join(log)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    cmd = [*script("palettelink-server"), "--bundles", str(bundles_root), "--grpc-port", "0",
+           "--http-port", "0"]
+    with server_process(cmd, env(PALETTELINK_TOKENS=f"edge-test={TOKEN}"), REPO, stop_timeout=30) as ready:
+        yield ready["grpc"]
 
 
 @pytest.fixture(scope="module")

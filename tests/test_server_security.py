@@ -6,16 +6,12 @@ refusing TLS on gRPC with plain HTTP; ``--public-metrics``."""
 from __future__ import annotations
 
 import os
-import queue
 import re
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -450,51 +446,19 @@ def test_http_insecure_starts_with_a_warning(certs: Path, tmp_path: Path) -> Non
 
 
 @pytest.fixture(scope="module")
-def secured_process(bundles_root: Path, certs: Path, tmp_path_factory: pytest.TempPathFactory
-                    ) -> Iterator[dict[str, str]]:
+def secured_process(bundles_root: Path, certs: Path, tmp_path_factory: pytest.TempPathFactory,
+                    server_process) -> Iterator[dict[str, str]]:  # noqa: ANN001
     """``palettelink-server`` with tokens, mTLS on both ports (``--http-tls``) and ``--public-metrics``;
     yields its READY line's fields, stopped with SIGTERM (it must exit 0)."""
     tokens = tmp_path_factory.mktemp("tokens") / "tokens"
     tokens.write_text(f"# client token\ncam-7 {TOKEN}\n")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.main", "--bundles", str(bundles_root), "--grpc-port", "0",
-         "--http-port", "0", "--no-verify", "--tokens-file", str(tokens),
-         "--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key"),
-         "--tls-client-ca", str(certs / "ca.pem"), "--http-tls",
-         "--public-metrics", "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=_env())
-    lines: queue.Queue[str | None] = queue.Queue()
-    log: list[str] = []
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log.append(line)
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    ready = None
-    deadline = time.monotonic() + 180
-    while ready is None and time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=1)
-        except queue.Empty:
-            continue
-        if line is None:
-            break
-        if line.startswith("READY "):
-            ready = line
-    try:
-        if ready is None:
-            pytest.fail("palettelink-server did not get READY:\n" + "".join(log))
-        fields = dict(f.split("=", 1) if "=" in f else (f, "on") for f in ready.split()[1:])
+    cmd = [sys.executable, "-m", "server.main", "--bundles", str(bundles_root), "--grpc-port", "0",
+           "--http-port", "0", "--no-verify", "--tokens-file", str(tokens),
+           "--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server.key"),
+           "--tls-client-ca", str(certs / "ca.pem"), "--http-tls",
+           "--public-metrics", "--log-level", "warning"]
+    with server_process(cmd, _env(), REPO) as fields:
         yield fields
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0, "".join(log)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
 
 
 def test_the_process_secures_both_doors(secured_process: dict[str, str], certs: Path) -> None:
