@@ -10,11 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from palettelink.bundle import default_root, sha256_file, write_manifest
+from palettelink.bundle import atomic_write_folder, default_root, sha256_file, write_manifest
 from palettelink.errors import BundleError
 
 DEFAULT_NAME = "fall-yolov8"
@@ -40,21 +39,10 @@ def export_front(det: Any, path: Path, size: int) -> list[str]:
 
 
 def _staged(dest: Path, force: bool, write: Any) -> Path:
-    """Run ``write(tmp)`` into a temp folder beside ``dest``, then rename it into place."""
+    """:func:`atomic_write_folder`, refusing an existing bundle unless ``force``."""
     if dest.exists() and not force:
         raise BundleError(f"{dest} exists; pass --force to rebuild it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
-    tmp.chmod(0o755)
-    try:
-        write(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
+    return atomic_write_folder(dest, write)
 
 
 def build_bundle(weights: str | Path | None = None, out_root: str | Path | None = None,

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from palettelink.bundle import write_manifest
+from palettelink.bundle import atomic_write_folder, write_manifest
 from palettelink.train.bottleneck import Decoder, Level, _FiLM, perturb_latent
 
 ARCH = "image"
@@ -417,26 +417,25 @@ def train_image_codec(items: Sequence[Any], work: Path, out: Path, cfg: ImageCod
 
 def write_image_assets(out: Path, enc: ImageEncoder, dec: ImageDecoder, tables: dict[str, np.ndarray],
                        cfg: ImageCodecConfig, report: dict[str, Any], groups: int) -> Path:
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(enc.state_dict(), tmp / "encoder.pt")
-    torch.save(dec.state_dict(), tmp / "decoder.pt")
-    np.savez_compressed(tmp / "palette.npz", **tables)
-    rate = report.get("rate", {})
-    sizes = [int(k) for k in tables["level_sizes"]]
-    codec = {"latent_channels": cfg.z_channels, "stride": cfg.z_stride, "groups": groups,
-             "bottleneck": cfg.to_dict(), "level_sizes": sizes, "levels": list(range(len(sizes))),
-             "mean_bits": rate.get("bits_context"), "mean_bits_static": rate.get("bits_static"),
-             "mean_bpp": rate.get("bpp_context"), "palette_space": "raw", "entropy_model": "context",
-             "progressive": True}
-    (tmp / "codec.json").write_text(json.dumps(codec, indent=2))
+    """The assets folder, written atomically, in the files a feature codec's assets hold."""
     from palettelink.train.pipeline import _jsonable
 
-    (tmp / "training.json").write_text(json.dumps(_jsonable(report), indent=2, default=str))
-    split = {"after_layer": 0, "tensors": [{"name": "image", "layer": 0, "shape": [3, cfg.size, cfg.size]}]}
-    write_manifest(tmp, {"name": "image-palette", "version": "1", "split": split,
-                         "detector_sha256": identity_source_sha256(cfg.size), "tables": ["palette.npz"]})
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    def write(tmp: Path) -> None:
+        torch.save(enc.state_dict(), tmp / "encoder.pt")
+        torch.save(dec.state_dict(), tmp / "decoder.pt")
+        np.savez_compressed(tmp / "palette.npz", **tables)
+        rate = report.get("rate", {})
+        sizes = [int(k) for k in tables["level_sizes"]]
+        codec = {"latent_channels": cfg.z_channels, "stride": cfg.z_stride, "groups": groups,
+                 "bottleneck": cfg.to_dict(), "level_sizes": sizes, "levels": list(range(len(sizes))),
+                 "mean_bits": rate.get("bits_context"), "mean_bits_static": rate.get("bits_static"),
+                 "mean_bpp": rate.get("bpp_context"), "palette_space": "raw", "entropy_model": "context",
+                 "progressive": True}
+        (tmp / "codec.json").write_text(json.dumps(codec, indent=2))
+        (tmp / "training.json").write_text(json.dumps(_jsonable(report), indent=2, default=str))
+        split = {"after_layer": 0,
+                 "tensors": [{"name": "image", "layer": 0, "shape": [3, cfg.size, cfg.size]}]}
+        write_manifest(tmp, {"name": "image-palette", "version": "1", "split": split,
+                             "detector_sha256": identity_source_sha256(cfg.size), "tables": ["palette.npz"]})
+
+    return atomic_write_folder(out, write)

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from palettelink.bundle import find_bundle, write_manifest
+from palettelink.bundle import atomic_write_folder, find_bundle, write_manifest
 from palettelink.errors import InvalidRequest
 
 STAGES = ("bottleneck", "pseudolabels", "contrastive", "palette", "finetune", "context", "ablations")
@@ -301,38 +301,38 @@ def write_ablation_tables(folder: Path, latents: np.ndarray, cache: Any, cfg: Tr
 
 def write_assets(out: Path, bundle: Any, enc: Any, dec: Any, tables: dict[str, np.ndarray], cfg: TrainConfig,
                  report: dict[str, Any], work: Path) -> Path:
-    """Write the assets folder atomically (temp folder, then rename) with a sha256 manifest."""
+    """Write the assets folder atomically (:func:`atomic_write_folder`) with a sha256 manifest."""
     import torch
 
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(enc.state_dict(), tmp / "encoder.pt")
-    torch.save(dec.state_dict(), tmp / "decoder.pt")
-    np.savez_compressed(tmp / "palette.npz", **tables)
-    if (work / "pseudolabels" / "elbow.png").is_file():
-        shutil.copyfile(work / "pseudolabels" / "elbow.png", tmp / "elbow.png")
-    (tmp / "ablations").mkdir()
-    for f in sorted((work / "ablations").glob("*.npz")):
-        shutil.copyfile(f, tmp / "ablations" / f.name)
-    shutil.copyfile(work / "palette" / "palette_alt.npz", tmp / "ablations" / "palette_alt.npz")
-    rate = report.get("rate", {})
-    bottleneck_cfg = json.loads((work / "bottleneck" / "config.json").read_text())
-    sizes = [int(k) for k in tables["level_sizes"]]
-    codec = {
-        "latent_channels": int(bottleneck_cfg.get("z_channels", cfg.latent_channels)),
-        "stride": int(bottleneck_cfg.get("z_stride", 16)), "groups": cfg.groups,
-        "bottleneck": bottleneck_cfg, "level_sizes": sizes, "levels": list(range(len(sizes))),
-        "mean_bits": rate.get("bits_context"), "mean_bits_static": rate.get("bits_static"),
-        "mean_bpp": rate.get("bpp_context"), "palette_space": cfg.palette_space,
-        "entropy_model": "context", "progressive": True, "config": asdict(cfg),
-    }
-    (tmp / "codec.json").write_text(json.dumps(codec, indent=2))
-    (tmp / "training.json").write_text(json.dumps(_jsonable(report), indent=2, default=str))
-    write_manifest(tmp, {"name": f"{bundle.name}-palette", "version": "1", "split": bundle.manifest["split"],
-                         "detector_sha256": bundle.manifest["source"]["sha256"], "tables": ["palette.npz"]})
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    def write(tmp: Path) -> None:
+        torch.save(enc.state_dict(), tmp / "encoder.pt")
+        torch.save(dec.state_dict(), tmp / "decoder.pt")
+        np.savez_compressed(tmp / "palette.npz", **tables)
+        if (work / "pseudolabels" / "elbow.png").is_file():
+            shutil.copyfile(work / "pseudolabels" / "elbow.png", tmp / "elbow.png")
+        (tmp / "ablations").mkdir()
+        for f in sorted((work / "ablations").glob("*.npz")):
+            shutil.copyfile(f, tmp / "ablations" / f.name)
+        shutil.copyfile(work / "palette" / "palette_alt.npz", tmp / "ablations" / "palette_alt.npz")
+        rate = report.get("rate", {})
+        bottleneck_cfg = json.loads((work / "bottleneck" / "config.json").read_text())
+        sizes = [int(k) for k in tables["level_sizes"]]
+        codec = {
+            "latent_channels": int(bottleneck_cfg.get("z_channels", cfg.latent_channels)),
+            "stride": int(bottleneck_cfg.get("z_stride", 16)), "groups": cfg.groups,
+            "bottleneck": bottleneck_cfg, "level_sizes": sizes, "levels": list(range(len(sizes))),
+            "mean_bits": rate.get("bits_context"), "mean_bits_static": rate.get("bits_static"),
+            "mean_bpp": rate.get("bpp_context"), "palette_space": cfg.palette_space,
+            "entropy_model": "context", "progressive": True, "config": asdict(cfg),
+        }
+        (tmp / "codec.json").write_text(json.dumps(codec, indent=2))
+        (tmp / "training.json").write_text(json.dumps(_jsonable(report), indent=2, default=str))
+        write_manifest(tmp, {"name": f"{bundle.name}-palette", "version": "1",
+                             "split": bundle.manifest["split"],
+                             "detector_sha256": bundle.manifest["source"]["sha256"],
+                             "tables": ["palette.npz"]})
+
+    atomic_write_folder(out, write)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
     print(f"[train] assets written to {out} ({size:.1f} MB)")
     return out

@@ -6,19 +6,16 @@ so a scene with nobody in it gives no mask."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from palettelink import rle
 from palettelink.bundle import Bundle
-from palettelink.codecs import Decoded
 from palettelink.models import task_model
-from palettelink.models.image import rebuilt_image
 from server.results import Mask, TaskOutput
 from server.tasks import register
-from server.tasks.zoo import ZooRunner, preview_jpeg, providers_for
+from server.tasks.zoo import ZooRunner, providers_for
 
 PERSON = 0  # COCO class id
 GROW = 0.1
@@ -51,20 +48,13 @@ class SegmentRunner(ZooRunner):
             keep[ya:yb, max(0, int(x1 - gx)):min(w, int(x2 + gx) + 1)] = True
         return keep
 
-    def run_batch(self, items: Sequence[Decoded], want_preview: bool = False) -> list[TaskOutput]:
-        outs = []
-        for d in items:
-            rgb = rebuilt_image(d.tensors[0], d.image_size, self.bundle.input_size)
-            mask = np.asarray(self.model.run(rgb).mask, bool)
-            keep = self.gate(rgb)
-            out = self.convert(mask if keep is None else mask & keep)
-            if want_preview:
-                out.preview_jpeg = preview_jpeg(rgb)
-            outs.append(out)
-        return outs
+    def output(self, rgb: np.ndarray) -> TaskOutput:
+        mask = np.asarray(self.model.run(rgb).mask, bool)
+        keep = self.gate(rgb)
+        return self.convert(mask if keep is None else mask & keep)
 
     def convert(self, result: Any) -> TaskOutput:
-        mask = np.asarray(getattr(result, "mask", result), bool)
+        mask = np.asarray(result, bool)
         if not mask.any():  # nobody in the picture: no mask, not an error
             return TaskOutput()
         h, w = mask.shape

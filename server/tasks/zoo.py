@@ -59,11 +59,15 @@ class ZooRunner:
     def convert(self, result: Any) -> TaskOutput:
         raise NotImplementedError
 
+    def output(self, rgb: np.ndarray) -> TaskOutput:
+        """The task's output for one rebuilt picture (a subclass may look at more than the model)."""
+        return self.convert(self.model.run(rgb))
+
     def run_batch(self, items: Sequence[Decoded], want_preview: bool = False) -> list[TaskOutput]:
         outs = []
         for d in items:
             rgb = rebuilt_image(d.tensors[0], d.image_size, self.bundle.input_size)
-            out = self.convert(self.model.run(rgb))
+            out = self.output(rgb)
             if want_preview:
                 out.preview_jpeg = preview_jpeg(rgb)
             outs.append(out)
