@@ -1,11 +1,19 @@
 """``palettelink-edge``: capture → ONNX front → codec → gRPC stream → print the server's results.
 
-Exit codes: 0 all frames answered; 1 some frames came back with an error or some inputs could not be
-read (too large, corrupt: named on stderr, the others still streamed); 2 bad arguments, inputs or
-bundle; 3 server unreachable (not resolvable, or not answering within ``--connect-timeout``, or lost
-or frozen for good mid-stream: every frame unanswered, and with ``--json`` every input not sent, then
-gets one failed record with the reason); 4 the server refused the stream (token, unknown bundle, …);
-141 stdout closed early (``| head``). This module and everything it imports stay free of torch (tested).
+Every input frame gets exactly one record (a text line, or a JSON object with ``--json``) in every
+outcome: ``ok``; answered with an error (``failed``, or ``refused`` under load once its retries are
+spent); ``not_answered`` (sent, and the server never answered); ``not_sent`` (the stream was lost
+before its turn: with ``--json`` every input not read yet gets one too); ``not_read`` (an input that
+could not be read or coded: named, the others still streamed). The stderr summary counts the same
+records.
+
+Exit codes: 0 every frame answered without error; 1 some frames failed (answered with an error, or
+unanswered because the server broke the stream: INTERNAL, UNKNOWN, …); 2 bad arguments, bundle or
+inputs (an unreadable, truncated or oversized input exits 2 after the others were streamed); 3 server
+unreachable (not resolvable, not answering within ``--connect-timeout``, not a PaletteLink gRPC port,
+or lost or frozen for good mid-stream); 4 the server refused the stream (token, permission, unknown
+bundle, …); 130 interrupted; 141 stdout closed early (``| head``). This module and everything it
+imports stay free of torch (tested).
 
 Bundles: the edge loads only the edge part of a bundle (``side="edge"``: front, codec graphs and
 tables), from ``--bundles``, else from the fetch cache; ``--fetch-bundle NAME[/VERSION]`` (or
@@ -17,18 +25,21 @@ into the cache first (:mod:`palettelink.fetch`). The HTTP address is ``--http UR
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import socket
 import sys
+from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePath
 from typing import Any, TextIO
 
 import grpc
 
 from edge.transport import (
+    CONNECT_TIMEOUT_S,
     Backoff,
     EdgeStream,
     Reply,
@@ -48,14 +59,25 @@ from palettelink.v1 import palettelink_pb2 as pb
 
 EXIT_OK, EXIT_FRAME_ERRORS, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_REFUSED = 0, 1, 2, 3, 4
 PROG = "palettelink-edge"
+# A record's outcome (its "outcome" field), in the order the summary lists them.
+OK, FAILED, REFUSED, NOT_ANSWERED, NOT_SENT, NOT_READ = "ok", "failed", "refused", "not_answered", \
+    "not_sent", "not_read"
+OUTCOMES = (OK, FAILED, REFUSED, NOT_ANSWERED, NOT_SENT, NOT_READ)
+# Stream statuses that mean "the server will not take this stream" (exit 4); any other non-retryable
+# status ends the stream as a server failure (INTERNAL, UNKNOWN, DATA_LOSS, …: exit 1).
+REFUSALS = frozenset({
+    grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.ALREADY_EXISTS,
+})
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Stream images, folders or videos to a PaletteLink server as coded features.",
-        epilog="exit codes: 0 ok, 1 some frames failed, 2 bad input/bundle, 3 server unreachable, "
-               "4 server refused the stream",
+        epilog="exit codes: 0 ok, 1 some frames failed, 2 bad arguments/input/bundle, 3 server "
+               "unreachable or lost, 4 server refused the stream",
     )
     p.add_argument("paths", nargs="*", metavar="PATH",
                    help="image files, folders (recursive) or video files; camera:N for a camera")
@@ -100,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=2, help="frames in flight (default 2)")
     p.add_argument("--retries", type=int, default=8,
                    help="reconnect attempts in a row once streaming (default 8)")
-    p.add_argument("--connect-timeout", type=float, default=5.0, metavar="S",
-                   help="seconds to wait for the first connection, DNS included (default 5); then exit 3")
+    p.add_argument("--connect-timeout", type=float, default=CONNECT_TIMEOUT_S, metavar="S",
+                   help=f"seconds to wait for the first connection, DNS included (default "
+                        f"{CONNECT_TIMEOUT_S:g}); then exit 3")
     p.add_argument("--frame-timeout", type=float, default=30.0, metavar="S",
                    help="a frame unanswered for S seconds is reported failed (DEADLINE_EXCEEDED) and the "
                         "stream re-opened; counts against --retries like a lost connection (default 30)")
@@ -118,6 +141,19 @@ class FrameMeta:
     level: int
     image_size: tuple[int, int]
     timings_ms: dict[str, float]
+    outcome: str | None = None  # set for the records the edge makes itself (not sent, not read)
+
+
+def outcome_of(reply: Reply) -> str:
+    m = reply.meta
+    if isinstance(m, FrameMeta) and m.outcome:
+        return m.outcome
+    if not reply.answered:
+        return NOT_ANSWERED
+    r = reply.result
+    if r.HasField("error") and r.error.status:
+        return REFUSED if r.error.status == "RESOURCE_EXHAUSTED" else FAILED
+    return OK
 
 
 def _box_dict(b: pb.Box, names: Sequence[str]) -> dict[str, Any]:
@@ -141,9 +177,9 @@ def reply_record(reply: Reply, names: Sequence[str]) -> dict[str, Any]:
     w, h = m.image_size
     n_bytes = int(r.payload_bytes) or m.n_bytes
     rec: dict[str, Any] = {
-        "source": m.source, "frame": m.index, "frame_id": reply.frame_id,
+        "source": m.source, "frame": m.index, "frame_id": reply.frame_id, "outcome": outcome_of(reply),
         "codec": r.codec or None, "level": r.level if r.codec else m.level,
-        "bytes": n_bytes, "bpp": round(8.0 * n_bytes / (w * h), 4), "width": w, "height": h,
+        "bytes": n_bytes, "bpp": round(8.0 * n_bytes / (w * h), 4) if w * h else 0.0, "width": w, "height": h,
         "boxes": [_box_dict(b, names) for b in r.boxes],
         "masks": [_mask_dict(mk) for mk in r.masks],
         "landmarks": [{"scheme": ls.scheme, "score": round(float(ls.score), 4),
@@ -167,6 +203,11 @@ def print_record(rec: dict[str, Any], label: str, out: TextIO, as_json: bool) ->
         out.write(json.dumps(rec) + "\n")
         out.flush()
         return
+    if rec["outcome"] in (NOT_SENT, NOT_READ):  # nothing was coded or sent: no sizes or times to show
+        out.write(f"{label}  {rec['outcome'].replace('_', ' ').upper()} {rec['error']['status']}: "
+                  f"{rec['error']['message']}\n")
+        out.flush()
+        return
     head = (f"{label}  {rec['bytes']:,} B  {rec['bpp']:.3f} bpp  {rec['codec'] or '?'}/{rec['level']}  "
             f"rtt {rec['latency_ms']:.1f} ms  (front {rec['edge_ms'].get('front_ms', 0):.1f}, "
             f"encode {rec['edge_ms'].get('encode_ms', 0):.1f}, server {rec['server_ms']['total_ms']:.1f})")
@@ -188,12 +229,28 @@ def print_record(rec: dict[str, Any], label: str, out: TextIO, as_json: bool) ->
     out.flush()
 
 
-def save_preview(folder: Path, label: str, jpeg: bytes) -> Path:
-    """DIR/<label>.jpg, written atomically (a label's path separators become '_')."""
+def preview_name(label: str, taken: set[str] | None = None) -> str:
+    """The file name of a frame's preview: its source name once, as a .jpg (``samples/bus.jpg`` →
+    ``samples_bus.jpg``, ``clip.avi#12`` → ``clip#12.jpg``, ``a/x.png`` → ``a_x.jpg``); path
+    separators become ``_``; a name already ``taken`` in this run gets ``~2``, ``~3``, …"""
+    source, hash_, index = label.rpartition("#") if "#" in label else (label, "", "")
+    stem = PurePath(source).with_suffix("").as_posix() if PurePath(source).suffix else source
+    stem = stem.lstrip("./") + (f"#{index}" if hash_ else "")
+    safe = "".join(c if c.isalnum() or c in "-_.#" else "_" for c in stem).strip("_")[-120:] or "frame"
+    name, n = f"{safe}.jpg", 1
+    while taken is not None and name in taken:
+        n += 1
+        name = f"{safe}~{n}.jpg"
+    if taken is not None:
+        taken.add(name)
+    return name
+
+
+def save_preview(folder: Path, label: str, jpeg: bytes, taken: set[str] | None = None) -> Path:
+    """DIR/:func:`preview_name`, written atomically."""
     from palettelink.bundle import atomic_write_bytes
 
-    safe = "".join(c if c.isalnum() or c in "-_.#" else "_" for c in label)[:120] or "frame"
-    path = folder / f"{safe}.jpg"
+    path = folder / preview_name(label, taken)
     atomic_write_bytes(path, jpeg)
     return path
 
@@ -203,11 +260,22 @@ def _fail(code: int, msg: str) -> int:
     return code
 
 
-def _level_for(args: argparse.Namespace, codec: str) -> int | None:
-    if args.bits is not None and spec(codec).param != "bits":
+def _level_for(args: argparse.Namespace, codec: str, encoder: EdgeEncoder) -> int | None:
+    """The fixed level asked for, checked against what the codec offers, in the words of the flag
+    given (``--bits`` are bits per value, ``--level`` a codec level)."""
+    param = spec(codec).param
+    if args.bits is not None and param != "bits":
         raise InvalidRequest(f"--bits is for a codec whose levels are bit depths (baseline); "
                              f"use --level with {codec}")
-    return args.bits if args.bits is not None else args.level
+    level = args.bits if args.bits is not None else args.level
+    offered = sorted(encoder.levels())
+    if level is not None and level not in offered:
+        if args.bits is not None:
+            raise InvalidRequest(f"--bits {level}: the {codec} codec codes {offered[0]} to {offered[-1]} "
+                                 f"bits per value {offered}")
+        raise InvalidRequest(f"--level {level} is not offered by the {codec} codec; its levels are {offered}"
+                             + (" (bits per value: --bits works too)" if param == "bits" else ""))
+    return level
 
 
 def _http_client(args: argparse.Namespace) -> Client:
@@ -246,11 +314,31 @@ def _check_limits(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    skipped: list[str] = []
+    """Stream ``args.paths``; every input frame gets exactly one record (stdout) whatever happens:
+    answered (``ok``, ``failed``, ``refused``), ``not_answered`` (the server never answered it),
+    ``not_sent`` (the stream was lost before its turn; listed one by one with ``--json``) or
+    ``not_read`` (the input could not be read or coded). The stderr summary counts the same records."""
+    tally: Counter[str] = Counter()
+    unreadable: list[str] = []
+    ids = itertools.count()  # one frame id per record, sent or not
+    names: Sequence[str] = ()
+    previews: set[str] = set()
 
-    def skip(src: capture.Source, err: PaletteLinkError) -> None:  # one bad input never stops the others
-        skipped.append(src.name)
-        print(f"{PROG}: skipped: {err}", file=sys.stderr, flush=True)
+    def emit(reply: Reply) -> None:
+        rec = reply_record(reply, names)
+        if args.preview is not None and reply.result.preview_jpeg:
+            save_preview(args.preview, reply.meta.label, reply.result.preview_jpeg, previews)
+        print_record(rec, reply.meta.label, out, args.json)
+        tally[rec["outcome"]] += 1
+
+    def emit_all(replies: Iterator[Reply]) -> None:
+        for reply in replies:
+            emit(reply)
+
+    def not_read(src: capture.Source, err: PaletteLinkError) -> None:  # one bad input never stops the others
+        unreadable.append(f"{src.name} ({err})")
+        meta = FrameMeta(src.name, src.name, 0, 0, -1, (0, 0), {}, outcome=NOT_READ)
+        emit(_edge_reply(next(ids), meta, _status(err.code), f"not read: {err}"))
 
     try:
         _check_limits(args)
@@ -260,15 +348,18 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             raise InvalidRequest("give at least one PATH to stream")
         if args.paths:
             sources = capture.expand(args.paths)
-            frames = capture.iter_frames(sources, args.every, args.max_frames, on_error=skip)
+            frames = capture.iter_frames(sources, args.every, args.max_frames, on_error=not_read)
+        if args.preview is not None:
+            args.preview.mkdir(parents=True, exist_ok=True)
         bundle = _bundle(args)
         if not args.paths:
             print(f"{bundle.id} {bundle.path}", file=out)
             return EXIT_OK
         codec = args.codec or default_codec(bundle)
         encoder: EdgeEncoder = make_encoder(bundle, codec)
-        coder = LevelCoder(encoder, controller_from(_level_for(args, codec), args.target_bpp,
-                                                    args.target_bytes, args.kbps, args.fps))
+        level = _level_for(args, codec, encoder)
+        coder = LevelCoder(encoder, controller_from(level, args.target_bpp, args.target_bytes, args.kbps,
+                                                    args.fps))
         channel = make_channel(args.server, args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
     except FetchError as e:
         return _fail(EXIT_UNREACHABLE, str(e))
@@ -282,75 +373,74 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     except (PaletteLinkError, ValueError, OSError) as e:
         return _fail(EXIT_USAGE, str(e))
 
-    backoff = Backoff(retries=args.retries)
     metadata = [("authorization", f"Bearer {args.token}")] if args.token else []
     names = bundle.class_names
-    n_frames = n_errors = 0
     stream: EdgeStream | None = None
     in_hand: tuple[int, FrameMeta] | None = None  # the frame being handed to the stream
-
-    def emit(replies: Iterator[Reply]) -> None:
-        nonlocal n_frames, n_errors
-        for reply in replies:
-            rec = reply_record(reply, names)
-            if args.preview is not None and reply.result.preview_jpeg:
-                save_preview(args.preview, reply.meta.label, reply.result.preview_jpeg)
-            print_record(rec, reply.meta.label, out, args.json)
-            n_frames += 1
-            n_errors += rec["error"] is not None
+    failure: tuple[int, str] | None = None  # (exit code, message) when the stream was lost for good
 
     def give_up(code: grpc.StatusCode, reason: str) -> None:
         """The stream is lost for good: every frame sent and unanswered, the one in hand and (with
         --json) every input not read yet gets its one record, failed with ``reason``."""
-        nonlocal n_unsent
+        # whether the frame in hand reached the stream decides which record it gets: not answered
+        # (abandoned below) or not sent; asked before abandon() empties the stream's pending set
+        unsent = in_hand is not None and (stream is None or not stream.pending(in_hand[0]))
         if stream is not None:
-            emit(stream.abandon(reason, code))
-        if in_hand is not None and (stream is None or not stream.pending(in_hand[0])):
-            emit(iter([_unsent(in_hand[0], in_hand[1], code, reason)]))
+            emit_all(stream.abandon(reason, code))
+        if unsent:
+            assert in_hand is not None
+            emit(_edge_reply(in_hand[0], replace(in_hand[1], outcome=NOT_SENT), code, f"not sent: {reason}"))
         if not args.json:
             return
-        for frame_id, cap in enumerate(frames, start=next_id):
+        for cap in frames:
+            if cap.kind == "camera":
+                break  # a camera never ends: its frames were not taken, so they have no records
             h, w = cap.rgb.shape[:2]
-            meta = FrameMeta(cap.label, cap.source, cap.index, 0, -1, (w, h), {})
-            n_unsent += 1
-            emit(iter([_unsent(frame_id, meta, code, reason)]))
+            meta = FrameMeta(cap.label, cap.source, cap.index, 0, -1, (w, h), {}, outcome=NOT_SENT)
+            emit(_edge_reply(next(ids), meta, code, f"not sent: {reason}"))
 
-    n_unsent = next_id = 0
     try:
-        wait_ready(channel, args.server, args.connect_timeout)
-        header = pb.StreamHeader(client_id=args.client_id, bundle=bundle.id, task=args.task or bundle.task,
-                                 want_preview=args.preview is not None)
-        stream = EdgeStream(channel, header, metadata, window=args.window, backoff=backoff,
-                            frame_timeout=args.frame_timeout)
-
-        for frame_id, cap in enumerate(frames):
-            next_id = frame_id + 1
-            coded = coder.encode(cap.rgb)
-            enc = coded.encoded
-            if coded.choice is not None and coded.choice.warning:
-                print(f"{PROG}: {cap.label}: {coded.choice.warning}", file=sys.stderr)
-            meta = FrameMeta(cap.label, cap.source, cap.index, len(enc.payload), enc.level,
-                             enc.image_size, enc.timings_ms)
-            req = pb.Frame(frame_id=frame_id, payload=enc.payload, capture_time_us=cap.capture_time_us,
-                           edge_front_ms=enc.timings_ms.get("front_ms", 0.0),
-                           edge_encode_ms=enc.timings_ms.get("encode_ms", 0.0))
-            in_hand = (frame_id, meta)
-            emit(stream.send(req, meta))
-            in_hand = None
-        emit(stream.finish())
-    except PaletteLinkError as e:
-        return _fail(EXIT_USAGE, str(e))
-    except ServerUnavailable as e:
-        if stream is not None:
+        try:
+            wait_ready(channel, args.server, args.connect_timeout, tls=args.tls_ca is not None)
+            header = pb.StreamHeader(client_id=args.client_id, bundle=bundle.id,
+                                     task=args.task or bundle.task, want_preview=args.preview is not None)
+            stream = EdgeStream(channel, header, metadata, window=args.window,
+                                backoff=Backoff(retries=args.retries), frame_timeout=args.frame_timeout)
+            for cap in frames:
+                frame_id = next(ids)
+                try:
+                    coded = coder.encode(cap.rgb)
+                except PaletteLinkError as e:  # this frame cannot be coded; the others go on
+                    unreadable.append(f"{cap.label} ({e})")
+                    h, w = cap.rgb.shape[:2]
+                    meta = FrameMeta(cap.label, cap.source, cap.index, 0, -1, (w, h), {}, outcome=NOT_READ)
+                    emit(_edge_reply(frame_id, meta, _status(e.code), f"not coded: {e}"))
+                    continue
+                enc = coded.encoded
+                if coded.choice is not None and coded.choice.warning:
+                    print(f"{PROG}: {cap.label}: {coded.choice.warning}", file=sys.stderr)
+                meta = FrameMeta(cap.label, cap.source, cap.index, len(enc.payload), enc.level,
+                                 enc.image_size, enc.timings_ms)
+                req = pb.Frame(frame_id=frame_id, payload=enc.payload, capture_time_us=cap.capture_time_us,
+                               edge_front_ms=enc.timings_ms.get("front_ms", 0.0),
+                               edge_encode_ms=enc.timings_ms.get("encode_ms", 0.0))
+                in_hand = (frame_id, meta)
+                emit_all(stream.send(req, meta))
+                in_hand = None
+            emit_all(stream.finish())
+        except ServerUnavailable as e:
             give_up(grpc.StatusCode.UNAVAILABLE, str(e))
-            _summary(n_frames, n_errors, n_unsent)
-        return _fail(EXIT_UNREACHABLE, str(e))
-    except StreamFailed as e:
-        hint = {"UNAUTHENTICATED": " (pass --token or set $PALETTELINK_TOKEN)",
-                "NOT_FOUND": " (the server does not hold this bundle)"}.get(e.code.name, "")
-        give_up(e.code, f"server refused the stream: {e}")
-        _summary(n_frames, n_errors, n_unsent)
-        return _fail(EXIT_REFUSED, f"server refused the stream: {e}{hint}")
+            failure = (EXIT_UNREACHABLE, str(e))
+        except StreamFailed as e:
+            if e.code in REFUSALS:
+                hint = {"UNAUTHENTICATED": " (pass --token or set $PALETTELINK_TOKEN)",
+                        "PERMISSION_DENIED": " (this token may not use this bundle or task)",
+                        "NOT_FOUND": " (the server does not hold this bundle)"}.get(e.code.name, "")
+                give_up(e.code, f"server refused the stream: {e}")
+                failure = (EXIT_REFUSED, f"server refused the stream: {e}{hint}")
+            else:  # INTERNAL, UNKNOWN, DATA_LOSS, …: the server broke; its frames failed (exit 1)
+                give_up(e.code, f"the server broke the stream: {e}")
+                failure = (EXIT_FRAME_ERRORS, f"the server broke the stream: {e}")
     except KeyboardInterrupt:
         return _fail(130, "interrupted")
     finally:
@@ -362,23 +452,33 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     if stream is not None and stream.deferred:
         print(f"{PROG}: the server was overloaded: {stream.deferred} frame(s) re-sent after its retry hint",
               file=sys.stderr)
-    if skipped:
-        print(f"{PROG}: {len(skipped)} input(s) could not be read: {', '.join(skipped)}", file=sys.stderr)
-    _summary(n_frames, n_errors, 0)
-    return EXIT_FRAME_ERRORS if n_errors or skipped else EXIT_OK
+    _summary(tally)
+    if failure is not None:
+        return _fail(*failure)
+    if unreadable:
+        return _fail(EXIT_USAGE, f"{len(unreadable)} input(s) could not be read: {'; '.join(unreadable)}")
+    return EXIT_FRAME_ERRORS if sum(tally.values()) > tally[OK] else EXIT_OK
 
 
-def _summary(n_frames: int, n_errors: int, n_unsent: int) -> None:
-    if n_errors:
-        unsent = f" ({n_unsent} never sent)" if n_unsent else ""
-        print(f"{PROG}: {n_errors} of {n_frames} frame(s) failed{unsent}", file=sys.stderr)
+def _summary(tally: Counter[str]) -> None:
+    """One stderr line counting the records by outcome, when any failed (not when the only failures
+    are unreadable inputs: the error line that follows names them)."""
+    failed = sum(n for k, n in tally.items() if k != OK)
+    if not failed or failed == tally[NOT_READ]:
+        return
+    parts = ", ".join(f"{tally[k]} {k.replace('_', ' ')}" for k in OUTCOMES if k != OK and tally[k])
+    print(f"{PROG}: {failed} of {sum(tally.values())} frame(s) failed ({parts})", file=sys.stderr)
 
 
-def _unsent(frame_id: int, meta: FrameMeta, code: grpc.StatusCode, reason: str) -> Reply:
-    """The record of a frame never sent (the stream was lost before its turn)."""
+def _status(name: str) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, name, grpc.StatusCode.INVALID_ARGUMENT)
+
+
+def _edge_reply(frame_id: int, meta: FrameMeta, code: grpc.StatusCode, message: str) -> Reply:
+    """The record of a frame the edge itself fails (not sent, not read): never answered by the server."""
     res = pb.FrameResult(frame_id=frame_id, error=pb.FrameError(code=int(code.value[0]), status=code.name,
-                                                                message=f"not sent: {reason}"))
-    return Reply(frame_id, res, 0.0, meta)
+                                                                message=message))
+    return Reply(frame_id, res, 0.0, meta, answered=False)
 
 
 def main(argv: list[str] | None = None) -> int:

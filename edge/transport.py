@@ -38,6 +38,8 @@ MAX_MESSAGE_BYTES = 64 << 20
 # RESOURCE_EXHAUSTED with a retry-after-ms hint: its stream limits are full for now.
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS = 20_000, 10_000  # the server accepts pings every 10 s at most
+CONNECT_TIMEOUT_S = 3.0  # the default wait for the first connection (--connect-timeout)
+PROBE_AFTER_S = 0.3  # not connected by then: probe what listens on the port (see wait_ready)
 
 
 class ServerUnavailable(Exception):
@@ -78,6 +80,7 @@ class Reply:
     result: pb.FrameResult
     latency_ms: float
     meta: Any = None
+    answered: bool = True  # False: the server never answered it; failed here, with the reason
 
 
 @dataclass
@@ -161,38 +164,93 @@ def _resolve(host: str, port: int, timeout: float) -> str | None:
     return result[0] if result else f"no answer from the resolver within {timeout:g} s"
 
 
-def _refused(host: str, port: int) -> bool:
+# HTTP/2's connection preface and an empty SETTINGS frame: a gRPC server answers with its SETTINGS.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def probe(host: str, port: int, timeout: float = 1.0) -> str:
+    """What listens on ``host:port``, from one plaintext HTTP/2 preface: ``"h2"`` (a plaintext HTTP/2
+    server such as gRPC), ``"http1"`` (an HTTP/1 server: a dashboard or API port), ``"tls"`` (it
+    wants a TLS handshake), ``"refused"`` (nothing listens), ``"silent"`` (connected, no answer),
+    ``"closed"`` (connected, closed without a word), ``"unreachable"`` (no TCP connection), or
+    ``"other"``."""
     try:
-        with socket.create_connection((host, port), timeout=1.0):
-            return False
+        sock = socket.create_connection((host, port), timeout=timeout)
     except ConnectionRefusedError:
-        return True
+        return "refused"
     except OSError:
-        return False
+        return "unreachable"
+    with sock:
+        try:
+            sock.settimeout(timeout)
+            sock.sendall(_H2_PREFACE)
+            data = sock.recv(64)
+        except TimeoutError:
+            return "silent"
+        except OSError:
+            return "closed"
+    if not data:
+        return "closed"
+    if data.startswith(b"HTTP/"):
+        return "http1"
+    if data[0] in (0x15, 0x16) and data[1:2] == b"\x03":  # a TLS alert or handshake record
+        return "tls"
+    if len(data) >= 9 and data[3] in (0x04, 0x07):  # an HTTP/2 SETTINGS or GOAWAY frame
+        return "h2"
+    return "other"
 
 
-def wait_ready(channel: grpc.Channel, target: str, timeout: float) -> None:
+def _wrong_kind(found: str, tls: bool) -> str | None:
+    """Why the port can never be the gRPC server as configured (from :func:`probe`), or None."""
+    if found == "http1":
+        return ("it answers HTTP/1.1, not gRPC: is that the server's HTTP port (dashboard, bundle "
+                "downloads)? --server takes its gRPC port (palettelink-server --grpc-port, default 50051)")
+    if found == "tls" and not tls:
+        return ("it expects TLS: pass --tls-ca FILE (the CA of its certificate; and --tls-cert/"
+                "--tls-key if it asks for a client certificate)")
+    if found == "h2" and tls:
+        return "it speaks plaintext gRPC, not TLS: leave out --tls-ca/--tls-cert/--tls-key"
+    return None
+
+
+def wait_ready(channel: grpc.Channel, target: str, timeout: float, tls: bool = False) -> None:
     """Block until the channel connects, ``timeout`` seconds at most in all (name lookup included);
-    then :class:`ServerUnavailable` with what went wrong. gRPC itself re-dials meanwhile, so a server
-    that comes up within the window is found. Without this bound a wrong address meant ~40 s of
-    silence before exit 3."""
+    then :class:`ServerUnavailable` with what went wrong and the address. gRPC itself re-dials
+    meanwhile, so a server that comes up within the window is found. Not connected after
+    ``PROBE_AFTER_S``, the port is probed once: a port that can never be this gRPC server (an HTTP/1
+    port, TLS against a plaintext channel or the other way round) fails at once, with the fix."""
     deadline = time.monotonic() + timeout
     hp = _host_port(target)
     if hp is not None:
         why = _resolve(*hp, timeout)
         if why is not None:
             raise ServerUnavailable(f"cannot resolve the host of --server {target}: {why}")
+    ready = grpc.channel_ready_future(channel)
     try:
-        grpc.channel_ready_future(channel).result(timeout=max(0.0, deadline - time.monotonic()))
-        return
-    except grpc.FutureTimeoutError:
-        pass
-    refused = hp is not None and _refused(*hp)
+        try:
+            ready.result(timeout=max(0.0, min(PROBE_AFTER_S, deadline - time.monotonic())))
+            return
+        except grpc.FutureTimeoutError:
+            pass
+        if hp is not None and (wrong := _wrong_kind(probe(*hp, min(1.0, timeout)), tls)):
+            raise ServerUnavailable(f"cannot reach a PaletteLink server at {target}: {wrong}")
+        try:
+            ready.result(timeout=max(0.0, deadline - time.monotonic()))
+            return
+        except grpc.FutureTimeoutError:
+            pass
+    finally:
+        ready.cancel()
+    found = probe(*hp, min(1.0, timeout)) if hp is not None else "other"
+    wrong = _wrong_kind(found, tls)
+    why = {"refused": " (connection refused: nothing listens on that port)",
+           "unreachable": " (no TCP connection: a firewall, or the host is down)",
+           "silent": " (the port accepts connections but does not answer like gRPC)",
+           "closed": " (the port closes connections without answering: not gRPC, or a TLS mismatch)",
+           }.get(found, f" ({wrong})" if wrong else "")
     raise ServerUnavailable(
-        f"cannot reach a PaletteLink server at {target} within {timeout:g} s"
-        + (" (connection refused: nothing listens on that port)" if refused else "")
-        + "; is `palettelink-server` running there (and TLS set up alike on both ends)? "
-        "--connect-timeout S waits longer"
+        f"cannot reach a PaletteLink server at {target} within {timeout:g} s{why}; is `palettelink-server` "
+        "running there (and TLS set up alike on both ends)? --connect-timeout S waits longer"
     )
 
 
@@ -340,7 +398,7 @@ class EdgeStream:
         p = self._pending.pop(frame_id)
         res = pb.FrameResult(frame_id=frame_id, error=pb.FrameError(code=int(code.value[0]), status=code.name,
                                                                     message=message))
-        return Reply(frame_id, res, (time.perf_counter() - p.sent) * 1e3, p.meta)
+        return Reply(frame_id, res, (time.perf_counter() - p.sent) * 1e3, p.meta, answered=False)
 
     def abandon(self, reason: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> Iterator[Reply]:
         """Give up: every frame still unanswered is answered as failed with ``reason``."""

@@ -113,10 +113,14 @@ def test_edge_client_reports_big_images_and_streams_the_others(live_server, bund
     r = subprocess.run([sys.executable, "-m", "edge.client", *args], capture_output=True, text=True,
                        timeout=300, cwd=REPO)
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert r.returncode == 1, r.stderr[-3000:]  # some inputs failed; the rest was answered
-    recs = [json.loads(line) for line in r.stdout.splitlines()]
-    assert [rec["source"] for rec in recs] == [str(inputs["good"])]
-    assert recs[0]["error"] is None and recs[0]["boxes"]
+    assert r.returncode == 2, r.stderr[-3000:]  # bad inputs (exit 2), named; the rest was answered
+    recs = sorted((json.loads(line) for line in r.stdout.splitlines()), key=lambda rec: rec["frame_id"])
+    # one record per input all the same (in the order they were read: frame ids)
+    assert [rec["source"] for rec in recs] == [str(inputs[k]) for k in ("huge", "good", "wide")]
+    assert [rec["outcome"] for rec in recs] == ["not_read", "ok", "not_read"]
+    assert recs[1]["error"] is None and recs[1]["boxes"]
+    for rec, size in ((recs[0], "20000x20000"), (recs[2], "16385x16")):
+        assert rec["error"]["status"] == "INVALID_ARGUMENT" and size in rec["error"]["message"]
     for name, size in (("huge", "20000x20000"), ("wide", "16385x16")):
         assert str(inputs[name]) in r.stderr and size in r.stderr
     assert "2 input(s) could not be read" in r.stderr
