@@ -204,8 +204,7 @@ def print_record(rec: dict[str, Any], label: str, out: TextIO, as_json: bool) ->
         out.flush()
         return
     if rec["outcome"] in (NOT_SENT, NOT_READ):  # nothing was coded or sent: no sizes or times to show
-        out.write(f"{label}  {rec['outcome'].replace('_', ' ').upper()} {rec['error']['status']}: "
-                  f"{rec['error']['message']}\n")
+        out.write(f"{label}  {rec['error']['status']}: {rec['error']['message']}\n")
         out.flush()
         return
     head = (f"{label}  {rec['bytes']:,} B  {rec['bpp']:.3f} bpp  {rec['codec'] or '?'}/{rec['level']}  "
@@ -336,7 +335,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             emit(reply)
 
     def not_read(src: capture.Source, err: PaletteLinkError) -> None:  # one bad input never stops the others
-        unreadable.append(f"{src.name} ({err})")
+        unreadable.append(str(err) if src.name in str(err) else f"{src.name}: {err}")
         meta = FrameMeta(src.name, src.name, 0, 0, -1, (0, 0), {}, outcome=NOT_READ)
         emit(_edge_reply(next(ids), meta, _status(err.code), f"not read: {err}"))
 
@@ -411,7 +410,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                 try:
                     coded = coder.encode(cap.rgb)
                 except PaletteLinkError as e:  # this frame cannot be coded; the others go on
-                    unreadable.append(f"{cap.label} ({e})")
+                    unreadable.append(f"{cap.label}: {e}")
                     h, w = cap.rgb.shape[:2]
                     meta = FrameMeta(cap.label, cap.source, cap.index, 0, -1, (w, h), {}, outcome=NOT_READ)
                     emit(_edge_reply(frame_id, meta, _status(e.code), f"not coded: {e}"))

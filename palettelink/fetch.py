@@ -13,7 +13,8 @@ The server answers (bearer token when it has tokens, like ``/api/analyze``):
 checks each one's size and sha256 while it arrives, loads the result with ``side="edge"`` (the
 manifest's own sha256s and table hash), and only then renames it into ``<cache>/<name>/<version>``.
 Any failure (a wrong sha256, a truncated body, an unknown bundle, a refused token) removes the
-temporary folder and leaves what the cache held before untouched. Standard library only (urllib).
+temporary folder, and the cache folders this fetch created, and leaves what the cache held before
+untouched. Standard library only (urllib).
 """
 
 from __future__ import annotations
@@ -172,8 +173,12 @@ def fetch_bundle(name: str, client: Client, cache: str | os.PathLike[str] | None
     if _matches(dest, files):
         log(f"bundle {n}/{v} is up to date in {dest}")
         return Bundle.load(dest, side="edge")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{v}.fetch-"))
+    created = _make_dirs(dest.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{v}.fetch-"))
+    except BaseException:
+        _remove_empty(created)
+        raise
     try:
         total = 0
         for rel, digest, size in files:
@@ -193,9 +198,30 @@ def fetch_bundle(name: str, client: Client, cache: str | os.PathLike[str] | None
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)  # a first fetch that failed leaves no empty cache folders behind
         raise
     log(f"fetched bundle {n}/{v} ({len(files)} files, {total / 1e6:.1f} MB) into {dest}")
     return Bundle.load(dest, side="edge")
+
+
+def _make_dirs(folder: Path) -> list[Path]:
+    """``mkdir -p folder``; returns the folders it created, deepest first."""
+    missing = []
+    p = folder
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def _matches(dest: Path, files: list[tuple[str, str, Any]]) -> bool:

@@ -382,3 +382,20 @@ def test_info_describes_an_edge_only_copy(bundle, tmp_path: Path) -> None:  # no
     (tmp_path / "fall-yolov8" / "1" / "model.pt").write_bytes(b"half a server copy")
     doc = info()  # some server files but not all, or wrong: not an edge copy, a broken bundle
     assert not doc["bundles"] and "missing" in doc["problems"][0]
+
+
+def test_a_failed_first_fetch_leaves_no_empty_cache_folder(fake_server: dict, tmp_path: Path) -> None:
+    """A partial download into a cache that did not exist yet: exit 2, one line naming the file, and
+    no folder left behind (it used to leave an empty <cache>/<name>/)."""
+    fake_server["cut"] = 3
+    xdg = tmp_path / "xdg"
+    r = edge("--fetch-bundle", "toy", "--server", "127.0.0.1:1", "--http", fake_server["url"], cache=xdg)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert "palette.npz" in line and "truncated" in line, line
+    assert not xdg.exists(), sorted(p.relative_to(tmp_path).as_posix() for p in xdg.rglob("*"))
+    # and with a cache root that exists already: only what the fetch created goes
+    (xdg / "palettelink" / "bundles").mkdir(parents=True)
+    r = edge("--fetch-bundle", "toy", "--server", "127.0.0.1:1", "--http", fake_server["url"], cache=xdg)
+    assert r.returncode == 2
+    assert [p.name for p in xdg.rglob("*")] == ["palettelink", "bundles"]
