@@ -14,7 +14,7 @@ a warning (a camera must keep streaming; the operator sees the warning and the o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -150,19 +150,38 @@ class LevelCoder:
                                  f"its levels are {sorted(self.levels)}")
 
     def encode(self, rgb: np.ndarray) -> Coded:
+        """Code one frame. A frame whose novelty is above the codec's calibrated threshold falls back
+        to the finest offered level (with no controller or a fixed level; a byte budget stays a hard
+        limit, so there the record only says the frame is novel); ``Encoded.fallback`` says so."""
         c = self.controller
-        if c is None:
-            return Coded(self.encoder.encode(rgb, None), None)
-        if isinstance(c, FixedLevel):  # one level only: no sizing cost
-            fixed = self.encoder.encode(rgb, c.level)
-            return Coded(fixed, Choice(c.level, len(fixed.payload)))
         analysis = self.encoder.analyse(rgb)
+        if c is None or isinstance(c, FixedLevel):  # one level only: no sizing cost
+            level = None if c is None else c.level
+            coded = self._novel(analysis, self.encoder.encode_analysis(analysis, level), may_refine=True)
+            return Coded(coded, None if c is None else Choice(coded.level, len(coded.payload)))
         if self.spec.exact_sizes:
             choice = c.choose(self.encoder.level_sizes(analysis), analysis.image_size)
-            return Coded(self.encoder.encode_analysis(analysis, choice.level), choice)
-        every = self._every_level(analysis)
-        choice = c.choose({lv: len(e.payload) for lv, e in every.items()}, analysis.image_size)
-        return Coded(every[choice.level], choice)
+            coded = self.encoder.encode_analysis(analysis, choice.level)
+        else:
+            every = self._every_level(analysis)
+            choice = c.choose({lv: len(e.payload) for lv, e in every.items()}, analysis.image_size)
+            coded = every[choice.level]
+        return Coded(self._novel(analysis, coded, may_refine=False), choice)
+
+    def _novel(self, analysis: codecs.Analysis, coded: Encoded, may_refine: bool) -> Encoded:
+        novelty = getattr(analysis, "novelty", None)
+        threshold_of = getattr(self.encoder, "novelty_threshold", None)
+        threshold = threshold_of() if threshold_of is not None else None
+        if novelty is None or threshold is None or novelty <= threshold:
+            return coded
+        why = f"novel frame (novelty {novelty:.3g} > threshold {threshold:.3g})"
+        finest = self.levels[0]
+        if coded.level == finest:
+            return replace(coded, fallback=f"{why}: already at the finest offered level {finest}")
+        if not may_refine:
+            return replace(coded, fallback=f"{why}: the byte budget allows no finer level")
+        finer = self.encoder.encode_analysis(analysis, finest)
+        return replace(finer, fallback=f"{why}: level {coded.level} → {finest}")
 
     def encode_all(self, rgb: np.ndarray) -> dict[int, Encoded]:
         """Every level of one frame, from one analysis."""

@@ -16,6 +16,7 @@ from palettelink.bundle import Bundle, sha256_file, write_manifest
 from palettelink.errors import BundleError
 from palettelink.image import letterbox, load_image
 from palettelink.train.bottleneck import BottleneckConfig, Decoder, Encoder
+from palettelink.train.levels import novelty_of
 from palettelink.train.export import EdgeGraph, export_decoder_onnx, export_edge_onnx, install_palette_codec
 
 SIZE = 320
@@ -76,12 +77,18 @@ def test_edge_onnx_indices_equal_torch(detector, models, inputs, tmp_path: Path)
     h = SIZE // 16
     for x in inputs:
         with torch.inference_mode():
-            finest = torch.stack(ref.nearest(enc(detector.front(torch.from_numpy(x))))).numpy()
+            z = enc(detector.front(torch.from_numpy(x)))
+            nearest, novelty = ref.nearest(z)
+            finest = torch.stack(nearest).numpy()
+        # novelty: the graph's value is the numpy twin's, the calibration's unit
+        want_novelty = novelty_of(z.numpy(), tables)[0]
+        assert float(novelty) == pytest.approx(want_novelty, rel=1e-4)
         for level in range(len(LEVELS)):
             lv = np.array(level, dtype=np.int64)
-            (got,) = sess.run(None, {"images": x, "level": lv})
+            got, got_novelty = sess.run(None, {"images": x, "level": lv})
+            assert float(got_novelty) == pytest.approx(want_novelty, rel=1e-3, abs=1e-6)
             with torch.inference_mode():
-                want = ref(torch.from_numpy(x), torch.from_numpy(lv)).numpy()
+                want = ref(torch.from_numpy(x), torch.from_numpy(lv))[0].numpy()
             assert got.dtype == np.int32 and got.shape == (4, h, h)
             assert (got == want).all(), f"level {level}: {(got != want).sum()} of {got.size} indices differ"
             for g in range(4):  # level t = ancestor of the finest entry
@@ -151,7 +158,8 @@ def test_install_palette_codec(detector, bundle, models, inputs, images,  # noqa
     assert sha256_file(dest / "palette.npz") == sha256_file(assets / "palette.npz")
     sess = _session(dest / "edge.onnx")
     x = letterbox(load_image(images[0]), b.input_size)[0]
-    (idx,) = sess.run(None, {"images": x, "level": np.array(0, dtype=np.int64)})
+    idx, novelty = sess.run(None, {"images": x, "level": np.array(0, dtype=np.int64)})
+    assert np.asarray(novelty).shape == () and float(novelty) >= 0.0
     assert idx.shape == (4, b.input_size // 16, b.input_size // 16)
     outs = [o.name for o in _session(dest / "decoder.onnx").get_outputs()]
     assert outs == b.manifest["front"]["outputs"]

@@ -68,7 +68,7 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
     graph = EdgeGraph(det, enc, arrays).eval()
     with torch.no_grad():
         torch.onnx.export(graph, (torch.zeros(1, 3, SIZE, SIZE), torch.tensor(0)), str(folder / "edge.onnx"),
-                          input_names=["images", "level"], output_names=["indices"], opset_version=17,
+                          input_names=["images", "level"], output_names=["indices", "novelty"], opset_version=17,
                           dynamo=False)
         torch.onnx.export(Dec().eval(), (torch.zeros(1, C, 16, 16), torch.tensor(0)),
                           str(folder / "decoder.onnx"), input_names=["z", "level"], output_names=["t0"],

@@ -8,6 +8,9 @@
   latents (a factorised entropy model); decoded by the same decoder's unquantised path;
 - ``palette-alt``: the other palette space (contrastive if the shipped one is raw, or vice versa),
   same bottleneck and decoder: raw vs contrastive palette;
+- ``z-unquantised``: the bottleneck alone, z sent as float16 (no palette): the ceiling every level
+  of the codec can reach. Beside the levels on a held-out table it says which part loses accuracy:
+  the bottleneck (this row is low too) or the palette (this row is high, the levels are not);
 - ``raw-palette``: no bottleneck: one global palette per crossing tensor on raw channel vectors with
   Ward levels (the first prototype), static tables.
 
@@ -37,7 +40,7 @@ from palettelink.codecs.palette import (
 from palettelink.errors import InvalidRequest
 from palettelink.front import ort_session
 
-ABLATIONS = ("palette-static", "palette-gen", "scalar-z", "palette-alt", "raw-palette")
+ABLATIONS = ("z-unquantised", "palette-static", "palette-gen", "scalar-z", "palette-alt", "raw-palette")
 HEADER_BYTES = 40  # what a container header costs at these sizes; added so rows compare fairly
 
 
@@ -108,6 +111,26 @@ class _LatentMethod:
     def decode(self, z_hat: np.ndarray, level: int) -> list[np.ndarray]:
         names = [t.name for t in self.ctx.bundle.tensors]
         return self.decoder.run(names, {"z": z_hat.astype(np.float32), "level": np.asarray(level, np.int64)})
+
+
+@register("z-unquantised")
+class UnquantisedZ(_LatentMethod):
+    """z as float16 through the decoder's unquantised path (level -1): the bottleneck's ceiling."""
+
+    name = "z-unquantised"
+
+    def points(self) -> list[int]:
+        return [16]
+
+    def label(self, point: int) -> str:
+        return "f16"
+
+    def run(self, item: Item, point: int) -> Output:
+        z = self.latent(item).astype(np.float16)
+        t0 = time.perf_counter()
+        tensors = self.decode(z.astype(np.float32), -1)
+        return Output(int(z.nbytes) + HEADER_BYTES, tensors=tensors, timings_ms={"decode_ms": (
+            time.perf_counter() - t0) * 1e3})
 
 
 @register("scalar-z")

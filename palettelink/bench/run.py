@@ -62,7 +62,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="more images, folders or videos (frames)")
     p.add_argument("--no-samples", action="store_true", help="leave out the bundled sample images")
     p.add_argument("--eval-set", action="store_true",
-                   help="the held-out evaluation set (4 sources never trained on; palettelink.train.data)")
+                   help="the leave-source-out evaluation set: sources no training item comes from "
+                        "(palettelink.train.data.eval_sources; docs/EVALUATION.md)")
+    p.add_argument("--same-site", action="store_true",
+                   help="the same-site set: later frames of training videos (memory, reported apart)")
     p.add_argument("--train-set", type=int, default=0, metavar="N",
                    help="N training images (spread over the sorted training set): shows under-fitting")
     p.add_argument("--ablations", type=_names, default=[],
@@ -127,10 +130,11 @@ class Row:
 def iter_images(args: argparse.Namespace) -> Iterator[tuple[str, np.ndarray]]:
     """(name, RGB) for the samples and every ``--images`` input. Reuses the capture module the edge uses,
     so the benchmark reads folders and videos exactly as the client does."""
-    if getattr(args, "eval_set", False):
+    if getattr(args, "eval_set", False) or getattr(args, "same_site", False):
         from palettelink.train import data
 
-        for item, rgb in zip(*_loaded(data.eval_images()), strict=True):
+        items = data.eval_images() if getattr(args, "eval_set", False) else data.same_site_images()
+        for item, rgb in zip(*_loaded(items), strict=True):
             yield data.item_key(item), rgb
     elif getattr(args, "train_set", 0):
         from palettelink.train import data
@@ -145,6 +149,16 @@ def iter_images(args: argparse.Namespace) -> Iterator[tuple[str, np.ndarray]]:
 
         for cap in capture.iter_frames(capture.expand(args.images), args.every, args.max_frames):
             yield cap.label, cap.rgb
+
+
+def _source_names(args: argparse.Namespace) -> dict[str, str] | None:
+    """Image name → source for the built-in sets (per-source rows); None for user images."""
+    if not (getattr(args, "eval_set", False) or getattr(args, "same_site", False)):
+        return None
+    from palettelink.train import data
+
+    src = data.eval_sources() if args.eval_set else data.same_site_sources()
+    return {data.item_key(i): name for name, items in src.items() for i in items}
 
 
 def _loaded(items: list[Any]) -> tuple[list[Any], list[np.ndarray]]:
@@ -190,9 +204,38 @@ class Runner:
                 if progress is not None:
                     progress.update(1)
 
-    def summary(self) -> list[dict[str, Any]]:
+    def summary(self, sources: dict[str, str] | None = None, worst: int = 5) -> list[dict[str, Any]]:
+        """One dict per (method, point). With ``sources`` (image name → source), each also gets
+        ``per_source`` (AP50, bpp, false boxes per image, misses of that source's images); every row
+        gets ``extra_per_image`` and its ``worst`` images by misses + false boxes."""
         names = list(self.det.class_names)
-        return [row.summary(self.references, names, self.ref_conf) for row in self.rows.values()]
+        out = []
+        by_source: dict[str, list[int]] = {}
+        for i, im in enumerate(self.images):
+            by_source.setdefault((sources or {}).get(im["name"], "other"), []).append(i)
+        for row in self.rows.values():
+            r = row.summary(self.references, names, self.ref_conf)
+            r["extra_per_image"] = r["extra"] / max(1, len(self.images))
+            per_image = []
+            for i, im in enumerate(self.images):
+                ag = metrics.agreement([self.references[i]], [row.detections[i]], conf=self.ref_conf)
+                missed = sum(n for (_, p), n in ag.confusion.items() if p == metrics.MISSED)
+                per_image.append({"name": im["name"], "reference_boxes": im["reference_boxes"],
+                                  "missed": missed, "extra": ag.n_extra,
+                                  "bpp": 8.0 * row.n_bytes[i] / row.pixels[i]})
+            r["worst_images"] = sorted(per_image, key=lambda d: -(d["missed"] + d["extra"]))[:worst]
+            if sources:
+                r["per_source"] = {}
+                for src, idx in sorted(by_source.items()):
+                    ap = metrics.evaluate([self.references[i] for i in idx], [row.detections[i] for i in idx])
+                    r["per_source"][src] = {
+                        "images": len(idx), "reference_boxes": sum(self.images[i]["reference_boxes"] for i in idx),
+                        "ap50": ap.ap50, "bpp": 8.0 * sum(row.n_bytes[i] for i in idx) / sum(
+                            row.pixels[i] for i in idx),
+                        "extra_per_image": sum(per_image[i]["extra"] for i in idx) / len(idx),
+                        "missed": sum(per_image[i]["missed"] for i in idx)}
+            out.append(r)
+        return out
 
 
 def _curve(rows: list[dict[str, Any]], method: str, key: str) -> tuple[list[float], list[float]]:
@@ -263,15 +306,35 @@ def markdown(report: dict[str, Any]) -> str:
     def f(v: float) -> str:
         return "–" if v != v else f"{v:.2f}"
 
-    out = ["| method | point | bytes/image | bpp | AP50 | AP50:95 | F1 | small | medium | large | flips |"
-           " per-class AP50 |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    head = []
+    if report.get("set"):
+        head = [f"Set: **{report['set']}** ({len(report['images'])} images, {report['reference_boxes']} "
+                "reference boxes). Sources: " + ", ".join(f"{k} ({v})" for k, v in report["sources"].items()), ""]
+    out = head + ["| method | point | bytes/image | bpp | AP50 | AP50:95 | F1 | small | medium | large | flips |"
+                  " missed | false boxes/image | per-class AP50 |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         rs = r["recall_by_size"]
         pc = ", ".join(f"{k} {v:.2f}" for k, v in r["ap50_per_class"].items())
         out.append(f"| {r['method']} | {r['label']} | {r['bytes_mean']:,.0f} | {r['bpp']:.3f} | "
                    f"{r['ap50']:.3f} | {r['ap50_95']:.3f} | {f(r['f1'])} | {f(rs['small'])} | "
-                   f"{f(rs['medium'])} | {f(rs['large'])} | {r['class_flips']} | {pc} |")
+                   f"{f(rs['medium'])} | {f(rs['large'])} | {r['class_flips']} | {r.get('missed', 0)} | "
+                   f"{r.get('extra_per_image', float('nan')):.2f} | {pc} |")
     out.append("")
+    srcs = sorted({s for r in rows for s in r.get("per_source", {})})
+    if srcs:
+        out += ["Per source: AP50 (bpp; false boxes per image)", "",
+                "| method | point | " + " | ".join(srcs) + " |", "|---|---|" + "---:|" * len(srcs)]
+        for r in rows:
+            ps = r["per_source"]
+            out.append(f"| {r['method']} | {r['label']} | " + " | ".join(
+                f"{f(ps[x]['ap50'])} ({ps[x]['bpp']:.3f}; {ps[x]['extra_per_image']:.1f})" for x in srcs) + " |")
+        out.append("")
+        out += ["Worst images per row (misses + false boxes at the reference threshold)", ""]
+        for r in rows:
+            w = ", ".join(f"{Path(d['name']).name} {d['missed']}m/{d['extra']}f" for d in r["worst_images"][:3])
+            out.append(f"- {r['method']} {r['label']}: {w}")
+        out.append("")
     for anchor in ("jpeg", "avif"):
         for method, pct in report.get(f"bd_rate_ap50_vs_{anchor}_percent", {}).items():
             out.append(f"- BD-rate vs {anchor} at equal AP50, {method}: "
@@ -333,7 +396,8 @@ def run(args: argparse.Namespace) -> int:
             runner.add_image(name, rgb, points)
     if not runner.images:
         raise InvalidRequest("no images to benchmark (--no-samples without --images?)")
-    rows = runner.summary()
+    sources = _source_names(args)
+    rows = runner.summary(sources)
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
         "palettelink": __version__, "bundle": bundle.id, "table_hash": bundle.table_hash_hex,
@@ -355,10 +419,13 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidRequest(f"--compare-with {args.compare_with}: it was measured on other images")
         report["compared_with"] = {"bundle": other.get("bundle"), "table_hash": other.get("table_hash")}
         report["bd_rate_ap50_vs_compared_percent"] = bd_rates_between(rows, other["rows"])
-    if args.eval_set or args.train_set:
+    if args.eval_set or args.train_set or args.same_site:
         from palettelink.train import data
 
+        report["set"] = ("leave-source-out" if args.eval_set else "same site" if args.same_site
+                         else "training images")
         report["sources"] = (data.describe_sources(data.eval_images()) if args.eval_set else
+                             data.describe_sources(data.same_site_images()) if args.same_site else
                              data.describe_sources(data.training_images(max_images=args.train_set)))
     assets = args.assets or Path("assets/codecs") / bundle.name
     if (assets / "training.json").is_file():

@@ -30,6 +30,10 @@ class Encoded:
     level: int
     image_size: tuple[int, int]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # How far the frame lies from what the codec learned (palette: edge.onnx's ``novelty``), None for
+    # a codec that cannot tell; ``fallback`` says what rate control did about it, if anything.
+    novelty: float | None = None
+    fallback: str | None = None
 
     @property
     def bpp(self) -> float:

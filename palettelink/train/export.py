@@ -3,7 +3,10 @@
 - ``edge.onnx``: ``images`` [1,3,S,S] f32 + ``level`` int64 [] → ``indices`` int32 [G,h,w]:
   front → bottleneck encoder → per channel group: optional linear embedding head → nearest entry
   (argmin of squared distance to ``g{g}_search``) → ``g{g}_ancestor[level]``. One graph, so the edge
-  never holds codec logic of its own (DESIGN §2, "one implementation of each thing").
+  never holds codec logic of its own (DESIGN §2, "one implementation of each thing"). A second
+  output ``novelty`` f32 [] is the mean squared distance per channel from each latent vector to its
+  nearest entry (averaged over groups): how far the frame lies from what the palette learned
+  (``palettelink.train.levels.novelty_of`` is its numpy twin; the threshold is calibrated there).
 - ``decoder.onnx``: ``z`` [1,C,h,w] f32 + ``level`` int64 [] → the crossing tensors, named like
   ``front.onnx``'s outputs, so the server can swap it in for the front's outputs.
 
@@ -46,6 +49,8 @@ class EdgeGraph(nn.Module):
         self.bounds = _groups(tables)
         self.n_levels = int(np.asarray(tables["level_sizes"]).size)
         self.has_embed = [f"g{g}_embed_w" in tables for g in range(len(self.bounds))]
+        # channels of each group's search space (the embedding's output width where there is one)
+        self.dims = [float(np.asarray(tables[f"g{g}_search"]).shape[1]) for g in range(len(self.bounds))]
         for g in range(len(self.bounds)):
             s = torch.as_tensor(np.asarray(tables[f"g{g}_search"], np.float32))
             self.register_buffer(f"search{g}", s)
@@ -60,29 +65,34 @@ class EdgeGraph(nn.Module):
                     arr = np.asarray(tables[f"g{g}_{name}"], np.float32)
                     self.register_buffer(f"{key}{g}", torch.as_tensor(arr))
 
-    def nearest(self, z: torch.Tensor) -> list[torch.Tensor]:
-        """z [1,C,h,w] → finest-palette index per group, [h*w] int64 each."""
+    def nearest(self, z: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """z [1,C,h,w] → (finest-palette index per group, [h*w] int64 each; novelty, a 0-d tensor)."""
         c, h, w = z.shape[1:]
         v_all = z.reshape(c, h * w).transpose(0, 1)  # [hw, C]
         out = []
+        novelty = torch.zeros(())
         for g, (a, b) in enumerate(self.bounds):
             v = v_all[:, a:b]
             if self.has_embed[g]:
                 v = v @ getattr(self, f"ew{g}").transpose(0, 1) + getattr(self, f"eb{g}")
             dot = v @ getattr(self, f"search{g}").transpose(0, 1)
             d = getattr(self, f"snorm{g}").unsqueeze(0) - 2.0 * dot
-            out.append(torch.argmin(d, dim=1))
-        return out
+            best = torch.min(d, dim=1)
+            out.append(best.indices)
+            dist = torch.clamp(best.values + (v * v).sum(1), min=0.0)
+            novelty = novelty + dist.mean() / self.dims[g]
+        return out, novelty / float(len(self.bounds))
 
-    def forward(self, images: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, level: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.enc(self.det.front(images))
         h, w = z.shape[2], z.shape[3]
         lv = torch.clamp(level.reshape(1), 0, self.n_levels - 1)
         maps = []
-        for g, idx in enumerate(self.nearest(z)):
+        nearest, novelty = self.nearest(z)
+        for g, idx in enumerate(nearest):
             row = torch.index_select(getattr(self, f"anc{g}"), 0, lv).reshape(-1)  # [K0]
             maps.append(torch.gather(row, 0, idx).reshape(h, w))
-        return torch.stack(maps).to(torch.int32)
+        return torch.stack(maps).to(torch.int32), novelty
 
 
 class _DecoderGraph(nn.Module):
@@ -108,7 +118,7 @@ def export_edge_onnx(det: Any, enc: Encoder, tables: Mapping[str, np.ndarray], p
     s = int(size or enc.cfg.size)
     g = EdgeGraph(det, enc.eval(), tables).eval()
     _export(g, (torch.zeros(1, 3, s, s), torch.tensor(0, dtype=torch.int64)), Path(path),
-            ["images", "level"], ["indices"])
+            ["images", "level"], ["indices", "novelty"])
     return Path(path)
 
 

@@ -11,6 +11,8 @@ so an interrupted run resumes where it stopped:
   e. (palette)    Ward hierarchy cut into nested levels: the Markov forward diffusion
   f. finetune     the level-conditioned decoder on palette-decoded z at every level
   g. context      the backward model as integer context tables (static tables as fallback)
+  h. levels       what the codec measured about itself: offered levels, default level, novelty
+                  threshold (palettelink.train.levels), recorded in codec.json and the manifest
 
 The result is an assets folder (``assets/codecs/<name>/``) with a manifest of sha256s, which
 ``palettelink build-bundle`` installs into a bundle.
@@ -33,7 +35,8 @@ import numpy as np
 from palettelink.bundle import atomic_write_folder, find_bundle, write_manifest
 from palettelink.errors import InvalidRequest
 
-STAGES = ("bottleneck", "pseudolabels", "contrastive", "palette", "finetune", "context", "ablations")
+STAGES = ("bottleneck", "pseudolabels", "contrastive", "palette", "finetune", "context", "levels",
+          "ablations")
 
 
 @dataclass
@@ -47,6 +50,7 @@ class TrainConfig:
     finetune_minutes: float = 5.0
     max_images: int | None = None
     augment: int = 4
+    paste: float = 0.0  # probability that an augmented view gets people pasted in (data.paste_people)
     seed: int = 0
     tiny: bool = False  # CI smoke run: a few steps on a few images
     init: str | None = None  # warm start the bottleneck from this assets folder (same architecture)
@@ -110,7 +114,7 @@ def train(bundle_name: str, images: list[str] | None, work: Path, out: Path | No
     report["train_items"] = [data.item_key(i) for i in items]
     print(f"[train] {len(items)} training items: {report['train_images']}")
     cache = data.CrossingCache(det, items, bundle.input_size, augment=cfg.augment,
-                               cache_dir=work / "crossing", seed=cfg.seed)
+                               cache_dir=work / "crossing", seed=cfg.seed, paste=cfg.paste)
 
     t0 = time.perf_counter()
     st = Stage(work, "bottleneck")
@@ -179,6 +183,8 @@ def train(bundle_name: str, images: list[str] | None, work: Path, out: Path | No
     report["stages"]["context"] = context_stage(work, maps, tables)
     report["rate"] = _jsonable(context.evaluate(tables, maps[: min(len(maps), 64)], latents[:64]))
 
+    report["stages"]["levels"] = levels_stage(work, det, enc, dec, tables, cache, latents, cfg)
+
     st = Stage(work, "ablations")
     if not st.done:
         st.dir.mkdir(parents=True, exist_ok=True)
@@ -203,6 +209,19 @@ def context_stage(work: Path, maps: np.ndarray, tables: dict[str, np.ndarray]) -
         np.savez(st.dir / "ctx.npz", **ctx)
         st.finish({"fit": fit})
     tables.update(dict(np.load(st.dir / "ctx.npz")))
+    return st.info()
+
+
+def levels_stage(work: Path, det: Any, enc: Any, dec: Any, tables: dict[str, np.ndarray], cache: Any,
+                 latents: np.ndarray, cfg: TrainConfig) -> dict[str, Any]:
+    """Stage h, cached: measure every level on training-source calibration views (train.levels)."""
+    from palettelink.train import levels, palette
+
+    st = Stage(work, "levels")
+    if not st.done:
+        info = levels.level_report(det, enc, dec, palette.torch_quantiser(tables), tables, cache, latents,
+                                   n_calibration=4 if cfg.tiny else 80)
+        st.finish(info)
     return st.info()
 
 
@@ -320,7 +339,8 @@ def write_assets(out: Path, bundle: Any, enc: Any, dec: Any, tables: dict[str, n
         codec = {
             "latent_channels": int(bottleneck_cfg.get("z_channels", cfg.latent_channels)),
             "stride": int(bottleneck_cfg.get("z_stride", 16)), "groups": cfg.groups,
-            "bottleneck": bottleneck_cfg, "level_sizes": sizes, "levels": list(range(len(sizes))),
+            "bottleneck": bottleneck_cfg, "level_sizes": sizes,
+            **_measured_levels(report, len(sizes)),
             "mean_bits": rate.get("bits_context"), "mean_bits_static": rate.get("bits_static"),
             "mean_bpp": rate.get("bpp_context"), "palette_space": cfg.palette_space,
             "entropy_model": "context", "progressive": True, "config": asdict(cfg),
@@ -336,6 +356,16 @@ def write_assets(out: Path, bundle: Any, enc: Any, dec: Any, tables: dict[str, n
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1e6
     print(f"[train] assets written to {out} ({size:.1f} MB)")
     return out
+
+
+def _measured_levels(report: dict[str, Any], n_levels: int) -> dict[str, Any]:
+    """codec.json's "levels" (offered), "default_level", "novelty" and "level_report" from the levels
+    stage; every level and level 0 when it did not run (old work folders)."""
+    info = report.get("stages", {}).get("levels")
+    if not info:
+        return {"levels": list(range(n_levels)), "default_level": 0}
+    return {"levels": info["offered_levels"], "default_level": info["default_level"],
+            "novelty": info["novelty"], "level_report": info["measured"]}
 
 
 ADAPT_MINUTES, ADAPT_FINETUNE_MINUTES = 6.0, 2.0
@@ -369,7 +399,10 @@ def adapt(bundle_name: str, images: list[str], work: Path | None, cfg: TrainConf
     digest = hashlib.sha256("\n".join(sorted(map(str, images))).encode()).hexdigest()[:12]
     if work is None:
         work = Path(".cache/palettelink-adapt") / f"{bundle.name}-{bundle.version}-{digest}"
-    cfg = replace(cfg, init=str(weights))
+    parent = json.loads((weights / "codec.json").read_text())
+    sizes = parent.get("level_sizes") or [cfg.k0]
+    cfg = replace(cfg, init=str(weights), groups=int(parent.get("groups", cfg.groups)), k0=int(sizes[0]),
+                  n_levels=len(sizes), palette_space=str(parent.get("palette_space", cfg.palette_space)))
     assets = train(str(bundle.path), images, work, work / "assets", cfg, bundles_root)
     root = Path(out_root) if out_root else bundle.path.parent.parent
     version = next_version(root, bundle.name)
@@ -407,6 +440,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finetune-minutes", type=float, default=None,
                    help=f"level-conditioned decoder budget (default 5; --adapt: {ADAPT_FINETUNE_MINUTES:g})")
     p.add_argument("--max-images", type=int)
+    p.add_argument("--augment", type=int, default=4, help="augmented views per item (besides the plain one)")
+    p.add_argument("--paste", type=float, default=0.0, metavar="P",
+                   help="probability that an augmented view gets people crops pasted in (0.4 is what the "
+                        "generic codec was trained with)")
     p.add_argument("--every", type=int, default=3, metavar="N", help="--images videos: every N-th frame")
     p.add_argument("--span", type=parse_span, default=(0.0, 1.0), metavar="A-B",
                    help="--images videos: only the time range A-B (fractions, e.g. 0-0.6: keep the rest "
@@ -428,7 +465,8 @@ def run(args: argparse.Namespace) -> int:
         ADAPT_FINETUNE_MINUTES if args.adapt else 5.0)
     cfg = TrainConfig(groups=args.groups, k0=args.k0, n_levels=args.levels, palette_space=args.palette_space,
                       bottleneck_minutes=minutes, finetune_minutes=ft,
-                      max_images=args.max_images, seed=args.seed, tiny=args.tiny, init=args.init,
+                      max_images=args.max_images, seed=args.seed, augment=args.augment, paste=args.paste,
+                      tiny=args.tiny, init=args.init,
                       video_every=args.every, video_span=args.span)
     if args.image_codec:
         from palettelink.train import data

@@ -42,6 +42,7 @@ class PaletteAnalysis(Analysis):
     letterbox: Letterbox
     layers: list[bytes] | None = None  # the full progressive stream's layers, made on first use
     layer_ms: float = 0.0
+    novelty: float | None = None  # edge.onnx's "novelty" (None: a bundle exported before it existed)
 
 
 class PaletteEncoder:
@@ -58,20 +59,42 @@ class PaletteEncoder:
         names = [i.name for i in self.session.get_inputs()]
         if "level" not in names:
             raise BundleError(f"{bundle.id}: edge.onnx has inputs {names}, needs 'images' and 'level'")
+        has_novelty = any(o.name == "novelty" for o in self.session.get_outputs())
+        self.outputs = ["indices", "novelty"] if has_novelty else ["indices"]
+        self._offered = _manifest_levels(bundle)
+        entry = bundle.codecs.get(CODEC, {})
+        default = entry.get("default_level")
+        offered_default = default is not None and int(default) in self._offered
+        self._default = int(default) if offered_default else self._offered[0]
+        threshold = (entry.get("novelty") or {}).get("threshold")
+        self._novelty_threshold = float(threshold) if threshold is not None else None
 
     def levels(self) -> list[int]:
-        return list(range(self.tables.n_levels))
+        """The levels this bundle offers, finest first: those that measured well at training
+        (manifest ``levels``; ``palettelink.train.levels``), not every level the palette has."""
+        return list(self._offered)
+
+    def default_level(self) -> int:
+        """The level sent when the user asks for none: measured at training (manifest
+        ``default_level``), the best accuracy at the fewest bits."""
+        return self._default
+
+    def novelty_threshold(self) -> float | None:
+        """Novelty above which a frame lies outside what the palette learned (calibrated at training)."""
+        return self._novelty_threshold
 
     def analyse(self, rgb: np.ndarray) -> PaletteAnalysis:
         x, info = letterbox(rgb, self.bundle.input_size)
         t0 = time.perf_counter()
         feeds = {self.input_name: x, "level": np.asarray(0, dtype=np.int64)}
-        (idx,) = self.session.run(["indices"], feeds)
+        outs = self.session.run(self.outputs, feeds)
         ms = (time.perf_counter() - t0) * 1e3
+        idx = outs[0]
+        novelty = float(np.asarray(outs[1]).reshape(())) if len(outs) > 1 else None
         idx = np.asarray(idx).astype(np.int64).reshape(self.tables.n_groups, *np.shape(idx)[-2:])
         if idx.min() < 0 or idx.max() >= self.tables.sizes[0]:
             raise BundleError(f"{self.bundle.id}: edge.onnx produced indices outside the palette")
-        return PaletteAnalysis((info.width, info.height), ms, idx, info)
+        return PaletteAnalysis((info.width, info.height), ms, idx, info, novelty=novelty)
 
     def _layers(self, analysis: Analysis) -> list[bytes]:
         if not isinstance(analysis, PaletteAnalysis):
@@ -91,25 +114,27 @@ class PaletteEncoder:
             codec_flags=FLAG_STATIC if self.model == "static" else 0)
 
     def encode_analysis(self, analysis: Analysis, level: int | None = None) -> Encoded:
-        """The stream for ``level`` (default 0, the finest): a prefix of the full progressive stream."""
-        level = check_level(self.tables, 0 if level is None else level)
+        """The stream for ``level`` (default: :meth:`default_level`): a prefix of the full progressive
+        stream. Any level of the palette can be cut; rate control only chooses offered ones."""
+        level = check_level(self.tables, self._default if level is None else level)
         layers = self._layers(analysis)[: self.tables.n_levels - level]
         assert isinstance(analysis, PaletteAnalysis)
         t0 = time.perf_counter()
         payload = bitstream.pack(self._frame(analysis, layers))
         ms = (time.perf_counter() - t0) * 1e3
         return Encoded(payload, CODEC, level, analysis.image_size,
-                       {"front_ms": analysis.front_ms, "encode_ms": analysis.layer_ms + ms})
+                       {"front_ms": analysis.front_ms, "encode_ms": analysis.layer_ms + ms},
+                       novelty=analysis.novelty)
 
     def level_sizes(self, analysis: Analysis) -> dict[int, int]:
-        """Exact payload bytes of every level (one progressive encode gives every prefix)."""
+        """Exact payload bytes of every offered level (one progressive encode gives every prefix)."""
         layers = self._layers(analysis)
         assert isinstance(analysis, PaletteAnalysis)
         n_l = self.tables.n_levels
-        return {t: len(bitstream.pack(self._frame(analysis, layers[: n_l - t]))) for t in range(n_l)}
+        return {t: len(bitstream.pack(self._frame(analysis, layers[: n_l - t]))) for t in self._offered}
 
     def encode(self, rgb: np.ndarray, level: int | None = None) -> Encoded:
-        level = check_level(self.tables, 0 if level is None else level)
+        level = check_level(self.tables, self._default if level is None else level)
         return self.encode_analysis(self.analyse(rgb), level)
 
 
