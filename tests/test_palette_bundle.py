@@ -68,8 +68,8 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
     graph = EdgeGraph(det, enc, arrays).eval()
     with torch.no_grad():
         torch.onnx.export(graph, (torch.zeros(1, 3, SIZE, SIZE), torch.tensor(0)), str(folder / "edge.onnx"),
-                          input_names=["images", "level"], output_names=["indices", "novelty"], opset_version=17,
-                          dynamo=False)
+                          input_names=["images", "level"], output_names=["indices", "novelty"],
+                          opset_version=17, dynamo=False)
         torch.onnx.export(Dec().eval(), (torch.zeros(1, C, 16, 16), torch.tensor(0)),
                           str(folder / "decoder.onnx"), input_names=["z", "level"], output_names=["t0"],
                           opset_version=17, dynamo=False)
@@ -198,3 +198,62 @@ def test_inconsistent_palette_frames_are_refused(tiny_bundle: Bundle) -> None:
     with pytest.raises(InvalidStream, match="declares 7 layers"):
         dec.decode(long[: len(e.payload) // 2])
     assert dec.decode(e.payload).level == 0
+
+
+@pytest.fixture(scope="module")
+def measured_bundle(tiny_bundle: Bundle, tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    """The tiny bundle as the levels stage leaves a trained one: levels 1 and 4 not offered, level 3
+    the default, a novelty threshold between a calm picture's novelty and a noisy one's."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("measured") / "synth" / "2"
+    shutil.copytree(tiny_bundle.path, folder)
+    enc = make_encoder(tiny_bundle)
+    calm, novel = enc.analyse(_familiar(2)).novelty, enc.analyse(_image(1)).novelty
+    assert calm is not None and novel is not None and novel > 2 * calm
+    manifest = json.loads((folder / "manifest.json").read_text())
+    entry = manifest["codecs"]["palette"]
+    entry.update({"levels": [0, 2, 3, 5], "default_level": 3,
+                  "novelty": {"threshold": float(np.sqrt(calm * novel))}})
+    manifest.pop("files", None)
+    write_manifest(folder, {k: v for k, v in manifest.items() if k not in ("table_hash",)})
+    return Bundle.load(folder)
+
+
+def _familiar(seed: int) -> np.ndarray:
+    """Fine pixel noise: pooled by the tiny front to the grey the tiny palette was fitted on (the
+    saturated blocks of ``_image`` are what it never saw)."""
+    return np.random.default_rng(seed).integers(0, 256, (240, 320, 3)).astype(np.uint8)
+
+
+def test_the_encoder_offers_the_measured_levels_and_defaults_to_the_measured_one(
+        measured_bundle: Bundle) -> None:
+    from palettelink.ratecontrol import LevelCoder, TargetBytes
+
+    enc = make_encoder(measured_bundle)
+    assert enc.levels() == [0, 2, 3, 5] and enc.default_level() == 3
+    assert enc.encode(_image(1)).level == 3  # no level asked: the measured default, not 0
+    a = enc.analyse(_image(1))
+    assert sorted(enc.level_sizes(a)) == [0, 2, 3, 5]  # budgets choose among offered levels only
+    big = max(enc.level_sizes(a).values())
+    assert LevelCoder(enc, TargetBytes(big)).encode(_image(1)).encoded.level == 0
+
+
+def test_a_novel_frame_falls_back_to_the_finest_offered_level_and_says_so(measured_bundle: Bundle) -> None:
+    from palettelink.ratecontrol import FixedLevel, LevelCoder, TargetBytes
+
+    enc = make_encoder(measured_bundle)
+    calm = LevelCoder(enc, None).encode(_familiar(2)).encoded
+    assert calm.level == 3 and calm.fallback is None and calm.novelty is not None
+    novel = LevelCoder(enc, None).encode(_image(1)).encoded
+    assert novel.level == 0 and novel.novelty > enc.novelty_threshold()
+    assert novel.fallback and "novel frame" in novel.fallback and "level 3 → 0" in novel.fallback
+    fixed = LevelCoder(enc, FixedLevel(5)).encode(_image(1)).encoded
+    assert fixed.level == 0 and "level 5 → 0" in (fixed.fallback or "")
+    # a byte budget is a hard limit: the record only says the frame is novel
+    small = min(enc.level_sizes(enc.analyse(_image(1))).values())
+    tight = LevelCoder(enc, TargetBytes(small)).encode(_image(1)).encoded
+    assert tight.level == 5 and "budget allows no finer level" in (tight.fallback or "")
+    dec = Decoder(measured_bundle).decode(novel.payload)
+    assert dec.level == 0
