@@ -16,8 +16,8 @@ from palettelink.bundle import Bundle, sha256_file, write_manifest
 from palettelink.errors import BundleError
 from palettelink.image import letterbox, load_image
 from palettelink.train.bottleneck import BottleneckConfig, Decoder, Encoder
-from palettelink.train.levels import novelty_of
 from palettelink.train.export import EdgeGraph, export_decoder_onnx, export_edge_onnx, install_palette_codec
+from palettelink.train.levels import novelty_of
 
 SIZE = 320
 LEVELS = (32, 8, 2)
