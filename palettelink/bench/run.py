@@ -66,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(palettelink.train.data.eval_sources; docs/EVALUATION.md)")
     p.add_argument("--same-site", action="store_true",
                    help="the same-site set: later frames of training videos (memory, reported apart)")
+    p.add_argument("--source", default=None, metavar="TEXT",
+                   help="with --eval-set/--same-site: only the sources whose name contains TEXT "
+                        "(e.g. vtest.avi: the held-out camera, for site adaptation)")
     p.add_argument("--train-set", type=int, default=0, metavar="N",
                    help="N training images (spread over the sorted training set): shows under-fitting")
     p.add_argument("--ablations", type=_names, default=[],
@@ -133,8 +136,7 @@ def iter_images(args: argparse.Namespace) -> Iterator[tuple[str, np.ndarray]]:
     if getattr(args, "eval_set", False) or getattr(args, "same_site", False):
         from palettelink.train import data
 
-        items = data.eval_images() if getattr(args, "eval_set", False) else data.same_site_images()
-        for item, rgb in zip(*_loaded(items), strict=True):
+        for item, rgb in zip(*_loaded(_set_items(args)), strict=True):
             yield data.item_key(item), rgb
     elif getattr(args, "train_set", 0):
         from palettelink.train import data
@@ -151,14 +153,32 @@ def iter_images(args: argparse.Namespace) -> Iterator[tuple[str, np.ndarray]]:
             yield cap.label, cap.rgb
 
 
+def _set_sources(args: argparse.Namespace) -> dict[str, list[Any]]:
+    """The built-in set asked for (--eval-set or --same-site), by source, filtered by --source."""
+    from palettelink.train import data
+
+    src = data.eval_sources() if getattr(args, "eval_set", False) else data.same_site_sources()
+    want = getattr(args, "source", None)
+    if want:
+        src = {k: v for k, v in src.items() if want in k}
+        if not src:
+            raise InvalidRequest(f"--source {want!r} matches no source of the set")
+    return src
+
+
+def _set_items(args: argparse.Namespace) -> list[Any]:
+    from palettelink.train import data
+
+    return sorted((i for v in _set_sources(args).values() for i in v), key=data.item_key)
+
+
 def _source_names(args: argparse.Namespace) -> dict[str, str] | None:
     """Image name → source for the built-in sets (per-source rows); None for user images."""
     if not (getattr(args, "eval_set", False) or getattr(args, "same_site", False)):
         return None
     from palettelink.train import data
 
-    src = data.eval_sources() if args.eval_set else data.same_site_sources()
-    return {data.item_key(i): name for name, items in src.items() for i in items}
+    return {data.item_key(i): name for name, items in _set_sources(args).items() for i in items}
 
 
 def _loaded(items: list[Any]) -> tuple[list[Any], list[np.ndarray]]:
@@ -227,11 +247,13 @@ class Runner:
             if sources:
                 r["per_source"] = {}
                 for src, idx in sorted(by_source.items()):
-                    ap = metrics.evaluate([self.references[i] for i in idx], [row.detections[i] for i in idx])
+                    ap = metrics.evaluate([self.references[i] for i in idx],
+                                          [row.detections[i] for i in idx])
+                    n_ref = sum(self.images[i]["reference_boxes"] for i in idx)
+                    bits = 8.0 * sum(row.n_bytes[i] for i in idx)
                     r["per_source"][src] = {
-                        "images": len(idx), "reference_boxes": sum(self.images[i]["reference_boxes"] for i in idx),
-                        "ap50": ap.ap50, "bpp": 8.0 * sum(row.n_bytes[i] for i in idx) / sum(
-                            row.pixels[i] for i in idx),
+                        "images": len(idx), "reference_boxes": n_ref, "ap50": ap.ap50,
+                        "bpp": bits / sum(row.pixels[i] for i in idx),
                         "extra_per_image": sum(per_image[i]["extra"] for i in idx) / len(idx),
                         "missed": sum(per_image[i]["missed"] for i in idx)}
             out.append(r)
@@ -308,10 +330,11 @@ def markdown(report: dict[str, Any]) -> str:
 
     head = []
     if report.get("set"):
+        sources = ", ".join(f"{k} ({v})" for k, v in report["sources"].items())
         head = [f"Set: **{report['set']}** ({len(report['images'])} images, {report['reference_boxes']} "
-                "reference boxes). Sources: " + ", ".join(f"{k} ({v})" for k, v in report["sources"].items()), ""]
-    out = head + ["| method | point | bytes/image | bpp | AP50 | AP50:95 | F1 | small | medium | large | flips |"
-                  " missed | false boxes/image | per-class AP50 |",
+                f"reference boxes). Sources: {sources}", ""]
+    out = head + ["| method | point | bytes/image | bpp | AP50 | AP50:95 | F1 | small | medium | large "
+                  "| flips | missed | false boxes/image | per-class AP50 |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         rs = r["recall_by_size"]
@@ -327,12 +350,13 @@ def markdown(report: dict[str, Any]) -> str:
                 "| method | point | " + " | ".join(srcs) + " |", "|---|---|" + "---:|" * len(srcs)]
         for r in rows:
             ps = r["per_source"]
-            out.append(f"| {r['method']} | {r['label']} | " + " | ".join(
-                f"{f(ps[x]['ap50'])} ({ps[x]['bpp']:.3f}; {ps[x]['extra_per_image']:.1f})" for x in srcs) + " |")
+            cells = [f"{f(ps[x]['ap50'])} ({ps[x]['bpp']:.3f}; {ps[x]['extra_per_image']:.1f})" for x in srcs]
+            out.append(f"| {r['method']} | {r['label']} | " + " | ".join(cells) + " |")
         out.append("")
         out += ["Worst images per row (misses + false boxes at the reference threshold)", ""]
         for r in rows:
-            w = ", ".join(f"{Path(d['name']).name} {d['missed']}m/{d['extra']}f" for d in r["worst_images"][:3])
+            w = ", ".join(f"{Path(d['name']).name} {d['missed']}m/{d['extra']}f"
+                          for d in r["worst_images"][:3])
             out.append(f"- {r['method']} {r['label']}: {w}")
         out.append("")
     for anchor in ("jpeg", "avif"):
@@ -374,6 +398,8 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    if args.eval_set or args.same_site:
+        _set_sources(args)  # a --source matching nothing fails before any work
     bundle = find_bundle(args.bundle, args.bundles)
     options = {"baseline_levels": args.bits, "palette_levels": args.levels, "assets": args.assets}
     ablations = list(ABLATIONS) if args.ablations == ["all"] else list(args.ablations)
@@ -424,9 +450,8 @@ def run(args: argparse.Namespace) -> int:
 
         report["set"] = ("leave-source-out" if args.eval_set else "same site" if args.same_site
                          else "training images")
-        report["sources"] = (data.describe_sources(data.eval_images()) if args.eval_set else
-                             data.describe_sources(data.same_site_images()) if args.same_site else
-                             data.describe_sources(data.training_images(max_images=args.train_set)))
+        report["sources"] = (data.describe_sources(_set_items(args)) if args.eval_set or args.same_site
+                             else data.describe_sources(data.training_images(max_images=args.train_set)))
     assets = args.assets or Path("assets/codecs") / bundle.name
     if (assets / "training.json").is_file():
         report["training_images"] = json.loads((assets / "training.json").read_text()).get("train_images")
