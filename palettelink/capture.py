@@ -20,8 +20,10 @@ import numpy as np
 
 from palettelink.errors import InvalidRequest, PaletteLinkError
 from palettelink.image import IMAGE_SUFFIXES, VIDEO_SUFFIXES, check_size, load_image
+from palettelink.samples import sample_images
 
 _CAMERA = re.compile(r"^(?:camera|cam):(\d+)$")
+SAMPLES = "samples:"  # the sample images that ship with the package
 
 
 @dataclass(frozen=True)
@@ -61,10 +63,17 @@ def _kind(path: Path) -> str | None:
 
 def expand(paths: Iterable[str]) -> list[Source]:
     """Resolve command-line inputs to sources; folders expand to their images and videos (sorted,
-    recursive, hidden files skipped). Raises :class:`InvalidRequest` naming every bad input."""
+    recursive, hidden files skipped), ``samples:`` to the sample images that ship with the package
+    (:mod:`palettelink.samples`). Raises :class:`InvalidRequest` naming every bad input."""
     out: list[Source] = []
     bad: list[str] = []
     for raw in paths:
+        if raw == SAMPLES:
+            found = sample_images()
+            if not found:
+                bad.append(f"{raw}: no sample images in this install")
+            out.extend(Source("image", str(p), p) for p in found)
+            continue
         m = _CAMERA.match(raw)
         if m:
             out.append(Source("camera", raw, camera=int(m.group(1))))
@@ -90,7 +99,7 @@ def expand(paths: Iterable[str]) -> list[Source]:
         else:
             bad.append(f"{raw}: no such file or folder")
     if bad:
-        raise InvalidRequest("bad input path(s):\n  " + "\n  ".join(bad))
+        raise InvalidRequest(f"bad input path{'s' if len(bad) > 1 else ''}: " + "; ".join(bad))
     if not out:
         raise InvalidRequest("no input given")
     return out

@@ -1,10 +1,11 @@
 """``palettelink loadtest``: N concurrent streams of real coded frames against a server, for a bounded time.
 
-A few frames are coded once (bus.jpg and zidane.jpg, or ``--images``, through the bundle's codec) and
-sent round-robin by every stream: the server does its full work per frame, the load generator almost
-none. Each stream is one gRPC bidi ``Stream`` with at most ``--window`` frames unanswered, paced at
-``--fps`` per stream (0: as fast as answers come). After ``--seconds`` the streams stop sending, wait
-up to ``--drain`` seconds for their answers and close; the run always ends by itself.
+A few frames are coded once (the sample images bus.jpg and zidane.jpg that ship with the package, or
+``--images``, through the bundle's codec) and sent round-robin by every stream: the server does its
+full work per frame, the load generator almost none. Each stream is one gRPC bidi ``Stream`` with at
+most ``--window`` frames unanswered, paced at ``--fps`` per stream (0: as fast as answers come).
+After ``--seconds`` the streams stop sending, wait up to ``--drain`` seconds for their answers and
+close; the run always ends by itself.
 
 Accounting per frame: *sent*; *answered* (a result without error); *refused* (a result with an error,
 counted by status and reason: RESOURCE_EXHAUSTED under admission control is the expected one);
@@ -14,7 +15,11 @@ its stream). Latency is send → answer of the answered frames (p50/p95/p99). Th
 sampled every ``--rss-every`` seconds from ``/proc/<pid>/status`` (``--server-pid``, same machine) or
 ``process_resident_memory_bytes`` of its ``/metrics`` (``--http URL``).
 
-Exit 0 when nothing was lost, duplicated or out of order; 1 otherwise.
+Before any load the server is checked once: reachable within ``--connect-timeout`` (the address and
+what answers there named otherwise), willing (the token), holding the bundle with the same tables.
+
+Exit 0 when nothing was lost, duplicated or out of order; 1 otherwise; 2 bad arguments, inputs or
+bundle, a server that cannot be reached or refuses (one line, never a traceback).
 """
 
 from __future__ import annotations
@@ -73,10 +78,17 @@ class LoadStream:
         self._pause_until = 0.0  # a refusal's retry_after_ms: no new frame on this stream before then
 
     def run(self, until: float, drain: float) -> StreamStats:
-        while time.monotonic() < until:
-            self._one_call(until, drain)
-            if time.monotonic() < until:
-                time.sleep(0.5)  # a broken or refused stream: open a new one after a pause
+        try:
+            while time.monotonic() < until:
+                self._one_call(until, drain)
+                if time.monotonic() < until:
+                    time.sleep(0.5)  # a broken or refused stream: open a new one after a pause
+        except Exception as e:  # noqa: BLE001 - a bug here must show in the report, not as a traceback
+            with self._lock:
+                self.stats.stream_errors[f"load generator: {type(e).__name__}: {e}"[:120]] += 1
+                for _ in self._pending:
+                    self.stats.lost["the load generator failed"] += 1
+                self._pending.clear()
         return self.stats
 
     def _one_call(self, until: float, drain: float) -> None:
@@ -326,16 +338,56 @@ def format_report(rep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+MAX_IMAGES = 16  # frames coded once from --images (a video gives its first ones)
+
+
 def precode(bundle: Any, codec: str | None, level: int | None, images: list[Path] | None) -> list[bytes]:
+    """The payloads every stream sends: ``images`` (files, folders, videos; the samples when none)
+    coded once, :data:`MAX_IMAGES` frames at most. Unreadable inputs, an unknown codec or level:
+    :class:`~palettelink.errors.PaletteLinkError` naming them."""
+    from palettelink import capture
     from palettelink.codecs import make_encoder
-    from palettelink.image import load_image
+    from palettelink.errors import InvalidRequest
 
-    if not images:
-        from palettelink.samples import sample_images
-
-        images = sample_images()
+    paths = [str(p) for p in images] if images else [capture.SAMPLES]
+    sources = capture.expand(paths)  # every bad path named before anything is coded
     enc = make_encoder(bundle, codec)
-    return [enc.encode(load_image(p), level).payload for p in images]
+    if level is not None and level not in enc.levels():
+        raise InvalidRequest(f"--level {level} is not offered by the {enc.codec} codec; its levels are "
+                             f"{sorted(enc.levels())}")
+    frames = [enc.encode(cap.rgb, level).payload
+              for cap in capture.iter_frames(sources, max_frames=MAX_IMAGES)]
+    if not frames:
+        raise InvalidRequest(f"no frames to send from {' '.join(paths)}")
+    return frames
+
+
+def preflight(address: str, bundle: Any, token: str | None, connect_timeout: float) -> None:
+    """One check before the load: the server is reachable, takes the token and holds ``bundle`` with
+    the same tables; :class:`~palettelink.errors.PaletteLinkError` saying which and what to do."""
+    from edge.transport import ServerUnavailable, wait_ready
+    from palettelink.errors import BundleMismatch, BundleNotFound, ServiceUnavailable, Unauthenticated
+
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    with grpc.insecure_channel(address) as channel:
+        try:
+            wait_ready(channel, address, connect_timeout)
+            info = pb_grpc.PaletteLinkStub(channel).GetInfo(pb.GetInfoRequest(), metadata=metadata,
+                                                            timeout=max(5.0, connect_timeout))
+        except ServerUnavailable as e:
+            raise ServiceUnavailable(str(e)) from None
+        except grpc.RpcError as e:
+            code, details = e.code(), e.details()  # type: ignore[attr-defined]
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                raise Unauthenticated(f"{address} refused the token: {details} (pass --token)") from None
+            raise ServiceUnavailable(f"{address} did not answer GetInfo: {code.name}: {details}") from None
+    held = {f"{b.name}/{b.version}": b for b in info.bundles}
+    if bundle.id not in held:
+        raise BundleNotFound(f"the server at {address} does not hold bundle {bundle.id}; it serves "
+                             f"{sorted(held) or 'none'}")
+    if held[bundle.id].table_hash and held[bundle.id].table_hash != bundle.table_hash_hex:
+        raise BundleMismatch(f"bundle {bundle.id} here and on {address} have different codec tables "
+                             "(fetch the server's copy: palettelink-edge --fetch-bundle)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -352,8 +404,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codec", default=None, help="codec of the frames (default: the bundle's default)")
     p.add_argument("--level", type=int, default=None, help="level (bits or palette level) of the frames")
     p.add_argument("--images", nargs="*", type=Path, default=None,
-                   help="images to code (default: the samples)")
+                   help=f"images, folders or videos to code (first {MAX_IMAGES} frames; default: the sample "
+                        "images that ship with the package)")
     p.add_argument("--token", default=None, help="bearer token")
+    p.add_argument("--connect-timeout", type=float, default=3.0, metavar="S",
+                   help="seconds to wait for the server before any load (default 3)")
     p.add_argument("--server-pid", type=int, default=None, help="sample the server's RSS from /proc/PID")
     p.add_argument("--http", default=None, metavar="URL", help="sample the server's RSS from URL/metrics")
     p.add_argument("--rss-every", type=float, default=1.0, help="RSS sampling period in seconds (default 1)")
@@ -362,12 +417,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from palettelink.bundle import default_root, find_bundle
+    from palettelink.errors import BundleNotFound, InvalidRequest
+    from palettelink.fetch import default_cache
 
-    if args.streams < 1 or args.seconds <= 0 or args.window < 1 or args.drain <= 0 or args.fps < 0:
-        print("palettelink loadtest: error: --streams and --window must be ≥ 1, --seconds and --drain > 0")
-        return 2
-    bundle = find_bundle(args.bundle, args.bundles or default_root(), side="edge")
+    if args.streams < 1 or args.seconds <= 0 or args.window < 1 or args.drain <= 0 or args.fps < 0 \
+            or args.connect_timeout <= 0:
+        raise InvalidRequest("--streams and --window must be ≥ 1, --seconds, --drain and --connect-timeout "
+                             "> 0, --fps ≥ 0")
+    try:
+        bundle = find_bundle(args.bundle, args.bundles or default_root(), side="edge")
+    except BundleNotFound as first:
+        try:
+            bundle = find_bundle(args.bundle, default_cache(), side="edge")
+        except BundleNotFound:
+            raise BundleNotFound(f"{first} (nor in the fetch cache {default_cache()})") from None
     frames = precode(bundle, args.codec, args.level, args.images)
+    preflight(args.server, bundle, args.token, args.connect_timeout)
     print(f"loadtest: {len(frames)} frames coded once ({', '.join(f'{len(f):,} B' for f in frames)}); "
           f"{args.streams} streams for {args.seconds:g} s", flush=True)
     rep = loadtest(args.server, bundle.id, frames, args.streams, args.seconds, fps=args.fps,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from palettelink import loadtest
@@ -47,3 +49,68 @@ def test_bad_arguments_exit_2(capsys) -> None:  # noqa: ANN001
     from palettelink.cli import main
 
     assert main(["loadtest", "--server", "127.0.0.1:1", "--streams", "0"]) == 2
+
+
+# -- issue 20: no --images on an install without ultralytics, and errors on one line -----------
+
+ABSENT = '''
+import sys
+
+
+class _Absent:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "ultralytics"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, _Absent)
+'''
+
+
+def _loadtest(*args: str, shim: Path | None = None, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PALETTELINK_")}
+    if shim is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(shim), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return subprocess.run([sys.executable, "-m", "palettelink.cli", "loadtest", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=Path(__file__).resolve().parents[1], env=env)
+
+
+def test_without_images_it_sends_the_shipped_samples(live_server, bundles_root: Path,  # noqa: ANN001
+                                                     tmp_path: Path) -> None:
+    """On an install without ultralytics (the edge install) it used to print ZeroDivisionError
+    tracebacks and exit 0: now the sample images that ship with the package are coded."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(ABSENT)
+    out = tmp_path / "load.json"
+    r = _loadtest("--server", live_server.grpc_address, "--streams", "2", "--seconds", "2", "--bundles",
+                  str(bundles_root), "--codec", "baseline", "--level", "2", "--json", str(out), shim=shim)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and "ZeroDivisionError" not in r.stderr, r.stderr
+    assert "2 frames coded once" in r.stdout, r.stdout
+    rep = json.loads(out.read_text())
+    assert rep["frames"] == 2 and rep["sent"] > 0 and rep["lost"] == 0
+
+
+def test_a_wrong_port_is_one_line_and_exit_2(bundles_root: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = _loadtest("--server", f"127.0.0.1:{port}", "--streams", "2", "--seconds", "30", "--bundles",
+                  str(bundles_root), "--codec", "baseline", "--level", "2", "--connect-timeout", "1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert f"127.0.0.1:{port}" in line and "connection refused" in line, line
+    assert "sent" not in r.stdout  # no load was run
+
+
+def test_bad_images_fail_before_any_load(live_server, bundles_root: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    r = _loadtest("--server", live_server.grpc_address, "--bundles", str(bundles_root), "--images",
+                  str(tmp_path / "missing.jpg"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert "missing.jpg: no such file" in line, line
