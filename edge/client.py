@@ -50,10 +50,11 @@ from edge.transport import (
 )
 from palettelink import capture
 from palettelink.bundle import Bundle, find_bundle
-from palettelink.cliutil import add_version, quiet_on_broken_pipe
+from palettelink.cliutil import ArgumentParser, add_version, quiet_on_broken_pipe
 from palettelink.codecs import EdgeEncoder, default_codec, make_encoder, spec
 from palettelink.errors import BundleNotFound, InvalidRequest, PaletteLinkError, Unauthenticated
 from palettelink.fetch import Client, FetchError, default_cache, default_http_url, fetch_bundle
+from palettelink.front import set_session_defaults
 from palettelink.ratecontrol import LevelCoder, controller_from
 from palettelink.v1 import palettelink_pb2 as pb
 
@@ -73,14 +74,15 @@ REFUSALS = frozenset({
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog=PROG,
         description="Stream images, folders or videos to a PaletteLink server as coded features.",
         epilog="exit codes: 0 ok, 1 some frames failed, 2 bad arguments/input/bundle, 3 server "
                "unreachable or lost, 4 server refused the stream",
     )
     p.add_argument("paths", nargs="*", metavar="PATH",
-                   help="image files, folders (recursive) or video files; camera:N for a camera")
+                   help="image files, folders (recursive) or video files; camera:N for a camera; "
+                        "samples: for the sample images that ship with the client")
     p.add_argument("--server", required=True, metavar="HOST:PORT", help="gRPC address of the server")
     p.add_argument("--bundle", default=None, help="bundle name, name/version, or a bundle folder")
     p.add_argument("--bundles", type=Path, default=None, metavar="DIR",
@@ -355,6 +357,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             print(f"{bundle.id} {bundle.path}", file=out)
             return EXIT_OK
         codec = args.codec or default_codec(bundle)
+        set_session_defaults(spinning=False)  # idle ONNX threads must not fight the box's other work
         encoder: EdgeEncoder = make_encoder(bundle, codec)
         level = _level_for(args, codec, encoder)
         coder = LevelCoder(encoder, controller_from(level, args.target_bpp, args.target_bytes, args.kbps,

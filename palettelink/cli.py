@@ -6,7 +6,6 @@ when its command runs, so ``palettelink info`` never pays for torch.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
@@ -15,7 +14,13 @@ import sys
 # training steps 5-10x slower. Must be set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from palettelink.cliutil import add_version, check_extra, quiet_on_broken_pipe, report_import_error
+from palettelink.cliutil import (
+    ArgumentParser,
+    add_version,
+    check_extra,
+    quiet_on_broken_pipe,
+    report_import_error,
+)
 from palettelink.errors import PaletteLinkError
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -44,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = argparse.ArgumentParser(prog="palettelink", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="palettelink", description=__doc__.splitlines()[0])
     add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     argv = sys.argv[1:] if argv is None else argv

@@ -1,5 +1,6 @@
 """What the three console scripts share: ``--version``, a quiet exit when stdout is closed early
-(``| head``), and one line naming the pip extra when an optional dependency is missing.
+(``| head``), one line naming the pip extra when an optional dependency is missing, and usage
+errors on one line (:class:`ArgumentParser`).
 
 The edge install has neither torch nor FastAPI, yet it ships ``palettelink-server`` and ``palettelink
 bench``; without this they died with a ModuleNotFoundError traceback that did not say what to do.
@@ -12,9 +13,11 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable, Iterable
+from typing import NoReturn
 
 from palettelink import __version__
 
+EXIT_USAGE = 2
 EXIT_MISSING_EXTRA = 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for any other tool behind a closed pipe
 
@@ -28,6 +31,14 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "train": ("torch", "torchvision", "ultralytics", "onnx", "onnxslim", "sklearn", "scipy", "matplotlib",
               "tqdm"),
 }
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with usage errors on one line (``PROG: error: MESSAGE (see PROG --help)``), exit 2,
+    like every other error of these tools; subcommand parsers inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def add_version(parser: argparse.ArgumentParser) -> None:

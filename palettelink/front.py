@@ -10,12 +10,25 @@ import onnxruntime as ort
 from palettelink.bundle import Bundle
 from palettelink.image import Letterbox, letterbox
 
+# Process-wide session defaults, set by ``palettelink bench-edge --threads`` before any session exists
+# (encoders build their own sessions): intra-op threads, and whether idle threads spin.
+_DEFAULTS: dict[str, int | bool | None] = {"threads": None, "spinning": None}
+
+
+def set_session_defaults(threads: int | None = None, spinning: bool | None = None) -> None:
+    """Defaults for sessions made after this call: ``threads`` intra-op threads (None: onnxruntime's
+    own choice), ``spinning`` False stops idle threads busy-waiting (None: onnxruntime's default, on)."""
+    _DEFAULTS["threads"], _DEFAULTS["spinning"] = threads, spinning
+
 
 def ort_session(path: str, threads: int | None = None) -> ort.InferenceSession:
     """CPU session (CUDA when the server has it and asks); deterministic graph optimisation."""
     so = ort.SessionOptions()
+    threads = threads or _DEFAULTS["threads"]  # type: ignore[assignment]
     if threads:
         so.intra_op_num_threads = threads
+    if _DEFAULTS["spinning"] is not None:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if _DEFAULTS["spinning"] else "0")
     so.log_severity_level = 3
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
                  if p in ort.get_available_providers()]

@@ -112,3 +112,23 @@ def test_preview_files_keep_the_source_name_once() -> None:
     assert preview_name("/data/cam 1/x.png") == "data_cam_1_x.jpg"
     assert preview_name("./frames/0001.jpeg") == "frames_0001.jpg"
     assert not preview_name("a" * 300 + ".jpg").endswith(".jpg.jpg")
+
+
+def test_usage_errors_are_one_line() -> None:
+    for name, args, says in (("palettelink-edge", [], "--server"),
+                             ("palettelink", ["bench-edge", "--size", "640"], "WIDTHxHEIGHT"),
+                             ("palettelink", ["no-such-command"], "invalid choice")):
+        line = one_error_line(run(name, *args))
+        assert says in line and "--help" in line, line
+
+
+def test_a_bench_with_a_missing_image_fails_before_any_work(tmp_path: Path) -> None:
+    """It used to bench the samples first (minutes) and fail afterwards: the path is checked first,
+    before the bundle is even looked up."""
+    missing = tmp_path / "missing.jpg"
+    t0 = time.monotonic()
+    r = run("palettelink", "bench", "--bundles", str(tmp_path / "no-bundles"), "--images", str(missing),
+            "--no-progress", "--out", str(tmp_path / "out"))
+    line = one_error_line(r)
+    assert f"{missing}: no such file" in line and "bundle" not in line, line
+    assert not (tmp_path / "out").exists() and time.monotonic() - t0 < 60

@@ -400,6 +400,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.eval_set or args.same_site:
         _set_sources(args)  # a --source matching nothing fails before any work
+    if args.images:
+        from palettelink import capture
+
+        capture.expand(args.images)  # a bad --images path fails before any work, not after the samples
     bundle = find_bundle(args.bundle, args.bundles)
     options = {"baseline_levels": args.bits, "palette_levels": args.levels, "assets": args.assets}
     ablations = list(ABLATIONS) if args.ablations == ["all"] else list(args.ablations)
