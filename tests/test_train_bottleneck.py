@@ -18,30 +18,50 @@ SIZE = 320
 
 
 def test_sources_are_disjoint_sorted_and_stable() -> None:
-    train, ev = data.training_images(), data.eval_images()
+    """Leave-source-out: no eval picture or video shares a source with training; same-site frames
+    (reported apart) come from a training video, well after its training frames."""
+    train, ev, same = data.training_images(), data.eval_images(), data.same_site_images()
     assert train == data.training_images() and ev == data.eval_images()
     assert train == sorted(train, key=data.item_key) and ev == sorted(ev, key=data.item_key)
-    photos = lambda items: {i for i in items if not isinstance(i, tuple)}  # noqa: E731
-    assert not photos(train) & photos(ev), "TRAIN and EVAL must not share a photo"
-    # A video may serve both, split by time range: every training frame well before every eval frame.
-    for video in {i[0] for i in ev if isinstance(i, tuple)}:
-        tr = [i[1] for i in train if isinstance(i, tuple) and i[0] == video]
-        if tr:
-            n = data.video_length(video)
-            first_eval = min(i[1] for i in ev if isinstance(i, tuple) and i[0] == video)
-            assert max(tr) + 0.1 * n < first_eval, f"{video.name}: train and eval frames too close in time"
+
+    def files(items: list[data.Item]) -> set[Path]:
+        return {Path(i[0] if isinstance(i, tuple) else i) for i in items}
+
+    def folders(items: list[data.Item]) -> set[Path]:
+        return {f.parent for f in files(items) if f.parent != data.OPENCV_DATA}
+
+    assert not files(train) & files(ev), "TRAIN and EVAL must not share a picture or a video"
+    assert not folders(train) & folders(ev), "TRAIN and EVAL must not share a photo collection"
+    assert not {f for f in files(ev) if f.parent == data.OPENCV_DATA} - {data.adaptation_footage()}
+    for video in files(same):  # same site: a training video, evaluated on its later frames only
+        tr = [i[1] for i in train if isinstance(i, tuple) and Path(i[0]) == video]
+        assert tr, f"{video.name}: a same-site video is a training video"
+        n = data.video_length(video)
+        first = min(i[1] for i in same if isinstance(i, tuple) and Path(i[0]) == video)
+        assert max(tr) + 0.1 * n < first, f"{video.name}: train and same-site frames too close in time"
     if not data.OPENCV_DATA.is_dir():
         pytest.skip("opencv-doc is not installed")
     assert len(train) >= 50 and len(ev) >= 40
-    assert not any(data._denied(p.name) for p in train if isinstance(p, Path))
+    opencv_photos = [p for p in train if isinstance(p, Path) and p.parent == data.OPENCV_DATA]
+    assert opencv_photos and not any(data._denied(p.name) for p in opencv_photos)
     video = next(i for i in ev if isinstance(i, tuple))
     rgb = data.load_rgb(video)
     assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
     counts = data.describe_sources()
     assert sum(v for k, v in counts.items() if k.startswith("TRAIN: ")) == len(train)
     assert any(k.startswith("EVAL: vtest.avi") for k in counts)
+    assert any(k.startswith("SAME SITE: Megamind.avi") for k in counts)
     assert sum(data.describe_sources(train[:7]).values()) == 7
     assert len(data.training_images(max_images=10)) == 10
+
+
+def test_reserved_pictures_are_used_nowhere() -> None:
+    from palettelink.train.corpus import RESERVED_NAMES
+
+    every = data.training_images() + data.eval_images() + data.same_site_images()
+    names = {Path(i[0] if isinstance(i, tuple) else i).name for i in every}
+    assert not names & set(RESERVED_NAMES)
+    assert not any("/html/" in str(i[0] if isinstance(i, tuple) else i) for i in every)
 
 
 def test_augmentation_is_deterministic() -> None:
