@@ -21,13 +21,12 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from palettelink import bitstream, codecs
 from palettelink.errors import InvalidRequest, PaletteLinkError, ResourceExhausted
 from palettelink.v1 import palettelink_pb2 as pb
 from palettelink.v1 import palettelink_pb2_grpc as pb_grpc
-from server import __version__
+from server import __version__, reflection
 from server.auth import TokenAuth
 from server.errors import grpc_errors, status_of
 from server.results import FrameResult
@@ -112,6 +111,7 @@ class PaletteLinkServicer(pb_grpc.PaletteLinkServicer):
         try:
             first = inbox.get(svc.header_timeout)
             if first is None:
+                context.set_code(grpc.StatusCode.OK)  # the edge closed the stream: counted ok
                 return
             if first.WhichOneof("msg") != "header":
                 raise InvalidRequest("the first message of a Stream must be a StreamHeader")
@@ -122,7 +122,24 @@ class PaletteLinkServicer(pb_grpc.PaletteLinkServicer):
                                  limit_key=key) as session:
                 slot = key
                 inbox.session = session
-                yield from self._frames(inbox, session)
+                try:
+                    for answer in self._frames(inbox, session):
+                        # An answer yielded while the call is already gone never reaches the client.
+                        inbox.undelivered = not context.is_active()
+                        yield answer
+                except (grpc.RpcError, GeneratorExit):
+                    # The client went away (an RpcError while the stream waited for its next frame,
+                    # GeneratorExit at a yield) with every frame it sent answered: it closed the stream
+                    # (the edge half-closes and then cancels as soon as its last answer is in, which can
+                    # reach the server in either order), unless its deadline passed or the server
+                    # itself is stopping. With frames of it still queued, in a task or answered after
+                    # it left: CANCELLED.
+                    if inbox.idle() and context.time_remaining() > 0 and not svc.draining:
+                        context.set_code(grpc.StatusCode.OK)
+                    raise
+            # The edge closed its side and every frame got its answer: a clean close, counted OK even
+            # if the client tears the call down before it reads the status.
+            context.set_code(grpc.StatusCode.OK)
         except _Idle as e:
             m.streams_closed.labels(e.reason).inc()
             raise
@@ -233,6 +250,7 @@ class _Inbox:
         self._closed = False
         self._waiting = 0  # admitted frames of this stream not answered yet
         self.last_admitted = False  # whether the request :meth:`get` returned last was admitted
+        self.undelivered = False  # the last answer was yielded after the call had ended
         self._thread = threading.Thread(target=self._read, args=(requests,), name="stream-inbox", daemon=True)
         self._thread.start()
 
@@ -290,6 +308,13 @@ class _Inbox:
             raise item
         return item if item is _WAKE else item[0]
 
+    def idle(self) -> bool:
+        """Every frame this stream received has been answered (none queued, in a task or refused
+        and not yet told)."""
+        with self._lock, self._q.mutex:
+            queued = any(isinstance(item, tuple) for item in self._q.queue)  # not _END, _WAKE, errors
+            return self._waiting == 0 and not queued and not self._refused and not self.undelivered
+
     def refusals(self) -> Iterator[pb.StreamResponse]:
         while self._refused:
             yield pb.StreamResponse(result=self._refused.popleft())
@@ -333,11 +358,13 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
 
 def _call_code(context: grpc.ServicerContext, exc: BaseException | None) -> str:
+    """The status a call ended with: the one the handler set (abort, or OK on a Stream the edge closed);
+    else DEADLINE_EXCEEDED when the client's deadline passed, CANCELLED when the client went away."""
     code = context.code()  # set by abort() / set_code()
     if isinstance(code, grpc.StatusCode):
         return code.name
     if isinstance(exc, GeneratorExit) or not context.is_active():
-        return "CANCELLED"
+        return "DEADLINE_EXCEEDED" if context.time_remaining() <= 0 else "CANCELLED"
     return "OK" if exc is None else "UNKNOWN"
 
 
@@ -477,7 +504,10 @@ class GrpcServer:
                                             experimental_thread_pool=ThreadPoolExecutor(max_workers=1))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-        reflection.enable_server_reflection((SERVICE_NAME, health_name, reflection.SERVICE_NAME), self.server)
+        reflection.enable_server_reflection((SERVICE_NAME, health_name), self.server)
+        service.metrics.init_series(methods=[
+            *(f"{SERVICE_NAME}/{m.name}" for m in pb.DESCRIPTOR.services_by_name["PaletteLink"].methods),
+            *(f"{health_name}/{m}" for m in ("Check", "Watch")), *reflection.METHODS])
         self.set_serving(False)
         address = f"{host}:{port}"
         self.port = (self.server.add_secure_port(address, tls.credentials()) if tls

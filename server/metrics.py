@@ -4,11 +4,22 @@ Each service owns its own :class:`~prometheus_client.CollectorRegistry` (not the
 several servers can live in one process (tests) without clashing. Latencies are in seconds, as
 Prometheus expects; labels stay low-cardinality (bundle, codec, level, task, status; never client
 or frame ids).
+
+Every series the Grafana dashboard and the alert rules query exists from start-up, at 0, for each label
+value known then (:meth:`Metrics.init_series`: the reasons, outcomes and statuses below; the bundles,
+codecs, levels and tasks once they are loaded), so a healthy server shows 0, not "No data", and
+``rate()`` sees the first burst.
+
+Alert thresholds follow the serving device: ``palettelink_frame_cost_seconds{bundle, task, device,
+device_kind}`` is the per-frame cost measured at start-up (one warmed-up task run at batch 1 on the
+serving device), and the latency alert compares p95 server time with ``max(LATENCY_FACTOR × cost,
+floor)`` where the floor is that of the device kind (see deploy/prometheus/alerts.yml).
 """
 
 from __future__ import annotations
 
 import platform
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -29,6 +40,39 @@ BPP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 # gRPC calls: unary ones take milliseconds, a Stream lasts as long as its client streams.
 CALL_BUCKETS = LATENCY_BUCKETS + (30.0, 60.0, 300.0, 1800.0)
+
+# The label values known before any event (each series is created at 0 by :meth:`Metrics.init_series`).
+FRAME_REFUSAL_REASONS = ("server_queue", "latency", "unary_calls", "client_throttled")
+STREAM_REFUSAL_REASONS = ("limit", "client_throttled", "workers")
+IDLE_REASONS = ("header", "frame")
+# How a Stream call ended: the edge closed it (ok), the client aborted it (cancelled), a deadline or idle
+# timeout ended it (deadline), a limit or the token check refused it (refused), anything else (error).
+STREAM_OUTCOMES = ("ok", "cancelled", "deadline", "refused", "error")
+# Every status an answer can carry but OK (google.rpc.Code names).
+ERROR_STATUSES = ("CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+                  "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+                  "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+                  "UNAUTHENTICATED")
+# The statuses a coded frame can be answered with (palettelink.errors and the server's own refusals).
+FRAME_ERROR_STATUSES = ("INVALID_ARGUMENT", "FAILED_PRECONDITION", "NOT_FOUND", "RESOURCE_EXHAUSTED",
+                        "UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL")
+# The final codes of a gRPC call created at 0 per method (a Stream's outcomes among them).
+CALL_CODES = ("OK", "CANCELLED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "UNAUTHENTICATED",
+              "INVALID_ARGUMENT", "NOT_FOUND", "INTERNAL")
+STREAM_METHOD = "palettelink.v1.PaletteLink/Stream"
+UNKNOWN = "unknown"  # the bundle / codec label of a frame error about none loaded here
+
+
+def device_kind(device: str) -> str:
+    """``gpu`` for a CUDA/ROCm/MPS torch device, ``cpu`` otherwise (the alert floors differ)."""
+    return "gpu" if device.split(":", 1)[0] in ("cuda", "mps", "xpu") else "cpu"
+
+
+def stream_outcome(code: str) -> str:
+    """The outcome label of a Stream call that ended with status ``code``."""
+    return {"OK": "ok", "CANCELLED": "cancelled", "DEADLINE_EXCEEDED": "deadline",
+            "RESOURCE_EXHAUSTED": "refused", "UNAUTHENTICATED": "refused",
+            "PERMISSION_DENIED": "refused"}.get(code, "error")
 
 
 class Metrics:
@@ -94,6 +138,55 @@ class Metrics:
         self.bundles_loaded = Gauge(p + "bundles_loaded", "Bundles loaded and serving", registry=r)
         self.ready = Gauge(p + "ready", "1 while /readyz answers 200 (bundles loaded, not draining), else 0",
                            registry=r)
+        self.streams_ended = Counter(p + "streams", "Stream calls finished, by outcome: ok (the edge closed "
+                                     "it), cancelled (the client aborted), deadline (a deadline or idle "
+                                     "timeout), refused (a limit or the token check), error",
+                                     ["outcome"], registry=r)
+        self.frame_cost = Gauge(p + "frame_cost_seconds", "Per-frame task cost measured at start-up (one "
+                                "warmed-up run at batch 1 on the serving device); the latency alert's "
+                                "threshold derives from it", ["bundle", "task", "device", "device_kind"],
+                                registry=r)
+        self.init_series()
+
+    def init_series(self, bundles: dict[str, dict[str, Any]] | None = None,
+                    methods: list[str] | None = None) -> None:
+        """Create at 0 every series whose label values are known: the reasons, outcomes and statuses
+        above; for each loaded bundle (``{id: {"codecs": {name: [levels]}, "tasks": [...]}}``) its
+        codecs, levels and tasks; for each gRPC ``method`` its call counters. Idempotent."""
+        for reason in FRAME_REFUSAL_REASONS:
+            self.refused.labels(reason)
+        for reason in STREAM_REFUSAL_REASONS:
+            self.streams_refused.labels(reason)
+        for reason in IDLE_REASONS:
+            self.streams_closed.labels(reason)
+        for outcome in STREAM_OUTCOMES:
+            self.streams_ended.labels(outcome)
+        for status in ERROR_STATUSES:
+            self.errors.labels(status)
+        ids = [UNKNOWN, *(bundles or {})]
+        all_codecs = sorted({c for b in (bundles or {}).values() for c in b.get("codecs", {})})
+        for bid in ids:
+            info = (bundles or {}).get(bid, {})
+            known = all_codecs if bid == UNKNOWN else list(info.get("codecs") or {})
+            for codec in [*known, UNKNOWN]:
+                for status in FRAME_ERROR_STATUSES:
+                    self.frame_errors.labels(bid, codec, status)
+        for bid, info in (bundles or {}).items():
+            for codec, levels in (info.get("codecs") or {}).items():
+                for level in levels:
+                    self.frames.labels(bid, codec, str(level))
+                    self.bytes.labels(bid, codec, str(level))
+                self.bpp.labels(bid, codec)
+                self.decode.labels(bid, codec)
+            for task in info.get("tasks") or []:
+                for h in (self.task, self.queue, self.total, self.batch):
+                    h.labels(bid, task)
+            for h in (self.edge_front, self.edge_encode, self.e2e):
+                h.labels(bid)
+        for method in methods or []:
+            self.grpc_seconds.labels(method)
+            for code in CALL_CODES:
+                self.grpc_requests.labels(method, code)
 
     def set_bundles(self, bundle_ids: list[str]) -> None:
         """The build-info series, with the bundles now loaded (one series at a time)."""
@@ -107,8 +200,11 @@ class Metrics:
             self.frame_errors.labels(bundle, codec or "unknown", status).inc()
 
     def count_call(self, method: str, code: str, seconds: float) -> None:
+        """A finished gRPC call; a Stream's also by its outcome (:func:`stream_outcome`)."""
         self.grpc_requests.labels(method, code).inc()
         self.grpc_seconds.labels(method).observe(seconds)
+        if method == STREAM_METHOD:
+            self.streams_ended.labels(stream_outcome(code)).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

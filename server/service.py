@@ -35,7 +35,7 @@ from palettelink.info import codec_levels
 from server import __version__
 from server.batching import Batcher
 from server.errors import clip
-from server.metrics import Metrics
+from server.metrics import Metrics, device_kind
 from server.results import FrameResult, TaskOutput, Timings
 from server.tasks import MODULES, make_runner, tasks_for
 
@@ -454,6 +454,7 @@ class Service:
         self.metrics.ready.set_function(lambda: float(self.ready and not self.draining))
         self.bundles: dict[str, LoadedBundle] = {}
         self.load_errors: dict[str, str] = {}
+        self.frame_costs: dict[tuple[str, str], float] = {}  # (bundle, task) → seconds, at start-up
         self.started = time.time()
         self._ready = threading.Event()
         self._lock = threading.Lock()
@@ -500,6 +501,9 @@ class Service:
                                     "; build one with `palettelink build-bundle`"))
         self.metrics.bundles_loaded.set(len(self.bundles))
         self.metrics.set_bundles(list(self.bundles))
+        self.metrics.init_series({
+            bid: {"codecs": {c.name: [lv.level for lv in c.levels] for c in info.codecs}, "tasks": info.tasks}
+            for bid, info in zip(self.bundles, self.info(), strict=True)})
         self._ready.set()
         log.info("serving bundles %s", ", ".join(f"{k} {v.tasks}" for k, v in self.bundles.items()))
 
@@ -512,6 +516,11 @@ class Service:
             self._set_torch_threads()
             if self.warmup:
                 runner.warmup()
+                t0 = time.perf_counter()  # a second, warm run: the per-frame cost on this device
+                runner.warmup()
+                cost = self.frame_costs[(bundle.id, task)] = time.perf_counter() - t0
+                kind = device_kind(self.device)
+                self.metrics.frame_cost.labels(bundle.id, task, self.device, kind).set(cost)
             batchers[task] = Batcher(
                 runner, name=f"{bundle.id}:{task}", max_batch=self.max_batch, max_wait_ms=self.batch_wait_ms,
                 max_queue=self.max_queue,

@@ -6,6 +6,7 @@ load the rules (compose, Prometheus config, kustomize, the Prometheus Operator's
 from __future__ import annotations
 
 import json
+import queue
 import re
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
 from palettelink.v1 import palettelink_pb2 as pb
+from palettelink.v1.palettelink_pb2_grpc import PaletteLinkStub
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -226,6 +228,222 @@ def test_dashboard_is_well_formed() -> None:
                 (p["title"], t["expr"])
 
 
+# -- a fresh server: every queried series exists at 0 ----------------------------------------------
+
+# Labels whose values depend on the deployment (the device a server runs on): a selector naming one
+# needs the label on the series, not that value on this test machine.
+DEPLOYMENT_LABELS = {"job", "instance", "device", "device_kind"}
+MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
+
+
+def selectors(expr: str) -> list[tuple[str, list[tuple[str, str, str]]]]:
+    """Every series selector of a PromQL expression: (metric name, [(label, op, value)])."""
+    e = re.sub(r"\[[^\]]*\]", " ", expr)
+    out = [(m.group(1), MATCHER.findall(m.group(2)))
+           for m in re.finditer(r"([A-Za-z_:][\w:]*)\s*\{([^}]*)\}", e)]
+    braced = {name for name, _ in out}
+    return out + [(n, []) for n in sorted(promql_names(expr)[0] - braced)]
+
+
+def _matches(labels: dict[str, str], matchers: list[tuple[str, str, str]]) -> bool:
+    for label, op, want in matchers:
+        if label in DEPLOYMENT_LABELS:
+            if label not in labels and label not in ("job", "instance"):
+                return False
+            continue
+        have = labels.get(label, "")
+        ok = {"=": have == want, "!=": have != want, "=~": re.fullmatch(want, have) is not None,
+              "!~": re.fullmatch(want, have) is None}[op]
+        if not ok:
+            return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def fresh(bundles_root):  # noqa: ANN001, ANN201 - (server, the /metrics text before any call)
+    """A server of its own, started and loaded like ``palettelink-server`` does, scraped before any
+    call reached it; then used for the stream-outcome tests (2 streams per client, header in 1 s)."""
+    from server.main import PaletteLinkServer
+    from server.service import Service
+
+    svc = Service(bundles_root, [BUNDLE], max_batch=4, batch_wait_ms=20, shed_latency_ms=0,
+                  max_streams_per_client=2, header_timeout=1.0, verify=False)
+    srv = PaletteLinkServer(svc)
+    srv.start()
+    srv.load()
+    text = httpx.get(srv.http_url + "/metrics", timeout=30).text
+    yield srv, text
+    srv.stop(grace=1.0)
+
+
+@pytest.mark.parametrize("source", ["dashboard", "alerts"])
+def test_a_fresh_server_has_every_series_the_dashboard_and_alerts_query(source: str, fresh) -> None:  # noqa: ANN001
+    """Scraped before any call: each selector of each panel and rule (its label matchers included)
+    selects at least one sample, so panels show 0, not "No data", and rate() sees the first burst."""
+    _, text = fresh
+    have = samples(text)
+    for expr in dashboard_exprs() if source == "dashboard" else alert_exprs():
+        for name, matchers in selectors(expr):
+            if name in SYNTHETIC:
+                continue
+            assert any(n == name and _matches(lab, matchers) for n, lab, _ in have), \
+                f"{source}: no series {name}{{{matchers}}} on a fresh server: {expr}"
+
+
+def test_a_fresh_server_has_each_known_label_value_at_zero(fresh) -> None:  # noqa: ANN001
+    from server import metrics as m
+
+    _, text = fresh
+    b = f"{BUNDLE}/1"
+
+    def zero(name: str, **labels: str) -> None:
+        found = [v for n, lab, v in samples(text) if n == name and labels.items() <= lab.items()]
+        assert found and all(v == 0 for v in found), (name, labels, found)
+
+    for reason in m.FRAME_REFUSAL_REASONS:
+        zero("palettelink_frames_refused_total", reason=reason)
+    for reason in m.STREAM_REFUSAL_REASONS:
+        zero("palettelink_streams_refused_total", reason=reason)
+    for reason in m.IDLE_REASONS:
+        zero("palettelink_streams_closed_idle_total", reason=reason)
+    for outcome in m.STREAM_OUTCOMES:
+        zero("palettelink_streams_total", outcome=outcome)
+    for status in m.ERROR_STATUSES:
+        zero("palettelink_errors_total", status=status)
+    for codec in ("baseline", "palette", "unknown"):
+        for status in m.FRAME_ERROR_STATUSES:
+            zero("palettelink_frame_errors_total", bundle=b, codec=codec, status=status)
+    zero("palettelink_frame_errors_total", bundle="unknown", codec="unknown", status="NOT_FOUND")
+    for level in range(2, 9):
+        zero("palettelink_frames_received_total", bundle=b, codec="baseline", level=str(level))
+    zero("palettelink_frame_seconds_count", bundle=b, task="detect")
+    zero("palettelink_decode_seconds_count", bundle=b, codec="palette")
+    zero("palettelink_grpc_requests_total", method=STREAM, code="OK")
+    zero("palettelink_grpc_requests_total", method="grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+         code="OK")
+    (cost,) = [(lab, v) for n, lab, v in samples(text) if n == "palettelink_frame_cost_seconds"]
+    assert cost[0] == {"bundle": b, "task": "detect", "device": "cpu", "device_kind": "cpu"}
+    assert 0 < cost[1] < 60
+
+
+def _outcomes(srv) -> dict[str, float]:  # noqa: ANN001
+    text = httpx.get(srv.http_url + "/metrics", timeout=30).text
+    return {o: value(text, "palettelink_streams_total", outcome=o)
+            for o in ("ok", "cancelled", "deadline", "refused", "error")}
+
+
+def _wait_outcome(srv, before: dict[str, float], outcome: str, n: int = 1) -> dict[str, float]:  # noqa: ANN001
+    """The outcome counters once ``outcome`` grew by ``n`` (a call is counted as its handler ends)."""
+    deadline = time.monotonic() + 30
+    while True:
+        now = _outcomes(srv)
+        if now[outcome] >= before[outcome] + n or time.monotonic() > deadline:
+            return now
+        time.sleep(0.05)
+
+
+class _Call:
+    """A Stream call fed by the test (None half-closes the request side)."""
+
+    def __init__(self, ch: Any, client: str = "outcomes", bundle: str = BUNDLE,
+                 timeout: float | None = 60) -> None:
+        self.q: queue.Queue[pb.StreamRequest | None] = queue.Queue()
+        self.q.put(pb.StreamRequest(header=pb.StreamHeader(bundle=bundle, client_id=client)))
+
+        def gen():  # noqa: ANN202
+            while (item := self.q.get()) is not None:
+                yield item
+
+        self.call = PaletteLinkStub(ch).Stream(gen(), timeout=timeout)
+
+    def send(self, frame_id: int, payload: bytes) -> None:
+        self.q.put(pb.StreamRequest(frame=pb.Frame(frame_id=frame_id, payload=payload)))
+
+
+def test_stream_outcomes_tell_a_clean_close_from_an_abort(fresh, coded_frames) -> None:  # noqa: ANN001
+    """ok: the edge half-closes (also when it cancels right after its last answer, as the edge client
+    does); cancelled: the client aborts with a frame unanswered; deadline: the client's deadline, or
+    the server's header timeout; refused: the per-client stream limit; error: an unknown bundle. The
+    gRPC call counter says the same (OK, not CANCELLED, for a clean close)."""
+    import grpc
+
+    srv, _ = fresh
+    good = coded_frames["bus"]
+    before = _outcomes(srv)
+    calls_ok = value(httpx.get(srv.http_url + "/metrics", timeout=30).text, "palettelink_grpc_requests_total",
+                     method=STREAM, code="OK")
+    with grpc.insecure_channel(srv.grpc_address) as ch:
+        # ok, half-closed: every answer, then the status
+        c = _Call(ch)
+        c.send(1, good)
+        c.q.put(None)
+        assert [r.result.frame_id for r in c.call] == [1]
+        before = _wait_outcome(srv, before, "ok")
+        assert before["ok"] >= 1
+        # ok, the edge client's way: half-close and cancel as soon as the last answer is in
+        for i in range(3):
+            c = _Call(ch)
+            c.send(i, good)
+            assert next(iter(c.call)).result.frame_id == i
+            c.q.put(None)
+            c.call.cancel()
+        now = _wait_outcome(srv, before, "ok", 3)
+        assert now["ok"] == before["ok"] + 3 and now["cancelled"] == before["cancelled"], (before, now)
+        before = now
+        # cancelled: the client goes away while its frame is being analysed
+        c = _Call(ch)
+        c.send(9, good)
+        time.sleep(0.05)
+        c.call.cancel()
+        c.q.put(None)
+        now = _wait_outcome(srv, before, "cancelled")
+        assert now["cancelled"] == before["cancelled"] + 1 and now["ok"] == before["ok"], (before, now)
+        before = now
+        # deadline: the client's own, while the stream waits for a frame; then the header timeout
+        c = _Call(ch, timeout=0.5)
+        with pytest.raises(grpc.RpcError) as e:
+            list(c.call)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        c.q.put(None)
+        before = _wait_outcome(srv, before, "deadline")
+        def silent():  # noqa: ANN202 - no header, ever (the request side stays open 5 s)
+            time.sleep(5)
+            yield from ()
+
+        mute = PaletteLinkStub(ch).Stream(silent(), timeout=30)
+        with pytest.raises(grpc.RpcError) as e:
+            list(mute)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "StreamHeader" in e.value.details()
+        now = _wait_outcome(srv, before, "deadline")
+        assert now["deadline"] == before["deadline"] + 1
+        before = now
+        # refused: a third stream of a client that holds its 2
+        held = [_Call(ch, "holder"), _Call(ch, "holder")]
+        until = time.monotonic() + 10
+        while srv.service.slots.count("holder") < 2 and time.monotonic() < until:
+            time.sleep(0.02)
+        third = _Call(ch, "holder")
+        with pytest.raises(grpc.RpcError) as e:
+            list(third.call)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        third.q.put(None)
+        before = _wait_outcome(srv, before, "refused")
+        for h in held:
+            h.q.put(None)
+            list(h.call)
+        # error: a header naming a bundle this server does not have
+        bad = _Call(ch, bundle="no-such-bundle")
+        with pytest.raises(grpc.RpcError) as e:
+            list(bad.call)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        bad.q.put(None)
+        now = _wait_outcome(srv, before, "error")
+        assert now["error"] == before["error"] + 1
+    text = httpx.get(srv.http_url + "/metrics", timeout=30).text
+    assert value(text, "palettelink_grpc_requests_total", method=STREAM, code="OK") >= calls_ok + 6
+    assert value(text, "palettelink_streams_closed_idle_total", reason="header") == 1
+
+
 # -- the rules and the files that load them --------------------------------------------------------
 
 
@@ -292,6 +510,70 @@ def test_alerts_fire_on_synthetic_series(tmp_path: Path) -> None:
                           name + "{{" + target + "}}").format(), "values": v} for name, v in SERIES.items()]
     tests.write_text(PROMTOOL_TESTS.format(alerts=json.dumps(str(bare)), series=json.dumps(series)))
     r = subprocess.run([PROMTOOL, "test", "rules", str(tests)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _bucket_series(instance: str, bundle: str, lo: str, hi: str) -> list[dict[str, str]]:
+    """palettelink_frame_seconds_bucket of 60 frames a minute, each taking between ``lo`` and ``hi`` s."""
+    from server.metrics import LATENCY_BUCKETS
+
+    out = []
+    for le in [*(f"{b:g}" for b in LATENCY_BUCKETS), "+Inf"]:
+        rate = 60 if le == "+Inf" or float(le) >= float(hi) else 0
+        out.append({"series": f'palettelink_frame_seconds_bucket{{job="palettelink-server", '
+                              f'instance="{instance}", bundle="{bundle}", task="detect", le="{le}"}}',
+                    "values": f"0+{rate}x30"})
+    assert any(s["series"].endswith(f'le="{hi}"}}') for s in out) and f"{float(lo):g}" in \
+        [f"{b:g}" for b in LATENCY_BUCKETS]
+    return out
+
+
+# (instance, device_kind, measured cost): a 2-core CPU server and a GPU one.
+PROFILES = {"cpu": ("cpu:8000", "cpu", "0.4"), "gpu": ("gpu:8000", "gpu", "0.012")}
+
+
+@needs_promtool
+def test_latency_alert_follows_the_device_and_the_measured_cost(tmp_path: Path) -> None:
+    """``promtool test rules`` for two profiles. CPU, 0.4 s a frame: threshold max(10 × 0.4, 1) = 4 s,
+    so p95 ≈ 2.4 s under ordinary load stays quiet (the old fixed 1 s fired here) and p95 ≈ 9.8 s
+    fires. GPU, 12 ms a frame: threshold max(0.12, 0.25) = 0.25 s, so p95 ≈ 0.49 s fires and 0.1 s
+    does not. Each alert needs 10 minutes above its threshold."""
+    rules = yaml.safe_load(ALERTS.read_text())
+    for g in rules["groups"]:
+        g["rules"] = [r for r in g["rules"] if r["alert"] == "PaletteLinkLatencyP95High"]
+        for r in g["rules"]:
+            r.pop("annotations", None)
+    bare = tmp_path / "alerts.yml"
+    bare.write_text(yaml.safe_dump(rules))
+    series = []
+    for profile, (instance, kind, cost) in PROFILES.items():
+        for bundle in ("slow/1", "fast/1"):
+            device = "cuda:0" if kind == "gpu" else "cpu"
+            series.append({"series": f'palettelink_frame_cost_seconds{{job="palettelink-server", '
+                                     f'instance="{instance}", bundle="{bundle}", task="detect", '
+                                     f'device="{device}", device_kind="{kind}"}}',
+                           "values": f"{cost}x30"})
+        slow, fast = {"cpu": (("5", "10"), ("1", "2.5")), "gpu": (("0.25", "0.5"), ("0.05", "0.1"))}[profile]
+        series += _bucket_series(instance, "slow/1", *slow) + _bucket_series(instance, "fast/1", *fast)
+    tests = {"rule_files": [str(bare)], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m", "input_series": series,
+        "alert_rule_test": [
+            {"eval_time": "8m", "alertname": "PaletteLinkLatencyP95High", "exp_alerts": []},
+            {"eval_time": "20m", "alertname": "PaletteLinkLatencyP95High", "exp_alerts": [
+                {"exp_labels": {"severity": "warning", "instance": instance, "bundle": "slow/1",
+                                "task": "detect"}} for instance, _, _ in PROFILES.values()]},
+        ],
+        "promql_expr_test": [
+            {"expr": "histogram_quantile(0.95, sum by (instance, bundle, le) "
+                     "(rate(palettelink_frame_seconds_bucket[5m])))", "eval_time": "20m",
+             "exp_samples": [{"labels": f'{{instance="{i}", bundle="{b}"}}', "value": v} for i, b, v in [
+                 ("cpu:8000", "slow/1", 9.75), ("cpu:8000", "fast/1", 2.425),
+                 ("gpu:8000", "slow/1", 0.4875), ("gpu:8000", "fast/1", 0.0975)]]},
+        ],
+    }]}
+    path = tmp_path / "latency_test.yml"
+    path.write_text(yaml.safe_dump(tests))
+    r = subprocess.run([PROMTOOL, "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
