@@ -95,6 +95,40 @@ def test_reflection_lists_the_service(live_server) -> None:  # noqa: ANN001
         assert fd.name == "palettelink/v1/palettelink.proto"
 
 
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+def test_reflection_answers_v1_and_v1alpha(live_server, version: str) -> None:  # noqa: ANN001
+    """Generic clients ask ``grpc.reflection.v1`` first (grpcurl, grpcui, Postman), older ones
+    ``v1alpha``: both list the services and describe them, the reflection services included."""
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2 as r  # the messages are the same in v1
+
+    def ask(ch: grpc.Channel, **req: object) -> r.ServerReflectionResponse:
+        call = ch.stream_stream(f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+                                request_serializer=r.ServerReflectionRequest.SerializeToString,
+                                response_deserializer=r.ServerReflectionResponse.FromString)
+        (resp,) = list(call(iter([r.ServerReflectionRequest(**req)]), timeout=10))
+        assert not resp.HasField("error_response"), resp.error_response
+        return resp
+
+    def file_of(resp: r.ServerReflectionResponse) -> descriptor_pb2.FileDescriptorProto:
+        raw = resp.file_descriptor_response.file_descriptor_proto[0]
+        return descriptor_pb2.FileDescriptorProto.FromString(raw)
+
+    with grpc.insecure_channel(live_server.grpc_address) as ch:
+        names = {s.name for s in ask(ch, list_services="").list_services_response.service}
+        assert {"palettelink.v1.PaletteLink", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
+                "grpc.reflection.v1alpha.ServerReflection"} <= names
+        fd = file_of(ask(ch, file_containing_symbol="palettelink.v1.PaletteLink"))
+        assert fd.name == "palettelink/v1/palettelink.proto"
+        assert {m.name for m in fd.service[0].method} >= {"Stream", "Analyze", "GetInfo"}
+        for package in ("grpc.reflection.v1", "grpc.reflection.v1alpha"):
+            fd = file_of(ask(ch, file_containing_symbol=f"{package}.ServerReflection"))
+            assert fd.package == package and fd.service[0].name == "ServerReflection"
+            methods = fd.service[0].method
+            types = {m.input_type for m in methods} | {m.output_type for m in methods}
+            assert types == {f".{package}.ServerReflectionRequest", f".{package}.ServerReflectionResponse"}
+
+
 def test_get_info(grpc_stub, bundle) -> None:  # noqa: ANN001
     info = grpc_stub.GetInfo(pb.GetInfoRequest(), timeout=10)
     assert info.server_version
