@@ -356,7 +356,7 @@ def train_image_codec(items: Sequence[Any], work: Path, out: Path, cfg: ImageCod
     forced autoencoder *continues* from its checkpoint up to ``minutes`` in all (so a longer budget
     trains on), and every later stage is redone."""
     from palettelink.train import context, data, palette
-    from palettelink.train.pipeline import Stage, _jsonable, context_stage
+    from palettelink.train.stages import Stage, context_stage, jsonable
 
     cfg = cfg or ImageCodecConfig()
     work.mkdir(parents=True, exist_ok=True)
@@ -410,7 +410,7 @@ def train_image_codec(items: Sequence[Any], work: Path, out: Path, cfg: ImageCod
     plain = latents[:: (1 if tiny else 3)]  # the plain letterbox views: what the edge codes
     maps = palette.index_maps(plain, tables)
     report["stages"]["context"] = context_stage(work, maps, tables)
-    report["rate"] = _jsonable(context.evaluate(tables, maps[:64], plain[:64]))
+    report["rate"] = jsonable(context.evaluate(tables, maps[:64], plain[:64]))
     report["train_minutes"] = (time.perf_counter() - t0) / 60
     return write_image_assets(out, enc, dec, tables, cfg, report, groups)
 
@@ -418,7 +418,7 @@ def train_image_codec(items: Sequence[Any], work: Path, out: Path, cfg: ImageCod
 def write_image_assets(out: Path, enc: ImageEncoder, dec: ImageDecoder, tables: dict[str, np.ndarray],
                        cfg: ImageCodecConfig, report: dict[str, Any], groups: int) -> Path:
     """The assets folder, written atomically, in the files a feature codec's assets hold."""
-    from palettelink.train.pipeline import _jsonable
+    from palettelink.train.stages import jsonable
 
     def write(tmp: Path) -> None:
         torch.save(enc.state_dict(), tmp / "encoder.pt")
@@ -432,7 +432,7 @@ def write_image_assets(out: Path, enc: ImageEncoder, dec: ImageDecoder, tables: 
                  "mean_bpp": rate.get("bpp_context"), "palette_space": "raw", "entropy_model": "context",
                  "progressive": True}
         (tmp / "codec.json").write_text(json.dumps(codec, indent=2))
-        (tmp / "training.json").write_text(json.dumps(_jsonable(report), indent=2, default=str))
+        (tmp / "training.json").write_text(json.dumps(jsonable(report), indent=2, default=str))
         split = {"after_layer": 0,
                  "tensors": [{"name": "image", "layer": 0, "shape": [3, cfg.size, cfg.size]}]}
         write_manifest(tmp, {"name": "image-palette", "version": "1", "split": split,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -34,6 +33,7 @@ import numpy as np
 
 from palettelink.bundle import atomic_write_folder, find_bundle, write_manifest
 from palettelink.errors import InvalidRequest
+from palettelink.train.stages import Stage, context_stage, jsonable, seed_everything
 
 STAGES = ("bottleneck", "pseudolabels", "contrastive", "palette", "finetune", "context", "levels",
           "ablations")
@@ -56,33 +56,6 @@ class TrainConfig:
     init: str | None = None  # warm start the bottleneck from this assets folder (same architecture)
     video_every: int = 3  # --images videos: every Nth frame ...
     video_span: tuple[float, float] = (0.0, 1.0)  # ... inside this time range (fractions of the video)
-
-
-def seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-class Stage:
-    """A cached step: ``done`` when its marker file exists."""
-
-    def __init__(self, work: Path, name: str) -> None:
-        self.dir = work / name
-        self.marker = self.dir / "done.json"
-
-    @property
-    def done(self) -> bool:
-        return self.marker.is_file()
-
-    def finish(self, info: dict[str, Any]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.marker.write_text(json.dumps(info, indent=2, default=str))
-
-    def info(self) -> dict[str, Any]:
-        return json.loads(self.marker.read_text())
 
 
 def train(bundle_name: str, images: list[str] | None, work: Path, out: Path | None, cfg: TrainConfig,
@@ -181,7 +154,7 @@ def train(bundle_name: str, images: list[str] | None, work: Path, out: Path | No
 
     maps = palette.index_maps(latents, tables)
     report["stages"]["context"] = context_stage(work, maps, tables)
-    report["rate"] = _jsonable(context.evaluate(tables, maps[: min(len(maps), 64)], latents[:64]))
+    report["rate"] = jsonable(context.evaluate(tables, maps[: min(len(maps), 64)], latents[:64]))
 
     report["stages"]["levels"] = levels_stage(work, det, enc, dec, tables, cache, latents, cfg)
 
@@ -195,21 +168,6 @@ def train(bundle_name: str, images: list[str] | None, work: Path, out: Path | No
 
     out = out if out is not None else Path("assets/codecs") / bundle.name
     return write_assets(out, bundle, enc, dec, tables, cfg, report, work)
-
-
-def context_stage(work: Path, maps: np.ndarray, tables: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Stage g, cached: fit the context tables on ``maps`` and add them to ``tables`` (in place)."""
-    from palettelink.train import context
-
-    st = Stage(work, "context")
-    if not st.done:
-        fit: dict[str, Any] = {}
-        ctx = context.fit_context_tables(maps, tables, report=fit)
-        st.dir.mkdir(parents=True, exist_ok=True)
-        np.savez(st.dir / "ctx.npz", **ctx)
-        st.finish({"fit": fit})
-    tables.update(dict(np.load(st.dir / "ctx.npz")))
-    return st.info()
 
 
 def levels_stage(work: Path, det: Any, enc: Any, dec: Any, tables: dict[str, np.ndarray], cache: Any,
@@ -275,18 +233,6 @@ def train_bottleneck_warm(det: Any, cache: Any, out: Path, assets: Path, init: P
                         init=folder, sensitivity=not cfg.tiny, out=out)
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, np.generic):
-        return x.item()
-    return x
-
-
 SCALAR_BITS = (2, 3, 4, 5, 6)
 
 
@@ -346,7 +292,7 @@ def write_assets(out: Path, bundle: Any, enc: Any, dec: Any, tables: dict[str, n
             "entropy_model": "context", "progressive": True, "config": asdict(cfg),
         }
         (tmp / "codec.json").write_text(json.dumps(codec, indent=2))
-        (tmp / "training.json").write_text(json.dumps(_jsonable(report), indent=2, default=str))
+        (tmp / "training.json").write_text(json.dumps(jsonable(report), indent=2, default=str))
         write_manifest(tmp, {"name": f"{bundle.name}-palette", "version": "1",
                              "split": bundle.manifest["split"],
                              "detector_sha256": bundle.manifest["source"]["sha256"],
