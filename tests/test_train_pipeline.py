@@ -32,7 +32,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory, bundles_root: Path) -> tup
 
 def test_every_stage_ran_and_assets_have_a_manifest(trained: tuple[Path, Path, str]) -> None:
     work, assets, out = trained
-    for stage in ("bottleneck", "pseudolabels", "contrastive", "palette", "finetune", "context", "ablations"):
+    for stage in ("bottleneck", "pseudolabels", "contrastive", "palette", "finetune", "context", "levels",
+                  "ablations"):
         assert (work / stage / "done.json").is_file(), stage
     manifest = json.loads((assets / "manifest.json").read_text())
     for f in ("codec.json", "encoder.pt", "decoder.pt", "palette.npz", "elbow.png", "training.json"):
@@ -43,6 +44,11 @@ def test_every_stage_ran_and_assets_have_a_manifest(trained: tuple[Path, Path, s
     report = json.loads((assets / "training.json").read_text())
     assert sum(report["train_images"].values()) == 3
     assert "assets written" in out
+    # what the codec measured about itself: offered levels, the default among them, novelty
+    assert codec["levels"] == sorted(set(codec["levels"]) & set(range(5))) and codec["levels"]
+    assert codec["default_level"] in codec["levels"]
+    assert len(codec["level_report"]["levels"]) == 5 and "avif_q0" in codec["level_report"]
+    assert codec["novelty"]["threshold"] >= codec["novelty"]["p50"] >= 0.0
 
 
 def test_second_run_resumes_from_cache(trained: tuple[Path, Path, str], bundles_root: Path) -> None:
@@ -61,7 +67,13 @@ def test_assets_install_and_code_a_frame(trained: tuple[Path, Path, str], tmp_pa
     dest = build_bundle(out_root=tmp_path, codec_assets=assets)
     bundle = find_bundle(str(dest))
     assert "palette" in bundle.codecs and "palette.npz" in bundle.manifest["tables"]
+    codec = json.loads((assets / "codec.json").read_text())
+    entry = bundle.codecs["palette"]
+    assert entry["levels"] == codec["levels"] and entry["default_level"] == codec["default_level"]
+    assert entry["novelty"]["threshold"] == codec["novelty"]["threshold"]
     enc, dec = make_encoder(bundle, "palette"), Decoder(bundle)
+    assert enc.levels() == codec["levels"] and enc.default_level() == codec["default_level"]
+    assert enc.analyse(load_image(images[0])).novelty is not None
     rgb = load_image(images[0])
     sizes = [len(enc.encode(rgb, t).payload) for t in range(5)]
     assert all(a > b for a, b in zip(sizes, sizes[1:], strict=False)), sizes
