@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n palettelink/v1/palettelink.proto\x12\x0epalettelink.v1\"U\n\x0cStreamHeader\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62undle\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x14\n\x0cwant_preview\x18\x04 \x01(\x08\"r\n\x05\x46rame\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x15\n\redge_front_ms\x18\x03 \x01(\x01\x12\x16\n\x0e\x65\x64ge_encode_ms\x18\x04 \x01(\x01\x12\x17\n\x0f\x63\x61pture_time_us\x18\x05 \x01(\x03\"n\n\rStreamRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.palettelink.v1.StreamHeaderH\x00\x12&\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x15.palettelink.v1.FrameH\x00\x42\x05\n\x03msg\"j\n\x03\x42ox\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\x12\x10\n\x08\x63lass_id\x18\x05 \x01(\x05\x12\x12\n\nclass_name\x18\x06 \x01(\t\x12\r\n\x05score\x18\x07 \x01(\x02\"V\n\x04Mask\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\x0e\n\x06\x63ounts\x18\x03 \x03(\r\x12\x10\n\x08\x63lass_id\x18\x04 \x01(\x05\x12\r\n\x05score\x18\x05 \x01(\x02\"4\n\x08Landmark\x12\t\n\x01x\x18\x01 \x01(\x02\x12\t\n\x01y\x18\x02 \x01(\x02\x12\x12\n\nvisibility\x18\x03 \x01(\x02\"V\n\x0bLandmarkSet\x12(\n\x06points\x18\x01 \x03(\x0b\x32\x18.palettelink.v1.Landmark\x12\x0e\n\x06scheme\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"Q\n\x07Timings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x0f\n\x07task_ms\x18\x02 \x01(\x01\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"S\n\nFrameError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\r\"\x83\x03\n\x0b\x46rameResult\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12\"\n\x05\x62oxes\x18\x02 \x03(\x0b\x32\x13.palettelink.v1.Box\x12#\n\x05masks\x18\x03 \x03(\x0b\x32\x14.palettelink.v1.Mask\x12.\n\tlandmarks\x18\x04 \x03(\x0b\x32\x1b.palettelink.v1.LandmarkSet\x12\x14\n\x0cpreview_jpeg\x18\x05 \x01(\x0c\x12(\n\x07timings\x18\x06 \x01(\x0b\x32\x17.palettelink.v1.Timings\x12\x15\n\rpayload_bytes\x18\x07 \x01(\r\x12\x0b\n\x03\x62pp\x18\x08 \x01(\x01\x12\r\n\x05\x63odec\x18\t \x01(\t\x12\r\n\x05level\x18\n \x01(\x05\x12\x11\n\ttruncated\x18\x0b \x01(\x08\x12\x13\n\x0bimage_width\x18\x0c \x01(\r\x12\x14\n\x0cimage_height\x18\r \x01(\r\x12)\n\x05\x65rror\x18\x0e \x01(\x0b\x32\x1a.palettelink.v1.FrameError\"=\n\x0eStreamResponse\x12+\n\x06result\x18\x01 \x01(\x0b\x32\x1b.palettelink.v1.FrameResult\"U\n\x0e\x41nalyzeRequest\x12\x0e\n\x06\x62undle\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x14\n\x0cwant_preview\x18\x04 \x01(\x08\">\n\x0f\x41nalyzeResponse\x12+\n\x06result\x18\x01 \x01(\x0b\x32\x1b.palettelink.v1.FrameResult\"\x10\n\x0eGetInfoRequest\"U\n\tLevelInfo\x12\r\n\x05level\x18\x01 \x01(\x05\x12\x14\n\x0cpalette_size\x18\x02 \x01(\x05\x12\x11\n\tmean_bits\x18\x03 \x01(\x01\x12\x10\n\x08mean_bpp\x18\x04 \x01(\x01\"Y\n\tCodecInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x06levels\x18\x02 \x03(\x0b\x32\x19.palettelink.v1.LevelInfo\x12\x13\n\x0bprogressive\x18\x03 \x01(\x08\"8\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\r\n\x05shape\x18\x03 \x03(\x05\"\xcf\x01\n\nBundleInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\ntable_hash\x18\x03 \x01(\t\x12\r\n\x05tasks\x18\x04 \x03(\t\x12\x13\n\x0b\x63lass_names\x18\x05 \x03(\t\x12)\n\x06\x63odecs\x18\x06 \x03(\x0b\x32\x19.palettelink.v1.CodecInfo\x12+\n\x07tensors\x18\x07 \x03(\x0b\x32\x1a.palettelink.v1.TensorInfo\x12\x12\n\ninput_size\x18\x08 \x01(\x05\"V\n\x0fGetInfoResponse\x12+\n\x07\x62undles\x18\x01 \x03(\x0b\x32\x1a.palettelink.v1.BundleInfo\x12\x16\n\x0eserver_version\x18\x02 \x01(\t2\xf2\x01\n\x0bPaletteLink\x12K\n\x06Stream\x12\x1d.palettelink.v1.StreamRequest\x1a\x1e.palettelink.v1.StreamResponse(\x01\x30\x01\x12J\n\x07\x41nalyze\x12\x1e.palettelink.v1.AnalyzeRequest\x1a\x1f.palettelink.v1.AnalyzeResponse\x12J\n\x07GetInfo\x12\x1e.palettelink.v1.GetInfoRequest\x1a\x1f.palettelink.v1.GetInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n palettelink/v1/palettelink.proto\x12\x0epalettelink.v1\"U\n\x0cStreamHeader\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62undle\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x14\n\x0cwant_preview\x18\x04 \x01(\x08\"\x9f\x01\n\x05\x46rame\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x15\n\redge_front_ms\x18\x03 \x01(\x01\x12\x16\n\x0e\x65\x64ge_encode_ms\x18\x04 \x01(\x01\x12\x17\n\x0f\x63\x61pture_time_us\x18\x05 \x01(\x03\x12\x14\n\x0c\x65\x64ge_novelty\x18\x06 \x01(\x01\x12\x15\n\redge_fallback\x18\x07 \x01(\t\"n\n\rStreamRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.palettelink.v1.StreamHeaderH\x00\x12&\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x15.palettelink.v1.FrameH\x00\x42\x05\n\x03msg\"j\n\x03\x42ox\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\x12\x10\n\x08\x63lass_id\x18\x05 \x01(\x05\x12\x12\n\nclass_name\x18\x06 \x01(\t\x12\r\n\x05score\x18\x07 \x01(\x02\"V\n\x04Mask\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\x0e\n\x06\x63ounts\x18\x03 \x03(\r\x12\x10\n\x08\x63lass_id\x18\x04 \x01(\x05\x12\r\n\x05score\x18\x05 \x01(\x02\"4\n\x08Landmark\x12\t\n\x01x\x18\x01 \x01(\x02\x12\t\n\x01y\x18\x02 \x01(\x02\x12\x12\n\nvisibility\x18\x03 \x01(\x02\"V\n\x0bLandmarkSet\x12(\n\x06points\x18\x01 \x03(\x0b\x32\x18.palettelink.v1.Landmark\x12\x0e\n\x06scheme\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"Q\n\x07Timings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x0f\n\x07task_ms\x18\x02 \x01(\x01\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"S\n\nFrameError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\r\"\xa6\x03\n\x0b\x46rameResult\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12\"\n\x05\x62oxes\x18\x02 \x03(\x0b\x32\x13.palettelink.v1.Box\x12#\n\x05masks\x18\x03 \x03(\x0b\x32\x14.palettelink.v1.Mask\x12.\n\tlandmarks\x18\x04 \x03(\x0b\x32\x1b.palettelink.v1.LandmarkSet\x12\x14\n\x0cpreview_jpeg\x18\x05 \x01(\x0c\x12(\n\x07timings\x18\x06 \x01(\x0b\x32\x17.palettelink.v1.Timings\x12\x15\n\rpayload_bytes\x18\x07 \x01(\r\x12\x0b\n\x03\x62pp\x18\x08 \x01(\x01\x12\r\n\x05\x63odec\x18\t \x01(\t\x12\r\n\x05level\x18\n \x01(\x05\x12\x11\n\ttruncated\x18\x0b \x01(\x08\x12\x13\n\x0bimage_width\x18\x0c \x01(\r\x12\x14\n\x0cimage_height\x18\r \x01(\r\x12)\n\x05\x65rror\x18\x0e \x01(\x0b\x32\x1a.palettelink.v1.FrameError\x12\x0f\n\x07novelty\x18\x0f \x01(\x01\x12\x10\n\x08\x66\x61llback\x18\x10 \x01(\t\"=\n\x0eStreamResponse\x12+\n\x06result\x18\x01 \x01(\x0b\x32\x1b.palettelink.v1.FrameResult\"U\n\x0e\x41nalyzeRequest\x12\x0e\n\x06\x62undle\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x14\n\x0cwant_preview\x18\x04 \x01(\x08\">\n\x0f\x41nalyzeResponse\x12+\n\x06result\x18\x01 \x01(\x0b\x32\x1b.palettelink.v1.FrameResult\"\x10\n\x0eGetInfoRequest\"U\n\tLevelInfo\x12\r\n\x05level\x18\x01 \x01(\x05\x12\x14\n\x0cpalette_size\x18\x02 \x01(\x05\x12\x11\n\tmean_bits\x18\x03 \x01(\x01\x12\x10\n\x08mean_bpp\x18\x04 \x01(\x01\"Y\n\tCodecInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x06levels\x18\x02 \x03(\x0b\x32\x19.palettelink.v1.LevelInfo\x12\x13\n\x0bprogressive\x18\x03 \x01(\x08\"8\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\r\n\x05shape\x18\x03 \x03(\x05\"\xcf\x01\n\nBundleInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\ntable_hash\x18\x03 \x01(\t\x12\r\n\x05tasks\x18\x04 \x03(\t\x12\x13\n\x0b\x63lass_names\x18\x05 \x03(\t\x12)\n\x06\x63odecs\x18\x06 \x03(\x0b\x32\x19.palettelink.v1.CodecInfo\x12+\n\x07tensors\x18\x07 \x03(\x0b\x32\x1a.palettelink.v1.TensorInfo\x12\x12\n\ninput_size\x18\x08 \x01(\x05\"V\n\x0fGetInfoResponse\x12+\n\x07\x62undles\x18\x01 \x03(\x0b\x32\x1a.palettelink.v1.BundleInfo\x12\x16\n\x0eserver_version\x18\x02 \x01(\t2\xf2\x01\n\x0bPaletteLink\x12K\n\x06Stream\x12\x1d.palettelink.v1.StreamRequest\x1a\x1e.palettelink.v1.StreamResponse(\x01\x30\x01\x12J\n\x07\x41nalyze\x12\x1e.palettelink.v1.AnalyzeRequest\x1a\x1f.palettelink.v1.AnalyzeResponse\x12J\n\x07GetInfo\x12\x1e.palettelink.v1.GetInfoRequest\x1a\x1f.palettelink.v1.GetInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,42 +33,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STREAMHEADER']._serialized_start=52
   _globals['_STREAMHEADER']._serialized_end=137
-  _globals['_FRAME']._serialized_start=139
-  _globals['_FRAME']._serialized_end=253
-  _globals['_STREAMREQUEST']._serialized_start=255
-  _globals['_STREAMREQUEST']._serialized_end=365
-  _globals['_BOX']._serialized_start=367
-  _globals['_BOX']._serialized_end=473
-  _globals['_MASK']._serialized_start=475
-  _globals['_MASK']._serialized_end=561
-  _globals['_LANDMARK']._serialized_start=563
-  _globals['_LANDMARK']._serialized_end=615
-  _globals['_LANDMARKSET']._serialized_start=617
-  _globals['_LANDMARKSET']._serialized_end=703
-  _globals['_TIMINGS']._serialized_start=705
-  _globals['_TIMINGS']._serialized_end=786
-  _globals['_FRAMEERROR']._serialized_start=788
-  _globals['_FRAMEERROR']._serialized_end=871
-  _globals['_FRAMERESULT']._serialized_start=874
-  _globals['_FRAMERESULT']._serialized_end=1261
-  _globals['_STREAMRESPONSE']._serialized_start=1263
-  _globals['_STREAMRESPONSE']._serialized_end=1324
-  _globals['_ANALYZEREQUEST']._serialized_start=1326
-  _globals['_ANALYZEREQUEST']._serialized_end=1411
-  _globals['_ANALYZERESPONSE']._serialized_start=1413
-  _globals['_ANALYZERESPONSE']._serialized_end=1475
-  _globals['_GETINFOREQUEST']._serialized_start=1477
-  _globals['_GETINFOREQUEST']._serialized_end=1493
-  _globals['_LEVELINFO']._serialized_start=1495
-  _globals['_LEVELINFO']._serialized_end=1580
-  _globals['_CODECINFO']._serialized_start=1582
-  _globals['_CODECINFO']._serialized_end=1671
-  _globals['_TENSORINFO']._serialized_start=1673
-  _globals['_TENSORINFO']._serialized_end=1729
-  _globals['_BUNDLEINFO']._serialized_start=1732
-  _globals['_BUNDLEINFO']._serialized_end=1939
-  _globals['_GETINFORESPONSE']._serialized_start=1941
-  _globals['_GETINFORESPONSE']._serialized_end=2027
-  _globals['_PALETTELINK']._serialized_start=2030
-  _globals['_PALETTELINK']._serialized_end=2272
+  _globals['_FRAME']._serialized_start=140
+  _globals['_FRAME']._serialized_end=299
+  _globals['_STREAMREQUEST']._serialized_start=301
+  _globals['_STREAMREQUEST']._serialized_end=411
+  _globals['_BOX']._serialized_start=413
+  _globals['_BOX']._serialized_end=519
+  _globals['_MASK']._serialized_start=521
+  _globals['_MASK']._serialized_end=607
+  _globals['_LANDMARK']._serialized_start=609
+  _globals['_LANDMARK']._serialized_end=661
+  _globals['_LANDMARKSET']._serialized_start=663
+  _globals['_LANDMARKSET']._serialized_end=749
+  _globals['_TIMINGS']._serialized_start=751
+  _globals['_TIMINGS']._serialized_end=832
+  _globals['_FRAMEERROR']._serialized_start=834
+  _globals['_FRAMEERROR']._serialized_end=917
+  _globals['_FRAMERESULT']._serialized_start=920
+  _globals['_FRAMERESULT']._serialized_end=1342
+  _globals['_STREAMRESPONSE']._serialized_start=1344
+  _globals['_STREAMRESPONSE']._serialized_end=1405
+  _globals['_ANALYZEREQUEST']._serialized_start=1407
+  _globals['_ANALYZEREQUEST']._serialized_end=1492
+  _globals['_ANALYZERESPONSE']._serialized_start=1494
+  _globals['_ANALYZERESPONSE']._serialized_end=1556
+  _globals['_GETINFOREQUEST']._serialized_start=1558
+  _globals['_GETINFOREQUEST']._serialized_end=1574
+  _globals['_LEVELINFO']._serialized_start=1576
+  _globals['_LEVELINFO']._serialized_end=1661
+  _globals['_CODECINFO']._serialized_start=1663
+  _globals['_CODECINFO']._serialized_end=1752
+  _globals['_TENSORINFO']._serialized_start=1754
+  _globals['_TENSORINFO']._serialized_end=1810
+  _globals['_BUNDLEINFO']._serialized_start=1813
+  _globals['_BUNDLEINFO']._serialized_end=2020
+  _globals['_GETINFORESPONSE']._serialized_start=2022
+  _globals['_GETINFORESPONSE']._serialized_end=2108
+  _globals['_PALETTELINK']._serialized_start=2111
+  _globals['_PALETTELINK']._serialized_end=2353
 # @@protoc_insertion_point(module_scope)

@@ -19,18 +19,22 @@ class StreamHeader(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., bundle: _Optional[str] = ..., task: _Optional[str] = ..., want_preview: _Optional[bool] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("frame_id", "payload", "edge_front_ms", "edge_encode_ms", "capture_time_us")
+    __slots__ = ("frame_id", "payload", "edge_front_ms", "edge_encode_ms", "capture_time_us", "edge_novelty", "edge_fallback")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     EDGE_FRONT_MS_FIELD_NUMBER: _ClassVar[int]
     EDGE_ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
     CAPTURE_TIME_US_FIELD_NUMBER: _ClassVar[int]
+    EDGE_NOVELTY_FIELD_NUMBER: _ClassVar[int]
+    EDGE_FALLBACK_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
     payload: bytes
     edge_front_ms: float
     edge_encode_ms: float
     capture_time_us: int
-    def __init__(self, frame_id: _Optional[int] = ..., payload: _Optional[bytes] = ..., edge_front_ms: _Optional[float] = ..., edge_encode_ms: _Optional[float] = ..., capture_time_us: _Optional[int] = ...) -> None: ...
+    edge_novelty: float
+    edge_fallback: str
+    def __init__(self, frame_id: _Optional[int] = ..., payload: _Optional[bytes] = ..., edge_front_ms: _Optional[float] = ..., edge_encode_ms: _Optional[float] = ..., capture_time_us: _Optional[int] = ..., edge_novelty: _Optional[float] = ..., edge_fallback: _Optional[str] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
     __slots__ = ("header", "frame")
@@ -117,7 +121,7 @@ class FrameError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., status: _Optional[str] = ..., message: _Optional[str] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class FrameResult(_message.Message):
-    __slots__ = ("frame_id", "boxes", "masks", "landmarks", "preview_jpeg", "timings", "payload_bytes", "bpp", "codec", "level", "truncated", "image_width", "image_height", "error")
+    __slots__ = ("frame_id", "boxes", "masks", "landmarks", "preview_jpeg", "timings", "payload_bytes", "bpp", "codec", "level", "truncated", "image_width", "image_height", "error", "novelty", "fallback")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     BOXES_FIELD_NUMBER: _ClassVar[int]
     MASKS_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +136,8 @@ class FrameResult(_message.Message):
     IMAGE_WIDTH_FIELD_NUMBER: _ClassVar[int]
     IMAGE_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    NOVELTY_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
     boxes: _containers.RepeatedCompositeFieldContainer[Box]
     masks: _containers.RepeatedCompositeFieldContainer[Mask]
@@ -146,7 +152,9 @@ class FrameResult(_message.Message):
     image_width: int
     image_height: int
     error: FrameError
-    def __init__(self, frame_id: _Optional[int] = ..., boxes: _Optional[_Iterable[_Union[Box, _Mapping]]] = ..., masks: _Optional[_Iterable[_Union[Mask, _Mapping]]] = ..., landmarks: _Optional[_Iterable[_Union[LandmarkSet, _Mapping]]] = ..., preview_jpeg: _Optional[bytes] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., payload_bytes: _Optional[int] = ..., bpp: _Optional[float] = ..., codec: _Optional[str] = ..., level: _Optional[int] = ..., truncated: _Optional[bool] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., error: _Optional[_Union[FrameError, _Mapping]] = ...) -> None: ...
+    novelty: float
+    fallback: str
+    def __init__(self, frame_id: _Optional[int] = ..., boxes: _Optional[_Iterable[_Union[Box, _Mapping]]] = ..., masks: _Optional[_Iterable[_Union[Mask, _Mapping]]] = ..., landmarks: _Optional[_Iterable[_Union[LandmarkSet, _Mapping]]] = ..., preview_jpeg: _Optional[bytes] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., payload_bytes: _Optional[int] = ..., bpp: _Optional[float] = ..., codec: _Optional[str] = ..., level: _Optional[int] = ..., truncated: _Optional[bool] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., error: _Optional[_Union[FrameError, _Mapping]] = ..., novelty: _Optional[float] = ..., fallback: _Optional[str] = ...) -> None: ...
 
 class StreamResponse(_message.Message):
     __slots__ = ("result",)
