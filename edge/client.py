@@ -54,7 +54,6 @@ from palettelink.cliutil import ArgumentParser, add_version, quiet_on_broken_pip
 from palettelink.codecs import EdgeEncoder, default_codec, make_encoder, spec
 from palettelink.errors import BundleNotFound, InvalidRequest, PaletteLinkError, Unauthenticated
 from palettelink.fetch import Client, FetchError, default_cache, default_http_url, fetch_bundle
-from palettelink.front import set_session_defaults
 from palettelink.ratecontrol import LevelCoder, controller_from
 from palettelink.v1 import palettelink_pb2 as pb
 
@@ -357,6 +356,8 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             print(f"{bundle.id} {bundle.path}", file=out)
             return EXIT_OK
         codec = args.codec or default_codec(bundle)
+        from palettelink.front import set_session_defaults  # (onnxruntime: imported once needed)
+
         set_session_defaults(spinning=False)  # idle ONNX threads must not fight the box's other work
         encoder: EdgeEncoder = make_encoder(bundle, codec)
         level = _level_for(args, codec, encoder)
