@@ -10,12 +10,20 @@ derived (:func:`sides_of`). The *table hash* (sent in every stream header) cover
 encoder and decoder must agree on: the split spec and the frozen codec tables (all on the edge side).
 It does not cover the ONNX front, whose bytes may differ between exports that compute the same thing;
 nor the sides, so recording them never changes a bundle's table hash.
+
+The manifest itself is covered too: ``manifest_sha256`` is the sha256 of its canonical JSON (every other
+key: class names, input size, split, codecs, sides, file hashes, table hash, …), written by
+:func:`write_manifest` and checked by :meth:`Bundle.load`, so an edited manifest (classes swapped, another
+input size) is refused like an edited file. Like the file hashes it catches edits, not forgery: whoever
+rewrites the manifest can recompute it. A manifest written before this field existed has none; it still
+loads, with a warning to rebuild it (``palettelink build-bundle``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -28,7 +36,9 @@ from palettelink.errors import BundleError, BundleNotFound
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
+MANIFEST_HASH = "manifest_sha256"
 SIDES = ("edge", "server")
+log = logging.getLogger("palettelink.bundle")
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -61,6 +71,28 @@ def table_hash_of(manifest: dict[str, Any]) -> str:
         "tables": {k: files[k] for k in sorted(manifest.get("tables", []))},
     }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def manifest_sha256_of(manifest: dict[str, Any]) -> str:
+    """sha256 over the canonical JSON (sorted keys, no spaces, UTF-8) of every key of the manifest
+    but ``manifest_sha256`` itself: a re-indented manifest has the same hash, an edited one another."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_HASH}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def check_manifest_hash(manifest: dict[str, Any], where: str) -> None:
+    """:class:`BundleError` (one line) when the manifest is not the one its ``manifest_sha256`` names;
+    a warning when it has none (written before manifests were hashed)."""
+    recorded = manifest.get(MANIFEST_HASH)
+    if recorded is None:
+        log.warning("%s: manifest.json has no %s (written by an older palettelink): edits to it go "
+                    "unnoticed; rebuild the bundle with `palettelink build-bundle`", where, MANIFEST_HASH)
+        return
+    if recorded != manifest_sha256_of(manifest):
+        raise BundleError(f"{where}: manifest.json was edited since the bundle was written (its content "
+                          f"does not match its {MANIFEST_HASH}); undo the edit or rebuild the bundle with "
+                          "`palettelink build-bundle`")
 
 
 def sides_of(manifest: dict[str, Any]) -> dict[str, list[str]]:
@@ -128,13 +160,15 @@ def verify_files(folder: Path, files: dict[str, str], what: str) -> None:
 
 
 def write_manifest(folder: str | os.PathLike[str], manifest: dict[str, Any]) -> dict[str, Any]:
-    """Fill in ``files`` (sha256 of every file in the folder) and ``table_hash``; write atomically."""
+    """Fill in ``files`` (sha256 of every file in the folder), ``table_hash`` and ``manifest_sha256``
+    (over all the rest); write atomically."""
     folder = Path(folder)
     files = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != MANIFEST and not p.name.startswith("."):
             files[p.relative_to(folder).as_posix()] = sha256_file(p)
     m = dict(manifest, format=MANIFEST_FORMAT, files=files)
+    m.pop(MANIFEST_HASH, None)
     missing = [t for t in m.get("tables", []) if t not in files]
     if missing:
         raise BundleError(f"tables listed but not present in {folder}: {missing}")
@@ -145,6 +179,7 @@ def write_manifest(folder: str | os.PathLike[str], manifest: dict[str, Any]) -> 
             raise BundleError(f"edge files listed but not present in {folder}: {absent}")
         m["sides"] = {"edge": edge, "server": sorted(f for f in files if f not in edge)}
     m["table_hash"] = table_hash_of(m)
+    m[MANIFEST_HASH] = manifest_sha256_of(m)
     atomic_write_bytes(folder / MANIFEST, (json.dumps(m, indent=2, sort_keys=True) + "\n").encode())
     return m
 
@@ -219,6 +254,8 @@ class Bundle:
         if manifest.get("format") != MANIFEST_FORMAT:
             raise BundleError(f"manifest {mpath} has format {manifest.get('format')}, "
                               f"this build reads {MANIFEST_FORMAT}")
+        if verify:
+            check_manifest_hash(manifest, f"bundle {path}")
         unlisted = [f for f in sides_of(manifest)["edge"] if f not in manifest["files"]]
         if unlisted:
             raise BundleError(f"manifest {mpath}: edge side names files it does not list: {unlisted}")

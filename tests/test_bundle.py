@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from palettelink.bundle import Bundle, find_bundle, write_manifest
+from palettelink.bundle import Bundle, find_bundle, manifest_sha256_of, write_manifest
 from palettelink.errors import BundleError, BundleNotFound
 
 
@@ -26,6 +26,58 @@ def test_manifest_lists_sha256_and_table_hash(tmp_path: Path) -> None:
     m = json.loads((d / "manifest.json").read_text())
     assert set(m["files"]) == {"palette.npz"} and len(m["table_hash"]) == 64
     assert Bundle.load(d).table_hash == bytes.fromhex(m["table_hash"])[:8]
+
+
+def _edit(d: Path, change) -> None:  # noqa: ANN001 - change(manifest dict) edits it in place
+    m = json.loads((d / "manifest.json").read_text())
+    change(m)
+    (d / "manifest.json").write_text(json.dumps(m, indent=2))
+
+
+@pytest.mark.parametrize("what", ["class names swapped", "input size", "a codec level", "a file's hash"])
+def test_an_edited_manifest_is_refused_like_an_edited_file(tmp_path: Path, what: str) -> None:
+    """The whole manifest is covered by manifest_sha256 (what write_manifest writes), not only the
+    files it lists: swapping class names or changing the input size is refused at load, in one line."""
+    d = make_bundle(tmp_path, "1")
+    with open(d / "manifest.json", "a") as f:
+        f.write("\n")  # formatting is not content
+    _edit(d, lambda m: m.update(class_names=["Normal", "Fall"], input_size=640))
+    _edit(d, lambda m: m.update(manifest_sha256=manifest_sha256_of(m)))  # the writer's own hash
+    assert Bundle.load(d).class_names == ["Normal", "Fall"]
+    change = {"class names swapped": lambda m: m.update(class_names=["Fall", "Normal"]),
+              "input size": lambda m: m.update(input_size=320),
+              "a codec level": lambda m: m.update(codecs={"baseline": {"levels": [2, 3]}}),
+              "a file's hash": lambda m: m["files"].update({"palette.npz": "0" * 64})}[what]
+    _edit(d, change)
+    with pytest.raises(BundleError) as e:
+        Bundle.load(d)
+    msg = str(e.value)
+    assert "manifest.json was edited since the bundle was written" in msg and "\n" not in msg
+    assert str(d) in msg and "palettelink build-bundle" in msg
+    with pytest.raises(BundleError, match="was edited"):
+        Bundle.load(d, side="edge")
+    assert Bundle.load(d, verify=False).id == "toy/1"  # --no-verify skips every check alike
+
+
+def test_a_manifest_without_its_hash_loads_with_a_warning(tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Bundles written before manifests were hashed still load (rebuild them to cover the manifest)."""
+    d = make_bundle(tmp_path, "1")
+    _edit(d, lambda m: m.pop("manifest_sha256"))
+    with caplog.at_level("WARNING", logger="palettelink.bundle"):
+        assert Bundle.load(d).id == "toy/1"
+    assert "has no manifest_sha256" in caplog.text and "palettelink build-bundle" in caplog.text
+
+
+def test_the_writer_hashes_the_whole_manifest(tmp_path: Path) -> None:
+    d = make_bundle(tmp_path, "1")
+    m = json.loads((d / "manifest.json").read_text())
+    assert m["manifest_sha256"] == manifest_sha256_of(m) and len(m["manifest_sha256"]) == 64
+    # Rewritten from a loaded manifest (as the trainers do): the stale hash is replaced, not kept.
+    write_manifest(d, dict(m, class_names=["a"]))
+    m2 = json.loads((d / "manifest.json").read_text())
+    assert m2["manifest_sha256"] == manifest_sha256_of(m2) != m["manifest_sha256"]
+    assert Bundle.load(d).class_names == ["a"]
 
 
 def test_tampered_file_is_refused(tmp_path: Path) -> None:
@@ -121,6 +173,7 @@ def test_edge_side_naming_an_unlisted_file_is_refused(tmp_path: Path) -> None:
     d = make_sided_bundle(tmp_path)
     m = json.loads((d / "manifest.json").read_text())
     m["sides"]["edge"].append("ghost.onnx")
+    m["manifest_sha256"] = manifest_sha256_of(m)  # a consistent manifest, only wrong about its sides
     (d / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="ghost.onnx"):
         Bundle.load(d, side="edge")
