@@ -12,6 +12,9 @@ Both doors are secured alike: tokens apply to every HTTP route but the probes (a
 ``--tls-client-ca`` the HTTP port asks for client certificates too. gRPC over TLS with plain HTTP is
 refused at start (exit 2) unless ``--http-insecure`` says it is meant (a TLS-terminating proxy).
 
+Bundles are read and verified (manifest and file hashes) before the ports answer: each broken one is
+one line on stderr before ``LISTENING``, and with none usable the process exits 2 without listening.
+
 Exit codes: 0 clean stop; 2 bad arguments (insecure flag combinations among them), no usable bundle,
 or the ``server`` extra not installed (one line says which pip extra); 3 the gRPC or HTTP port is
 taken. The heavy imports (torch, FastAPI, uvicorn) happen in :func:`main` after that check, so an
@@ -367,6 +370,18 @@ def _main(argv: list[str] | None) -> int:
         service.close()
         print(f"{PROG}: {e.strerror}", file=sys.stderr)
         return EXIT_PORT_IN_USE
+    # Bundles are read and verified before the ports answer, so their errors come first, one line each,
+    # and a server with none usable exits 2 without ever listening; building the task models (slow)
+    # happens after LISTENING, while the probes say "not ready".
+    try:
+        service.discover(log_errors=False)
+    except PaletteLinkError as e:
+        server.stop(grace=0)
+        print(f"{PROG}: {e}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    for label, why in service.load_errors.items():
+        why = why.removeprefix(f"bundle {label}: ")
+        print(f"{PROG}: bundle {label} not loaded: {why}", file=sys.stderr, flush=True)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

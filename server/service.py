@@ -455,6 +455,7 @@ class Service:
         self.bundles: dict[str, LoadedBundle] = {}
         self.load_errors: dict[str, str] = {}
         self.frame_costs: dict[tuple[str, str], float] = {}  # (bundle, task) → seconds, at start-up
+        self._found: list[Bundle] | None = None  # what discover() read and verified
         self.started = time.time()
         self._ready = threading.Event()
         self._lock = threading.Lock()
@@ -478,27 +479,50 @@ class Service:
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)
 
+    def discover(self, log_errors: bool = True) -> list[Bundle]:
+        """Read and verify every bundle (or the named ones): manifest and every file's sha256, nothing
+        built yet, so a broken bundle is known at once (``palettelink-server`` reports these before it
+        listens). Broken ones are skipped and listed in ``load_errors`` (logged unless ``log_errors``
+        is false: the caller reports them); none usable at all is :class:`BundleNotFound`. Once."""
+        if self._found is None:
+            if self.names is not None:
+                sources: list[tuple[str, Any]] = [(n, lambda n=n: find_bundle(n, self.root, self.verify))
+                                                  for n in self.names]
+            else:
+                sources = [(str(p), lambda p=p: Bundle.load(p, self.verify)) for p in list_bundles(self.root)]
+            found = []
+            for label, load in sources:
+                try:
+                    found.append(load())
+                except PaletteLinkError as e:
+                    if log_errors:
+                        log.error("bundle %s not loaded: %s", label, e)
+                    self.load_errors[label] = str(e)
+            self._found = found
+        if not self._found:
+            raise self._none_usable()
+        return self._found
+
+    def _none_usable(self) -> BundleNotFound:
+        why = "; ".join(f"{k}: {v}" for k, v in self.load_errors.items())
+        return BundleNotFound(f"no usable bundle under {self.root.resolve()}"
+                              + (f": {why}" if why else "; build one with `palettelink build-bundle`"))
+
     def load(self) -> None:
-        """Load and verify every bundle (or the named ones), build their task runners, warm them up.
+        """Load and verify every bundle (or the named ones: :meth:`discover`, if not done yet), build
+        their task runners, warm them up.
 
         A broken bundle folder is logged and skipped (listed in ``load_errors``) so one bad copy does
         not keep the others offline; no usable bundle at all is an error.
         """
-        if self.names is not None:
-            sources: list[tuple[str, Any]] = [(n, lambda n=n: find_bundle(n, self.root, self.verify))
-                                              for n in self.names]
-        else:
-            sources = [(str(p), lambda p=p: Bundle.load(p, self.verify)) for p in list_bundles(self.root)]
-        for label, load in sources:
+        for bundle in self.discover():
             try:
-                self._add(load())
+                self._add(bundle)
             except PaletteLinkError as e:
-                log.error("bundle %s not loaded: %s", label, e)
-                self.load_errors[label] = str(e)
+                log.error("bundle %s not loaded: %s", bundle.path, e)
+                self.load_errors[str(bundle.path)] = str(e)
         if not self.bundles:
-            raise BundleNotFound(f"no usable bundle under {self.root.resolve()}"
-                                 + (f": {self.load_errors}" if self.load_errors else
-                                    "; build one with `palettelink build-bundle`"))
+            raise self._none_usable()
         self.metrics.bundles_loaded.set(len(self.bundles))
         self.metrics.set_bundles(list(self.bundles))
         self.metrics.init_series({

@@ -49,10 +49,11 @@ def channel(limited) -> Iterator[grpc.Channel]:  # noqa: ANN001
 class Held:
     """A Stream call whose requests the test feeds one by one (None closes the request side)."""
 
-    def __init__(self, ch: grpc.Channel, client: str | None, timeout: float = 20) -> None:
+    def __init__(self, ch: grpc.Channel, client: str | None, timeout: float = 20,
+                 bundle: str = BUNDLE) -> None:
         self.q: queue.Queue[pb.StreamRequest | None] = queue.Queue()
         if client is not None:
-            self.q.put(pb.StreamRequest(header=pb.StreamHeader(bundle=BUNDLE, client_id=client)))
+            self.q.put(pb.StreamRequest(header=pb.StreamHeader(bundle=bundle, client_id=client)))
 
         def gen() -> Iterator[pb.StreamRequest]:
             while (item := self.q.get()) is not None:
@@ -264,5 +265,55 @@ def test_with_tokens_the_share_is_the_token_clients_whatever_client_id_it_claims
     finally:
         for q in held:
             q.put(None)
+        srv.stop(grace=0.5, close_service=False)
+    until(lambda: limited.service.slots.in_use == 0)
+
+
+def test_one_answer_per_frame_in_every_outcome_and_none_on_a_refused_stream(limited, channel: grpc.Channel,  # noqa: ANN001
+                                                                            coded_frames) -> None:  # noqa: ANN001
+    """The server's side of "one record per input frame": on an open stream every frame gets exactly one
+    answer whatever its outcome (ok, refused under load with a retry hint, failed); a stream refused as
+    a whole (stream limit, token, unknown bundle) answers no frame, only its one status, which the edge
+    turns into one record per frame it sent."""
+    from server.auth import TokenAuth
+    from server.main import PaletteLinkServer
+
+    good, bad = coded_frames["zidane"], coded_frames["bus"][:40]
+    h = Held(channel, "mixed")
+    for i in range(8):
+        h.send(i, bad if i % 4 == 3 else good)
+    h.q.put(None)
+    out = [r.result for r in h.call]
+    assert sorted(r.frame_id for r in out) == list(range(8)), [r.frame_id for r in out]
+    kinds = {r.frame_id: r.error.status or "OK" for r in out}
+    for i, kind in kinds.items():  # a bad frame fails (unless refused first), a good one answers
+        assert kind in ({"INVALID_ARGUMENT"} if i % 4 == 3 else {"OK"}) | {"RESOURCE_EXHAUSTED"}, kinds
+    assert "OK" in kinds.values() and "RESOURCE_EXHAUSTED" in kinds.values(), kinds
+
+    def refused(call: Held, frames: int = 2) -> grpc.RpcError:
+        for i in range(frames):
+            call.send(i, good)
+        answers = []
+        with pytest.raises(grpc.RpcError) as e:
+            answers.extend(call.call)
+        call.q.put(None)
+        assert answers == [], answers
+        return e.value
+
+    held = [Held(channel, "full"), Held(channel, "full")]
+    try:
+        until(lambda: limited.service.slots.count("full") == 2)
+        assert refused(Held(channel, "full")).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        for x in held:
+            x.close()
+    assert refused(Held(channel, "lost", bundle="no-such-bundle")).code() == grpc.StatusCode.NOT_FOUND
+    srv = PaletteLinkServer(limited.service, auth=TokenAuth({"tok": "cam"}))
+    srv.start()
+    srv.load()
+    try:
+        with grpc.insecure_channel(srv.grpc_address) as ch:
+            assert refused(Held(ch, "no-token")).code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
         srv.stop(grace=0.5, close_service=False)
     until(lambda: limited.service.slots.in_use == 0)

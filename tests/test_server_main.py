@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import queue
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -82,6 +85,80 @@ def test_server_process_without_bundles_exits_2(tmp_path: Path) -> None:
             proc.kill()
     assert proc.stderr is not None
     assert "no usable bundle" in proc.stderr.read()
+    time.sleep(0.2)  # let the stdout pump finish
+    assert not any(lines.get().startswith("LISTENING") for _ in range(lines.qsize()))  # before listening
+
+
+def _copy_bundle(src: Path, dest: Path, edit: dict[str, object] | None = None) -> Path:
+    """A copy of the bundle folder ``src`` (hard links: the files are big), its manifest ``edit``-ed
+    by hand (a new file: the original is not touched)."""
+    shutil.copytree(src, dest, copy_function=os.link)
+    if edit:
+        m = json.loads((dest / "manifest.json").read_text())
+        m.update(edit)
+        (dest / "manifest.json").unlink()
+        (dest / "manifest.json").write_text(json.dumps(m, indent=2))
+    return dest
+
+
+def _run_merged(*args: str, timeout: float = 120) -> tuple[subprocess.Popen[str], list[str], threading.Event]:
+    """The server with stderr and stdout in one pipe (their order as printed); lines collected."""
+    proc = subprocess.Popen([sys.executable, "-m", "server.main", *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out: list[str] = []
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.append(line)
+            if line.startswith("READY "):
+                ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    return proc, out, ready
+
+
+def test_bundle_errors_come_before_listening(bundles_root: Path, tmp_path: Path) -> None:
+    """A broken bundle beside a good one: its error is one line before LISTENING (not among the log
+    lines after it), and the server goes on with the good one."""
+    good = bundles_root / "fall-yolov8" / "1"
+    _copy_bundle(good, tmp_path / "fall-yolov8" / "1")
+    bad = _copy_bundle(good, tmp_path / "fall-yolov8" / "2",
+                       {"version": "2", "class_names": ["Fall", "Normal"]})
+    proc, out, ready = _run_merged("--bundles", str(tmp_path), "--grpc-port", "0", "--http-port", "0",
+                                   "--log-level", "info")
+    try:
+        assert ready.wait(120), "".join(out)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, "".join(out)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    time.sleep(0.2)
+    errors = [i for i, line in enumerate(out) if "not loaded" in line]
+    listening = next(i for i, line in enumerate(out) if line.startswith("LISTENING "))
+    assert len(errors) == 1 and errors[0] < listening, "".join(out)
+    line = out[errors[0]]
+    assert line.startswith(f"palettelink-server: bundle {bad} not loaded: manifest.json was edited"), line
+    assert "bundles=fall-yolov8/1" in next(x for x in out if x.startswith("READY ")), "".join(out)
+
+
+def test_a_server_whose_only_bundle_has_an_edited_manifest_exits_2(bundles_root: Path,
+                                                                   tmp_path: Path) -> None:
+    """Swapped class names in manifest.json: refused at start-up like an edited file, in one line,
+    exit 2, and the ports never answer (no LISTENING)."""
+    bad = _copy_bundle(bundles_root / "fall-yolov8" / "1", tmp_path / "fall-yolov8" / "1",
+                       {"class_names": ["Fall", "Normal"]})
+    proc = subprocess.run([sys.executable, "-m", "server.main", "--bundles", str(tmp_path), "--grpc-port",
+                           "0", "--http-port", "0"], cwd=ROOT, text=True, capture_output=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert not any(x.startswith(("LISTENING", "READY")) for x in proc.stdout.splitlines()), proc.stdout
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("palettelink-server: no usable bundle under"), line
+    assert f"{bad}: manifest.json was edited since the bundle was written" in line, line
+    assert "Traceback" not in proc.stderr
 
 
 def _refused_to_start(proc: subprocess.Popen[str], lines: queue.Queue[str], flag: str) -> str:
