@@ -87,6 +87,7 @@ def test_bench_edge_runs_on_the_edge_install(edge_install: dict[str, Path], tmp_
     assert len(total["samples_ms"]) == 4 and total["p10_ms"] <= total["median_ms"] <= total["p90_ms"]
     assert total["spread_pct"] >= 0 and rep["fps"] == pytest.approx(1e3 / total["median_ms"], rel=0.01)
     assert rep["stages"]["onnx"]["median_ms"] > 0 and rep["bytes_median"] > 0
+    assert rep["stages"]["cpu"]["median_ms"] > 0 and rep["cpu_fps_per_core"] > 0  # the CPU time per frame
 
 
 @pytest.mark.parametrize("args, says", [(["--size", "12"], "expected WIDTHxHEIGHT"),

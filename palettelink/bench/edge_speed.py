@@ -6,10 +6,12 @@ package (or ``--images``), resized to ``--size WxH`` like a camera's frames. Eac
 ``palettelink-edge`` codes it (``encode(frame, level)``: letterbox, the ONNX front, the codec) with
 ``--threads`` onnxruntime intra-op threads: ``--warmup`` frames first (untimed: the first runs pay
 for allocation and caches), then ``--repeat`` timed ones, cycling over the frames. Per stage (prep =
-letterbox and the rest, the ONNX graph, coding) and in all it reports the median, the 10th–90th
-percentile range and the spread ((p90 − p10) / median), and the fps the median allows; it names the
-CPU, the usable CPUs, the threads and the load average before and after, since other work on the box
-is what moves these figures most. Writes ``bench-edge.json`` (every timed sample kept).
+letterbox and the rest, the ONNX graph, coding), in all, and in CPU time (all threads of the process)
+it reports the median, the 10th–90th percentile range and the spread ((p90 − p10) / median), and the
+fps the median allows; it names the CPU, the usable CPUs, the threads and the load average before and
+after, since other work on the box is what moves these figures most: on a busy box the wall-clock
+figures move with the load, the CPU time per frame hardly. Writes ``bench-edge.json`` (every timed
+sample kept).
 
 Idle onnxruntime threads do not spin (``--spin`` turns busy-waiting back on): spinning threads fight
 every other process for the cores, which made runs on a shared box disagree by 3×.
@@ -146,13 +148,14 @@ def measure(encoder: Any, frames: list[tuple[str, np.ndarray]], level: int | Non
     samples (ms) and stats, and the payload sizes."""
     for i in range(warmup):
         encoder.encode(frames[i % len(frames)][1], level)
-    samples: dict[str, list[float]] = {"prep": [], "onnx": [], "coding": [], "total": []}
+    samples: dict[str, list[float]] = {"prep": [], "onnx": [], "coding": [], "total": [], "cpu": []}
     sizes = []
     for i in range(repeat):
         rgb = frames[(warmup + i) % len(frames)][1]
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         enc = encoder.encode(rgb, level)
         total = (time.perf_counter() - t0) * 1e3
+        samples["cpu"].append((time.process_time() - c0) * 1e3)
         onnx, coding = enc.timings_ms.get("front_ms", 0.0), enc.timings_ms.get("encode_ms", 0.0)
         samples["total"].append(total)
         samples["onnx"].append(onnx)
@@ -164,7 +167,7 @@ def measure(encoder: Any, frames: list[tuple[str, np.ndarray]], level: int | Non
 
 
 STAGE_NAMES = {"prep": "prep (letterbox, copies)", "onnx": "ONNX graph (front{})", "coding": "coding",
-               "total": "total per frame"}
+               "total": "total per frame", "cpu": "CPU time (all threads)"}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -221,7 +224,11 @@ def run(args: argparse.Namespace) -> int:
         name = STAGE_NAMES[key].format("" if codec == "baseline" else " + encoder")
         rng = f"{st['p10_ms']:.1f}–{st['p90_ms']:.1f}"
         print(f"    {name:<30}{st['median_ms']:>10.1f}{rng:>18}{st['spread_pct']:>8.1f}%")
-    print(f"  {report['fps']} fps at the median; {report['bytes_median']:,} B per frame")
+    cpu_ms = result["stages"]["cpu"]["median_ms"]
+    report["cpu_fps_per_core"] = round(1e3 / cpu_ms, 2) if cpu_ms > 0 else None
+    print(f"  {report['fps']} fps at the median; {report['bytes_median']:,} B per frame; the work is "
+          f"{cpu_ms:.0f} CPU-ms per frame ({report['cpu_fps_per_core']} fps per free core: the figure that "
+          "other work on the box moves least)")
     if cpus and load_before is not None and max(load_before, load_after or 0) > 0.5 * cpus:
         print(f"  note: the load average is over half the {cpus} CPU(s): other work competes for them, and "
               "these figures move with it")
