@@ -186,11 +186,11 @@ def probe(host: str, port: int, timeout: float = 1.0) -> str:
             sock.sendall(_H2_PREFACE)
             data = sock.recv(64)
         except TimeoutError:
-            return "silent"
+            return "tls" if _speaks_tls(host, port, timeout) else "silent"
         except OSError:
-            return "closed"
+            return "tls" if _speaks_tls(host, port, timeout) else "closed"
     if not data:
-        return "closed"
+        return "tls" if _speaks_tls(host, port, timeout) else "closed"
     if data.startswith(b"HTTP/"):
         return "http1"
     if data[0] in (0x15, 0x16) and data[1:2] == b"\x03":  # a TLS alert or handshake record
@@ -198,6 +198,24 @@ def probe(host: str, port: int, timeout: float = 1.0) -> str:
     if len(data) >= 9 and data[3] in (0x04, 0x07):  # an HTTP/2 SETTINGS or GOAWAY frame
         return "h2"
     return "other"
+
+
+def _speaks_tls(host: str, port: int, timeout: float) -> bool:
+    """Whether ``host:port`` answers a TLS ClientHello like a TLS server (a gRPC TLS server hangs up
+    on plaintext without a word). Nothing is verified: this only tells the protocol."""
+    import ssl
+
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw, \
+                ctx.wrap_socket(raw, server_hostname=host) as tls:
+            tls.settimeout(timeout)
+        return True  # the handshake completed
+    except ssl.SSLError as e:  # an alert (certificate required, …) is TLS too; a hang-up is not
+        return "EOF" not in str(e) and "WRONG_VERSION" not in str(e) and "record layer" not in str(e)
+    except OSError:
+        return False
 
 
 def _wrong_kind(found: str, tls: bool) -> str | None:

@@ -198,7 +198,7 @@ def test_level_outside_the_codec_exits_2(bundles_root: Path, images: list[Path])
 
 
 def test_unreachable_server_exits_3_within_seconds(bundles_root: Path, images: list[Path]) -> None:
-    """Nothing listens on the port: with the default --connect-timeout (5 s) the client says so and
+    """Nothing listens on the port: with the default --connect-timeout (3 s) the client says so and
     exits 3 in seconds (it used to stay silent for ~42 s)."""
     port = free_port()  # nothing listens there
     t0 = time.monotonic()
@@ -314,6 +314,14 @@ def test_mtls_with_make_certs(server_service, bundles_root: Path, tmp_path: Path
         assert json.loads(ok.stdout)["boxes"]
         no_cert = edge(*common, "--retries", "0", "--connect-timeout", "1", str(images[0]))
         assert no_cert.returncode == 3, no_cert.stderr
+        # plaintext against the TLS port: named at once, with the flag that fixes it
+        t0 = time.monotonic()
+        plain = edge("--server", f"localhost:{srv.grpc.port}", "--bundle", "fall-yolov8", "--bundles",
+                     str(bundles_root), "--codec", "baseline", "--bits", "2", "--connect-timeout", "30",
+                     str(images[0]))
+        assert plain.returncode == 3 and "expects TLS" in plain.stderr and "--tls-ca" in plain.stderr, \
+            plain.stderr
+        assert time.monotonic() - t0 < 15
     finally:
         srv.stop(grace=0.2, close_service=False)
 
