@@ -37,12 +37,15 @@ PAGES = [("/", "live", "Live"), ("/frame", "frame", "Frame view"), ("/try", "try
 def page(name: str, title: str, body: str, logout: bool = False) -> str:
     """One page: header with navigation, ``body``, then ``/static/common.js`` and ``/static/NAME.js``.
     ``logout``: the server has tokens, so the header offers to end the browser's session."""
-    out = ' · <a href="/logout" id="logout">log out</a>' if logout else ""
+    # Logging out changes state: a form's POST, never a link (a GET of /logout only shows this button).
+    out = (' · <form class="logout" method="post" action="/logout"><button type="submit" id="logout">log out'
+           '</button></form>' if logout else "")
     nav = " ".join(f'<a href="{href}"{" class=on" if key == name else ""}>{html.escape(label)}</a>'
                    for href, key, label in PAGES)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>PaletteLink · {html.escape(title)}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="/favicon.ico" type="image/svg+xml">
 <link rel="stylesheet" href="/static/dashboard.css"></head><body data-page="{name}">
 <header><h1>PaletteLink</h1><nav>{nav}</nav><span id="state">…</span><span id="meta"></span>
  <span class="right"><a href="/metrics">metrics</a> · <a href="/docs">API</a> ·
@@ -89,8 +92,8 @@ TRY = """<section><h2>Try it</h2>
 <label>bundle <select id="try-bundle"></select></label> <label>task <select id="try-task"></select></label>
 <label>codec <select id="try-codec"></select></label>
 <label>level <select id="try-level"></select></label>
-<label>or target bpp <input type="number" id="try-bpp" min="0.001" step="any" placeholder="level"
-size="6"></label>
+<label>or target bpp <input type="number" id="try-bpp" min="0.001" step="any" placeholder="bpp"
+size="6" title="bits per pixel: the finest level within this budget (empty: the level above)"></label>
 <label title="show the picture the server rebuilt from the coded stream (image bundles)"><input
 type="checkbox" id="try-preview"> preview</label>
 <button type="submit">Encode and analyse</button>

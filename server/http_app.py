@@ -11,13 +11,22 @@ page load is sent to the login form instead. Client-supplied names are bounded
 Errors reach clients only through ``server/errors.py``, all in one JSON shape ``{"error": {code,
 status, message}}`` — also the framework's own refusals (a bad query parameter, an unknown route),
 never FastAPI's ``{"detail": …}``.
+
+Every response carries the browser security headers (:class:`SecurityHeaders`): a Content-Security-Policy
+that allows nothing from elsewhere (scripts, styles, images and connections from this server only, the
+login form's and Swagger UI's inline parts by their hash) with ``frame-ancestors 'none'`` and
+``X-Frame-Options: DENY`` (no framing), ``X-Content-Type-Options: nosniff`` and a Referrer-Policy. State
+changes on POST only: ``/logout`` deletes the cookie on a same-origin POST; a GET only shows its button.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import html
 import json
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -29,9 +38,10 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import RedirectResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from palettelink.errors import PaletteLinkError, ServiceUnavailable, TooLarge, Unauthenticated
 from palettelink.fetch import edge_file, edge_listing
@@ -50,6 +60,7 @@ LIVE_MAX_S = 600.0  # one event stream's lifetime; EventSource reconnects by its
 
 PROBES = frozenset({"/healthz", "/readyz"})  # kubelets and load balancers send no token
 LOGIN_PATHS = frozenset({"/login", "/logout"})  # the way in (and out) must be reachable without one
+FAVICON = "/favicon.ico"  # browsers ask for it unprompted, logged in or not: never a 401 or 404
 # The session cookie. Over https it carries the __Host- prefix: the browser then only keeps it when it
 # is Secure, for Path=/ and without Domain, so no other host or plain-http page can set or shadow it.
 SESSION_COOKIE, SECURE_SESSION_COOKIE = "palettelink_session", "__Host-palettelink_session"
@@ -60,6 +71,67 @@ MAX_NEXT = 512  # characters of the login form's return path
 MAX_PATH = 512  # characters of a bundle file path a client asks for
 MAX_FRAME_ID = (1 << 64) - 1  # the protocol's uint64
 CLIENT = "palettelink.client"  # the ASGI scope key where RequireToken leaves the caller's client name
+
+
+# -- browser security headers ----------------------------------------------------------------------
+
+
+def csp(scripts: tuple[str, ...] = (), styles: tuple[str, ...] = ()) -> str:
+    """The Content-Security-Policy: this server's own scripts, styles, images (and the ``data:``/``blob:``
+    pictures the dashboard draws from what it fetched), connections and forms; nothing from elsewhere,
+    no plugins, no framing. ``scripts``/``styles``: hash sources of a page's own inline parts."""
+    def extra(hashes: tuple[str, ...]) -> str:
+        return "".join(f" '{h}'" for h in hashes)
+
+    return ("default-src 'self'; "
+            f"script-src 'self'{extra(scripts)}; style-src 'self'{extra(styles)}; "
+            "img-src 'self' data: blob:; connect-src 'self'; font-src 'self'; object-src 'none'; "
+            "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+def inline_hashes(page: str, tag: str) -> tuple[str, ...]:
+    """CSP hash sources (``sha256-…``) of each inline ``<tag>…</tag>`` of ``page`` (no ``src``)."""
+    bodies = re.findall(rf"<{tag}>(.*?)</{tag}>", page, flags=re.S)
+    return tuple("sha256-" + base64.b64encode(hashlib.sha256(b.encode()).digest()).decode() for b in bodies)
+
+
+# Referrer-Policy same-origin, not no-referrer: under no-referrer a browser sends "Origin: null" with
+# this server's own form posts, which the cross-origin check (same_origin) must then refuse.
+SECURITY_HEADERS = {
+    "content-security-policy": csp(),
+    "x-frame-options": "DENY",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "same-origin",
+    "cross-origin-opener-policy": "same-origin",
+}
+
+
+class SecurityHeaders:
+    """ASGI middleware: :data:`SECURITY_HEADERS` on every response (the outermost middleware, so the
+    login redirects and 401s carry them too). A route that sets its own CSP (an inline part's hash)
+    keeps it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    if name not in headers:
+                        headers.append(name, value)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+FAVICON_SVG = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" '
+               b'rx="3" fill="#1d232b"/><circle cx="8" cy="8" r="4" fill="#9cf"/></svg>')
 
 
 class CrossOrigin(PaletteLinkError):
@@ -152,6 +224,7 @@ def login_page(target: str, error: str = "") -> str:
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>PaletteLink · log in</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="/favicon.ico" type="image/svg+xml">
 <style>body{{font:15px system-ui,sans-serif;max-width:28em;margin:12vh auto;padding:0 1em;color:#222}}
 input{{font:inherit;width:100%;box-sizing:border-box;padding:.45em;margin:.3em 0 .9em}}
 button{{font:inherit;padding:.4em 1.4em}} .err{{color:#b00020}} .muted{{color:#666}}</style></head>
@@ -166,15 +239,34 @@ button{{font:inherit;padding:.4em 1.4em}} .err{{color:#b00020}} .muted{{color:#6
 """
 
 
+def logout_page() -> str:
+    """What a GET of /logout shows: the button that logs out (a POST; a link never changes state)."""
+    return """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>PaletteLink · log out</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="/favicon.ico" type="image/svg+xml"></head>
+<body><h1>PaletteLink</h1><form id="logout-form" method="post" action="/logout">
+<button type="submit" id="logout">Log out</button></form></body></html>
+"""
+
+
+def html_page(text: str, status: int = 200, headers: dict[str, str] | None = None) -> HTMLResponse:
+    """An HTML answer whose CSP allows its own inline ``<style>`` and ``<script>`` (by hash), no more."""
+    policy = csp(inline_hashes(text, "script"), inline_hashes(text, "style"))
+    return HTMLResponse(text, status_code=status,
+                        headers={**(headers or {}), "content-security-policy": policy})
+
+
 def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: int = 16 << 20,
                bench_json: Path | None = None, public_metrics: bool = False) -> FastAPI:
     """The HTTP app over ``service``. With ``auth`` enabled every route needs a token but the probes
     and the login form, and ``/metrics`` too unless ``public_metrics``."""
     auth = auth or TokenAuth({})
     app = FastAPI(title="PaletteLink server", version=__version__, docs_url=None, redoc_url=None)
-    open_paths = PROBES | LOGIN_PATHS | ({"/metrics"} if public_metrics else set())
+    open_paths = PROBES | LOGIN_PATHS | {FAVICON} | ({"/metrics"} if public_metrics else set())
     app.add_middleware(RequireToken, auth=auth, open_paths=frozenset(open_paths),  # type: ignore[arg-type]
                        metrics=service.metrics)
+    app.add_middleware(SecurityHeaders)  # type: ignore[arg-type]  # added last: the outermost
     try_it = TryIt(service)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     # Swagger UI's own files, served from a package (FastAPI's default page loads them from a CDN).
@@ -346,7 +438,7 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
         target = local_path(request.query_params.get("next"))
         if not auth.enabled:
             return RedirectResponse(target, status_code=303)
-        return HTMLResponse(login_page(target), headers={"Cache-Control": "no-store"})
+        return html_page(login_page(target), headers={"Cache-Control": "no-store"})
 
     @app.post("/login", include_in_schema=False)
     async def login(request: Request) -> Response:
@@ -363,17 +455,25 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
             session = auth.session_for((form.get("token") or [""])[0].strip())
         except Unauthenticated:
             service.metrics.count_error("UNAUTHENTICATED")
-            return HTMLResponse(login_page(target, "unknown token"), status_code=401,
-                                headers={"WWW-Authenticate": CHALLENGE, "Cache-Control": "no-store"})
+            return html_page(login_page(target, "unknown token"), status=401,
+                             headers={"WWW-Authenticate": CHALLENGE, "Cache-Control": "no-store"})
         response = RedirectResponse(target, status_code=303)
         secure = request.url.scheme == "https"
         response.set_cookie(SECURE_SESSION_COOKIE if secure else SESSION_COOKIE, session,
                             max_age=SESSION_TTL_S, path="/", secure=secure, httponly=True, samesite="strict")
         return response
 
-    @app.api_route("/logout", methods=["GET", "POST"], include_in_schema=False)
+    @app.get("/logout", response_class=HTMLResponse, include_in_schema=False)
+    def logout_form() -> Response:
+        """The log-out button (a GET changes nothing: a link or a prefetch never logs anyone out)."""
+        return html_page(logout_page(), headers={"Cache-Control": "no-store"})
+
+    @app.post("/logout", include_in_schema=False)
     def logout(request: Request) -> Response:
-        """Forget the session cookie (in this browser; the session itself ends at its expiry)."""
+        """Forget the session cookie (in this browser; the session itself ends at its expiry). Only a
+        POST from this server's own pages (another site's form cannot log anyone out)."""
+        if not same_origin(request):
+            raise CrossOrigin("a log-out form posted from another origin")
         response = RedirectResponse("/login" if auth.enabled else "/", status_code=303)
         secure = request.url.scheme == "https"
         response.delete_cookie(SECURE_SESSION_COOKIE if secure else SESSION_COOKIE, path="/", secure=secure,
@@ -387,11 +487,17 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
             return HTMLResponse("<p>Swagger UI needs the package <code>fastapi-offline</code> (pip install "
                                 "'palettelink[server]'); the schema is at <a href=/openapi.json>/openapi.json"
                                 "</a>.</p>")
-        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json",
+        page = get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json",
                                    title="PaletteLink server · API",
                                    swagger_js_url="/swagger/swagger-ui-bundle.js",
                                    swagger_css_url="/swagger/swagger-ui.css",
                                    swagger_favicon_url="/swagger/favicon.png")
+        return html_page(bytes(page.body).decode())  # its inline start-up script allowed by hash
+
+    @app.get(FAVICON, include_in_schema=False)
+    def favicon() -> Response:
+        """The tab icon (open: a browser asks for it before anyone logs in)."""
+        return Response(FAVICON_SVG, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
 
     app.state.service = service
     return app

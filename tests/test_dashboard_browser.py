@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -52,6 +53,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - a selen
                  "--disable-sync",
                  f"--window-size={WIDTH},1000", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
         opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # console: CSP violations, failed loads
     driver = webdriver.Chrome(service=ChromeService(executable_path=str(CHROMEDRIVER)), options=opts)
     driver.set_page_load_timeout(20)
     yield driver
@@ -184,6 +186,33 @@ def test_rate_accuracy(browser, live_server, artifacts: Path) -> None:  # noqa: 
     assert "bench-eval.json" in browser.find_element("css selector", "#rate-source").text
     fits(browser)
     shot(browser, artifacts, "rate")
+
+
+def test_pages_run_under_the_content_security_policy(browser, open_stream) -> None:  # noqa: ANN001
+    """Every page under its CSP (no source elsewhere, inline code only by hash): nothing refused in the
+    console, no failed load (the favicon included: no 401/404), the scripts ran (each page filled),
+    the rate legend coloured through the DOM, not a style attribute."""
+    url = open_stream.http_url
+    browser.get_log("browser")  # drop what earlier tests left
+    for path, css in (("/", "#streams tbody tr"), ("/frame", "#frame-info"), ("/try", "#try-bundle option"),
+                      ("/rate", "#rate-legend i"), ("/docs", ".swagger-ui .opblock")):
+        browser.get(url + path)
+        wait_for(browser, css)
+        time.sleep(0.5)  # late loads (icons, event stream)
+        logs = [e["message"] for e in browser.get_log("browser")]
+        assert not [m for m in logs if "Content Security Policy" in m or "Failed to load" in m
+                    or "favicon" in m], (path, logs)
+        icon = browser.execute_script("return (document.querySelector('link[rel=icon]') || {}).href")
+        if path != "/docs":
+            assert icon == url + "/favicon.ico", (path, icon)
+    browser.get(url + "/rate")
+    wait_for(browser, "#rate-legend i", count=3)
+    colours = browser.execute_script("return [...document.querySelectorAll('#rate-legend i')]"
+                                     ".map(i => getComputedStyle(i).backgroundColor)")
+    assert len(set(colours)) >= 3 and "rgba(0, 0, 0, 0)" not in colours, colours
+    browser.get(url + "/try")
+    wait_for(browser, "#try-bpp")
+    assert browser.find_element("css selector", "#try-bpp").get_attribute("placeholder") == "bpp"
 
 
 def test_docs_offline(browser, live_server, artifacts: Path) -> None:  # noqa: ANN001

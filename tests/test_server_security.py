@@ -136,7 +136,8 @@ ROUTES = [
     ("GET", "/static/common.js", 200), ("GET", "/swagger/swagger-ui.css", 200),
     ("GET", "/no-such-page", 404),
 ]
-OPEN = [("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/login"), ("GET", "/logout"), ("POST", "/logout")]
+OPEN = [("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/login"), ("GET", "/logout"), ("POST", "/logout"),
+        ("GET", "/favicon.ico")]
 CREDENTIALS = {"none": {}, "wrong": {"authorization": "Bearer not-the-token"},
                "no-scheme": {"authorization": TOKEN}, "right": {"authorization": f"Bearer {TOKEN}"}}
 
@@ -275,10 +276,89 @@ def test_login_form_sets_a_session_cookie(token_server, coded_frames) -> None:  
         r = httpx.get(url + "/api/info", headers={"cookie": f"palettelink_session={altered}"}, timeout=30)
         assert r.status_code == 401 and 'error="invalid_token"' in r.headers["www-authenticate"]
 
-        out = http.get("/logout")
+        # a GET of /logout (a link, a prefetch) only shows the button; another site's POST is refused
+        page = http.get("/logout")
+        assert page.status_code == 200 and 'method="post" action="/logout"' in page.text
+        assert "set-cookie" not in page.headers and http.get("/api/info").status_code == 200
+        evil = http.post("/logout", headers={"origin": "http://evil.example"})
+        assert evil.status_code == 403 and "set-cookie" not in evil.headers
+        assert http.get("/api/info").status_code == 200
+        out = http.post("/logout", headers={"origin": url})
         assert out.status_code == 303 and out.headers["location"] == "/login"
         assert "Max-Age=0" in out.headers["set-cookie"] or "max-age=0" in out.headers["set-cookie"].lower()
         assert http.get("/api/info").status_code == 401
+
+
+def _csp(r: httpx.Response) -> dict[str, list[str]]:
+    policy = r.headers.get("content-security-policy", "")
+    return {d.split()[0]: d.split()[1:] for d in (x.strip() for x in policy.split(";")) if d}
+
+
+@pytest.mark.parametrize("path", ["/", "/frame", "/try", "/rate", "/docs", "/logout", "/login?next=/try",
+                                  "/static/common.js", "/static/dashboard.css", "/swagger/swagger-ui.css",
+                                  "/favicon.ico", "/api/info", "/metrics", "/no-such-page"])
+@pytest.mark.parametrize("logged_in", [True, False])
+def test_every_response_carries_the_browser_security_headers(token_server, path: str,  # noqa: ANN001
+                                                             logged_in: bool) -> None:
+    """HTML, static files, JSON, errors and the login redirects: a CSP that names no other source and
+    forbids framing, X-Frame-Options DENY, nosniff, a Referrer-Policy that keeps this server's own
+    Origin header (the cross-origin check reads it)."""
+    with httpx.Client(base_url=token_server.http_url, timeout=30,
+                      headers={"accept": "text/html,*/*;q=0.8"}) as http:
+        if logged_in:
+            assert _login(http, TOKEN).status_code == 303
+        r = http.get(path)
+    if logged_in or path in ("/favicon.ico", "/logout") or path.startswith("/login"):
+        assert r.status_code in (200, 404), (path, r.status_code)
+    else:
+        assert r.status_code in (303, 401), (path, r.status_code)  # the login form, or 401
+    assert r.headers["x-frame-options"] == "DENY"
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert r.headers["referrer-policy"] == "same-origin"
+    csp = _csp(r)
+    assert csp["frame-ancestors"] == ["'none'"] and csp["default-src"] == ["'self'"], csp
+    assert csp["object-src"] == ["'none'"] and csp["base-uri"] == ["'none'"], csp
+    for directive, sources in csp.items():  # nothing from another host, no inline code but by hash
+        for src in sources:
+            hashed = re.fullmatch(r"'sha256-[A-Za-z0-9+/=]+'", src)
+            assert src in ("'self'", "'none'", "data:", "blob:") or hashed, (directive, src)
+    assert "'unsafe-inline'" not in str(csp) and "'unsafe-eval'" not in str(csp)
+
+
+def test_the_pages_inline_code_is_allowed_by_hash_only(token_server) -> None:  # noqa: ANN001
+    """The login form's inline style and Swagger UI's inline start-up script: their sha256 in the CSP
+    of their own page, nowhere else; the dashboard pages have no inline code at all."""
+    import base64
+    import hashlib
+
+    def digest(text: str) -> str:
+        return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+    with httpx.Client(base_url=token_server.http_url, timeout=30) as http:
+        login = http.get("/login")
+        (style,) = re.findall(r"<style>(.*?)</style>", login.text, re.S)
+        assert _csp(login)["style-src"] == ["'self'", digest(style)]
+        assert _login(http, TOKEN).status_code == 303
+        docs = http.get("/docs")
+        scripts = re.findall(r"<script>(.*?)</script>", docs.text, re.S)
+        assert scripts and _csp(docs)["script-src"] == ["'self'", *map(digest, scripts)]
+        for page in ("/", "/frame", "/try", "/rate"):
+            r = http.get(page)
+            assert "<style>" not in r.text and "<script>" not in r.text and " style=" not in r.text, page
+            assert re.search(r"\son[a-z]+=", r.text) is None, page  # no inline event handlers
+            assert _csp(r)["script-src"] == ["'self'"] and _csp(r)["style-src"] == ["'self'"]
+
+
+def test_the_favicon_is_served_to_anyone(token_server) -> None:  # noqa: ANN001
+    """Browsers fetch it unasked, logged in or not: an icon, never a 401 or 404; the pages name it."""
+    r = httpx.get(token_server.http_url + "/favicon.ico", timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("image/svg+xml")
+    assert r.content.startswith(b"<svg")
+    with httpx.Client(base_url=token_server.http_url, timeout=30) as http:
+        assert 'rel="icon" href="/favicon.ico"' in http.get("/login").text
+        _login(http, TOKEN)
+        for page in ("/", "/frame", "/try", "/rate", "/logout"):
+            assert 'rel="icon" href="/favicon.ico"' in http.get(page).text, page
 
 
 @pytest.mark.parametrize("target", ["//evil.example/x", "https://evil.example/", "/\\evil.example",
@@ -437,11 +517,11 @@ def test_tls_on_grpc_with_plain_http_is_refused_at_start(certs: Path, tmp_path: 
 
 
 def test_http_insecure_starts_with_a_warning(certs: Path, tmp_path: Path) -> None:
-    """Plain HTTP beside gRPC TLS when asked for (a proxy terminates TLS): the ports open, a warning
-    says what travels in clear (the empty bundles root then stops it, exit 2, as ever)."""
+    """Plain HTTP beside gRPC TLS when asked for (a proxy terminates TLS): the flags pass, a warning
+    says what travels in clear (the empty bundles root then stops it before it listens, exit 2)."""
     r = _server("--bundles", str(tmp_path), "--tls-cert", str(certs / "server.pem"), "--tls-key",
                 str(certs / "server.key"), "--http-insecure")
-    assert "LISTENING " in r.stdout, r.stderr
+    assert r.returncode == 2 and "no usable bundle" in r.stderr and "LISTENING " not in r.stdout, r.stderr
     assert "HTTP is plain while gRPC uses TLS" in r.stderr and "Traceback" not in r.stderr
 
 

@@ -37,8 +37,11 @@ headerState();
     g.push(`<path class="curve" data-method="${esc(c.method)}" d="${d}" fill="none" stroke="${col}" stroke-width="2"/>`);
     c.points.forEach(p => g.push(`<circle cx="${X(p.bpp).toFixed(1)}" cy="${Y(p.ap50).toFixed(1)}" r="3" fill="${col}">` +
       `<title>${esc(c.method)} ${esc(p.label)}: ${num(p.bpp, 3)} bpp, AP50 ${num(p.ap50, 3)}</title></circle>`));
-    legend.push(`<div><i style="background:${col}"></i>${esc(c.method)} <span class="muted">${esc(c.kind)}</span></div>`);
+    legend.push(`<div><i data-color="${col}"></i>${esc(c.method)} <span class="muted">${esc(c.kind)}</span></div>`);
   });
   svg.innerHTML = g.join("");
-  document.getElementById("rate-legend").innerHTML = legend.join("");
+  const box = document.getElementById("rate-legend");
+  box.innerHTML = legend.join("");
+  // Colours through the DOM, not a style attribute: the Content-Security-Policy allows no inline styles.
+  box.querySelectorAll("i[data-color]").forEach(i => { i.style.background = i.dataset.color; });
 })();
