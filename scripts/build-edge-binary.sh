@@ -5,10 +5,10 @@
 #
 #   bash scripts/build-edge-binary.sh
 #
-# The build venv (.cache/edge-build-venv) gets only the core dependencies + the `edge` extra of
-# pyproject.toml and PyInstaller, all from PyPI; the project itself is not installed there (PyInstaller
+# The build venv (.cache/edge-build-venv) gets only requirements-edge.lock (the core dependencies + the
+# `edge` extra at the locked versions) and PyInstaller; the project itself is not installed there (PyInstaller
 # reads palettelink/ and edge/ from this checkout), and the build fails if torch or ultralytics got in.
-# The venv is reused while pyproject.toml and the pins below are unchanged. The build runs under nice.
+# The venv is reused while the edge lock and the pins below are unchanged. The build runs under nice.
 #
 # Environment: PYTHON (default python3, >= 3.11 with its shared libpython: on Debian `apt-get install
 # libpython3.11`), PALETTELINK_BUILD_VENV (default .cache/edge-build-venv).
@@ -20,20 +20,15 @@ VENV=${PALETTELINK_BUILD_VENV:-$ROOT/.cache/edge-build-venv}
 PYINSTALLER_PIN="pyinstaller==6.22.3"
 HOOKS_PIN="pyinstaller-hooks-contrib==2026.9"
 STAMP=$VENV/.palettelink-stamp
-WANT_STAMP="$({ cat pyproject.toml; echo "$PYINSTALLER_PIN $HOOKS_PIN"; } | sha256sum | cut -d' ' -f1)"
+WANT_STAMP="$({ cat requirements-edge.lock; echo "$PYINSTALLER_PIN $HOOKS_PIN"; } | sha256sum | cut -d' ' -f1)"
 
 if [[ ! -x $VENV/bin/pyinstaller || ! -f $STAMP || $(cat "$STAMP") != "$WANT_STAMP" ]]; then
     echo "build-edge-binary: creating $VENV (core + edge extra + PyInstaller)" >&2
     rm -rf "$VENV"
     "$PY" -m venv "$VENV"
-    "$VENV/bin/python" -m pip install -q --upgrade pip
-    # The edge's requirements straight from pyproject.toml: [project].dependencies + the edge extra.
-    "$VENV/bin/python" - >"$VENV/requirements-edge.txt" <<'EOF'
-import tomllib
-project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-print("\n".join(project["dependencies"] + project["optional-dependencies"]["edge"]))
-EOF
-    nice -n 19 "$VENV/bin/python" -m pip install -q -r "$VENV/requirements-edge.txt" "$PYINSTALLER_PIN" "$HOOKS_PIN"
+    # The edge's packages from the committed edge lock (exact versions + sha256), then PyInstaller.
+    nice -n 19 "$VENV/bin/python" -m pip install -q --no-deps --require-hashes -r requirements-edge.lock
+    nice -n 19 "$VENV/bin/python" -m pip install -q "$PYINSTALLER_PIN" "$HOOKS_PIN"
     echo "$WANT_STAMP" >"$STAMP"
 fi
 for forbidden in torch torchvision ultralytics; do
@@ -54,6 +49,7 @@ PYTHONPATH=$ROOT nice -n 19 "$VENV/bin/pyinstaller" --onefile --noconfirm --clea
     --distpath "$ROOT/dist" --workpath "$WORK/work" --specpath "$WORK" \
     --paths "$ROOT" \
     --collect-submodules palettelink.codecs \
+    --add-data "$ROOT/palettelink/data/samples:palettelink/data/samples" \
     --collect-binaries onnxruntime --collect-data onnxruntime \
     --collect-binaries grpc --collect-data grpc \
     --collect-binaries cv2 --collect-data cv2 \
