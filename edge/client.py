@@ -143,6 +143,8 @@ class FrameMeta:
     image_size: tuple[int, int]
     timings_ms: dict[str, float]
     outcome: str | None = None  # set for the records the edge makes itself (not sent, not read)
+    novelty: float | None = None  # how far the frame lies from what the codec learned (None: not measured)
+    fallback: str | None = None  # what rate control did about a novel frame
 
 
 def outcome_of(reply: Reply) -> str:
@@ -192,6 +194,8 @@ def reply_record(reply: Reply, names: Sequence[str]) -> dict[str, Any]:
         "server_ms": {k: round(getattr(r.timings, k), 2)
                       for k in ("decode_ms", "task_ms", "queue_ms", "total_ms")},
         "truncated": bool(r.truncated),
+        "novelty": None if m.novelty is None else round(m.novelty, 6),
+        "fallback": m.fallback,
         "error": None,
     }
     if r.HasField("error") and r.error.status:
@@ -423,10 +427,13 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                 if coded.choice is not None and coded.choice.warning:
                     print(f"{PROG}: {cap.label}: {coded.choice.warning}", file=sys.stderr)
                 meta = FrameMeta(cap.label, cap.source, cap.index, len(enc.payload), enc.level,
-                                 enc.image_size, enc.timings_ms)
+                                 enc.image_size, enc.timings_ms, novelty=enc.novelty, fallback=enc.fallback)
+                if enc.fallback:
+                    print(f"{PROG}: {cap.label}: {enc.fallback}", file=sys.stderr)
                 req = pb.Frame(frame_id=frame_id, payload=enc.payload, capture_time_us=cap.capture_time_us,
                                edge_front_ms=enc.timings_ms.get("front_ms", 0.0),
-                               edge_encode_ms=enc.timings_ms.get("encode_ms", 0.0))
+                               edge_encode_ms=enc.timings_ms.get("encode_ms", 0.0),
+                               edge_novelty=enc.novelty or 0.0, edge_fallback=enc.fallback or "")
                 in_hand = (frame_id, meta)
                 emit_all(stream.send(req, meta))
                 in_hand = None
