@@ -9,8 +9,10 @@ One coded frame is self-contained::
     n_layers u8 | per layer: uvarint length                          (end of the header)
     per layer: its bytes | CRC-32 u32 of everything before it except earlier CRCs
 
-``codec`` is the codec's wire id from the registry (:mod:`palettelink.codecs`); ``param`` is codec
-specific (baseline: bits per value; palette: the coarsest level sent). All integers are big-endian.
+``codec`` is the codec's wire id (1..255, :attr:`Frame.codec_id`); the container carries it and knows
+no codec: the registry one floor up (:mod:`palettelink.codecs`) maps ids to codecs and refuses ids it
+does not know. ``param`` is codec specific (baseline: bits per value; palette: the coarsest level
+sent). All integers are big-endian.
 
 Integrity: the CRC-32 (``zlib.crc32``) after layer i covers the header and layers 0..i, i.e. it is
 chained: ``crc_i = crc32(layer_i, crc_{i-1})`` with ``crc_{-1} = crc32(header)``. So a flipped bit
@@ -54,7 +56,7 @@ _CRC = struct.Struct(">I")
 class Frame:
     """A parsed (or to-be-written) coded frame."""
 
-    codec: str
+    codec_id: int  # the codec's wire id (the registry, palettelink.codecs, names it)
     param: int
     bundle_id: str
     table_hash: bytes
@@ -89,25 +91,10 @@ def _uvarint(n: int) -> bytes:
             return bytes(out)
 
 
-def _wire_id(codec: str) -> int | None:
-    """The codec byte, from the codec registry (imported here: the registry imports this module)."""
-    from palettelink import codecs
-
-    return next((s.wire_id for s in codecs.specs() if s.name == codec), None)
-
-
-def _codec_name(wire_id: int) -> str | None:
-    from palettelink import codecs
-
-    s = codecs.spec_for_wire_id(wire_id)
-    return None if s is None else s.name
-
-
 def pack(frame: Frame) -> bytes:
     """Serialise ``frame``. Raises ``ValueError`` for fields the format cannot hold (a bug upstream)."""
-    codec_id = _wire_id(frame.codec)
-    if codec_id is None:
-        raise ValueError(f"unknown codec {frame.codec!r}")
+    if not 0 < frame.codec_id < 256:
+        raise ValueError(f"codec id {frame.codec_id} must be 1..255")
     bid = frame.bundle_id.encode()
     if not 0 < len(bid) <= MAX_BUNDLE_ID:
         raise ValueError("bundle id must be 1..64 bytes")
@@ -123,7 +110,7 @@ def pack(frame: Frame) -> bytes:
     if not 0 <= frame.codec_flags < 128:
         raise ValueError("codec flags must fit 7 bits")
     out = bytearray(
-        _FIXED.pack(MAGIC, FORMAT_VERSION, codec_id, frame.param,
+        _FIXED.pack(MAGIC, FORMAT_VERSION, frame.codec_id, frame.param,
                     (FLAG_PROGRESSIVE if frame.progressive else 0) | (frame.codec_flags << 1))
     )
     out += bytes([len(bid)]) + bid + frame.table_hash
@@ -189,9 +176,8 @@ def unpack(data: bytes, *, allow_truncated_layers: bool = False) -> Frame:
         hint = " (a stream without checksums: re-encode it with a current edge)" if version == 1 else ""
         raise InvalidStream(f"unsupported stream format version {version}; this build reads format version "
                             f"{FORMAT_VERSION}{hint}")
-    codec = _codec_name(codec_id)
-    if codec is None:
-        raise InvalidStream(f"unknown codec id {codec_id}")
+    if codec_id == 0:
+        raise InvalidStream("codec id 0 names no codec")
     n = r.u8("bundle id length")
     if not 0 < n <= MAX_BUNDLE_ID:
         raise InvalidStream(f"bundle id length {n} out of range")
@@ -243,7 +229,7 @@ def unpack(data: bytes, *, allow_truncated_layers: bool = False) -> Frame:
         raise InvalidStream("bundle id is not UTF-8") from e
     missing = nl - len(layers)
     return Frame(
-        codec=codec, param=param, bundle_id=bundle_id, table_hash=table_hash,
+        codec_id=codec_id, param=param, bundle_id=bundle_id, table_hash=table_hash,
         image_size=(w, h), shapes=tuple(shapes), layers=tuple(layers),
         progressive=progressive, codec_flags=flags >> 1, truncated=missing > 0, missing_layers=missing,
     )

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from palettelink import bitstream
+from palettelink import bitstream, codecs
 from palettelink.errors import PaletteLinkError
 
 # -- the raw layout of a valid frame, and a writer that accepts anything --------------------------------
@@ -366,7 +366,7 @@ class InProcess:
         key = None
         if self.cache is not None:
             try:
-                key = bitstream.unpack(payload, allow_truncated_layers=True)
+                key = codecs.unpack(payload, allow_truncated_layers=True)  # unknown codec ids: no key
             except PaletteLinkError:
                 key = None
             if key is not None and key in self.cache:

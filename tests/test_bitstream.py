@@ -9,13 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from palettelink import bitstream
+from palettelink import bitstream, codecs
 from palettelink.bitstream import Frame, pack, unpack
 from palettelink.errors import InvalidStream
 
 
 def make_frame(layers: tuple[bytes, ...] = (b"abc", b"", b"x" * 300)) -> Frame:
-    return Frame(codec="palette", param=7, bundle_id="fall-yolov8/1", table_hash=bytes(range(8)),
+    return Frame(codec_id=2, param=7, bundle_id="fall-yolov8/1", table_hash=bytes(range(8)),
                  image_size=(810, 1080), shapes=((32, 40, 40),), layers=layers, progressive=True)
 
 
@@ -61,9 +61,13 @@ def test_unknown_version_and_codec() -> None:
     with pytest.raises(InvalidStream, match="version"):
         unpack(bytes(data))
     data = bytearray(pack(make_frame()))
-    data[5] = 200
+    data[5] = 0
     with pytest.raises(InvalidStream, match="codec"):
         unpack(bytes(data))
+    odd = pack(dataclasses.replace(make_frame(), codec_id=200))  # the container carries any other id,
+    assert unpack(odd).codec_id == 200
+    with pytest.raises(InvalidStream, match="codec"):  # the registry refuses one no codec registered
+        codecs.unpack(odd)
 
 
 def test_trailing_junk() -> None:
@@ -125,9 +129,11 @@ def test_random_bytes_never_escape_as_other_errors() -> None:
 
 def test_pack_refuses_unrepresentable_frames() -> None:
     with pytest.raises(ValueError):
-        pack(Frame("palette", 0, "x" * 65, bytes(8), (1, 1), ((1, 1, 1),), (b"",)))
+        pack(Frame(2, 0, "x" * 65, bytes(8), (1, 1), ((1, 1, 1),), (b"",)))
     with pytest.raises(ValueError):
-        pack(Frame("nope", 0, "x", bytes(8), (1, 1), ((1, 1, 1),), (b"",)))
+        pack(Frame(256, 0, "x", bytes(8), (1, 1), ((1, 1, 1),), (b"",)))
+    with pytest.raises(ValueError):
+        pack(Frame(0, 0, "x", bytes(8), (1, 1), ((1, 1, 1),), (b"",)))
 
 
 # -- format version 2: checksums -------------------------------------------------------------------
@@ -195,7 +201,7 @@ def test_layers_reordered_repeated_or_spliced_are_refused() -> None:
 
 frames = st.builds(
     Frame,
-    codec=st.sampled_from(["baseline", "palette"]),
+    codec_id=st.integers(1, 255),
     param=st.integers(0, 255),
     bundle_id=st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=16),
     table_hash=st.binary(min_size=8, max_size=8),

@@ -33,9 +33,9 @@ def test_names_and_wire_ids_are_unique_and_on_the_wire() -> None:
     specs = codecs.specs()
     assert len({s.name for s in specs}) == len({s.wire_id for s in specs}) == len(specs) >= 2
     for s in specs:
-        frame = bitstream.Frame(s.name, 0, "x/1", bytes(8), (4, 4), ((1, 1, 1),), (b"\x00",))
+        frame = bitstream.Frame(codecs.wire_id(s.name), 0, "x/1", bytes(8), (4, 4), ((1, 1, 1),), (b"\x00",))
         data = bitstream.pack(frame)
-        assert data[5] == s.wire_id and bitstream.unpack(data).codec == s.name
+        assert data[5] == s.wire_id and codecs.codec_of(bitstream.unpack(data)).name == s.name
 
 
 def test_the_wire_ids_of_committed_streams_never_change() -> None:
@@ -114,8 +114,8 @@ class _TinyEncoder:
     def encode_analysis(self, analysis: Analysis, level: int | None = None) -> Encoded:
         assert isinstance(analysis, _TinyAnalysis)
         lv = 0 if level is None else level
-        frame = bitstream.Frame("tiny", lv, self.bundle.id, self.bundle.table_hash, analysis.image_size,
-                                ((1, 1, 1),), (bytes([analysis.value]) * (3 - lv) * 10,))
+        frame = bitstream.Frame(codecs.wire_id("tiny"), lv, self.bundle.id, self.bundle.table_hash,
+                                analysis.image_size, ((1, 1, 1),), (bytes([analysis.value]) * (3 - lv) * 10,))
         return Encoded(bitstream.pack(frame), "tiny", lv, analysis.image_size)
 
     def encode(self, rgb: np.ndarray, level: int | None = None) -> Encoded:
@@ -151,9 +151,10 @@ def test_one_registered_spec_is_a_whole_codec(bundle: Bundle, monkeypatch: pytes
     assert LevelCoder(enc, FixedLevel(2)).encode(rgb).encoded.level == 2
 
 
-def test_unregistered_wire_id_is_an_invalid_stream() -> None:
-    data = bytearray(bitstream.pack(bitstream.Frame("baseline", 4, "x/1", bytes(8), (4, 4), ((1, 1, 1),),
-                                                    (b"\x00",))))
-    data[5] = 251
+def test_unregistered_wire_id_is_an_invalid_stream(bundle: Bundle) -> None:
+    data = bitstream.pack(bitstream.Frame(251, 4, "x/1", bytes(8), (4, 4), ((1, 1, 1),), (b"\x00",)))
+    assert data[5] == 251 and bitstream.unpack(data).codec_id == 251  # the container only carries it
     with pytest.raises(InvalidStream, match="unknown codec id 251"):
-        bitstream.unpack(bytes(data))
+        codecs.unpack(data)
+    with pytest.raises(InvalidStream, match="unknown codec id 251"):
+        codecs.Decoder(bundle).decode(data)

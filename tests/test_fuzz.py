@@ -124,7 +124,7 @@ def test_container_parser_takes_any_bytes(data: bytes) -> None:
 @given(st.binary(min_size=1, max_size=64), st.data())
 def test_container_parser_after_a_valid_prefix(tail: bytes, data: st.DataObject) -> None:
     """A real header followed by anything (the cheapest way past the magic and version checks)."""
-    head = bitstream.pack(bitstream.Frame("baseline", 2, "fall-yolov8/1", bytes(8), (640, 480),
+    head = bitstream.pack(bitstream.Frame(1, 2, "fall-yolov8/1", bytes(8), (640, 480),  # id 1: baseline
                                           ((3, 4, 4),), (b"abc",)))
     cut = data.draw(st.integers(0, len(head)))
     try:

@@ -121,7 +121,7 @@ def test_every_prefix_is_the_coarser_stream(synth: Synth, model: str) -> None:
 
 def _payload(tb: pc.PaletteTables, layers: list[bytes], shape: tuple[int, int]) -> bytes:
     return bitstream.pack(bitstream.Frame(
-        codec="palette", param=tb.n_levels - 1, bundle_id="synthetic/1", table_hash=bytes(8),
+        codec_id=pc.WIRE_ID, param=tb.n_levels - 1, bundle_id="synthetic/1", table_hash=bytes(8),
         image_size=(256, 256), shapes=((tb.channels, *shape),), layers=tuple(layers), progressive=True))
 
 

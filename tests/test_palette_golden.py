@@ -35,7 +35,7 @@ def test_golden_stream_decodes_and_reencodes_exactly(tables: pc.PaletteTables, p
     data = path.read_bytes()
     assert data[4] == bitstream.FORMAT_VERSION  # regenerated on purpose when the container changes
     frame = bitstream.unpack(data)
-    assert frame.codec == "palette" and frame.progressive and frame.param == tables.n_levels - 1
+    assert frame.codec_id == pc.WIRE_ID and frame.progressive and frame.param == tables.n_levels - 1
     ids, got = pc.decode_layers(frame.layers, tables, frame.param, frame.shapes[0], model)
     assert got == level
     expected = np.load(GOLDEN / f"{sample}_l{level}.npy").astype(np.int64)

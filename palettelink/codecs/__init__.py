@@ -2,9 +2,12 @@
 
 A codec is one module in this package that calls :func:`register` with a :class:`CodecSpec` at
 import time; the registry imports every module of the package the first time it is asked, so the
-bitstream, the edge's rate control, the bench, ``palettelink info`` and the server all see a new codec
-without naming it. Every edge encoder has the same small interface (:class:`EdgeEncoder`): analyse an
-image once, then size and cut any level from that analysis. Pure numpy + onnxruntime + constriction.
+decoder, the edge's rate control, the bench, ``palettelink info`` and the server all see a new codec
+without naming it. The container (:mod:`palettelink.bitstream`, one floor down) carries only the
+codec's wire id; this registry maps ids to codecs and back (:func:`wire_id`, :func:`codec_of`) and
+:func:`unpack` is the container's parse plus that check. Every edge encoder has the same small
+interface (:class:`EdgeEncoder`): analyse an image once, then size and cut any level from that
+analysis. Pure numpy + onnxruntime + constriction.
 """
 
 from __future__ import annotations
@@ -175,6 +178,26 @@ def spec_for_wire_id(wire_id: int) -> CodecSpec | None:
     return next((s for s in specs() if s.wire_id == wire_id), None)
 
 
+def wire_id(name: str) -> int:
+    """The container's codec byte for the codec ``name`` (:class:`InvalidRequest` if unknown)."""
+    return spec(name).wire_id
+
+
+def codec_of(frame: bitstream.Frame) -> CodecSpec:
+    """The codec a parsed frame names; an id no codec registered is an :class:`InvalidStream`."""
+    s = spec_for_wire_id(frame.codec_id)
+    if s is None:
+        raise InvalidStream(f"unknown codec id {frame.codec_id}")
+    return s
+
+
+def unpack(data: bytes, *, allow_truncated_layers: bool = False) -> bitstream.Frame:
+    """:func:`palettelink.bitstream.unpack`, then refuse a codec id no codec registered."""
+    frame = bitstream.unpack(data, allow_truncated_layers=allow_truncated_layers)
+    codec_of(frame)
+    return frame
+
+
 def check_bundle(frame: bitstream.Frame, bundle: Bundle) -> None:
     """Refuse a stream made for another bundle or other frozen tables."""
     if frame.bundle_id != bundle.id:
@@ -221,5 +244,6 @@ class Decoder:
 
     def decode(self, payload: bytes) -> Decoded:
         frame = bitstream.unpack(payload, allow_truncated_layers=True)
+        codec = codec_of(frame).name
         check_bundle(frame, self.bundle)
-        return self._get(frame.codec).decode_frame(frame, len(payload))
+        return self._get(codec).decode_frame(frame, len(payload))

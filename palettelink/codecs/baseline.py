@@ -22,6 +22,7 @@ from palettelink.errors import InvalidRequest, InvalidStream
 from palettelink.front import Front
 
 CODEC = "baseline"
+WIRE_ID = 1  # the container's codec byte: never renumber (committed streams must decode)
 BITS = tuple(range(2, 9))
 LEVELS = tuple(reversed(BITS))  # finest (8 bits) first
 
@@ -91,7 +92,7 @@ class BaselineEncoder:
         bits = _check_bits(bits)
         layers = tuple(encode_tensor(t[0], bits) for t in tensors)
         frame = bitstream.Frame(
-            codec=CODEC, param=bits, bundle_id=self.bundle.id, table_hash=self.bundle.table_hash,
+            codec_id=WIRE_ID, param=bits, bundle_id=self.bundle.id, table_hash=self.bundle.table_hash,
             image_size=image_size, shapes=tuple(tuple(t.shape[1:]) for t in tensors), layers=layers,
         )
         return bitstream.pack(frame)
@@ -151,7 +152,7 @@ class BaselineDecoder:
 
 
 SPEC = register(CodecSpec(
-    name=CODEC, wire_id=1, param="bits", label="{}b", progressive=False, exact_sizes=True,
+    name=CODEC, wire_id=WIRE_ID, param="bits", label="{}b", progressive=False, exact_sizes=True,
     cut="crossing", levels=lambda bundle: list(LEVELS), offered=lambda bundle: True,
     encoder=BaselineEncoder, decoder=BaselineDecoder, preference=90,
 ))

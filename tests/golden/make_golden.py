@@ -31,9 +31,10 @@ BUNDLE_ID = "golden/1"
 def frame_bytes(tables: PaletteTables, layers: list[bytes], shape: tuple[int, ...]) -> bytes:
     """The full container (fixed bundle id, zero table hash) around ``layers``."""
     from palettelink import bitstream
+    from palettelink.codecs.palette import WIRE_ID
 
     return bitstream.pack(bitstream.Frame(
-        codec="palette", param=tables.n_levels - 1, bundle_id=BUNDLE_ID, table_hash=bytes(8),
+        codec_id=WIRE_ID, param=tables.n_levels - 1, bundle_id=BUNDLE_ID, table_hash=bytes(8),
         image_size=(256, 256), shapes=((tables.channels, *shape[-2:]),), layers=tuple(layers),
         progressive=True))
 

@@ -60,6 +60,7 @@ from palettelink.codecs.palette.runtime import (
     CODEC,
     FLAG_STATIC,
     SPEC,
+    WIRE_ID,
     PaletteAnalysis,
     PaletteDecoder,
     PaletteEncoder,
@@ -90,8 +91,8 @@ from palettelink.codecs.palette.tables import (
 )
 
 __all__ = ["CODEC", "CTX_FORMAT", "FLAG_STATIC", "GENERATE_MODES", "MAX_POSITIONS", "MODELS", "N_A", "N_NC",
-           "PASSES", "PROB_TOTAL", "SPEC", "TABLES_FILE", "_NC_INDEX", "DecodedIndices", "PaletteAnalysis",
-           "PaletteDecoder", "PaletteEncoder", "PaletteTables", "anchor_context", "check_model",
-           "decode_layer", "decode_layers", "decode_layers_full", "encode_layer", "encode_levels",
-           "generate_layer", "layer_bits", "mean_level_bits", "neighbour_context", "pass_context",
-           "pass_masks"]
+           "PASSES", "PROB_TOTAL", "SPEC", "TABLES_FILE", "WIRE_ID", "_NC_INDEX", "DecodedIndices",
+           "PaletteAnalysis", "PaletteDecoder", "PaletteEncoder", "PaletteTables", "anchor_context",
+           "check_model", "decode_layer", "decode_layers", "decode_layers_full", "encode_layer",
+           "encode_levels", "generate_layer", "layer_bits", "mean_level_bits", "neighbour_context",
+           "pass_context", "pass_masks"]

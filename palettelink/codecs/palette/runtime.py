@@ -26,6 +26,7 @@ from palettelink.front import ort_session
 from palettelink.image import Letterbox, letterbox
 
 CODEC = "palette"
+WIRE_ID = 2  # the container's codec byte: never renumber (committed streams must decode)
 FLAG_STATIC = 0x01  # container codec flag: the layers use the static tables (else the context model)
 
 
@@ -108,7 +109,7 @@ class PaletteEncoder:
     def _frame(self, analysis: PaletteAnalysis, layers: Sequence[bytes]) -> bitstream.Frame:
         _, h, w = analysis.indices.shape
         return bitstream.Frame(
-            codec=CODEC, param=self.tables.n_levels - 1, bundle_id=self.bundle.id,
+            codec_id=WIRE_ID, param=self.tables.n_levels - 1, bundle_id=self.bundle.id,
             table_hash=self.bundle.table_hash, image_size=analysis.image_size,
             shapes=((self.tables.channels, h, w),), layers=tuple(layers), progressive=True,
             codec_flags=FLAG_STATIC if self.model == "static" else 0)
@@ -172,8 +173,8 @@ class PaletteDecoder:
 
     def decode_indices(self, frame: bitstream.Frame, generate_to: int | None = None) -> DecodedIndices:
         """Validate the frame against the tables and decode its complete layers."""
-        if frame.codec != CODEC:
-            raise InvalidStream(f"frame codec {frame.codec!r} is not {CODEC!r}")
+        if frame.codec_id != WIRE_ID:
+            raise InvalidStream(f"frame codec id {frame.codec_id} is not {CODEC!r}'s ({WIRE_ID})")
         if len(frame.shapes) != 1:
             raise InvalidStream(f"palette frame must describe one latent, got {len(frame.shapes)}")
         c, h, w = frame.shapes[0]
@@ -222,7 +223,7 @@ def _manifest_levels(bundle: Bundle) -> list[int]:
 
 
 SPEC = register(CodecSpec(
-    name=CODEC, wire_id=2, param="level", label="L{}", progressive=True, exact_sizes=True,
+    name=CODEC, wire_id=WIRE_ID, param="level", label="L{}", progressive=True, exact_sizes=True,
     cut="latent", levels=_manifest_levels, offered=lambda bundle: CODEC in bundle.codecs,
     encoder=PaletteEncoder, decoder=PaletteDecoder, preference=10,
 ))
