@@ -12,14 +12,13 @@ masks, boxes, landmarks and keypoints), ``/try`` Try it, ``/rate`` Rate–accura
 from __future__ import annotations
 
 import html
-import json
 import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from palettelink import codecs
+from palettelink import benchfile, codecs
 from palettelink.errors import InvalidRequest, ServiceUnavailable
 from palettelink.image import decode_image
 from palettelink.ratecontrol import FixedLevel, LevelCoder, TargetBpp
@@ -123,28 +122,17 @@ def render(name: str, logout: bool = False) -> str:
 
 
 def bench_curves(path: Path | None) -> dict[str, Any]:
-    """The curves of a bench JSON (``palettelink bench --json``): per method, (bpp, AP50) by bpp."""
+    """The curves of a bench JSON (``palettelink bench --json``): per method, (bpp, AP50) by bpp, as
+    the core's reader of that file gives them (:mod:`palettelink.benchfile`)."""
     path = path or REPO_BENCH
     try:
-        report = json.loads(Path(path).read_text())
+        report = benchfile.read(path)
     except FileNotFoundError:
         raise ServiceUnavailable(f"no bench results at {path} (run `palettelink bench`, or pass "
                                  "--bench-json)") from None
     except (OSError, ValueError) as e:
         raise ServiceUnavailable(f"bench results at {path} unreadable: {e}") from None
-    curves: dict[str, dict[str, Any]] = {}
-    for r in report.get("rows", []):
-        if r.get("bpp") is None or r.get("ap50") is None or float(r["bpp"]) <= 0:
-            continue
-        c = curves.setdefault(r["method"], {"method": r["method"], "kind": r.get("kind", ""), "points": []})
-        c["points"].append({"bpp": float(r["bpp"]), "ap50": float(r["ap50"]),
-                            "label": str(r.get("label", ""))})
-    for c in curves.values():
-        c["points"].sort(key=lambda p: p["bpp"])
-    images = report.get("images")
-    return {"source": Path(path).name, "bundle": str(report.get("bundle", "")),
-            "metric": str(report.get("metric", "")),
-            "images": len(images) if isinstance(images, list) else images, "curves": list(curves.values())}
+    return benchfile.rate_summary(report, Path(path).name)
 
 
 # -- try it ----------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from palettelink import __version__
+from palettelink import __version__, benchfile
 from palettelink.bench import metrics
 from palettelink.bench.ablations import ABLATIONS
 from palettelink.bench.methods import METHODS, Context, Item, Method, make_method, prepare
@@ -441,7 +441,7 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.compare_with is not None:
         try:
-            other = json.loads(args.compare_with.read_text())
+            other = benchfile.read(args.compare_with)
         except (OSError, ValueError) as e:
             raise InvalidRequest(f"--compare-with {args.compare_with}: not a readable bench.json "
                                  f"({e})") from e
@@ -459,7 +459,7 @@ def run(args: argparse.Namespace) -> int:
     assets = args.assets or Path("assets/codecs") / bundle.name
     if (assets / "training.json").is_file():
         report["training_images"] = json.loads((assets / "training.json").read_text()).get("train_images")
-    (args.out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    out_json = benchfile.write(args.out / benchfile.FILE_NAME, report)
     (args.out / "bench.md").write_text(markdown(report))
     n_ref = report["reference_boxes"]
     title = f"{bundle.id}: {len(runner.images)} image(s), {n_ref} reference boxes"
@@ -478,6 +478,6 @@ def run(args: argparse.Namespace) -> int:
     if n_ref < 100:
         print(f"note: only {n_ref} reference boxes; AP differences of a few points are noise "
               "(add --images with more pictures or video frames)")
-    print(f"wrote {args.out / 'bench.json'}, {args.out / 'bench.md'} and {args.out / 'rate_accuracy.png'}")
+    print(f"wrote {out_json}, {args.out / 'bench.md'} and {args.out / 'rate_accuracy.png'}")
     return 0
 
