@@ -22,8 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from palettelink import __version__, benchfile
-from palettelink.bench import metrics
+from palettelink import __version__, benchfile, scoring
 from palettelink.bench.ablations import ABLATIONS
 from palettelink.bench.methods import METHODS, Context, Item, Method, make_method, prepare
 from palettelink.bundle import Bundle, find_bundle
@@ -107,11 +106,11 @@ class Row:
 
     def summary(self, references: list[list[Any]], class_names: list[str], conf: float = 0.25
                 ) -> dict[str, Any]:
-        ap = metrics.evaluate(references, self.detections)
-        ag = metrics.agreement(references, self.detections, conf=conf)
+        ap = scoring.evaluate(references, self.detections)
+        ag = scoring.agreement(references, self.detections, conf=conf)
 
         def name(c: int) -> str:
-            return "missed" if c == metrics.MISSED else class_names[c] if c < len(class_names) else str(c)
+            return "missed" if c == scoring.MISSED else class_names[c] if c < len(class_names) else str(c)
 
         return {
             "method": self.method, "kind": self.kind, "point": self.point, "label": self.label,
@@ -123,8 +122,8 @@ class Row:
             "f1": ag.f1, "precision": ag.precision, "recall": ag.recall,
             "recall_by_size": ag.recall_by_size, "n_by_size": ag.n_by_size,
             "confusion": {f"{name(r)}->{name(p)}": n for (r, p), n in sorted(ag.confusion.items())},
-            "class_flips": sum(n for (r, p), n in ag.confusion.items() if p not in (r, metrics.MISSED)),
-            "missed": sum(n for (_, p), n in ag.confusion.items() if p == metrics.MISSED),
+            "class_flips": sum(n for (r, p), n in ag.confusion.items() if p not in (r, scoring.MISSED)),
+            "missed": sum(n for (_, p), n in ag.confusion.items() if p == scoring.MISSED),
             "extra": ag.n_extra,
             **{k: float(np.mean(v)) for k, v in sorted(self.timings.items())},
         }
@@ -238,8 +237,8 @@ class Runner:
             r["extra_per_image"] = r["extra"] / max(1, len(self.images))
             per_image = []
             for i, im in enumerate(self.images):
-                ag = metrics.agreement([self.references[i]], [row.detections[i]], conf=self.ref_conf)
-                missed = sum(n for (_, p), n in ag.confusion.items() if p == metrics.MISSED)
+                ag = scoring.agreement([self.references[i]], [row.detections[i]], conf=self.ref_conf)
+                missed = sum(n for (_, p), n in ag.confusion.items() if p == scoring.MISSED)
                 per_image.append({"name": im["name"], "reference_boxes": im["reference_boxes"],
                                   "missed": missed, "extra": ag.n_extra,
                                   "bpp": 8.0 * row.n_bytes[i] / row.pixels[i]})
@@ -247,7 +246,7 @@ class Runner:
             if sources:
                 r["per_source"] = {}
                 for src, idx in sorted(by_source.items()):
-                    ap = metrics.evaluate([self.references[i] for i in idx],
+                    ap = scoring.evaluate([self.references[i] for i in idx],
                                           [row.detections[i] for i in idx])
                     n_ref = sum(self.images[i]["reference_boxes"] for i in idx)
                     bits = 8.0 * sum(row.n_bytes[i] for i in idx)

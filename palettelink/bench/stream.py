@@ -25,7 +25,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from palettelink.bench import metrics
+from palettelink import scoring
 from palettelink.bundle import find_bundle
 from palettelink.errors import InvalidRequest
 from palettelink.image import letterbox
@@ -72,15 +72,15 @@ def extract_frames(video: str, span: tuple[float, float], n: int, folder: Path) 
     return paths
 
 
-def _boxes(rec: dict[str, Any]) -> list[metrics.Box]:
-    return [metrics.Box(tuple(b["xyxy"]), int(b["class_id"]), float(b["score"])) for b in rec["boxes"]]
+def _boxes(rec: dict[str, Any]) -> list[scoring.Box]:
+    return [scoring.Box(tuple(b["xyxy"]), int(b["class_id"]), float(b["score"])) for b in rec["boxes"]]
 
 
 def _score(refs: list[list[Any]], preds: list[list[Any]], n_bytes: list[int], conf: float) -> dict[str, Any]:
-    ag = metrics.agreement(refs, preds, conf=conf)
+    ag = scoring.agreement(refs, preds, conf=conf)
     return {"frames": len(n_bytes), "bytes_per_frame": float(np.mean(n_bytes)), "f1": ag.f1,
             "precision": ag.precision, "recall": ag.recall,
-            "class_flips": sum(v for (r, p), v in ag.confusion.items() if p not in (r, metrics.MISSED))}
+            "class_flips": sum(v for (r, p), v in ag.confusion.items() if p not in (r, scoring.MISSED))}
 
 
 class Server:

@@ -5,7 +5,7 @@ uncompressed pipeline, no labels needed); each row runs the same model on what a
 (the image codec's x̂ at each level, or the decoded JPEG/WebP/AVIF) and scores:
 
 - detect: box AP50 and AP50:95 against the reference boxes (score ≥ 0.3, what the server reports),
-  predictions ranked down to score 0.05 (:mod:`palettelink.bench.metrics`);
+  predictions ranked down to score 0.05 (:mod:`palettelink.scoring`);
 - segment: mask IoU, pooled over images (Σ intersection / Σ union);
 - landmarks: NME (mean point error / the reference face's inter-ocular distance) of matched faces, and
   the success rate: reference faces found with NME ≤ 0.05;
@@ -30,8 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from palettelink import __version__
-from palettelink.bench import metrics
+from palettelink import __version__, scoring
 from palettelink.bench.methods import Context, Item, Method, make_method
 from palettelink.bundle import Bundle, find_bundle
 from palettelink.errors import InvalidRequest
@@ -140,14 +139,14 @@ class TaskAdapter:
 REF_CONF, PRED_CONF = 0.3, 0.05  # reference boxes as the server reports them; predictions ranked for AP
 
 
-def _boxes(model: Any, rgb: np.ndarray, ref: bool) -> list[metrics.Box]:
+def _boxes(model: Any, rgb: np.ndarray, ref: bool) -> list[scoring.Box]:
     dets = model.run(rgb, score_threshold=REF_CONF if ref else PRED_CONF).detections
-    return [metrics.Box(tuple(float(v) for v in d.xyxy), int(d.class_id), float(d.score))  # type: ignore[arg-type]
+    return [scoring.Box(tuple(float(v) for v in d.xyxy), int(d.class_id), float(d.score))  # type: ignore[arg-type]
             for d in dets]
 
 
 def _score_detect(refs: list[Any], preds: list[Any]) -> dict[str, float]:
-    r = metrics.evaluate(refs, preds)
+    r = scoring.evaluate(refs, preds)
     return {"ap50": r.ap50, "ap50_95": r.ap50_95, "n_reference": r.n_reference}
 
 
@@ -185,7 +184,7 @@ ADAPTERS: dict[str, TaskAdapter] = {
 # runner
 
 
-def load_coco_labels(path: Path, class_names: Sequence[str]) -> dict[str, list[metrics.Box]]:
+def load_coco_labels(path: Path, class_names: Sequence[str]) -> dict[str, list[scoring.Box]]:
     """A COCO-format annotation file → ground-truth boxes by image file name, in the detector's class
     ids (matched by category *name*: COCO's ids have gaps, CenterNet's 0..79 do not). Crowd boxes and
     categories the detector does not know are left out."""
@@ -197,13 +196,13 @@ def load_coco_labels(path: Path, class_names: Sequence[str]) -> dict[str, list[m
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InvalidRequest(f"--coco {path}: not a COCO-format annotation file ({e})") from e
     index = {n: i for i, n in enumerate(class_names)}
-    out: dict[str, list[metrics.Box]] = {f: [] for f in files.values()}
+    out: dict[str, list[scoring.Box]] = {f: [] for f in files.values()}
     for a in anns:
         name = cats.get(int(a["category_id"]))
         if a.get("iscrowd") or name not in index or int(a["image_id"]) not in files:
             continue
         x, y, w, h = (float(v) for v in a["bbox"])
-        out[files[int(a["image_id"])]].append(metrics.Box((x, y, x + w, y + h), index[name]))
+        out[files[int(a["image_id"])]].append(scoring.Box((x, y, x + w, y + h), index[name]))
     return out
 
 
@@ -272,7 +271,7 @@ class TaskRunner:
                 if progress is not None:
                     progress.update(1)
 
-    def label_scores(self, labels: dict[str, list[metrics.Box]]) -> dict[str, Any]:
+    def label_scores(self, labels: dict[str, list[scoring.Box]]) -> dict[str, Any]:
         """Detection AP against real labels, for the uncompressed pipeline and every row, on the
         images the annotation file covers (matched by file name)."""
         keep = [i for i, im in enumerate(self.images) if Path(im["name"]).name in labels]
@@ -281,7 +280,7 @@ class TaskRunner:
         gt = [labels[Path(self.images[i]["name"]).name] for i in keep]
 
         def ap(preds: list[Any]) -> dict[str, float]:
-            res = metrics.evaluate(gt, [preds[i] for i in keep])
+            res = scoring.evaluate(gt, [preds[i] for i in keep])
             return {"ap50": res.ap50, "ap50_95": res.ap50_95}
 
         return {"images": len(keep), "boxes": sum(len(g) for g in gt),

@@ -817,7 +817,7 @@ def evaluate_detection(det: Any, enc: Encoder, dec: Decoder, eval_cache: Crossin
     the benchmark's protocol). Rows: "split (uncompressed)", "z unquantised", "z {b} bit" (scalar,
     with estimated bpp when ``train_latents`` are given) and any extra ``quantisers``
     (name → (quantise_fn, decoder level))."""
-    from palettelink.bench.metrics import evaluate
+    from palettelink.scoring import evaluate
 
     _reset_anchors(det)
     dev = _device_of(det)
