@@ -14,12 +14,14 @@ from __future__ import annotations
 import html
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from palettelink import benchfile, codecs
-from palettelink.errors import InvalidRequest, ServiceUnavailable
+from palettelink.errors import ImageTooLarge, InvalidRequest, ResourceExhausted, ServiceUnavailable, TooLarge
 from palettelink.image import decode_image
 from palettelink.ratecontrol import FixedLevel, LevelCoder, TargetBpp
 from server import __version__
@@ -138,14 +140,60 @@ def bench_curves(path: Path | None) -> dict[str, Any]:
 # -- try it ----------------------------------------------------------------------------------------
 
 
+TRY_UPLOADS = 2  # Try-it uploads decoded and coded at once (--max-try-uploads)
+TRY_MAX_PIXELS = 1 << 24  # the pixel budget of one upload (--try-max-pixels): 16.8 M, 4096², 50 MB decoded
+
+
 class TryIt:
     """Codes uploads with the edge encoders of the server's bundles (built once per bundle and codec,
-    one encode at a time each) and answers them through the service."""
+    one encode at a time each) and answers them through the service.
 
-    def __init__(self, service: Service) -> None:
+    An upload is admitted before anything is read or decoded: at most ``max_uploads`` at once (more are
+    refused at once, RESOURCE_EXHAUSTED with a retry hint, like frames over admission control), and
+    only while admission control would take a frame now; then its header's size is checked against
+    ``max_pixels`` (413 beyond, from the header alone) before a pixel is decoded. So a burst of
+    decompression bombs costs neither decodes nor memory."""
+
+    def __init__(self, service: Service, max_uploads: int = TRY_UPLOADS,
+                 max_pixels: int = TRY_MAX_PIXELS) -> None:
         self.service = service
+        self.max_uploads = max(1, int(max_uploads))
+        self.max_pixels = min(int(max_pixels), service.max_pixels)
+        self.in_flight = 0  # uploads admitted and not answered yet
         self._lock = threading.Lock()
         self._encoders: dict[tuple[str, str], tuple[Any, threading.Lock]] = {}
+
+    @contextmanager
+    def admitted(self) -> Iterator[None]:
+        """One upload's turn (held while its body is read, decoded, coded and answered), or
+        :class:`ResourceExhausted` at once naming the limit; the server's admission control is asked
+        too (a probe: each coded frame is admitted again when the service answers it)."""
+        with self._lock:
+            if self.in_flight >= self.max_uploads:
+                refused = True
+            else:
+                refused, self.in_flight = False, self.in_flight + 1
+        if refused:
+            self.service.metrics.refused.labels("try_uploads").inc()
+            ms = self.service.admission.retry_after_ms()
+            raise ResourceExhausted(f"{self.max_uploads} Try-it uploads are being coded already "
+                                    f"(--max-try-uploads); retry after {ms} ms", ms)
+        try:
+            admission = self.service.admission
+            admission.admit()  # refused here (server full or shedding) before any work
+            admission.done()
+            yield
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def decode(self, data: bytes) -> Any:
+        """The upload as RGB, its size checked from the header against the pixel budget first
+        (:class:`TooLarge`, HTTP 413) so that an over-budget image is never decoded."""
+        try:
+            return decode_image(data, "upload", self.max_pixels)
+        except ImageTooLarge as e:
+            raise TooLarge(f"{e} (this server's pixel budget for uploads, --try-max-pixels)") from None
 
     def _encoder(self, bundle: Any, codec: str) -> tuple[Any, threading.Lock]:
         key = (bundle.id, codec)
@@ -191,7 +239,7 @@ class TryIt:
             raise InvalidRequest(f"bundle {lb.bundle.id} serves tasks {lb.tasks}, not {task!r}")
         if not data:
             raise InvalidRequest("empty upload: send the image file as the request body")
-        rgb = decode_image(data, "upload", self.service.max_pixels)
+        rgb = self.decode(data)
         if level is None and target_bpp is None:
             level = self._encoder(lb.bundle, codec)[0].levels()[0]
         result = self._one(lb, task, rgb, codec, level, target_bpp, want_preview)

@@ -48,7 +48,7 @@ from palettelink.fetch import edge_file, edge_listing
 from server import __version__
 from server import api_models as m
 from server.auth import SESSION_TTL_S, TokenAuth
-from server.dashboard import TryIt, bench_curves, render
+from server.dashboard import TRY_MAX_PIXELS, TRY_UPLOADS, TryIt, bench_curves, render
 from server.errors import ErrorCounter, clip, http_error, http_status
 from server.service import PREVIEW_PATH, Service, check_name
 
@@ -258,7 +258,8 @@ def html_page(text: str, status: int = 200, headers: dict[str, str] | None = Non
 
 
 def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: int = 16 << 20,
-               bench_json: Path | None = None, public_metrics: bool = False) -> FastAPI:
+               bench_json: Path | None = None, public_metrics: bool = False,
+               try_uploads: int = TRY_UPLOADS, try_max_pixels: int = TRY_MAX_PIXELS) -> FastAPI:
     """The HTTP app over ``service``. With ``auth`` enabled every route needs a token but the probes
     and the login form, and ``/metrics`` too unless ``public_metrics``."""
     auth = auth or TokenAuth({})
@@ -267,7 +268,7 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
     app.add_middleware(RequireToken, auth=auth, open_paths=frozenset(open_paths),  # type: ignore[arg-type]
                        metrics=service.metrics)
     app.add_middleware(SecurityHeaders)  # type: ignore[arg-type]  # added last: the outermost
-    try_it = TryIt(service)
+    try_it = TryIt(service, max_uploads=try_uploads, max_pixels=try_max_pixels)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     # Swagger UI's own files, served from a package (FastAPI's default page loads them from a CDN).
     # fastapi-offline ships Swagger UI 5, which renders OpenAPI 3.1 (swagger-ui-bundle's 4.15 does not).
@@ -368,12 +369,16 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
         its finest level), decodes it and runs ``task`` (default the bundle's own; the tasks of a bundle
         are in ``/api/info``), and the same at baseline 8 bits as the reference. With ``want_preview``
         each answer names the picture the server rebuilt (``preview_url``, kept in memory a while).
-        Nothing is written to disk; not an image, too many pixels (checked from the header), unknown
-        bundle, task, codec or level: 4xx."""
+        Nothing is written to disk; not an image, unknown bundle, task, codec or level: 400; more pixels
+        than the upload budget (``--try-max-pixels``, read from the header, before any decoding): 413.
+        Admitted first: beyond ``--max-try-uploads`` at once, or while admission control refuses frames,
+        429 at once with ``Retry-After``."""
         for value, what in ((bundle, "bundle name"), (task, "task name"), (codec, "codec name")):
             check_name(value, what)
-        data = await _read_body(request, max_body_bytes)
-        return await run_in_threadpool(try_it.run, data, bundle, task, codec, level, target_bpp, want_preview)
+        with try_it.admitted():
+            data = await _read_body(request, max_body_bytes)
+            return await run_in_threadpool(try_it.run, data, bundle, task, codec, level, target_bpp,
+                                           want_preview)
 
     @app.get("/api/bench", response_model=m.BenchModel)
     def bench() -> dict[str, Any]:
@@ -500,6 +505,7 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
         return Response(FAVICON_SVG, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
 
     app.state.service = service
+    app.state.try_it = try_it
     return app
 
 

@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "default 32; 0 keeps none)")
     p.add_argument("--preview-mb", type=float, default=None, metavar="MB",
                    help="and at most this many MB of them (default 16)")
+    p.add_argument("--max-try-uploads", type=int, default=2, metavar="N",
+                   help="dashboard Try-it uploads decoded and coded at once; more are refused at once with "
+                        "a retry hint (default 2)")
+    p.add_argument("--try-max-pixels", type=int, default=1 << 24, metavar="N",
+                   help="pixel budget of one Try-it upload, checked from the image header before decoding "
+                        "(413 beyond; default 16777216 = 4096²)")
     p.add_argument("--device", default="cpu", help="torch device of the task models (cpu, cuda, cuda:1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: usable CPUs)")
     p.add_argument("--max-batch", type=int, default=8, help="most frames per task batch")
@@ -157,7 +163,8 @@ def _preview_limits(args: argparse.Namespace) -> dict[str, int]:
 
 def _check_limits(args: argparse.Namespace) -> str | None:
     """Why the limit flags do not fit together (None: they do)."""
-    for flag in ("max_streams", "max_streams_per_client", "max_pending_frames", "max_stream_queue"):
+    for flag in ("max_streams", "max_streams_per_client", "max_pending_frames", "max_stream_queue",
+                 "max_try_uploads", "try_max_pixels"):
         if getattr(args, flag) < 1:
             return f"--{flag.replace('_', '-')} must be ≥ 1"
     if min(args.stream_idle_timeout, args.header_timeout) <= 0 or min(args.drain_grace, args.drain_delay) < 0:
@@ -213,7 +220,8 @@ class PaletteLinkServer:
                  auth: TokenAuth | None = None, tls: TLSConfig | None = None, http_tls: bool | None = None,
                  max_message_bytes: int = 16 * MiB, workers: int | None = None,
                  log_level: str = "warning", bench_json: Path | None = None,
-                 public_metrics: bool = False) -> None:
+                 public_metrics: bool = False, try_uploads: int | None = None,
+                 try_max_pixels: int | None = None) -> None:
         """``http_tls``: serve HTTPS with ``tls`` (its ``client_ca`` included: client certificates are
         then required on HTTP as on gRPC); ``None``, the default, follows ``tls``, so an embedded server
         is never less secure on HTTP than on gRPC unless ``http_tls=False`` says so."""
@@ -255,8 +263,10 @@ class PaletteLinkServer:
                         "--tls-cert/--tls-key with --http-tls outside a trusted network")
         self.http_scheme = "https" if https else "http"
         self.http_mtls = bool(https and https.client_ca)
+        try_limits = {k: v for k, v in (("try_uploads", try_uploads), ("try_max_pixels", try_max_pixels))
+                      if v is not None}
         app = create_app(service, auth, max_body_bytes=max_message_bytes, bench_json=bench_json,
-                         public_metrics=public_metrics)
+                         public_metrics=public_metrics, **try_limits)
         config = uvicorn.Config(app, log_level=log_level.lower(), access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=3,
                                 ssl_certfile=str(https.cert) if https else None,
@@ -365,7 +375,8 @@ def _main(argv: list[str] | None) -> int:
                                    http_port=args.http_port, auth=auth, tls=tls, http_tls=args.http_tls,
                                    max_message_bytes=int(args.max_message_mb * MiB), workers=args.workers,
                                    log_level=args.log_level, bench_json=args.bench_json,
-                                   public_metrics=args.public_metrics)
+                                   public_metrics=args.public_metrics, try_uploads=args.max_try_uploads,
+                                   try_max_pixels=args.try_max_pixels)
     except PortInUse as e:
         service.close()
         print(f"{PROG}: {e.strerror}", file=sys.stderr)

@@ -42,7 +42,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 CALL_BUCKETS = LATENCY_BUCKETS + (30.0, 60.0, 300.0, 1800.0)
 
 # The label values known before any event (each series is created at 0 by :meth:`Metrics.init_series`).
-FRAME_REFUSAL_REASONS = ("server_queue", "latency", "unary_calls", "client_throttled")
+FRAME_REFUSAL_REASONS = ("server_queue", "latency", "unary_calls", "try_uploads", "client_throttled")
 STREAM_REFUSAL_REASONS = ("limit", "client_throttled", "workers")
 IDLE_REASONS = ("header", "frame")
 # How a Stream call ended: the edge closed it (ok), the client aborted it (cancelled), a deadline or idle
@@ -119,7 +119,9 @@ class Metrics:
                                       buckets=(0, 1, 2, 4, 8, 16, 32), registry=r)
         self.refused = Counter(p + "frames_refused",
                                "Frames refused with RESOURCE_EXHAUSTED, by reason: server_queue (admission "
-                               "limit), latency (shedding), unary_calls (Analyze calls in flight)",
+                               "limit), latency (shedding), unary_calls (Analyze calls in flight), "
+                               "try_uploads (Try-it uploads in flight), client_throttled (a client resending "
+                               "refused frames before its retry hint)",
                                ["reason"], registry=r)
         self.streams_refused = Counter(p + "streams_refused", "Stream calls refused by the stream limits",
                                        ["reason"], registry=r)

@@ -143,8 +143,9 @@ def test_try_it_target_bpp(http: httpx.Client, images) -> None:  # noqa: ANN001
 @pytest.mark.parametrize(("params", "content", "status", "needle"), [
     ({}, b"definitely not an image", 400, "not an image"),
     ({}, b"", 400, "empty upload"),
-    ({}, png(9000, 9000), 400, "9000x9000"),  # a bomb: more pixels than the server's limit
-    ({}, png(20000, 8), 400, "at most"),  # wider than a frame can carry
+    ({}, png(9000, 9000), 413, "9000x9000"),  # a bomb: more pixels than the server's limit
+    ({}, png(8192, 8192), 413, "--try-max-pixels"),  # within the frame limit, over the upload budget
+    ({}, png(20000, 8), 413, "at most"),  # wider than a frame can carry
     ({}, b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, 400, "not an image"),  # a broken header
     ({"bundle": "nope"}, b"x", 404, "no bundle"),
     ({"codec": "jpeg"}, b"x", 400, "not 'jpeg'"),
@@ -161,6 +162,51 @@ def test_try_it_refuses_bad_input(http: httpx.Client, images, params, content,  
     err = r.json()["error"]
     assert needle in err["message"] and err["status"] and err["code"]
     assert http.get("/healthz").status_code == 200  # the server keeps running
+
+
+def test_try_it_admits_uploads_before_reading_them(live_server, http: httpx.Client, images) -> None:  # noqa: ANN001
+    """--max-try-uploads (2): while two uploads are being sent (their bodies held back), a third is
+    refused at once, 429 with Retry-After and the flag named, without its body being read; then the
+    two finish and the next one is answered."""
+    from server.dashboard import TRY_UPLOADS
+
+    assert TRY_UPLOADS == 2
+    data = images[0].read_bytes()
+    go = threading.Event()
+    answers: list[int] = []
+
+    def slow_body():  # noqa: ANN202
+        yield data[:100]
+        go.wait(60)
+        yield data[100:]
+
+    def upload() -> None:
+        with httpx.Client(base_url=live_server.http_url, timeout=120) as c:
+            answers.append(c.post("/api/try", params={"codec": "baseline", "level": 3},
+                                  content=slow_body()).status_code)
+
+    try_it = live_server.http.config.app.state.try_it
+    threads = [threading.Thread(target=upload) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(600):  # until both hold their turn
+            if try_it.in_flight == 2:
+                break
+            go.wait(0.05)
+        r = http.post("/api/try", content=data)
+        assert r.status_code == 429, r.text
+        err = r.json()["error"]
+        assert err["status"] == "RESOURCE_EXHAUSTED" and "--max-try-uploads" in err["message"]
+        assert int(r.headers["retry-after"]) >= 1 and "retry after" in err["message"]
+    finally:
+        go.set()
+        for t in threads:
+            t.join(120)
+    assert answers == [200, 200]
+    assert http.post("/api/try", params={"codec": "baseline", "level": 3}, content=data).status_code == 200
+    text = http.get("/metrics").text
+    assert re.search(r'palettelink_frames_refused_total\{reason="try_uploads"\} [1-9]', text)
 
 
 def test_try_it_body_limit(http: httpx.Client) -> None:
