@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from palettelink.train.blocks import FiLM, FiLMBlock, Level, LevelConditioned, batch_norm
 from palettelink.train.data import CrossingCache
 
-Level = int | torch.Tensor | None
 QuantiseFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
@@ -133,10 +133,6 @@ class _Standardise(nn.Module):
         return t * self.std + self.mean
 
 
-def _bn(c: int, on: bool) -> nn.Module:
-    return nn.BatchNorm2d(c) if on else nn.Identity()
-
-
 def _resample(x: torch.Tensor, factor: float) -> torch.Tensor:
     return F.interpolate(x, scale_factor=factor, mode="nearest")
 
@@ -168,10 +164,10 @@ class Encoder(nn.Module):
                 branch.append(nn.Conv2d(c, out, 1))
             widths.append(out)
         self.branch = nn.ModuleList(branch)
-        self.branch_norm = nn.ModuleList(_bn(o, cfg.norm) for o in widths)
+        self.branch_norm = nn.ModuleList(batch_norm(o, cfg.norm) for o in widths)
         self.mix = nn.Sequential(
-            nn.SiLU(), nn.Conv2d(sum(widths), w, 3, padding=1), _bn(w, cfg.norm),
-            nn.SiLU(), nn.Conv2d(w, 64, 3, padding=1), _bn(64, cfg.norm),
+            nn.SiLU(), nn.Conv2d(sum(widths), w, 3, padding=1), batch_norm(w, cfg.norm),
+            nn.SiLU(), nn.Conv2d(w, 64, 3, padding=1), batch_norm(64, cfg.norm),
             nn.SiLU(), nn.Conv2d(64, cfg.z_channels, 3, padding=1))
 
     def set_stats(self, stats: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
@@ -189,34 +185,7 @@ class Encoder(nn.Module):
         return self.mix(torch.cat(parts, 1))
 
 
-class _FiLM(nn.Module):
-    """x·(1+γ(e)) + β(e); zero-initialised so a new level starts as the identity."""
-
-    def __init__(self, dim: int, channels: int) -> None:
-        super().__init__()
-        self.lin = nn.Linear(dim, 2 * channels)
-        nn.init.zeros_(self.lin.weight)
-        nn.init.zeros_(self.lin.bias)
-
-    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        g, b = self.lin(e).unsqueeze(-1).unsqueeze(-1).chunk(2, dim=1)
-        return x * (1 + g) + b
-
-
-class _Block(nn.Module):
-    def __init__(self, w: int, dim: int, norm: bool) -> None:
-        super().__init__()
-        self.film = _FiLM(dim, w)
-        self.c1 = nn.Conv2d(w, w, 3, padding=1)
-        self.n1 = _bn(w, norm)
-        self.c2 = nn.Conv2d(w, w, 3, padding=1)
-        self.n2 = _bn(w, norm)
-
-    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        return x + self.n2(self.c2(F.silu(self.n1(self.c1(F.silu(self.film(x, e)))))))
-
-
-class Decoder(nn.Module):
+class Decoder(LevelConditioned):
     """Server side: (z, level) → crossing tensors [t4', t6', t9'] in the front's units.
 
     ``level`` is an int, a 0-d/[B] int64 tensor, or None; None or any negative value selects the
@@ -226,12 +195,11 @@ class Decoder(nn.Module):
     def __init__(self, cfg: BottleneckConfig, n_levels: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.n_levels = int(n_levels if n_levels is not None else cfg.n_levels)
         w, d = cfg.dec_width, cfg.level_dim
-        self.level_emb = nn.Embedding(self.n_levels + 1, d)
-        self.stem = nn.Sequential(nn.Conv2d(cfg.z_channels, w, 3, padding=1), _bn(w, cfg.norm))
-        self.film0 = _FiLM(d, w)
-        self.blocks = nn.ModuleList(_Block(w, d, cfg.norm) for _ in range(cfg.dec_blocks))
+        self.init_levels(n_levels if n_levels is not None else cfg.n_levels, d)
+        self.stem = nn.Sequential(nn.Conv2d(cfg.z_channels, w, 3, padding=1), batch_norm(w, cfg.norm))
+        self.film0 = FiLM(d, w)
+        self.blocks = nn.ModuleList(FiLMBlock(w, d, cfg.norm) for _ in range(cfg.dec_blocks))
         nb = cfg.norm
         heads: list[nn.Module] = []
         for c, s in zip(cfg.in_channels, cfg.in_strides, strict=True):
@@ -239,15 +207,15 @@ class Decoder(nn.Module):
                 k = cfg.z_stride // s
                 # sub-pixel upsampling: the 3×3 conv runs at stride 16, 4× cheaper than after upsampling
                 heads.append(nn.Sequential(nn.Conv2d(w, k * k * 64, 3, padding=1), nn.PixelShuffle(k),
-                                           _bn(64, nb), nn.SiLU(), nn.Conv2d(64, 128, 3, padding=1),
-                                           _bn(128, nb), nn.SiLU(), nn.Conv2d(128, c, 1)))
+                                           batch_norm(64, nb), nn.SiLU(), nn.Conv2d(64, 128, 3, padding=1),
+                                           batch_norm(128, nb), nn.SiLU(), nn.Conv2d(128, c, 1)))
             elif s > cfg.z_stride:
                 k = s // cfg.z_stride
-                heads.append(nn.Sequential(nn.Conv2d(w, w, 2 * k - 1, stride=k, padding=k - 1), _bn(w, nb),
-                                           nn.SiLU(), nn.Conv2d(w, w, 3, padding=1), _bn(w, nb), nn.SiLU(),
-                                           nn.Conv2d(w, c, 1)))
+                heads.append(nn.Sequential(nn.Conv2d(w, w, 2 * k - 1, stride=k, padding=k - 1),
+                                           batch_norm(w, nb), nn.SiLU(), nn.Conv2d(w, w, 3, padding=1),
+                                           batch_norm(w, nb), nn.SiLU(), nn.Conv2d(w, c, 1)))
             else:
-                heads.append(nn.Sequential(nn.Conv2d(w, w, 3, padding=1), _bn(w, nb), nn.SiLU(),
+                heads.append(nn.Sequential(nn.Conv2d(w, w, 3, padding=1), batch_norm(w, nb), nn.SiLU(),
                                            nn.Conv2d(w, c, 1)))
         self.heads = nn.ModuleList(heads)
         self.stats = nn.ModuleList(_Standardise(c) for c in cfg.in_channels)
@@ -255,17 +223,6 @@ class Decoder(nn.Module):
     def set_stats(self, stats: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
         for s, (m, sd) in zip(self.stats, stats, strict=True):
             s.set(m, sd)
-
-    def level_index(self, level: Level, batch: int = 1) -> torch.Tensor:
-        dev = self.level_emb.weight.device
-        if level is None:
-            return torch.full((1,), self.n_levels, dtype=torch.long, device=dev)
-        if isinstance(level, torch.Tensor):  # keep it a graph input when exported to ONNX
-            lv = level.to(torch.long).reshape(-1)
-        else:
-            lv = torch.tensor([int(level)], dtype=torch.long, device=dev)
-        unq = torch.full_like(lv, self.n_levels)
-        return torch.where(lv < 0, unq, torch.clamp(lv, max=self.n_levels - 1))
 
     def forward_normalised(self, z: torch.Tensor, level: Level = None) -> list[torch.Tensor]:
         """Outputs in standardised units (what the feature loss compares)."""
@@ -278,21 +235,6 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor, level: Level = None) -> list[torch.Tensor]:
         return [s.denorm(y) for s, y in zip(self.stats, self.forward_normalised(z, level), strict=True)]
-
-    def resized(self, n_levels: int) -> Decoder:
-        """A copy with ``n_levels`` level rows: shared weights copied, new rows start from the
-        "unquantised" row (the palette stage may pick a level count other than the config's)."""
-        new = Decoder(self.cfg, n_levels).to(self.level_emb.weight.device).train(self.training)
-        sd = {k: v for k, v in self.state_dict().items() if k != "level_emb.weight"}
-        new.load_state_dict(sd, strict=False)
-        with torch.no_grad():
-            old = self.level_emb.weight
-            k = min(self.n_levels, n_levels)
-            new.level_emb.weight[:k] = old[:k]
-            new.level_emb.weight[k:n_levels] = old[self.n_levels]
-            new.level_emb.weight[n_levels] = old[self.n_levels]
-        return new
-
 
 def n_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())

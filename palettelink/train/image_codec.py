@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from palettelink.bundle import atomic_write_folder, write_manifest
-from palettelink.train.bottleneck import Decoder, Level, _FiLM, perturb_latent
+from palettelink.train.blocks import FiLM, Level, LevelConditioned, ResBlock
+from palettelink.train.bottleneck import perturb_latent
 
 ARCH = "image"
 # What an image bundle's codec is "trained for" (the role a detector's sha256 plays for a split
@@ -102,16 +103,6 @@ class IdentityFront:
         return [x]
 
 
-class _Res(nn.Module):
-    def __init__(self, w: int) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(w, w, 3, padding=1)
-        self.c2 = nn.Conv2d(w, w, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.c2(F.silu(self.c1(F.silu(x))))
-
-
 class ImageEncoder(nn.Module):
     """Edge: image [B,3,S,S] in [0, 1] → z [B, C, S/8, S/8]. Three stride-2 convs and a residual
     block at stride 8: ~1 GMAC at 512², cheap next to any task model."""
@@ -123,7 +114,7 @@ class ImageEncoder(nn.Module):
         self.net = nn.Sequential(
             nn.Conv2d(3, a, 5, stride=2, padding=2), nn.SiLU(),
             nn.Conv2d(a, b, 3, stride=2, padding=1), nn.SiLU(),
-            nn.Conv2d(b, c, 3, stride=2, padding=1), _Res(c), nn.SiLU(),
+            nn.Conv2d(b, c, 3, stride=2, padding=1), ResBlock(c), nn.SiLU(),
             nn.Conv2d(c, cfg.z_channels, 3, padding=1))
 
     def forward(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -144,27 +135,24 @@ class _Up(nn.Module):
         return y + self.post(y)
 
 
-class ImageDecoder(nn.Module):
-    """Server (the generator): (z, level) → [x̂ [B,3,S,S] in [0, 1]]. ``level`` as for
-    :class:`palettelink.train.bottleneck.Decoder` (None/negative: unquantised)."""
+class ImageDecoder(LevelConditioned):
+    """Server (the generator): (z, level) → [x̂ [B,3,S,S] in [0, 1]]. ``level`` as for the feature
+    decoder (:class:`palettelink.train.blocks.LevelConditioned`: None/negative is unquantised)."""
 
     def __init__(self, cfg: ImageCodecConfig, n_levels: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.n_levels = int(n_levels if n_levels is not None else cfg.n_levels)
         w, d = cfg.dec_width, cfg.level_dim
-        self.level_emb = nn.Embedding(self.n_levels + 1, d)
+        self.init_levels(n_levels if n_levels is not None else cfg.n_levels, d)
         self.stem = nn.Conv2d(cfg.z_channels, w, 3, padding=1)
-        self.films = nn.ModuleList(_FiLM(d, w) for _ in range(cfg.dec_blocks))
-        self.blocks = nn.ModuleList(_Res(w) for _ in range(cfg.dec_blocks))
+        self.films = nn.ModuleList(FiLM(d, w) for _ in range(cfg.dec_blocks))
+        self.blocks = nn.ModuleList(ResBlock(w) for _ in range(cfg.dec_blocks))
         ups, c = [], w
         for _ in range(int(round(math.log2(cfg.z_stride)))):
             ups.append(_Up(c, max(32, c // 2)))
             c = max(32, c // 2)
         self.ups = nn.ModuleList(ups)
         self.out = nn.Conv2d(c, 3, 3, padding=1)
-
-    level_index = Decoder.level_index  # the same level → embedding row rule as the feature decoder
 
     def forward(self, z: torch.Tensor, level: Level = None) -> list[torch.Tensor]:
         e = self.level_emb(self.level_index(level, z.shape[0]))
@@ -174,17 +162,6 @@ class ImageDecoder(nn.Module):
         for up in self.ups:
             x = up(x)
         return [torch.clamp(self.out(F.silu(x)) + 0.5, 0.0, 1.0)]
-
-    def resized(self, n_levels: int) -> ImageDecoder:
-        """A copy with ``n_levels`` level rows (new rows start from the unquantised row)."""
-        new = ImageDecoder(self.cfg, n_levels).to(self.level_emb.weight.device).train(self.training)
-        new.load_state_dict({k: v for k, v in self.state_dict().items() if k != "level_emb.weight"},
-                            strict=False)
-        with torch.no_grad():
-            old, k = self.level_emb.weight, min(self.n_levels, n_levels)
-            new.level_emb.weight[:k] = old[:k]
-            new.level_emb.weight[k:] = old[self.n_levels]
-        return new
 
 
 def image_loss(x_hat: torch.Tensor, x: torch.Tensor, cfg: ImageCodecConfig) -> torch.Tensor:
