@@ -40,14 +40,7 @@ APART = [("edge.*", "server.*")]
 
 # Known arrows against the plan, each with why it is still there and what ends it. An entry that no
 # longer occurs fails the test too: delete it when its arrow goes.
-KNOWN_UPWARD: dict[tuple[str, str], str] = {
-    ("palettelink.train.curve", "palettelink.bench.metrics"):
-        "frozen while a training run imports train/ (import palettelink.scoring once it has ended)",
-    ("palettelink.train.levels", "palettelink.bench.metrics"):
-        "frozen while a training run imports train/ (import palettelink.scoring once it has ended)",
-    ("palettelink.train.corpus", "palettelink.cli"):
-        "frozen while a training run imports train/ (drop its __main__ block: `palettelink corpus` runs it)",
-}
+KNOWN_UPWARD: dict[tuple[str, str], str] = {}
 
 
 @dataclass(frozen=True)

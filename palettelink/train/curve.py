@@ -35,9 +35,9 @@ def _models(state: dict[str, Any]) -> tuple[Any, Any]:
 def score_snapshots(folder: Path, every: int = 3, bundle: str = "fall-yolov8") -> list[dict[str, Any]]:
     import torch
 
-    from palettelink.bench.metrics import evaluate
     from palettelink.bundle import find_bundle
     from palettelink.models.ultra import SplitDetector
+    from palettelink.scoring import evaluate
     from palettelink.train import data
 
     b = find_bundle(bundle)

@@ -97,8 +97,8 @@ def measure_levels(det: Any, enc: Any, dec: Any, quantise_fn: Any, n_levels: int
     import torch
     from tqdm import tqdm
 
-    from palettelink.bench.metrics import agreement, evaluate
     from palettelink.image import letterbox
+    from palettelink.scoring import agreement, evaluate
 
     refs: list[Any] = []
     preds: dict[str, list[Any]] = {k: [] for k in ["unquantised", "avif_q0", *map(str, range(n_levels))]}
