@@ -180,8 +180,8 @@ class TryIt:
                                     f"(--max-try-uploads); retry after {ms} ms", ms)
         try:
             admission = self.service.admission
-            admission.admit()  # refused here (server full or shedding) before any work
-            admission.done()
+            admission.admit(TRY_CLIENT)  # refused here (server full or shedding) before any work
+            admission.done(client=TRY_CLIENT)
             yield
         finally:
             with self._lock:

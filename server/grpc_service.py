@@ -37,6 +37,8 @@ log = logging.getLogger("palettelink.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PaletteLink"].full_name
 MiB = 1 << 20
 HEADROOM, MIN_HEADROOM = 16, 4  # gRPC workers beyond --max-streams (default, least)
+BACKSTOP = 8  # gRPC's own concurrent-call limit, in workers (WorkerLimit refuses long before)
+STREAM_METHOD = f"{pb.DESCRIPTOR.services_by_name['PaletteLink'].full_name}/Stream"
 
 
 def result_to_proto(r: FrameResult) -> pb.FrameResult:
@@ -178,8 +180,9 @@ class PaletteLinkServicer(pb_grpc.PaletteLinkServicer):
             raise ResourceExhausted(f"{self.max_unary} Analyze calls already in flight; use a Stream "
                                     f"or retry after {ms} ms", ms)
         try:
+            client = self._client(context)
             r = self.service.analyze(request.bundle, request.task, request.payload, request.want_preview,
-                                     client=self._client(context))
+                                     client=client, admission_key=client or _peer_host(context))
         finally:
             self._unary.release()
         return pb.AnalyzeResponse(result=result_to_proto(r))
@@ -233,6 +236,7 @@ class _Idle(PaletteLinkError):
 
 _WAKE = object()
 _END = object()
+MAX_THROTTLE_MS = 10_000  # the longest a refused stream is left unread
 
 
 class _Inbox:
@@ -251,6 +255,8 @@ class _Inbox:
         self._waiting = 0  # admitted frames of this stream not answered yet
         self.last_admitted = False  # whether the request :meth:`get` returned last was admitted
         self.undelivered = False  # the last answer was yielded after the call had ended
+        self._strikes = 0  # refusals in a row (no frame admitted in between)
+        self._hold_until = 0.0  # monotonic time before which the stream is not read (throttled)
         self._thread = threading.Thread(target=self._read, args=(requests,), name="stream-inbox", daemon=True)
         self._thread.start()
 
@@ -258,6 +264,7 @@ class _Inbox:
         try:
             for req in requests:
                 self._admit(req)
+                self._throttle()
         except Exception as e:  # the call was cancelled or broke: the handler re-raises it
             self._q.put(e)
         else:
@@ -281,16 +288,42 @@ class _Inbox:
             if self._closed:
                 return
             try:
-                svc.admission.admit()
+                svc.admission.admit(session.key)
             except ResourceExhausted as e:
+                pause = self._hold(e.retry_after_ms)
+                if pause > e.retry_after_ms:  # the hint says when this stream is read again
+                    e = ResourceExhausted(f"{e}; this stream is throttled for {pause} ms after "
+                                          f"{self._strikes} refusals in a row", pause)
                 session.refused += 1
                 labels = frame_labels(svc, session.bundle, req.frame.payload)
                 self._refused.append(frame_error(req.frame, e, svc.metrics, labels))
                 self._q.put(_WAKE)
                 return
+            self._strikes = 0
             self._waiting += 1
             session.queued = self._waiting
             self._q.put((req, True))
+
+    def _hold(self, hint_ms: int) -> int:
+        """After a refusal: this stream is not read again for the retry hint, doubled for each refusal
+        in a row (up to 10 s, and half the idle timeout). A client that ignores hints is held back by
+        HTTP/2 flow control instead of being answered at once, so its resends cost the server (and the
+        other clients) next to nothing; one that waits as told never notices. Returns the pause (ms)."""
+        if not self.service.throttle_streams:
+            return hint_ms
+        self._strikes += 1
+        cap = min(MAX_THROTTLE_MS, int(self.service.stream_idle_timeout * 500))
+        pause = int(min(cap, max(50, hint_ms) * 2 ** min(self._strikes - 1, 8)))
+        self._hold_until = time.monotonic() + pause / 1e3
+        if self._strikes > 1:
+            self.service.metrics.streams_throttled.inc()
+        return pause
+
+    def _throttle(self) -> None:
+        """Wait out this stream's pause (see :meth:`_hold`) before reading its next request."""
+        with self._lock:
+            while not self._closed and (left := self._hold_until - time.monotonic()) > 0:
+                self._lock.wait(left)
 
     def get(self, timeout: float, idle: str = "header") -> Any:
         """The next request (None at the end, ``_WAKE`` when a refusal is waiting); :class:`_Idle`
@@ -337,7 +370,7 @@ class _Inbox:
                 except queue.Empty:
                     break
                 if isinstance(item, tuple) and item[1]:
-                    self.service.admission.done()
+                    self.service.admission.done(client=self.session.key if self.session else "")
                     self._waiting -= 1
 
 
@@ -376,6 +409,9 @@ def _observed(handler: Any, method: str, metrics: Any) -> Any:
     def done(context: grpc.ServicerContext, t0: float, exc: BaseException | None) -> None:
         metrics.count_call(method, _call_code(context, exc), time.perf_counter() - t0)
 
+    # A WorkerLimit refusal keeps its own pool (other handlers' pools, health's, are not carried over).
+    pool = behavior.experimental_thread_pool if getattr(behavior, "palettelink_refusal", False) else None
+
     if handler.response_streaming:
         def run(request: Any, context: grpc.ServicerContext) -> Any:
             t0, exc = time.perf_counter(), None
@@ -397,7 +433,62 @@ def _observed(handler: Any, method: str, metrics: Any) -> Any:
             finally:
                 done(context, t0, exc)
 
-    return _handler_like(handler, run)
+    return _handler_like(handler, run, pool)
+
+
+class WorkerPool(ThreadPoolExecutor):
+    """The gRPC worker pool, counting the calls it holds (submitted, not finished): what
+    :class:`WorkerLimit` reads."""
+
+    def __init__(self, max_workers: int) -> None:
+        super().__init__(max_workers=max_workers, thread_name_prefix="grpc")
+        self._count = threading.Lock()
+        self.busy = 0
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        def counted(*a: Any, **k: Any) -> Any:
+            try:
+                return fn(*a, **k)
+            finally:
+                with self._count:
+                    self.busy -= 1
+
+        with self._count:
+            self.busy += 1
+        try:
+            return super().submit(counted, *args, **kwargs)
+        except BaseException:
+            with self._count:
+                self.busy -= 1
+            raise
+
+
+class WorkerLimit(grpc.ServerInterceptor):
+    """Refuses a call when all ``--workers`` are busy, like every other refusal: RESOURCE_EXHAUSTED with
+    a ``retry-after-ms`` hint and the flag named (gRPC's own limit, ``maximum_concurrent_rpcs``, says
+    only "Concurrent RPC limit exceeded!"). The refusal runs on a small pool of its own, since the
+    workers are what is missing; a Stream refused so counts as ``streams_refused_total{reason=workers}``."""
+
+    def __init__(self, pool: WorkerPool, workers: int, metrics: Any,
+                 retry_after_ms: Callable[[], int]) -> None:
+        self.pool, self.workers, self.metrics, self.retry_after_ms = pool, workers, metrics, retry_after_ms
+        self.refusals = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grpc-refuse")
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or self.pool.busy < self.workers:
+            return handler
+        ms = max(1000, self.retry_after_ms())
+        if str(details.method).lstrip("/") == STREAM_METHOD:
+            self.metrics.streams_refused.labels("workers").inc()
+        message = (f"all {self.workers} gRPC workers of this server are busy (--workers, default "
+                   f"--max-streams + {HEADROOM}); retry after {ms} ms or use another replica")
+
+        def refuse(request: Any, context: grpc.ServicerContext) -> Any:
+            context.set_trailing_metadata((("retry-after-ms", str(ms)),))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+        return _handler_like(handler, refuse, self.refusals)
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
@@ -432,8 +523,12 @@ def _deny(handler: Any, status: Any) -> Any:
     return _handler_like(handler, abort)
 
 
-def _handler_like(handler: Any, behavior: Callable[..., Any]) -> Any:
-    """A handler of the same shape and serializers as ``handler`` that runs ``behavior``."""
+def _handler_like(handler: Any, behavior: Callable[..., Any], pool: ThreadPoolExecutor | None = None) -> Any:
+    """A handler of the same shape and serializers as ``handler`` that runs ``behavior`` (on ``pool``
+    instead of the workers, when given: gRPC reads the behaviour's ``experimental_thread_pool``)."""
+    if pool is not None:
+        behavior.experimental_thread_pool = pool  # type: ignore[attr-defined]
+        behavior.palettelink_refusal = True  # type: ignore[attr-defined]
     kw = {"request_deserializer": handler.request_deserializer,
           "response_serializer": handler.response_serializer}
     if handler.request_streaming and handler.response_streaming:
@@ -465,8 +560,8 @@ class GrpcServer:
 
     Each open Stream holds a worker thread (from its first byte on, header or not), so the pool is
     sized to ``max_streams`` plus :data:`HEADROOM` for unary calls and health checks; the stream
-    limits (:class:`~server.service.StreamSlots`) refuse streams before the pool is full, so gRPC's
-    own RESOURCE_EXHAUSTED at ``workers`` concurrent calls is never reached by streams alone.
+    limits (:class:`~server.service.StreamSlots`) refuse streams before the pool is full; when other
+    calls fill it, :class:`WorkerLimit` refuses with a retry hint naming ``--workers``.
     Health reports NOT_SERVING until :meth:`set_serving` (after the bundles are loaded).
     """
 
@@ -481,11 +576,15 @@ class GrpcServer:
                              "(unary calls and health checks need free workers)")
         workers = workers or service.max_streams + HEADROOM
         auth = auth or TokenAuth({})
+        self.pool = WorkerPool(workers)
+        self.worker_limit = WorkerLimit(self.pool, workers, service.metrics, service.admission.retry_after_ms)
         self.server = grpc.server(
-            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+            self.pool,
             interceptors=[MetricsInterceptor(service.metrics)]
-            + ([AuthInterceptor(auth, service.metrics)] if auth.enabled else []),
-            maximum_concurrent_rpcs=workers,
+            + ([AuthInterceptor(auth, service.metrics)] if auth.enabled else []) + [self.worker_limit],
+            # WorkerLimit refuses at `workers` with a hint; gRPC's own limit (no hint, no flag named)
+            # is only a backstop for a flood its refusal pool cannot keep up with.
+            maximum_concurrent_rpcs=BACKSTOP * workers,
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
@@ -533,3 +632,4 @@ class GrpcServer:
         """Refuse new calls, let running ones finish for ``grace`` seconds, then cancel them."""
         self.set_serving(False)
         self.server.stop(grace).wait(grace + 1)
+        self.worker_limit.refusals.shutdown(wait=False)

@@ -393,8 +393,9 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
         gRPC ``Analyze``; errors as JSON ``{"error": {code, status, message}}``."""
         client = _client(request)
         payload = await _read_body(request, max_body_bytes)
+        peer = request.client.host if request.client else ""
         result = await run_in_threadpool(service.analyze, bundle, task, payload, want_preview,
-                                         frame_id=frame_id, client=client)
+                                         frame_id=frame_id, client=client, admission_key=client or peer)
         return result.to_dict()
 
     @app.get("/api/bundles", response_model=m.BundlesModel)

@@ -42,8 +42,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 CALL_BUCKETS = LATENCY_BUCKETS + (30.0, 60.0, 300.0, 1800.0)
 
 # The label values known before any event (each series is created at 0 by :meth:`Metrics.init_series`).
-FRAME_REFUSAL_REASONS = ("server_queue", "latency", "unary_calls", "try_uploads", "client_throttled")
-STREAM_REFUSAL_REASONS = ("limit", "client_throttled", "workers")
+FRAME_REFUSAL_REASONS = ("server_queue", "latency", "client_share", "unary_calls", "try_uploads")
+STREAM_REFUSAL_REASONS = ("limit", "workers")
 IDLE_REASONS = ("header", "frame")
 # How a Stream call ended: the edge closed it (ok), the client aborted it (cancelled), a deadline or idle
 # timeout ended it (deadline), a limit or the token check refused it (refused), anything else (error).
@@ -119,12 +119,16 @@ class Metrics:
                                       buckets=(0, 1, 2, 4, 8, 16, 32), registry=r)
         self.refused = Counter(p + "frames_refused",
                                "Frames refused with RESOURCE_EXHAUSTED, by reason: server_queue (admission "
-                               "limit), latency (shedding), unary_calls (Analyze calls in flight), "
-                               "try_uploads (Try-it uploads in flight), client_throttled (a client resending "
-                               "refused frames before its retry hint)",
+                               "limit), latency (shedding), client_share (a client over its fair share "
+                               "of the limit), unary_calls (Analyze calls in flight), "
+                               "try_uploads (Try-it uploads in flight)",
                                ["reason"], registry=r)
-        self.streams_refused = Counter(p + "streams_refused", "Stream calls refused by the stream limits",
+        self.streams_refused = Counter(p + "streams_refused", "Stream calls refused, by reason: limit (--max-"
+                                       "streams, --max-streams-per-client), workers (all --workers busy)",
                                        ["reason"], registry=r)
+        self.streams_throttled = Counter(p + "streams_throttled", "Pauses longer than the retry hint imposed "
+                                         "on a stream refused again and again (its client ignores hints): "
+                                         "it is not read meanwhile", registry=r)
         self.streams_closed = Counter(p + "streams_closed_idle", "Streams closed by the server for idling: "
                                       "no header in time, or no frame within --stream-idle-timeout",
                                       ["reason"], registry=r)

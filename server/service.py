@@ -199,15 +199,30 @@ class StreamSlots:
             self._by_key.pop(key, None)
 
 
+ACTIVE_S = 2.0  # a client that sent a frame this recently counts for the fair share
+
+
+@dataclass
+class _ClientShare:
+    pending: int = 0  # frames of this client admitted and not answered yet
+    seen: float = 0.0  # monotonic time of its last frame
+
+
 class Admission:
     """Admission control: at most ``max_pending`` frames admitted in all (waiting for or in decode and
     task). A frame over the bound is refused at once (RESOURCE_EXHAUSTED with a retry hint) instead of
     queueing: latency stays bounded by roughly ``max_pending`` frame times however many clients push.
     Within one stream at most ``max_per_stream`` frames wait; the transport stops reading that stream
-    meanwhile, so HTTP/2 flow control holds its sender (nothing is refused for that). Thread-safe."""
+    meanwhile, so HTTP/2 flow control holds its sender (nothing is refused for that).
+
+    Fair share: once half the bound is taken, a client (the token's client, else the stream header's
+    client id, else the peer) holds at most ``ceil(max_pending / clients)`` admitted frames, where
+    ``clients`` are those that sent a frame in the last :data:`ACTIVE_S` seconds. A client that pushes
+    without pause (or ignores retry hints) then takes its share, never the others': their frames still
+    find room. A lone client keeps the whole bound. Thread-safe."""
 
     def __init__(self, metrics: Metrics, max_pending: int = 32, max_per_stream: int = 4,
-                 shed_latency_ms: float = 2000.0, floor: int = 8) -> None:
+                 shed_latency_ms: float = 2000.0, floor: int = 8, fair_share: bool = True) -> None:
         self.metrics = metrics
         self.max_pending = max(1, max_pending)
         self.max_per_stream = max(1, max_per_stream)
@@ -215,9 +230,11 @@ class Admission:
         # frames (a full batch) are admitted at a time, whatever max_pending allows.
         self.shed_latency_ms = shed_latency_ms
         self.floor = max(1, min(floor, self.max_pending))
+        self.fair_share = fair_share
         self._lock = threading.Lock()
         self._pending = 0
         self._frame_ms = 100.0  # moving average of admitted frames' server time, for the retry hint
+        self._clients: dict[str, _ClientShare] = {}
 
     @property
     def pending(self) -> int:
@@ -227,37 +244,69 @@ class Admission:
         """About the time the frames admitted now need to clear (at least 50 ms, at most 10 s)."""
         return int(min(10_000, max(50, self._frame_ms * max(1, self._pending) / 4)))
 
-    def admit(self) -> None:
-        """Count one frame in, or refuse it (:class:`ResourceExhausted` with ``retry_after_ms``)."""
+    def _active(self, now: float) -> int:
+        """Clients sending lately (or with frames admitted); the long gone are forgotten."""
+        if len(self._clients) > 64:
+            for key in [k for k, c in self._clients.items() if not c.pending and now - c.seen > ACTIVE_S]:
+                del self._clients[key]
+        return max(1, sum(1 for c in self._clients.values() if c.pending or now - c.seen <= ACTIVE_S))
+
+    def admit(self, client: str = "") -> None:
+        """Count one frame of ``client`` in, or refuse it (:class:`ResourceExhausted` with
+        ``retry_after_ms``); ``""``: a caller with no name (no fair share)."""
         with self._lock:
+            now = time.monotonic()
             n = self._pending
             slow = self.shed_latency_ms > 0 and self._frame_ms > self.shed_latency_ms
-            if n < (self.floor if slow else self.max_pending):
+            c = None
+            if client:
+                c = self._clients.get(client)
+                if c is None:
+                    c = self._clients[client] = _ClientShare()
+                c.seen = now
+            active = self._active(now) if c is not None and self.fair_share else 1
+            share = -(-self.max_pending // active)
+            over_share = c is not None and c.pending >= share and n >= self.max_pending // 2
+            if n < (self.floor if slow else self.max_pending) and not over_share:
                 self._pending += 1
+                if c is not None:
+                    c.pending += 1
                 self.metrics.pending.set(self._pending)
                 return
-        self.metrics.refused.labels("latency" if slow and n < self.max_pending else "server_queue").inc()
+            held = c.pending if c is not None else 0
         ms = self.retry_after_ms()
-        why = (f"recent frames took {self._frame_ms:.0f} ms, over --shed-latency-ms "
-               f"{self.shed_latency_ms:g}, and {n} are already waiting" if slow and n < self.max_pending else
-               f"{n} frames already waiting (limit {self.max_pending}, --max-pending-frames)")
+        if n >= self.max_pending:
+            reason = "server_queue"
+            why = f"{n} frames already waiting (limit {self.max_pending}, --max-pending-frames)"
+        elif slow and n >= self.floor:
+            reason = "latency"
+            why = (f"recent frames took {self._frame_ms:.0f} ms, over --shed-latency-ms "
+                   f"{self.shed_latency_ms:g}, and {n} are already waiting")
+        else:
+            reason = "client_share"
+            why = (f"client {clip(client, 80)!r} already has {held} of the {n} frames waiting: its fair "
+                   f"share of --max-pending-frames {self.max_pending} while {active} clients send")
+        self.metrics.refused.labels(reason).inc()
         raise ResourceExhausted(f"server overloaded, frame refused: {why}; retry after {ms} ms", ms)
 
-    def done(self, seconds: float | None = None) -> None:
+    def done(self, seconds: float | None = None, client: str = "") -> None:
         with self._lock:
             self._pending -= 1
             self.metrics.pending.set(self._pending)
+            c = self._clients.get(client) if client else None
+            if c is not None and c.pending > 0:
+                c.pending -= 1
             if seconds is not None:
                 self._frame_ms = 0.8 * self._frame_ms + 0.2 * seconds * 1e3
 
     @contextmanager
-    def frame(self) -> Iterator[None]:
-        self.admit()
+    def frame(self, client: str = "") -> Iterator[None]:
+        self.admit(client)
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            self.done(time.perf_counter() - t0)
+            self.done(time.perf_counter() - t0, client)
 
 
 HISTORY = 60  # frames of each stream kept for the dashboard's rates and sparklines
@@ -371,6 +420,7 @@ class StreamSession:
     queued: int = 0  # frames received and admitted, not answered yet (set by the transport)
     refused: int = 0
     sid: int = field(default_factory=lambda: next(_stream_ids))  # the dashboard's name for it
+    key: str = ""  # whose stream limits and fair share of admission it counts in (see open_stream)
     # The dashboard's rolling window: (time, bytes, codec, level, server ms) of the last frames, and
     # the newest frame's boxes. Bounded: HISTORY frames, MAX_LAST_BOXES boxes.
     history: deque[tuple[float, int, str, int, float]] = field(default_factory=lambda: deque(maxlen=HISTORY))
@@ -385,7 +435,8 @@ class StreamSession:
         try:
             key, r = self.service.analyze_keyed(self.bundle, self.task, payload, self.want_preview,
                                                 frame_id=frame_id, client=self.client, edge=edge,
-                                                admit=not admitted, preview_owner=self.sid)
+                                                admit=not admitted, preview_owner=self.sid,
+                                                admission_key=self.key)
         except Exception:
             self.errors += 1
             raise
@@ -468,6 +519,8 @@ class Service:
         self.slots = StreamSlots(max_streams, max_streams_per_client)
         self.admission = Admission(self.metrics, max_pending, max_stream_queue, shed_latency_ms,
                                    floor=max(2, max_batch))
+        # A stream refused again and again is left unread a while (grpc_service._Inbox._hold).
+        self.throttle_streams = True
         self._draining = threading.Event()
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -608,26 +661,29 @@ class Service:
 
     def analyze(self, bundle: str, task: str, payload: bytes, want_preview: bool = False, *,
                 frame_id: int = 0, client: str = "", edge: EdgeReport | None = None,
-                admit: bool = True) -> FrameResult:
+                admit: bool = True, admission_key: str | None = None) -> FrameResult:
         """Decode one coded frame and run ``task`` on it (``""`` = the bundle's own task). With
         ``admit`` the frame first passes admission control (refused at once when the server is full);
-        without, the caller admitted it and :meth:`Admission.done` is called here either way."""
+        without, the caller admitted it and :meth:`Admission.done` is called here either way.
+        ``admission_key``: whose fair share the frame counts in (default ``client``)."""
         return self.analyze_keyed(bundle, task, payload, want_preview, frame_id=frame_id, client=client,
-                                  edge=edge, admit=admit)[1]
+                                  edge=edge, admit=admit, admission_key=admission_key)[1]
 
     def analyze_keyed(self, bundle: str, task: str, payload: bytes, want_preview: bool = False, *,
                       frame_id: int = 0, client: str = "", edge: EdgeReport | None = None,
-                      admit: bool = True, preview_owner: Hashable | None = None) -> tuple[int, FrameResult]:
+                      admit: bool = True, preview_owner: Hashable | None = None,
+                      admission_key: str | None = None) -> tuple[int, FrameResult]:
         """:meth:`analyze`, also returning the frame's key in the recent-frames list (which names its
         stored preview, if any). ``preview_owner``: the stream whose newest picture this is."""
+        who = client if admission_key is None else admission_key
         if admit:
-            self.admission.admit()
+            self.admission.admit(who)
         t0 = time.perf_counter()
         try:
             return self._analyze(bundle, task, payload, want_preview, frame_id, client, edge, t0,
                                  preview_owner)
         finally:
-            self.admission.done(time.perf_counter() - t0)
+            self.admission.done(time.perf_counter() - t0, who)
 
     def _analyze(self, bundle: str, task: str, payload: bytes, want_preview: bool, frame_id: int,
                  client: str, edge: EdgeReport | None, t0: float,
@@ -712,6 +768,7 @@ class Service:
         task, _ = self._batcher(lb, task)
         session = StreamSession(self, lb.bundle.id, task, client, want_preview)
         key = clip(limit_key or client, 2 * MAX_NAME + 1)
+        session.key = key
         own = slot is None
         try:
             if own:
