@@ -114,6 +114,8 @@ class FrameSummaryModel(_Open):
     level: int | None = None
     bpp: float | None = None
     truncated: bool | None = None
+    novelty: float | None = None
+    fallback: str | None = None
     image: list[int] | None = None
     boxes: int | None = None
     masks: int | None = None
@@ -248,6 +250,8 @@ class AnalyzeModel(_Open):
     output: TaskOutputModel
     timings: TimingsModel
     batch_size: int = 1
+    novelty: float = 0.0
+    fallback: str = ""
 
 
 class BundleRefModel(_Open):

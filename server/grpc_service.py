@@ -55,7 +55,7 @@ def result_to_proto(r: FrameResult) -> pb.FrameResult:
         timings=pb.Timings(decode_ms=r.timings.decode_ms, task_ms=r.timings.task_ms,
                            queue_ms=r.timings.queue_ms, total_ms=r.timings.total_ms),
         payload_bytes=r.payload_bytes, bpp=r.bpp, codec=r.codec, level=r.level, truncated=r.truncated,
-        image_width=r.image_width, image_height=r.image_height,
+        image_width=r.image_width, image_height=r.image_height, novelty=r.novelty, fallback=r.fallback,
     )
 
 
@@ -162,7 +162,8 @@ class PaletteLinkServicer(pb_grpc.PaletteLinkServicer):
             if item.WhichOneof("msg") != "frame":  # (not admitted: only frames are counted)
                 raise InvalidRequest("a Stream carries one StreamHeader, then only Frames")
             f = item.frame
-            edge = EdgeReport(f.edge_front_ms, f.edge_encode_ms, f.capture_time_us)
+            edge = EdgeReport(f.edge_front_ms, f.edge_encode_ms, f.capture_time_us, f.edge_novelty,
+                              f.edge_fallback)
             try:
                 res = result_to_proto(session.analyze(f.frame_id, f.payload, edge, admitted=admitted))
             except Exception as e:  # this frame fails; the stream goes on

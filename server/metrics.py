@@ -37,6 +37,7 @@ from server import __version__
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BPP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+NOVELTY_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 # gRPC calls: unary ones take milliseconds, a Stream lasts as long as its client streams.
 CALL_BUCKETS = LATENCY_BUCKETS + (30.0, 60.0, 300.0, 1800.0)
@@ -109,6 +110,12 @@ class Metrics:
                                      ["bundle"], buckets=LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram(p + "capture_to_result_seconds", "Capture (edge clock) to result (server clock)",
                              ["bundle"], buckets=LATENCY_BUCKETS, registry=r)
+        self.novelty = Histogram(
+            p + "frame_novelty", "The edge's novelty of each frame: mean squared distance of its latent to "
+            "the nearest palette entries (above the bundle's calibrated threshold the frame lies outside "
+            "what the codec learned)", ["bundle"], buckets=NOVELTY_BUCKETS, registry=r)
+        self.fallbacks = Counter(p + "frames_fallback", "Frames the edge sent at a finer level (or flagged) "
+                                 "because they were novel", ["bundle"], registry=r)
         self.batch = Histogram(p + "batch_size", "Frames per task batch", ["bundle", "task"],
                                buckets=BATCH_BUCKETS, registry=r)
         self.active_streams = Gauge(p + "active_streams", "Open Stream calls", registry=r)
@@ -187,7 +194,7 @@ class Metrics:
             for task in info.get("tasks") or []:
                 for h in (self.task, self.queue, self.total, self.batch):
                     h.labels(bid, task)
-            for h in (self.edge_front, self.edge_encode, self.e2e):
+            for h in (self.edge_front, self.edge_encode, self.e2e, self.novelty, self.fallbacks):
                 h.labels(bid)
         for method in methods or []:
             self.grpc_seconds.labels(method)

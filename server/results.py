@@ -71,6 +71,8 @@ class FrameResult:
     output: TaskOutput
     timings: Timings
     batch_size: int = 1
+    novelty: float = 0.0  # the edge's novelty for this frame (0 = not measured)
+    fallback: str = ""  # what the edge's rate control did about a novel frame
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -55,11 +55,14 @@ def check_name(value: str, what: str, limit: int = MAX_NAME) -> str:
 
 @dataclass(frozen=True)
 class EdgeReport:
-    """Edge-side timings a client sends along with a frame (echoed into metrics only)."""
+    """What a client says about a frame: its timings (echoed into metrics) and the codec's novelty
+    and fallback for it (echoed into the result, the dashboard and metrics)."""
 
     front_ms: float = 0.0
     encode_ms: float = 0.0
     capture_time_us: int = 0
+    novelty: float = 0.0  # 0 = not measured
+    fallback: str = ""
 
 
 @dataclass(frozen=True)
@@ -724,6 +727,8 @@ class Service:
             frame_id=frame_id, bundle=bid, task=task, codec=decoded.codec, level=decoded.level,
             payload_bytes=decoded.n_bytes, bpp=bpp, truncated=decoded.truncated, image_width=w,
             image_height=h, output=br.output, batch_size=br.batch_size,
+            novelty=edge.novelty if edge is not None else 0.0,
+            fallback=clip(edge.fallback, 300) if edge is not None else "",
             timings=Timings(decode_ms=(t1 - t0) * 1e3, task_ms=br.task_ms, queue_ms=br.queue_ms,
                             total_ms=total_ms),
         )
@@ -741,11 +746,17 @@ class Service:
                 lag = time.time() - edge.capture_time_us / 1e6
                 if 0 <= lag < 3600:  # clocks of edge and server disagree otherwise; do not record junk
                     m.e2e.labels(bid).observe(lag)
+            if edge.novelty > 0:
+                m.novelty.labels(bid).observe(edge.novelty)
+            if edge.fallback:
+                m.fallbacks.labels(bid).inc()
         # Only a picture somebody asked for is kept: the sender set want_preview, or ran the task
         # whose one result is the picture. Another task's runner may rebuild x̂ without it.
         if (want_preview or task == "preview") and br.output.preview_jpeg:
             self.previews.put(key, br.output.preview_jpeg, preview_owner)
         summary.update(codec=decoded.codec, level=decoded.level, bpp=bpp, truncated=decoded.truncated,
+                       novelty=round(result.novelty, 6) if result.novelty else None,
+                       fallback=result.fallback or None,
                        image=[w, h], boxes=len(br.output.boxes), masks=len(br.output.masks),
                        landmarks=len(br.output.landmarks), batch=br.batch_size,
                        detections=[[b.class_name, round(b.score, 3)] for b in br.output.boxes[:8]],

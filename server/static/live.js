@@ -20,13 +20,16 @@ const status = f => f.error
 // What else the task found besides boxes (masks, landmark sets), after the detections.
 const extras = f => [f.masks ? `${f.masks} mask(s)` : "", f.landmarks ? `${f.landmarks} landmark set(s)` : ""]
   .filter(Boolean).map(esc);
+// The edge's novelty for the frame, and a badge when its rate control fell back for it.
+const novelty = f => (f.novelty != null ? `<br><span class="muted novelty">novelty ${num(f.novelty, 3)}</span>` : "")
+  + (f.fallback ? ` <span class="err fallback" title="${esc(f.fallback)}">fallback</span>` : "");
 // A frame whose picture the server still keeps links it (a new tab shows the JPEG).
 const picture = f => f.preview_url
   ? ` · <a class="preview-link" href="${esc(f.preview_url)}" target="_blank">picture</a>` : "";
 const frameRow = f => row([
   td(clock(f.time)), td(esc(f.client)), td(esc(f.frame_id)),
   td(`${esc(f.bundle)}<br><span class="muted">${esc(f.task)}</span>`),
-  td(f.codec ? `${esc(f.codec)}/${esc(f.level)}${f.truncated ? " (cut)" : ""}` : ""),
+  td(f.codec ? `${esc(f.codec)}/${esc(f.level)}${f.truncated ? " (cut)" : ""}${novelty(f)}` : ""),
   td(f.bytes, "n"), td(num(f.bpp, 3), "n"), td(f.boxes ?? "", "n"),
   td([...(f.detections || []).map(d => `${esc(d[0])} ${num(d[1], 2)}`), ...extras(f)].join(", ")),
   td(num(f.timings?.decode_ms), "n"), td(num(f.timings?.queue_ms), "n"),
