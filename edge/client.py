@@ -95,10 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, default=None, metavar="DIR",
                    help="fetched bundles (default: $XDG_CACHE_HOME/palettelink/bundles or "
                         "~/.cache/palettelink/bundles)")
-    p.add_argument("--codec", default=None, help="baseline or palette (default: the bundle's best)")
+    p.add_argument("--codec", default=None,
+                   help="a codec the bundle offers, e.g. palette, baseline, avif (`palettelink info` lists "
+                        "them and their levels; default: the bundle's best)")
     rate = p.add_mutually_exclusive_group()
     rate.add_argument("--bits", type=int, default=None, help="baseline: bits per value (2..8)")
-    rate.add_argument("--level", type=int, default=None, help="codec level (palette: diffusion step)")
+    rate.add_argument("--level", type=int, default=None,
+                      help="codec level (palette: diffusion step; avif: 0 = q75 … 9 = q0 at 1/4 size)")
     rate.add_argument("--target-bpp", type=float, default=None, metavar="BPP",
                       help="per frame, the finest level within BPP bits per pixel")
     rate.add_argument("--target-bytes", type=int, default=None, metavar="N",

@@ -18,7 +18,8 @@ there is any crash or hang.
 In-process, a mutated frame that parses to a container already decoded (e.g. two cuts inside the same
 layer of a progressive frame) reuses that outcome: the decode after parsing depends on the parsed frame
 only. ``--skip-network`` (for quick runs) also stops the palette decoder before its decoder network,
-which sees index maps the codec already validated, never client bytes.
+which sees index maps the codec already validated, never client bytes, and the avif decoder once the
+picture is decoded, before the bundle's front (which sees a checked picture of the frame's size).
 """
 
 from __future__ import annotations
@@ -358,6 +359,19 @@ class InProcess:
                     return Decoded([], "palette", r.sent_level, frame.image_size, n_bytes, frame.truncated)
 
             overrides["palette"] = NoNetwork()
+        if skip_network and "avif" in _available(bundle):
+            from palettelink.codecs import Decoded, spec
+
+            avif = spec("avif").decoder(bundle)
+
+            class NoFront:
+                codec = "avif"
+
+                def decode_frame(self, frame: bitstream.Frame, n_bytes: int) -> Decoded:
+                    avif.picture(frame)  # type: ignore[attr-defined]
+                    return Decoded([], "avif", frame.param, frame.image_size, n_bytes)
+
+            overrides["avif"] = NoFront()
         self.decoder = Decoder(bundle, overrides)
         self.cache: dict[bitstream.Frame, str] | None = {} if cache else None
         self.cached = 0
@@ -517,8 +531,9 @@ def fuzz(target: Callable[[bytes], str], mutator: Mutator, cases: int, time_limi
 
 def seed_frames(bundle: Any, codecs: list[str] | None = None, big: bool = True) -> list[Seed]:
     """bus.jpg and zidane.jpg through every codec of ``bundle``: its coarsest, a middle and the finest
-    level for the progressive palette codec (1..L layers), 2 and 8 bits for the baseline (``big=False``:
-    2 bits only, 160 KB frames instead of 1 MB, for quick runs)."""
+    level for the progressive palette codec (1..L layers); levels 2 and 8 of the others: 2 and 8 bits
+    for the baseline (``big=False``: 2 bits only, 160 KB frames instead of 1 MB, for quick runs), AVIF
+    q30 and q20 of the picture at a quarter size (``big=False``: q30 only)."""
     from palettelink.codecs import make_encoder, spec
     from palettelink.image import load_image
     from palettelink.samples import sample_images
@@ -548,7 +563,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", default=None, help="bearer token for --server")
     p.add_argument("--time-limit", type=float, default=10.0, help="seconds a case may take (default 10)")
     p.add_argument("--skip-network", action="store_true",
-                   help="in-process: stop the palette decoder before its decoder network (faster)")
+                   help="in-process: stop the palette decoder before its decoder network and the "
+                        "avif decoder before the bundle's front (faster)")
     p.add_argument("--no-cache", action="store_true", help="in-process: decode every case, even repeats")
     p.add_argument("--no-every-byte", action="store_true", help="skip the cut at every byte of each frame")
     p.add_argument("--save", type=Path, default=None, help="write the payload of every crash/hang here")

@@ -54,14 +54,22 @@ def letterbox_info(width: int, height: int, size: int) -> Letterbox:
     return Letterbox(scale, (size - nw) // 2, (size - nh) // 2, width, height)
 
 
-def letterbox(rgb: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
-    """``rgb`` uint8 HxWx3 → float32 1x3xSxS in [0, 1] and the mapping back."""
+def letterbox(rgb: np.ndarray, size: int, image_size: tuple[int, int] | None = None
+              ) -> tuple[np.ndarray, Letterbox]:
+    """``rgb`` uint8 HxWx3 → float32 1x3xSxS in [0, 1] and the mapping back.
+
+    ``image_size``: the (W, H) of the original when ``rgb`` is a smaller copy of it (a picture coded
+    downscaled): the letterbox is the original's, the copy resized straight into its place (bicubic
+    where it is enlarged)."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise InvalidRequest(f"expected an HxWx3 uint8 RGB image, got {rgb.dtype} {rgb.shape}")
     h, w = rgb.shape[:2]
-    info = letterbox_info(w, h, size)
-    nw, nh = round(w * info.scale), round(h * info.scale)
-    resized = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_LINEAR) if (nw, nh) != (w, h) else rgb
+    ow, oh = (w, h) if image_size is None else image_size
+    info = letterbox_info(ow, oh, size)
+    nw, nh = round(ow * info.scale), round(oh * info.scale)
+    enlarged_copy = (ow, oh) != (w, h) and (nw > w or nh > h)
+    how = cv2.INTER_CUBIC if enlarged_copy else cv2.INTER_LINEAR
+    resized = cv2.resize(rgb, (nw, nh), interpolation=how) if (nw, nh) != (w, h) else rgb
     canvas = np.full((size, size, 3), 114, dtype=np.uint8)
     canvas[info.pad_y : info.pad_y + nh, info.pad_x : info.pad_x + nw] = resized
     x = canvas.transpose(2, 0, 1)[None].astype(np.float32) / 255.0

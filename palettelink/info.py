@@ -38,11 +38,13 @@ def codec_levels(bundle: Bundle, codec: str) -> list[dict[str, Any]]:
     """Levels of ``codec`` from the manifest: ``{"level": t}`` plus ``palette_size``, ``mean_bits``,
     ``mean_bpp`` where recorded, either inside the level entries or as lists/maps beside them
     (``level_sizes``, ``mean_bits``, ``mean_bpp``). In the manifest's order; where it records none,
-    the codec's own levels in ascending order."""
+    the codec's own levels in ascending order. A codec whose levels have names (avif: ``q30``,
+    ``q0/4``) gives each its ``label``."""
+    spec = codecs.spec(codec)
     meta = bundle.codecs.get(codec, {})
     levels = meta.get("levels")
     if levels is None:
-        levels = sorted(codecs.spec(codec).levels(bundle))
+        levels = sorted(spec.levels(bundle))
     out = []
     for i, lv in enumerate(levels or []):
         d = dict(lv) if isinstance(lv, dict) else {"level": int(lv)}
@@ -50,6 +52,8 @@ def codec_levels(bundle: Bundle, codec: str) -> list[dict[str, Any]]:
             v = _per_level(meta.get(key), int(d["level"]), i)
             if name not in d and v is not None:
                 d[name] = v
+        if callable(spec.label):
+            d.setdefault("label", spec.level_label(int(d["level"])))
         out.append(d)
     return out
 
@@ -88,7 +92,7 @@ def load_either_side(path: Path, verify: bool = True) -> Bundle:
 
 
 def _level_text(lv: dict[str, Any]) -> str:
-    extra = []
+    extra = [str(lv["label"])] if lv.get("label") else []
     if lv.get("palette_size"):
         extra.append(f"K={lv['palette_size']}")
     if lv.get("mean_bits") is not None:

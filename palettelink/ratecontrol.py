@@ -2,11 +2,12 @@
 
 Controllers (fixed level, target bytes/bpp, a kbps/fps leaky bucket) choose from the coded size of
 every level; :class:`LevelCoder` gets those sizes as the codec's registry spec allows. A codec with
-``exact_sizes`` (both today: the palette cuts one progressive encode, the baseline codes each bit
-depth from one front run) is analysed once, sized, and cut at the chosen level; any other codec has
-every level coded from one analysis and the fitting one sent. Control is exact, not a model of the
-rate. Controllers look at sizes only, so what a level number means (palette: 0 is finest; baseline:
-bits, more is finer) does not matter to them.
+``exact_sizes`` (all today: the palette cuts one progressive encode, the baseline codes each bit
+depth from one front run, the avif codec codes the picture at each level) is analysed once, sized,
+and cut at the chosen level; any other codec has every level coded from one analysis and the
+fitting one sent. Control is exact, not a model of the rate. Controllers look at sizes only, so
+what a level number means (palette: 0 is finest; baseline: bits, more is finer) does not matter to
+them.
 
 A budget below the coarsest level is not an error: the coarsest level is sent and the choice carries
 a warning (a camera must keep streaming; the operator sees the warning and the over-budget bytes).

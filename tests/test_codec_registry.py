@@ -27,6 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DISPATCHERS = ["palettelink/codecs/__init__.py", "palettelink/bitstream.py", "palettelink/ratecontrol.py",
                "edge/ratecontrol.py", "edge/client.py", "palettelink/bench/methods.py", "palettelink/info.py",
                "server/service.py", "server/grpc_service.py"]
+# Strings that look like a codec's name but are not a dispatch on it. The bench's Pillow anchor is
+# named "avif" like the AVIF codec (issue 16): until anchors and codecs get names of their own,
+# `palettelink bench --codec avif` runs the anchor; bench-tasks runs the codec as "avif-codec".
+NOT_A_CODEC = {"palettelink/bench/methods.py": ['@register("avif")', 'features.check("avif")']}
 
 
 def test_names_and_wire_ids_are_unique_and_on_the_wire() -> None:
@@ -39,13 +43,15 @@ def test_names_and_wire_ids_are_unique_and_on_the_wire() -> None:
 
 
 def test_the_wire_ids_of_committed_streams_never_change() -> None:
-    assert {s.name: s.wire_id for s in codecs.specs()} == {"baseline": 1, "palette": 2}
+    assert {s.name: s.wire_id for s in codecs.specs()} == {"baseline": 1, "palette": 2, "avif": 3}
 
 
 def test_no_dispatcher_names_a_codec() -> None:
     names = "|".join(re.escape(s.name) for s in codecs.specs())
     for rel in DISPATCHERS:
         text = (ROOT / rel).read_text()
+        for known in NOT_A_CODEC.get(rel, []):
+            text = text.replace(known, "")
         assert not re.search(rf"[\"']({names})[\"']", text), f"{rel} names a codec; ask the registry"
 
 

@@ -98,7 +98,7 @@ class FeatureDecoder(Protocol):
     def decode_frame(self, frame: bitstream.Frame, n_bytes: int) -> Decoded: ...
 
 
-Cut = Literal["crossing", "latent"]
+Cut = Literal["crossing", "latent", "picture"]
 
 
 @dataclass(frozen=True)
@@ -107,17 +107,18 @@ class CodecSpec:
 
     ``wire_id`` is the container's codec byte: never renumber one (committed streams must decode).
     ``param`` names a level on the command line (``bits`` or ``level``); ``label`` formats one for
-    tables. ``progressive``: a prefix of a stream decodes to a coarser level. ``exact_sizes``:
-    ``level_sizes(analysis)`` gives the exact payload size of every level, so rate control sizes
-    first and codes once. ``cut``: what is coded, the split's crossing tensors or a learned latent.
-    ``levels(bundle)`` reads the manifest only (no ONNX session), finest first. ``preference``: the
-    lowest offered one is a bundle's default codec.
+    tables (a format string taking the level, or a function of it). ``progressive``: a prefix of a
+    stream decodes to a coarser level. ``exact_sizes``: ``level_sizes(analysis)`` gives the exact
+    payload size of every level, so rate control sizes first and codes once. ``cut``: what is coded,
+    the split's crossing tensors, a learned latent, or the picture itself (the server runs the front
+    on what it decodes). ``levels(bundle)`` reads the manifest only (no ONNX session), finest first.
+    ``preference``: the lowest offered one is a bundle's default codec.
     """
 
     name: str
     wire_id: int
     param: str
-    label: str  # format with one level, e.g. "{}b", "L{}"
+    label: str | Callable[[int], str]  # format with one level, e.g. "{}b", "L{}"; or a function
     progressive: bool
     exact_sizes: bool
     cut: Cut
@@ -128,7 +129,7 @@ class CodecSpec:
     preference: int = 100
 
     def level_label(self, level: int) -> str:
-        return self.label.format(level)
+        return self.label(level) if callable(self.label) else self.label.format(level)
 
 
 _REGISTRY: dict[str, CodecSpec] = {}
