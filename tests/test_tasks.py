@@ -219,8 +219,9 @@ def test_bench_tasks_scores_every_task_per_level_beside_jpeg(image_bundles_root,
     from palettelink import cli
 
     out = tmp_path / "bench"
-    assert cli.main(["bench-tasks", "--bundles", str(image_bundles_root), "--levels", "0,7",
-                     "--anchors", "jpeg", "--qualities", "50", "--out", str(out), "--no-progress"]) == 0
+    assert cli.main(["bench-tasks", "--bundles", str(image_bundles_root), "--codecs", "palette",
+                     "--levels", "0,7", "--anchors", "jpeg", "--qualities", "50", "--out", str(out),
+                     "--no-progress"]) == 0
     report = json.loads((out / "bench-tasks.json").read_text())
     rows = {(r["method"], r["label"]): r for r in report["rows"]}
     assert set(rows) == {("palette", "L0"), ("palette", "L7"), ("jpeg", "q50")}
@@ -244,9 +245,9 @@ def test_bench_tasks_scores_detection_against_coco_labels(image_bundles_root, im
     labels = tmp_path / "labels.json"
     labels.write_text(json.dumps(coco))
     out = tmp_path / "bench"
-    assert cli.main(["bench-tasks", "--bundles", str(image_bundles_root), "--tasks", "detect",
-                     "--levels", "0", "--anchors", "jpeg", "--qualities", "50", "--images", str(images[0]),
-                     "--coco", str(labels), "--out", str(out), "--no-progress"]) == 0
+    assert cli.main(["bench-tasks", "--bundles", str(image_bundles_root), "--tasks", "detect", "--codecs",
+                     "palette", "--levels", "0", "--anchors", "jpeg", "--qualities", "50", "--images",
+                     str(images[0]), "--coco", str(labels), "--out", str(out), "--no-progress"]) == 0
     lab = json.loads((out / "bench-tasks.json").read_text())["labels"]
     assert lab["images"] == 1 and lab["boxes"] == 3
     assert lab["uncompressed"]["ap50"] > 0.5  # the real model on the real labels

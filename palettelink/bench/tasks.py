@@ -1,8 +1,19 @@
-"""``palettelink bench-tasks``: every task of an image bundle, per palette level, beside JPEG/WebP/AVIF.
+"""``palettelink bench-tasks``: every task of an image bundle, per level of each of its codecs, beside
+JPEG/WebP/AVIF.
 
 The reference is each task model on the uncompressed original (DESIGN §5: agreement with the
 uncompressed pipeline, no labels needed); each row runs the same model on what a codec rebuilt
-(the image codec's x̂ at each level, or the decoded JPEG/WebP/AVIF) and scores:
+and scores it. Two kinds of rows:
+
+- the bundle's codecs (``--codecs``, default palette and avif) through the product's own path: the
+  edge encoder, the frame's bytes, the server's decoder (palette: the image codec's x̂; avif: the
+  picture decoded and letterboxed as the server does), the picture cut out of the letterbox at the
+  original size; the AVIF codec's rows are named ``avif-codec``, ``avif`` being the anchor's;
+- anchors (``--anchors``): the original picture through Pillow's JPEG/WebP/AVIF, and the honest
+  low-rate anchors below the formats' lowest quality, AVIF and JPEG of the picture downscaled by 2
+  and 4 then enlarged back (``avif-down2`` … ``jpeg-down4``, :mod:`palettelink.bench.methods`).
+
+Scores:
 
 - detect: box AP50 and AP50:95 against the reference boxes (score ≥ 0.3, what the server reports),
   predictions ranked down to score 0.05 (:mod:`palettelink.scoring`);
@@ -30,8 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from palettelink import __version__, scoring
-from palettelink.bench.methods import Context, Item, Method, make_method
+from palettelink import __version__, codecs, scoring
+from palettelink.bench.methods import CodecMethod, Context, Item, Method, make_method
 from palettelink.bundle import Bundle, find_bundle
 from palettelink.errors import InvalidRequest
 from palettelink.front import Front
@@ -40,6 +51,8 @@ from palettelink.models import family_of, task_model
 from palettelink.models.image import rebuilt_image
 
 TASKS = ("detect", "segment", "landmarks", "pose")
+CODECS = ("palette", "avif")  # the codecs compared by default (those the bundle offers)
+ANCHORS = ("jpeg", "webp", "avif", "avif-down2", "avif-down4", "jpeg-down2", "jpeg-down4")
 # mediapipe face mesh: outer eye corners (the inter-ocular distance of NME)
 EYE_CORNERS = (33, 263)
 COCO_SIGMAS = np.array([.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89,
@@ -318,7 +331,8 @@ def best_points(rows: list[dict[str, Any]], tasks: Sequence[str], frac: float = 
 
 
 def format_table(rows: list[dict[str, Any]], tasks: Sequence[str]) -> str:
-    head = f"{'method':<8} {'point':>6} {'bpp':>7} {'PSNR':>6} {'MS-SSIM':>7}"
+    mw = max([8, *(len(r["method"]) for r in rows)])
+    head = f"{'method':<{mw}} {'point':>6} {'bpp':>7} {'PSNR':>6} {'MS-SSIM':>7}"
     cols = {"detect": ("ap50", "AP50"), "segment": ("iou", "mIoU"), "landmarks": ("nme", "NME"),
             "pose": ("oks", "OKS")}
     for t in tasks:
@@ -329,7 +343,7 @@ def format_table(rows: list[dict[str, Any]], tasks: Sequence[str]) -> str:
         head += f" {'lm@.05':>7}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        line = f"{r['method']:<8} {r['label']:>6} {r['bpp']:7.3f} {r['psnr']:6.2f} {r['msssim']:7.4f}"
+        line = f"{r['method']:<{mw}} {r['label']:>6} {r['bpp']:7.3f} {r['psnr']:6.2f} {r['msssim']:7.4f}"
         for t in tasks:
             line += f" {r[t][cols[t][0]]:7.3f}"
         if "detect" in tasks:
@@ -369,9 +383,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", default="vision-image", help="an image bundle (build-bundle --image)")
     p.add_argument("--bundles", help="bundles root (default $PALETTELINK_BUNDLES or ./bundles)")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
+    p.add_argument("--codecs", default=None,
+                   help=f"the bundle's codecs, through the product's path (default {','.join(CODECS)}: "
+                        "those the bundle offers)")
     p.add_argument("--levels", default=None, help="palette levels (default all)")
-    p.add_argument("--anchors", default="jpeg,webp,avif")
-    p.add_argument("--qualities", default=None, help="anchor qualities (default each codec's ladder)")
+    p.add_argument("--avif-levels", default=None,
+                   help="avif codec levels (default all: 0-5 = q75..q0, 6-9 = the picture at 1/2, 1/4)")
+    p.add_argument("--anchors", default=",".join(ANCHORS),
+                   help=f"Pillow anchors on the original picture (default {','.join(ANCHORS)})")
+    p.add_argument("--qualities", default=None, help="anchor qualities (default each anchor's ladder)")
     p.add_argument("--eval-set", action="store_true", help="the held-out evaluation set (train/data.py)")
     p.add_argument("--images", nargs="*", default=[], help="image files/folders/videos")
     p.add_argument("--max-images", type=int, default=None)
@@ -411,6 +431,26 @@ def _images(args: argparse.Namespace) -> list[tuple[str, np.ndarray]]:
     return out
 
 
+def codec_methods(ctx: Context, names: Sequence[str] | None) -> list[Method]:
+    """The bundle's codecs as bench methods (edge encoder → bytes → server decoder). ``None``: those
+    of :data:`CODECS` the bundle offers. A codec whose name a bench anchor has taken (``avif``, the
+    Pillow anchor) is run as ``<name>-codec``."""
+    offered = codecs.available(ctx.bundle)
+    if names is None:
+        names = [c for c in CODECS if c in offered]
+    out: list[Method] = []
+    for name in names:
+        if name not in offered:
+            raise InvalidRequest(f"bundle {ctx.bundle.id} has no {name!r} codec; it has {offered}")
+        m = make_method(name, ctx)
+        if m.kind != "features":
+            codec = CodecMethod(ctx, name)
+            codec.name = f"{name}-codec"
+            m = codec
+        out.append(m)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -423,14 +463,23 @@ def run(args: argparse.Namespace) -> int:
     bad = [t for t in tasks if t not in ADAPTERS]
     if bad:
         raise InvalidRequest(f"unknown task(s) {bad}; known: {list(ADAPTERS)}")
+    labels = None
+    if args.coco is not None:  # read before any work: a bad file fails at once
+        if "detect" not in tasks:
+            raise InvalidRequest("--coco scores the detect task; add it to --tasks")
+        labels = load_coco_labels(args.coco, bundle.class_names)
     options: dict[str, Any] = {}
+    anchors = [a for a in args.anchors.split(",") if a]
     if args.levels:
         options["palette_levels"] = [int(v) for v in args.levels.split(",")]
+    if args.avif_levels:
+        options["avif_levels"] = [int(v) for v in args.avif_levels.split(",")]
     if args.qualities:
-        for fmt in ("jpeg", "webp", "avif"):
-            options[f"{fmt}_qualities"] = [int(v) for v in args.qualities.split(",")]
+        for name in anchors:
+            options[f"{name}_qualities"] = [int(v) for v in args.qualities.split(",")]
     ctx = Context(bundle, Front(bundle), options)
-    methods = [make_method(n, ctx) for n in ["palette", *[a for a in args.anchors.split(",") if a]]]
+    wanted = None if args.codecs is None else [c for c in args.codecs.split(",") if c]
+    methods = [*codec_methods(ctx, wanted), *[make_method(n, ctx) for n in anchors]]
     runner = TaskRunner(bundle, methods, tasks)
     images = _images(args)
     t0 = time.perf_counter()
@@ -450,10 +499,8 @@ def run(args: argparse.Namespace) -> int:
         from palettelink.train import data
 
         report["sources"] = data.describe_sources(data.eval_images())
-    if args.coco is not None:
-        if "detect" not in tasks:
-            raise InvalidRequest("--coco scores the detect task; add it to --tasks")
-        report["labels"] = runner.label_scores(load_coco_labels(args.coco, bundle.class_names))
+    if labels is not None:
+        report["labels"] = runner.label_scores(labels)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench-tasks.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     title = f"{bundle.id}: {len(runner.images)} image(s)"
