@@ -27,10 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DISPATCHERS = ["palettelink/codecs/__init__.py", "palettelink/bitstream.py", "palettelink/ratecontrol.py",
                "edge/ratecontrol.py", "edge/client.py", "palettelink/bench/methods.py", "palettelink/info.py",
                "server/service.py", "server/grpc_service.py"]
-# Strings that look like a codec's name but are not a dispatch on it. The bench's Pillow anchor is
-# named "avif" like the AVIF codec (issue 16): until anchors and codecs get names of their own,
-# `palettelink bench --codec avif` runs the anchor; bench-tasks runs the codec as "avif-codec".
-NOT_A_CODEC = {"palettelink/bench/methods.py": ['@register("avif")', 'features.check("avif")']}
+# Strings that look like a codec's name but are not a dispatch on it (none today).
+NOT_A_CODEC: dict[str, list[str]] = {}
 
 
 def test_names_and_wire_ids_are_unique_and_on_the_wire() -> None:

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from palettelink import __version__, codecs, scoring
-from palettelink.bench.methods import CodecMethod, Context, Item, Method, make_method
+from palettelink.bench.methods import Context, Item, Method, codec_method_name, make_method
 from palettelink.bundle import Bundle, find_bundle
 from palettelink.errors import InvalidRequest
 from palettelink.front import Front
@@ -442,12 +442,7 @@ def codec_methods(ctx: Context, names: Sequence[str] | None) -> list[Method]:
     for name in names:
         if name not in offered:
             raise InvalidRequest(f"bundle {ctx.bundle.id} has no {name!r} codec; it has {offered}")
-        m = make_method(name, ctx)
-        if m.kind != "features":
-            codec = CodecMethod(ctx, name)
-            codec.name = f"{name}-codec"
-            m = codec
-        out.append(m)
+        out.append(make_method(codec_method_name(name), ctx))
     return out
 
 
