@@ -54,7 +54,7 @@ from palettelink.cliutil import ArgumentParser, add_version, quiet_on_broken_pip
 from palettelink.codecs import EdgeEncoder, default_codec, make_encoder, spec
 from palettelink.errors import BundleNotFound, InvalidRequest, PaletteLinkError, Unauthenticated
 from palettelink.fetch import Client, FetchError, default_cache, default_http_url, fetch_bundle
-from palettelink.ratecontrol import LevelCoder, controller_from
+from palettelink.ratecontrol import LevelCoder, all_levels, controller_from
 from palettelink.v1 import palettelink_pb2 as pb
 
 EXIT_OK, EXIT_FRAME_ERRORS, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_REFUSED = 0, 1, 2, 3, 4
@@ -275,7 +275,7 @@ def _level_for(args: argparse.Namespace, codec: str, encoder: EdgeEncoder) -> in
         raise InvalidRequest(f"--bits is for a codec whose levels are bit depths (baseline); "
                              f"use --level with {codec}")
     level = args.bits if args.bits is not None else args.level
-    offered = sorted(encoder.levels())
+    offered = sorted(all_levels(encoder))
     if level is not None and level not in offered:
         if args.bits is not None:
             raise InvalidRequest(f"--bits {level}: the {codec} codec codes {offered[0]} to {offered[-1]} "
@@ -370,6 +370,8 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         level = _level_for(args, codec, encoder)
         coder = LevelCoder(encoder, controller_from(level, args.target_bpp, args.target_bytes, args.kbps,
                                                     args.fps))
+        if coder.fixed_warning:  # said once, not per frame
+            print(f"{PROG}: warning: {coder.fixed_warning}", file=sys.stderr)
         channel = make_channel(args.server, args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
     except FetchError as e:
         return _fail(EXIT_UNREACHABLE, str(e))

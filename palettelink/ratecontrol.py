@@ -132,6 +132,17 @@ def controller_from(level: int | None = None, target_bpp: float | None = None,
     return None
 
 
+def all_levels(encoder: EdgeEncoder) -> list[int]:
+    """Every level ``encoder`` can code (a palette can cut levels its bundle does not offer)."""
+    every = getattr(encoder, "all_levels", None)
+    return list(every()) if every is not None else list(encoder.levels())
+
+
+def not_offered_warning(encoder: EdgeEncoder, level: int) -> str:
+    return (f"level {level} is not one the bundle offers (it measured worse than a coarser level or "
+            f"fired more false boxes than AVIF q0 at training); offered: {sorted(encoder.levels())}")
+
+
 @dataclass
 class Coded:
     encoded: Encoded
@@ -146,9 +157,12 @@ class LevelCoder:
         self.controller = controller
         self.spec = codecs.spec(encoder.codec)
         self.levels: list[int] = encoder.levels()
+        self.fixed_warning: str | None = None
         if isinstance(controller, FixedLevel) and controller.level not in self.levels:
-            raise InvalidRequest(f"level {controller.level} is not offered by the {encoder.codec} codec; "
-                                 f"its levels are {sorted(self.levels)}")
+            if controller.level not in all_levels(encoder):
+                raise InvalidRequest(f"level {controller.level} is not offered by the {encoder.codec} codec; "
+                                     f"its levels are {sorted(self.levels)}")
+            self.fixed_warning = not_offered_warning(encoder, controller.level)
 
     def encode(self, rgb: np.ndarray) -> Coded:
         """Code one frame. A frame whose novelty is above the codec's calibrated threshold falls back

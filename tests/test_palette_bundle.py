@@ -257,3 +257,15 @@ def test_a_novel_frame_falls_back_to_the_finest_offered_level_and_says_so(measur
     assert tight.level == 5 and "budget allows no finer level" in (tight.fallback or "")
     dec = Decoder(measured_bundle).decode(novel.payload)
     assert dec.level == 0
+
+
+def test_a_level_the_bundle_does_not_offer_is_an_expert_override_with_a_warning(
+        measured_bundle: Bundle) -> None:
+    from palettelink.ratecontrol import FixedLevel, LevelCoder
+
+    enc = make_encoder(measured_bundle)
+    coder = LevelCoder(enc, FixedLevel(1))  # level 1 exists in the palette but is not offered
+    assert coder.fixed_warning and "not one the bundle offers" in coder.fixed_warning
+    assert coder.encode(_familiar(2)).encoded.level == 1
+    with pytest.raises(InvalidRequest, match="not offered"):
+        LevelCoder(enc, FixedLevel(LEVELS))  # beyond the palette: refused

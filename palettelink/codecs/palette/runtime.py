@@ -75,6 +75,11 @@ class PaletteEncoder:
         (manifest ``levels``; ``palettelink.train.levels``), not every level the palette has."""
         return list(self._offered)
 
+    def all_levels(self) -> list[int]:
+        """Every level the palette can cut, finest first: an explicit ``--level`` may name one that is
+        not offered (an expert's override, warned about); rate control chooses among offered ones."""
+        return list(range(self.tables.n_levels))
+
     def default_level(self) -> int:
         """The level sent when the user asks for none: measured at training (manifest
         ``default_level``), the best accuracy at the fewest bits."""
