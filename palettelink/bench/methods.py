@@ -242,7 +242,7 @@ class PillowMethod:
 def _anchor(fmt: str, qualities: list[int], downscale: int = 1, **save_args: Any,
             ) -> Callable[[Context], Method]:
     def make(ctx: Context) -> Method:
-        if not features.check(fmt.lower()) and fmt != "JPEG":
+        if fmt != "JPEG" and not features.check(fmt.lower()):
             raise InvalidRequest(f"this Pillow build has no {fmt} support (Pillow ≥ 11.3 wheels have AVIF)")
         return PillowMethod(ctx, fmt, qualities, downscale=downscale, **save_args)
 
