@@ -20,8 +20,8 @@ def _lv(ap: float, extra: float = 0.0) -> dict[str, float]:
 def test_a_fine_level_worse_than_a_coarser_one_is_not_offered() -> None:
     # the first trained codec: level 0 kept 0.45, level 5 0.95 (same-site eval)
     per_level = [_lv(0.45), _lv(0.51), _lv(0.56), _lv(0.87), _lv(0.90), _lv(0.95), _lv(0.82), _lv(0.38)]
-    offered, default = choose_levels(per_level, avif_extra_per_image=1.0)
-    assert offered == [5, 6, 7]
+    offered, default, held = choose_levels(per_level, avif_extra_per_image=1.0)
+    assert offered == [5, 6, 7] and held
     assert default == 5
     aps = [per_level[lv]["ap50"] for lv in offered]
     assert all(a >= b - 0.02 for a, b in zip(aps, aps[1:], strict=False))  # finer never loses > 0.02
@@ -29,20 +29,21 @@ def test_a_fine_level_worse_than_a_coarser_one_is_not_offered() -> None:
 
 def test_the_default_is_the_coarsest_level_within_tolerance_of_the_best() -> None:
     per_level = [_lv(0.97), _lv(0.965), _lv(0.94), _lv(0.90), _lv(0.70)]
-    offered, default = choose_levels(per_level, avif_extra_per_image=1.0)
+    offered, default, _ = choose_levels(per_level, avif_extra_per_image=1.0)
     assert offered == [0, 1, 2, 3, 4]
     assert default == 1  # 0.965 ≥ 0.97 − 0.02; level 2 (0.94) is not
 
 
 def test_levels_that_fire_more_than_avif_q0_are_not_offered() -> None:
     per_level = [_lv(0.96, extra=0.2), _lv(0.95, extra=3.0), _lv(0.9, extra=0.1)]
-    offered, _ = choose_levels(per_level, avif_extra_per_image=0.5)
-    assert offered == [0, 2]
+    offered, _, held = choose_levels(per_level, avif_extra_per_image=0.5)
+    assert offered == [0, 2] and held
 
 
-def test_nothing_passing_still_offers_the_most_accurate_level() -> None:
-    offered, default = choose_levels([_lv(0.3, 9), _lv(0.6, 9)], avif_extra_per_image=0.0)
-    assert offered == [1] and default == 1
+def test_when_no_two_levels_keep_avifs_false_box_rate_accuracy_alone_chooses_and_says_so() -> None:
+    per_level = [_lv(0.55, 0.34), _lv(0.53, 0.35), _lv(0.44, 0.35), _lv(0.18, 0.3)]
+    offered, default, held = choose_levels(per_level, avif_extra_per_image=0.24)
+    assert offered == [0, 1, 2, 3] and default == 1 and not held
 
 
 def _tables(rng: np.random.Generator, groups: tuple[int, ...] = (0, 2, 4)) -> dict[str, np.ndarray]:

@@ -11,7 +11,9 @@ uncompressed detector and against AVIF at its lowest quality, then:
 
 - **offered levels**: walking from the coarsest level to the finest, a level is kept when its false
   boxes per image are no more than AVIF q0's and its AP50 is at least the last kept (coarser) level's
-  minus ``tolerance`` (0.02), so accuracy never drops as a user asks for more bits;
+  minus ``tolerance`` (0.02), so accuracy never drops as a user asks for more bits. If fewer than two
+  levels keep AVIF q0's false-box rate, the accuracy rule alone chooses and the record says the
+  false-box rule did not hold (one level for every budget would end the codec's scalability);
 - **default level**: the coarsest offered level whose AP50 is within ``tolerance`` of the best
   offered level's: the best accuracy the codec has, at the fewest bits;
 - **novelty threshold**: novelty is the mean squared distance per channel from each latent vector to
@@ -58,24 +60,31 @@ def calibrate_novelty(latents: np.ndarray, tables: Mapping[str, np.ndarray]) -> 
 
 
 def choose_levels(per_level: Sequence[dict[str, float]], avif_extra_per_image: float,
-                  tolerance: float = TOLERANCE) -> tuple[list[int], int]:
-    """(offered levels finest first, default level) from each level's ``ap50`` and
-    ``extra_per_image`` (index = level, 0 finest). See the module docstring for the rule."""
-    offered: list[int] = []
-    last_ap = -1.0
-    for lv in range(len(per_level) - 1, -1, -1):
-        r = per_level[lv]
-        if r["extra_per_image"] > avif_extra_per_image:
-            continue
-        if r["ap50"] >= last_ap - tolerance:
-            offered.append(lv)
-            last_ap = max(last_ap, r["ap50"])
-    if not offered:  # nothing passes: offer the single most accurate level rather than none
-        offered = [int(np.argmax([r["ap50"] for r in per_level]))]
-    offered.sort()
+                  tolerance: float = TOLERANCE) -> tuple[list[int], int, bool]:
+    """(offered levels finest first, default level, whether the false-box rule held) from each
+    level's ``ap50`` and ``extra_per_image`` (index = level, 0 finest). See the module docstring.
+
+    When fewer than two levels pass the false-box rule, the bundle would lose its scalability (one
+    level left for every budget); the levels are then chosen by the accuracy rule alone and the third
+    value is False, so the manifest and the report say that no level keeps AVIF q0's false-box rate."""
+    def pick(check_extras: bool) -> list[int]:
+        offered: list[int] = []
+        last_ap = -1.0
+        for lv in range(len(per_level) - 1, -1, -1):
+            r = per_level[lv]
+            if check_extras and r["extra_per_image"] > avif_extra_per_image:
+                continue
+            if r["ap50"] >= last_ap - tolerance:
+                offered.append(lv)
+                last_ap = max(last_ap, r["ap50"])
+        return sorted(offered)
+
+    offered, held = pick(True), True
+    if len(offered) < 2:
+        offered, held = pick(False), False
     best = max(per_level[lv]["ap50"] for lv in offered)
     default = max(lv for lv in offered if per_level[lv]["ap50"] >= best - tolerance)
-    return offered, default
+    return offered, default, held
 
 
 def _avif_q0(rgb: np.ndarray) -> np.ndarray:
@@ -140,9 +149,10 @@ def level_report(det: Any, enc: Any, dec: Any, quantise_fn: Any, tables: Mapping
         views.append(([t.float() for t in ts], cache.letterbox(i * per_item), rgb))
     n_levels = int(np.asarray(tables["level_sizes"]).size)
     measured = measure_levels(det, enc, dec, quantise_fn, n_levels, cache.size, views, progress=progress)
-    offered, default = choose_levels(measured["levels"], measured["avif_q0"]["extra_per_image"])
+    offered, default, held = choose_levels(measured["levels"], measured["avif_q0"]["extra_per_image"])
     plain = latents[::per_item]
     return {"calibration": {"items": len(pick), "reference_boxes": measured["reference_boxes"],
                             "set": "plain views of training items (never the evaluation sources)"},
             "measured": measured, "offered_levels": offered, "default_level": default,
+            "false_box_rule_held": held,
             "novelty": calibrate_novelty(plain, tables), "tolerance": TOLERANCE}

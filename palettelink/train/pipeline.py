@@ -178,7 +178,7 @@ def levels_stage(work: Path, det: Any, enc: Any, dec: Any, tables: dict[str, np.
     st = Stage(work, "levels")
     if not st.done:
         info = levels.level_report(det, enc, dec, palette.torch_quantiser(tables), tables, cache, latents,
-                                   n_calibration=4 if cfg.tiny else 80)
+                                   n_calibration=4 if cfg.tiny else 200)
         st.finish(info)
     return st.info()
 
@@ -310,8 +310,12 @@ def _measured_levels(report: dict[str, Any], n_levels: int) -> dict[str, Any]:
     info = report.get("stages", {}).get("levels")
     if not info:
         return {"levels": list(range(n_levels)), "default_level": 0}
-    return {"levels": info["offered_levels"], "default_level": info["default_level"],
-            "novelty": info["novelty"], "level_report": info["measured"]}
+    from palettelink.train.levels import choose_levels
+
+    measured = info["measured"]
+    offered, default, held = choose_levels(measured["levels"], measured["avif_q0"]["extra_per_image"])
+    return {"levels": offered, "default_level": default, "novelty": info["novelty"],
+            "level_report": {**measured, "false_box_rule_held": held, "calibration": info["calibration"]}}
 
 
 ADAPT_MINUTES, ADAPT_FINETUNE_MINUTES = 6.0, 2.0
