@@ -51,6 +51,7 @@ class TrainConfig:
     max_images: int | None = None
     augment: int = 4
     paste: float = 0.0  # probability that an augmented view gets people pasted in (data.paste_people)
+    calibration: int = 200  # training views the levels stage measures every level on
     seed: int = 0
     tiny: bool = False  # CI smoke run: a few steps on a few images
     init: str | None = None  # warm start the bottleneck from this assets folder (same architecture)
@@ -178,7 +179,7 @@ def levels_stage(work: Path, det: Any, enc: Any, dec: Any, tables: dict[str, np.
     st = Stage(work, "levels")
     if not st.done:
         info = levels.level_report(det, enc, dec, palette.torch_quantiser(tables), tables, cache, latents,
-                                   n_calibration=4 if cfg.tiny else 200)
+                                   n_calibration=4 if cfg.tiny else cfg.calibration)
         st.finish(info)
     return st.info()
 
@@ -391,6 +392,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"level-conditioned decoder budget (default 5; --adapt: {ADAPT_FINETUNE_MINUTES:g})")
     p.add_argument("--max-images", type=int)
     p.add_argument("--augment", type=int, default=4, help="augmented views per item (besides the plain one)")
+    p.add_argument("--calibration", type=int, default=200, metavar="N",
+                   help="training views the levels stage measures every level on (default 200)")
     p.add_argument("--paste", type=float, default=0.0, metavar="P",
                    help="probability that an augmented view gets people crops pasted in (0.4 is what the "
                         "generic codec was trained with)")
@@ -416,6 +419,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(groups=args.groups, k0=args.k0, n_levels=args.levels, palette_space=args.palette_space,
                       bottleneck_minutes=minutes, finetune_minutes=ft,
                       max_images=args.max_images, seed=args.seed, augment=args.augment, paste=args.paste,
+                      calibration=args.calibration,
                       tiny=args.tiny, init=args.init,
                       video_every=args.every, video_span=args.span)
     if args.image_codec:
