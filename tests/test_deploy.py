@@ -75,7 +75,8 @@ def test_compose_services_and_commands() -> None:
     edge = _parse("palettelink-edge", s["edge"]["command"])
     assert edge.server == "envoy:8080" and edge.bits in range(2, 9)
     for f in ("./deploy/envoy.yaml", "./deploy/prometheus.yml"):
-        assert any(v.startswith(f + ":") for svc in s.values() for v in svc.get("volumes", [])), f
+        assert any(isinstance(v, str) and v.startswith(f + ":")
+                   for svc in s.values() for v in svc.get("volumes", [])), f
         assert (REPO / f).is_file()
     for name in ("server", "edge"):
         assert (REPO / s[name]["build"]["dockerfile"]).is_file()
@@ -154,7 +155,11 @@ def test_kustomization_lists_existing_files() -> None:
 def test_envoy_balances_grpc_over_the_server_name() -> None:
     e = yaml.safe_load((DEPLOY / "envoy.yaml").read_text())
     cluster = _named(e["static_resources"]["clusters"], "palettelink_grpc")
-    assert cluster["type"] == "STRICT_DNS" and "grpc_health_check" in cluster["health_checks"][0]
+    # strict DNS: every address the name resolves to is a host (not one endpoint for all of them)
+    dns = cluster["cluster_type"]
+    assert dns["name"] == "envoy.cluster.dns" and dns["typed_config"]["@type"].endswith(".v3.DnsCluster")
+    assert not dns["typed_config"].get("all_addresses_in_single_endpoint")
+    assert "grpc_health_check" in cluster["health_checks"][0]
     assert "http2_protocol_options" in json.dumps(cluster["typed_extension_protocol_options"])
     addr = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
     sock = addr["socket_address"]
@@ -316,14 +321,22 @@ def test_kubernetes_manifests_validate_against_the_schema() -> None:
         _validate(broken, "a typo")
 
 
-def test_kustomize_build_validates() -> None:
+def test_kustomize_build_validates(tmp_path: Path) -> None:
     """What ``kubectl apply -k deploy/`` would send: the rendered objects (with the generated Envoy
-    ConfigMap) validate too."""
+    ConfigMap) validate too. The TLS Secrets come from deploy/certs (git-ignored), so this renders a
+    copy of deploy/ in which deploy/scripts/make-certs.sh has run (tests/test_deploy_tls.py checks
+    the README's certificate step, the mTLS Component and the Secrets in detail)."""
     pytest.importorskip("kubernetes_validate")
     exe = shutil.which("kubectl")
     if exe is None:
         pytest.skip("kubectl is not installed")
-    r = subprocess.run([exe, "kustomize", str(DEPLOY)], capture_output=True, text=True, timeout=60)
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    deploy = tmp_path / "deploy"
+    shutil.copytree(DEPLOY, deploy, ignore=shutil.ignore_patterns("certs"))
+    subprocess.run(["bash", str(deploy / "scripts/make-certs.sh"), str(deploy / "certs")], check=True,
+                   capture_output=True, timeout=120)
+    r = subprocess.run([exe, "kustomize", str(deploy)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     docs = [d for d in yaml.safe_load_all(r.stdout) if d]
     for d in docs:
