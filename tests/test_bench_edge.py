@@ -14,26 +14,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import ABSENT_PRELUDE
 
 from palettelink.bundle import MANIFEST
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "torchvision", "ultralytics")
 
-ABSENT = '''
-import sys
-
-
-class _Absent:
-    @staticmethod
-    def find_spec(name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "torchvision", "ultralytics"):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-
-sys.meta_path.insert(0, _Absent)
-'''
+ABSENT = ABSENT_PRELUDE
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import script
 
 from palettelink.bundle import MANIFEST, Bundle, write_manifest
 from palettelink.errors import BundleError
@@ -25,14 +26,6 @@ from palettelink.errors import BundleError
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TOKEN = "fetch-test-token"
-
-
-def script(name: str) -> list[str]:
-    exe = BIN / name
-    if exe.is_file():
-        return [str(exe)]
-    module = {"palettelink-edge": "edge.client", "palettelink-server": "server.main"}[name]
-    return [sys.executable, "-m", module]
 
 
 def env(**extra: str) -> dict[str, str]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from helpers import env, script
 
 from palettelink.bench.metrics import Box, evaluate
 from palettelink.image import letterbox, load_image
@@ -24,21 +25,6 @@ from palettelink.image import letterbox, load_image
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "edge-test-token"
 BIN = Path(sys.executable).parent
-
-
-def script(name: str) -> list[str]:
-    """The installed console script (what users run); ``python -m`` only if it is not installed."""
-    exe = BIN / name
-    if exe.is_file():
-        return [str(exe)]
-    module = {"palettelink-edge": "edge.client", "palettelink-server": "server.main"}[name]
-    return [sys.executable, "-m", module]
-
-
-def env(**extra: str) -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if k not in ("PALETTELINK_TOKEN", "PALETTELINK_TOKENS")}
-    e.update(extra)
-    return e
 
 
 def free_port() -> int:

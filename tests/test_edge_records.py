@@ -11,7 +11,6 @@ whose ``Stream`` handler follows a script. The client, its transport and codec a
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import cv2
 import grpc
 import numpy as np
 import pytest
+from helpers import env, script
 
 from palettelink.v1 import palettelink_pb2 as pb
 from palettelink.v1 import palettelink_pb2_grpc as pb_grpc
@@ -32,20 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TOKEN = "records-test-token"
 N = 5
-
-
-def script(name: str) -> list[str]:
-    exe = BIN / name
-    if exe.is_file():
-        return [str(exe)]
-    module = {"palettelink-edge": "edge.client", "palettelink-server": "server.main"}[name]
-    return [sys.executable, "-m", module]
-
-
-def env(**extra: str) -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if k not in ("PALETTELINK_TOKEN", "PALETTELINK_TOKENS")}
-    e.update(extra)
-    return e
 
 
 @pytest.fixture(scope="module")

@@ -18,19 +18,11 @@ from pathlib import Path
 
 import cv2
 import pytest
+from helpers import script
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 N_FRAMES = 12
-
-
-def script(name: str) -> list[str]:
-    """The installed console script (what users run); ``python -m`` only if it is not installed."""
-    exe = BIN / name
-    if exe.is_file():
-        return [str(exe)]
-    module = {"palettelink-edge": "edge.client", "palettelink-server": "server.main"}[name]
-    return [sys.executable, "-m", module]
 
 
 def env() -> dict[str, str]:

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import ABSENT_PRELUDE
+
 from palettelink import loadtest
 
 
@@ -53,20 +55,7 @@ def test_bad_arguments_exit_2(capsys) -> None:  # noqa: ANN001
 
 # -- issue 20: no --images on an install without ultralytics, and errors on one line -----------
 
-ABSENT = '''
-import sys
-
-
-class _Absent:
-    @staticmethod
-    def find_spec(name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "torchvision", "ultralytics"):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-
-sys.meta_path.insert(0, _Absent)
-'''
+ABSENT = ABSENT_PRELUDE
 
 
 def _loadtest(*args: str, shim: Path | None = None, timeout: float = 180) -> subprocess.CompletedProcess[str]:

@@ -4,20 +4,15 @@ and the environment running the tests is exactly the lock (so CI tested what the
 from __future__ import annotations
 
 import importlib.metadata as md
-import importlib.util
 from pathlib import Path
 
+from helpers import REPO as ROOT
+from helpers import load_script
 from packaging.requirements import Requirement
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _lock():  # noqa: ANN202 - the scripts/lock.py module
-    spec = importlib.util.spec_from_file_location("lock", ROOT / "scripts" / "lock.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("lock")
 
 
 def test_the_lock_was_made_from_todays_pyproject() -> None:
