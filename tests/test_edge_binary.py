@@ -24,7 +24,7 @@ def test_entry_script_only_wraps_the_client():
 def test_build_script_keeps_torch_out():
     text = (SCRIPTS / "build-edge-binary.sh").read_text()
     assert "--onefile" in text
-    assert '["optional-dependencies"]["edge"]' in text
+    assert "--require-hashes -r requirements-edge.lock" in text  # the edge's packages, locked
     for name in ("torch", "ultralytics"):
         assert f"--exclude-module {name}" in text
 
