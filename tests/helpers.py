@@ -1,12 +1,15 @@
 """What several test files need to run the project's own programs: the installed console scripts,
-an environment without the developer's tokens, a loader for the repository's scripts/ modules, and a
-prelude that hides the heavy training packages from a child process (the edge install has none)."""
+an environment without the developer's tokens, a loader for the repository's scripts/ modules, a
+prelude that hides the heavy training packages from a child process (the edge install has none), and
+an image bomb for the upload limits."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import struct
 import sys
+import zlib
 from pathlib import Path
 from types import ModuleType
 
@@ -55,3 +58,16 @@ def load_script(name: str) -> ModuleType:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def blank_png(width: int, height: int) -> bytes:
+    """A valid 1-bit all-zero PNG of ``width``×``height``: 8192² compresses to ~100 KB and would decode
+    to 200 MB of BGR (an image bomb), so upload limits must refuse it from its header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z = zlib.compressobj(9)
+    row = b"\x00" + bytes((width + 7) // 8)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))

@@ -8,13 +8,12 @@ from __future__ import annotations
 import io
 import json
 import re
-import struct
 import threading
-import zlib
 
 import grpc
 import httpx
 import pytest
+from helpers import blank_png
 
 from palettelink.v1 import palettelink_pb2 as pb
 from palettelink.v1 import palettelink_pb2_grpc
@@ -24,19 +23,6 @@ from palettelink.v1 import palettelink_pb2_grpc
 def http(live_server):  # noqa: ANN001, ANN201
     with httpx.Client(base_url=live_server.http_url, timeout=60) as c:
         yield c
-
-
-def png(width: int, height: int) -> bytes:
-    """A valid 1-bit PNG of ``width``×``height``: 9000² pixels compress to ~100 KB and would decode to
-    240 MB of BGR (an image bomb); refused from its header."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    z = zlib.compressobj(9)
-    row = b"\x00" + bytes((width + 7) // 8)
-    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
 
 @pytest.mark.parametrize("path", ["/", "/frame", "/try", "/rate"])
@@ -143,9 +129,9 @@ def test_try_it_target_bpp(http: httpx.Client, images) -> None:  # noqa: ANN001
 @pytest.mark.parametrize(("params", "content", "status", "needle"), [
     ({}, b"definitely not an image", 400, "not an image"),
     ({}, b"", 400, "empty upload"),
-    ({}, png(9000, 9000), 413, "9000x9000"),  # a bomb: more pixels than the server's limit
-    ({}, png(8192, 8192), 413, "--try-max-pixels"),  # within the frame limit, over the upload budget
-    ({}, png(20000, 8), 413, "at most"),  # wider than a frame can carry
+    ({}, blank_png(9000, 9000), 413, "9000x9000"),  # a bomb: more pixels than the server's limit
+    ({}, blank_png(8192, 8192), 413, "--try-max-pixels"),  # within the frame limit, over the upload budget
+    ({}, blank_png(20000, 8), 413, "at most"),  # wider than a frame can carry
     ({}, b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, 400, "not an image"),  # a broken header
     ({"bundle": "nope"}, b"x", 404, "no bundle"),
     ({"codec": "jpeg"}, b"x", 400, "not 'jpeg'"),

@@ -8,31 +8,18 @@ Before this, the 16 were all decoded and coded before admission control: 1.5 →
 from __future__ import annotations
 
 import concurrent.futures
-import struct
 import subprocess
 import sys
 import threading
-import zlib
 from pathlib import Path
 
 import httpx
 import pytest
+from helpers import blank_png
 
 REPO = Path(__file__).resolve().parents[1]
 LIMIT = 2.5 * (1 << 30)
 BOMBS = 16
-
-
-def bomb(side: int = 8192) -> bytes:
-    """A valid 1-bit PNG of side² pixels, all zero: ~100 KB that OpenCV decodes to side² × 3 bytes."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    z = zlib.compressobj(9)
-    row = b"\x00" + bytes((side + 7) // 8)
-    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
 
 def peak_rss(pid: int) -> int:
@@ -62,7 +49,7 @@ def serve(bundles_root: Path, *flags: str):  # noqa: ANN201 - (process, http URL
 
 @pytest.mark.parametrize("budget", ["default", "8192²"])
 def test_sixteen_concurrent_bombs_keep_the_server_under_2_5_gb(bundles_root: Path, budget: str) -> None:
-    data = bomb()
+    data = blank_png(8192, 8192)  # ~100 KB that decodes to 8192² × 3 bytes
     assert len(data) < 200_000
     flags = [] if budget == "default" else ["--try-max-pixels", str(8192 * 8192)]
     proc, url, log = serve(bundles_root, *flags)
