@@ -135,8 +135,9 @@ def measure_levels(det: Any, enc: Any, dec: Any, quantise_fn: Any, n_levels: int
 def level_report(det: Any, enc: Any, dec: Any, quantise_fn: Any, tables: Mapping[str, np.ndarray],
                  cache: Any, latents: np.ndarray, n_calibration: int = 80,
                  progress: bool = True) -> dict[str, Any]:
-    """The ``levels`` stage: measure on the plain views of ``n_calibration`` training items spread
-    over the cache, choose offered/default levels, calibrate novelty on every plain view."""
+    """The ``levels`` stage's measurements: every level on the plain views of ``n_calibration``
+    training items spread over the cache, and novelty calibrated on every plain view. The choice of
+    offered and default levels is derived from them (:func:`choose_levels`) where it is recorded."""
     from palettelink.train.data import load_all_rgb
 
     per_item = cache.augment + 1
@@ -149,10 +150,7 @@ def level_report(det: Any, enc: Any, dec: Any, quantise_fn: Any, tables: Mapping
         views.append(([t.float() for t in ts], cache.letterbox(i * per_item), rgb))
     n_levels = int(np.asarray(tables["level_sizes"]).size)
     measured = measure_levels(det, enc, dec, quantise_fn, n_levels, cache.size, views, progress=progress)
-    offered, default, held = choose_levels(measured["levels"], measured["avif_q0"]["extra_per_image"])
     plain = latents[::per_item]
     return {"calibration": {"items": len(pick), "reference_boxes": measured["reference_boxes"],
                             "set": "plain views of training items (never the evaluation sources)"},
-            "measured": measured, "offered_levels": offered, "default_level": default,
-            "false_box_rule_held": held,
-            "novelty": calibrate_novelty(plain, tables), "tolerance": TOLERANCE}
+            "measured": measured, "novelty": calibrate_novelty(plain, tables), "tolerance": TOLERANCE}
