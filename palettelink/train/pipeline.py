@@ -55,6 +55,9 @@ class TrainConfig:
     seed: int = 0
     tiny: bool = False  # CI smoke run: a few steps on a few images
     init: str | None = None  # warm start the bottleneck from this assets folder (same architecture)
+    false_weight: float = 0.0  # background distillation (BottleneckConfig.w_false)
+    crop: int | None = None  # training window in input pixels (None: BottleneckConfig's 256)
+    lr: float | None = None  # bottleneck peak learning rate (None: BottleneckConfig's 1e-3)
     video_every: int = 3  # --images videos: every Nth frame ...
     video_span: tuple[float, float] = (0.0, 1.0)  # ... inside this time range (fractions of the video)
 
@@ -191,7 +194,7 @@ def train_bottleneck_two_stage(det: Any, cache: Any, out: Path, stage1: Path, cf
     from palettelink.train import bottleneck as bn
 
     steps = 4 if cfg.tiny else 100_000
-    base = dict(z_channels=cfg.latent_channels, n_levels=cfg.n_levels, seed=cfg.seed)
+    base = dict(z_channels=cfg.latent_channels, n_levels=cfg.n_levels, seed=cfg.seed, **recipe_overrides(cfg))
     cfg1 = bn.BottleneckConfig.for_detector(det, w_feat=1.0, w_neck=0.0, w_box=0.5, task_start=0.1,
                                             task_ramp=0.2, **base)
     bn.train_bottleneck(det, cache, cfg1, steps=steps, minutes=cfg.bottleneck_minutes * 0.55,
@@ -217,6 +220,18 @@ def init_folder_from_assets(assets: Path, folder: Path) -> Path:
     return folder
 
 
+def recipe_overrides(cfg: TrainConfig) -> dict[str, Any]:
+    """The BottleneckConfig fields a TrainConfig sets explicitly (the rest keep their defaults)."""
+    out: dict[str, Any] = {}
+    if cfg.false_weight:
+        out["w_false"] = float(cfg.false_weight)
+    if cfg.crop:
+        out["crop"] = int(cfg.crop)
+    if cfg.lr:
+        out["lr"] = float(cfg.lr)
+    return out
+
+
 def train_bottleneck_warm(det: Any, cache: Any, out: Path, assets: Path, init: Path,
                           cfg: TrainConfig) -> None:
     """Continue a trained bottleneck on (new) data with the final recipe of the two-stage run (neck +
@@ -227,6 +242,7 @@ def train_bottleneck_warm(det: Any, cache: Any, out: Path, assets: Path, init: P
     prev = json.loads((folder / "config.json").read_text())
     keep = {k: prev[k] for k in ("enc_width", "dec_width", "dec_blocks", "level_dim", "norm", "z_stride")
             if k in prev}
+    keep.update(recipe_overrides(cfg))
     bcfg = bn.BottleneckConfig.for_detector(det, z_channels=int(prev.get("z_channels", cfg.latent_channels)),
                                             n_levels=int(prev.get("n_levels", cfg.n_levels)), seed=cfg.seed,
                                             task_start=0.0, task_ramp=0.02, warmup=50, **keep)
@@ -407,6 +423,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiny", action="store_true", help="smoke run: seconds, not minutes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", help="warm-start the bottleneck from this trained assets folder")
+    p.add_argument("--false-weight", type=float, default=0.0, metavar="W",
+                   help="background distillation: extra class-loss weight where the rebuilt features "
+                        "make the head fire above the uncompressed ones (false boxes); 0 = off")
+    p.add_argument("--crop", type=int, metavar="PX", help="training window in input pixels (default 256; "
+                   "larger windows give large objects their context, at a higher cost per step)")
+    p.add_argument("--lr", type=float, help="bottleneck peak learning rate (default 1e-3)")
     p.add_argument("--image-codec", action="store_true",
                    help="train the image bundle's codec (pixel autoencoder + palette) instead of a "
                         "bundle's feature codec; --out defaults to assets/codecs/image-512")
@@ -420,7 +442,8 @@ def run(args: argparse.Namespace) -> int:
                       bottleneck_minutes=minutes, finetune_minutes=ft,
                       max_images=args.max_images, seed=args.seed, augment=args.augment, paste=args.paste,
                       calibration=args.calibration,
-                      tiny=args.tiny, init=args.init,
+                      tiny=args.tiny, init=args.init, false_weight=args.false_weight, crop=args.crop,
+                      lr=args.lr,
                       video_every=args.every, video_span=args.span)
     if args.image_codec:
         from palettelink.train import data
