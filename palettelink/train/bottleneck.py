@@ -265,7 +265,8 @@ def task_loss(det: Any, y_s: torch.Tensor, y_t: torch.Tensor,
     *student* fires and the teacher does not: the false boxes (1.2-1.4 per image on the
     leave-source-out set with ``w_false`` 0). Background distillation: ``w_false`` adds
     ``w_false * max(0, student max score - teacher max score)`` (no gradient through the weight) so
-    the decoded features are pushed hardest exactly where they make the head fire on nothing. Box: L1 on xywh / anchor stride, weighted by teacher score,
+    the decoded features are pushed hardest exactly where they make the head fire on nothing.
+    Box: L1 on xywh / anchor stride, weighted by teacher score,
     only where the teacher would report a box (score ≥ 0.25): the boxes of unsure anchors are noise
     whose gradients only pull the rebuilt features off.
     """
