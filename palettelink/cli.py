@@ -30,9 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("palettelink.bench.run", "rate-accuracy benchmark against JPEG/WebP/AVIF and baselines"),
     "bench-stream": ("palettelink.bench.stream", "a video through the real server and edge at kbps targets"),
     "bench-edge": ("palettelink.bench.edge_speed", "edge time per frame on this box (edge install)"),
-    "info": ("palettelink.info", "show the bundles under a root and their codecs and levels"),
-    "fuzz": ("palettelink.fuzz", "mutate real frames of every codec; decode in-process or via a server"),
-    "loadtest": ("palettelink.loadtest", "N concurrent streams against a server for a bounded time"),
+    "info": ("palettelink.tools.info", "show the bundles under a root and their codecs and levels"),
+    "fuzz": ("palettelink.tools.fuzz",
+             "mutate real frames of every codec; decode in-process or via a server"),
+    "loadtest": ("palettelink.tools.loadtest", "N concurrent streams against a server for a bounded time"),
     "bench-serve": ("palettelink.bench.serve", "serving throughput (decode + task) at batch 1 and batched"),
     "bench-tasks": ("palettelink.bench.tasks", "each task of an image bundle per level vs JPEG/WebP/AVIF"),
 }

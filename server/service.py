@@ -31,7 +31,7 @@ from palettelink.errors import (
     ServiceUnavailable,
     TooLarge,
 )
-from palettelink.info import codec_levels
+from palettelink.levels import codec_levels
 from server import __version__
 from server.batching import Batcher
 from server.errors import clip
@@ -100,7 +100,7 @@ class BundleInfo:
 
 
 def codec_info(bundle: Bundle, name: str) -> CodecInfo:
-    """A codec's levels as the core reads them from the manifest (``palettelink.info.codec_levels``)."""
+    """A codec's levels as the core reads them from the manifest (``palettelink.levels.codec_levels``)."""
     entry = bundle.codecs.get(name, {})
     levels = [LevelInfo(int(lv["level"]), int(lv.get("palette_size") or 0), float(lv.get("mean_bits") or 0),
                         float(lv.get("mean_bpp") or 0)) for lv in codec_levels(bundle, name)]

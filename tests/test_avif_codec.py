@@ -16,12 +16,15 @@ import grpc
 import numpy as np
 import pytest
 
-from palettelink import bitstream, codecs, fuzz
+from palettelink import bitstream, codecs
 from palettelink.bundle import Bundle
 from palettelink.codecs import avif
 from palettelink.errors import InvalidStream
 from palettelink.image import letterbox, load_image
 from palettelink.ratecontrol import LevelCoder, TargetBpp
+from palettelink.tools import fuzz
+from palettelink.tools.fuzz_targets import InProcess
+from palettelink.tools.mutator import Mutator, seed_frames
 from palettelink.v1 import palettelink_pb2 as pb
 from palettelink.v1 import palettelink_pb2_grpc
 
@@ -54,7 +57,7 @@ def test_offered_after_the_others_so_no_default_changes(bundle: Bundle) -> None:
     assert (s.wire_id, s.param, s.progressive, s.exact_sizes, s.cut) == (3, "level", False, True, "picture")
     labels = ["q75", "q50", "q30", "q20", "q10", "q0", "q20/2", "q0/2", "q20/4", "q0/4"]
     assert [s.level_label(lv) for lv in s.levels(bundle)] == labels
-    from palettelink.info import codec_levels
+    from palettelink.levels import codec_levels
 
     assert codec_levels(bundle, "avif") == [{"level": i, "label": x} for i, x in enumerate(labels)]
 
@@ -190,12 +193,12 @@ def test_edge_streams_avif_to_the_real_server(live_server, bundles_root: Path, b
 
 
 def test_fuzzing_avif_frames_finds_only_typed_errors(bundle: Bundle) -> None:
-    seeds = fuzz.seed_frames(bundle, ["avif"])
+    seeds = seed_frames(bundle, ["avif"])
     assert [s.name for s in seeds] == ["avif/bus/q30", "avif/bus/q20/4", "avif/zidane/q30",
                                        "avif/zidane/q20/4"]
-    mut = fuzz.Mutator(seeds, seed=16)  # every cut of the small frames, then random mutations
-    quick = fuzz.fuzz(fuzz.InProcess(bundle, skip_network=True), mut, mut.systematic + 2000, time_limit=20)
-    full = fuzz.fuzz(fuzz.InProcess(bundle), fuzz.Mutator(seeds, seed=17, every_byte=False), 200,
+    mut = Mutator(seeds, seed=16)  # every cut of the small frames, then random mutations
+    quick = fuzz.fuzz(InProcess(bundle, skip_network=True), mut, mut.systematic + 2000, time_limit=20)
+    full = fuzz.fuzz(InProcess(bundle), Mutator(seeds, seed=17, every_byte=False), 200,
                      time_limit=20)
     for rep in (quick, full):
         print(fuzz.format_report(rep))

@@ -119,7 +119,7 @@ def test_info_lists_bundles_without_torch(bundles_root: Path, tmp_path: Path) ->
 
 def test_codec_levels_merge_per_level_numbers(bundle) -> None:  # noqa: ANN001
     from palettelink.bundle import Bundle
-    from palettelink.info import codec_levels
+    from palettelink.levels import codec_levels
 
     m = json.loads(json.dumps(bundle.manifest))
     m["codecs"]["palette"] = {"levels": [0, {"level": 1, "mean_bpp": 0.05}], "level_sizes": [64, 8],

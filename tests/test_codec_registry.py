@@ -25,8 +25,9 @@ from palettelink.ratecontrol import FixedLevel, LevelCoder, TargetBytes
 ROOT = Path(__file__).resolve().parents[1]
 # modules that dispatch on codecs: they must ask the registry, never name a codec themselves
 DISPATCHERS = ["palettelink/codecs/__init__.py", "palettelink/bitstream.py", "palettelink/ratecontrol.py",
-               "edge/ratecontrol.py", "edge/client.py", "palettelink/bench/methods.py", "palettelink/info.py",
-               "server/service.py", "server/grpc_service.py"]
+               "edge/ratecontrol.py", "edge/client.py", "palettelink/bench/methods.py",
+               "palettelink/levels.py", "palettelink/tools/info.py", "server/service.py",
+               "server/grpc_service.py"]
 # Strings that look like a codec's name but are not a dispatch on it (none today).
 NOT_A_CODEC: dict[str, list[str]] = {}
 

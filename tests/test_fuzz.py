@@ -15,13 +15,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from palettelink import bitstream, fuzz
+from palettelink import bitstream
 from palettelink.errors import InvalidStream, PaletteLinkError
+from palettelink.tools import fuzz
+from palettelink.tools.fuzz_targets import InProcess, OverGrpc
+from palettelink.tools.mutator import Mutator, Seed, seed_frames
 
 
 @pytest.fixture(scope="module")
-def seeds(bundle) -> list[fuzz.Seed]:  # noqa: ANN001
-    s = fuzz.seed_frames(bundle, big=False)
+def seeds(bundle) -> list[Seed]:  # noqa: ANN001
+    s = seed_frames(bundle, big=False)
     assert {x.codec for x in s} >= {"baseline"}
     return s
 
@@ -37,11 +40,11 @@ def test_ten_thousand_cases_in_process_no_crash_no_hang(bundle, seeds) -> None: 
     """The cuts at every byte (every byte of each palette frame, the header and layer edges of the
     baseline's) plus 3,000 random mutations; the palette decoder network is skipped (it only sees
     validated index maps), the rest is the server's decode path."""
-    mut = fuzz.Mutator(seeds, seed=10)
+    mut = Mutator(seeds, seed=10)
     n = mut.systematic + 3000
     assert n >= 10_000
     t0 = time.perf_counter()
-    rep = fuzz.fuzz(fuzz.InProcess(bundle, skip_network=True), mut, n, time_limit=20)
+    rep = fuzz.fuzz(InProcess(bundle, skip_network=True), mut, n, time_limit=20)
     wall = time.perf_counter() - t0
     print(fuzz.format_report(rep))
     assert rep.cases == n
@@ -56,15 +59,15 @@ def test_ten_thousand_cases_in_process_no_crash_no_hang(bundle, seeds) -> None: 
 
 
 def test_full_decode_path_with_the_decoder_network(bundle, seeds) -> None:  # noqa: ANN001
-    rep = fuzz.fuzz(fuzz.InProcess(bundle), fuzz.Mutator(seeds, seed=11, every_byte=False), 300)
+    rep = fuzz.fuzz(InProcess(bundle), Mutator(seeds, seed=11, every_byte=False), 300)
     assert not rep.crashes and not rep.hangs, rep.crashes[:3]
     assert rep.histogram["ok"] > 0
 
 
 def test_two_hundred_cases_through_the_real_grpc_server(live_server, seeds) -> None:  # noqa: ANN001
-    target = fuzz.OverGrpc(live_server.grpc_address, "fall-yolov8", timeout=60)
+    target = OverGrpc(live_server.grpc_address, "fall-yolov8", timeout=60)
     try:
-        rep = fuzz.fuzz(target, fuzz.Mutator(seeds, seed=12, every_byte=False), 200, time_limit=90)
+        rep = fuzz.fuzz(target, Mutator(seeds, seed=12, every_byte=False), 200, time_limit=90)
     finally:
         target.close()
     print(fuzz.format_report(rep))
@@ -97,7 +100,7 @@ def test_a_crash_is_reported_and_exits_non_zero(seeds) -> None:  # noqa: ANN001
             time.sleep(0.5)
         return "ok"
 
-    rep = fuzz.fuzz(target, fuzz.Mutator(seeds[:1], seed=1, every_byte=False), 40, time_limit=0.2)
+    rep = fuzz.fuzz(target, Mutator(seeds[:1], seed=1, every_byte=False), 40, time_limit=0.2)
     assert rep.crashes and rep.crashes[0]["outcome"] == "CRASH:ValueError"
     assert "zero word" in rep.crashes[0]["traceback"]
     assert rep.hangs and rep.histogram["hang"] == len(rep.hangs)
@@ -185,7 +188,7 @@ def test_decoders_take_arbitrary_mutations(decoder, seeds, codec: str) -> None: 
     @settings(max_examples=60 if codec == "palette" else 40, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(st.sampled_from(mine), _mutations(), st.integers(0, 63), st.booleans())
-    def prop(seed: fuzz.Seed, edits: list[tuple[str, int, int]], layer: int, recrc: bool) -> None:
+    def prop(seed: Seed, edits: list[tuple[str, int, int]], layer: int, recrc: bool) -> None:
         if not recrc:
             _decode_is_clean(decoder, _apply(seed.payload, edits))
             return

@@ -28,11 +28,11 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
                 "palettelink.samples", "palettelink.capture", "palettelink.benchfile", "palettelink.scoring",
                 "palettelink.cliutil")),
     ("bundle", ("palettelink.bundle", "palettelink.fetch", "palettelink.front")),
-    ("codecs", ("palettelink.codecs.*", "palettelink.ratecontrol", "palettelink.info")),
+    ("codecs", ("palettelink.codecs.*", "palettelink.ratecontrol", "palettelink.levels")),
     ("models", ("palettelink.models.*",)),
     ("train", ("palettelink.train.*",)),
     ("apps", ("edge.*", "server.*")),
-    ("tools", ("palettelink.bench.*", "palettelink.fuzz", "palettelink.loadtest", "palettelink.cli")),
+    ("tools", ("palettelink.bench.*", "palettelink.tools.*", "palettelink.cli")),
 ]
 
 # Rooms on one floor that must not import each other.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from helpers import ABSENT_PRELUDE
 
-from palettelink import loadtest
+from palettelink.tools import loadtest
 
 
 def test_eight_streams_five_seconds_nothing_lost_duplicated_or_reordered(live_server, coded_frames) -> None:  # noqa: ANN001

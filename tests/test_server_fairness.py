@@ -1,7 +1,7 @@
 """A client that ignores retry hints cannot starve the others (issue 20): per-client fair share of
 admission control, throttled early resends, and gRPC's worker limit refused like every other limit
 (retry hint, flag named). Real servers on 127.0.0.1; the load comes from the loadtest tool's own
-streams (palettelink/loadtest.py), one kind of them made rude: it never pauses for a retry hint."""
+streams (palettelink/tools/loadtest.py), one kind of them made rude: it never pauses for a retry hint."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def _server(root: Path, fair: bool = True, **limits: object):  # noqa: ANN202 - 
 
 def _frames(root: Path) -> list[bytes]:
     from palettelink.bundle import find_bundle
-    from palettelink.loadtest import precode
+    from palettelink.tools.loadtest import precode
 
     return precode(find_bundle(BUNDLE, root), "baseline", 4, None)
 
@@ -87,7 +87,7 @@ def _frames(root: Path) -> list[bytes]:
 def _run(address: str, frames: list[bytes], seconds: float, rude_streams: int) -> dict[str, float]:
     """One polite client (2 streams at 4 fps, window 2, pausing for every retry hint) and, if asked,
     a rude one (``rude_streams`` streams, window 4, as fast as answers come, never pausing)."""
-    from palettelink.loadtest import LoadStream
+    from palettelink.tools.loadtest import LoadStream
 
     class Rude(LoadStream):
         def _result(self, r: pb.FrameResult) -> None:
