@@ -19,6 +19,7 @@ AnsCoder = constriction.stream.stack.AnsCoder
 
 PROB_BITS = 16  # integer tables are normalised to sum to 2**16 before use
 _ROW_MODEL = Categorical(perfect=False)
+ROW_MODEL = _ROW_MODEL  # the model of row-coded streams: each symbol's probabilities come with it
 
 
 def normalise_counts(counts: np.ndarray, total: int = 1 << PROB_BITS, floor: int = 1) -> np.ndarray:
@@ -53,6 +54,9 @@ def _probs(table: np.ndarray) -> np.ndarray:
 
 def _to_bytes(words: np.ndarray) -> bytes:
     return np.asarray(words, dtype="<u4").tobytes()
+
+
+words_to_bytes = _to_bytes  # an AnsCoder's compressed words as the bytes a layer carries
 
 
 def _from_bytes(data: bytes) -> np.ndarray:

@@ -74,6 +74,7 @@ from palettelink.codecs.palette.stream import (
     decode_layers_full,
     encode_layer,
     encode_levels,
+    encode_levels_between,
     generate_layer,
     layer_bits,
     mean_level_bits,
@@ -94,5 +95,5 @@ __all__ = ["CODEC", "CTX_FORMAT", "FLAG_STATIC", "GENERATE_MODES", "MAX_POSITION
            "PASSES", "PROB_TOTAL", "SPEC", "TABLES_FILE", "WIRE_ID", "_NC_INDEX", "DecodedIndices",
            "PaletteAnalysis", "PaletteDecoder", "PaletteEncoder", "PaletteTables", "anchor_context",
            "check_model", "decode_layer", "decode_layers", "decode_layers_full", "encode_layer",
-           "encode_levels", "generate_layer", "layer_bits", "mean_level_bits", "neighbour_context",
-           "pass_context", "pass_masks"]
+           "encode_levels", "encode_levels_between", "generate_layer", "layer_bits", "mean_level_bits",
+           "neighbour_context", "pass_context", "pass_masks"]

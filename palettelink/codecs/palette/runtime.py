@@ -18,7 +18,7 @@ from palettelink.codecs.palette.stream import (
     DecodedIndices,
     check_level,
     decode_layers_full,
-    encode_levels,
+    encode_levels_between,
 )
 from palettelink.codecs.palette.tables import TABLES_FILE, PaletteTables, check_model
 from palettelink.errors import BundleError, InvalidRequest, InvalidStream
@@ -41,8 +41,8 @@ class PaletteAnalysis(Analysis):
 
     indices: np.ndarray  # [G, h, w] finest
     letterbox: Letterbox
-    layers: list[bytes] | None = None  # the full progressive stream's layers, made on first use
-    layer_ms: float = 0.0
+    layers: list[bytes] | None = None  # the progressive stream's layers, coarsest first, made on use
+    layer_ms: float = 0.0  # time spent coding them (all calls)
     novelty: float | None = None  # edge.onnx's "novelty" (None: a bundle exported before it existed)
 
 
@@ -102,14 +102,19 @@ class PaletteEncoder:
             raise BundleError(f"{self.bundle.id}: edge.onnx produced indices outside the palette")
         return PaletteAnalysis((info.width, info.height), ms, idx, info, novelty=novelty)
 
-    def _layers(self, analysis: Analysis) -> list[bytes]:
+    def _layers(self, analysis: Analysis, level: int = 0) -> list[bytes]:
+        """The stream's layers down to ``level`` at least: only the levels asked for are coded (the
+        default level skips the finest layers), finer ones are added when a later call wants them."""
         if not isinstance(analysis, PaletteAnalysis):
             raise InvalidRequest(f"the palette codec cuts its own analysis, not a {type(analysis).__name__}")
-        if analysis.layers is None:
+        n_l = self.tables.n_levels
+        have = analysis.layers or []
+        if len(have) < n_l - level:
             t0 = time.perf_counter()
-            analysis.layers = encode_levels(analysis.indices, self.tables, 0, self.model)
-            analysis.layer_ms = (time.perf_counter() - t0) * 1e3
-        return analysis.layers
+            analysis.layers = have + encode_levels_between(analysis.indices, self.tables,
+                                                           n_l - 1 - len(have), level, self.model)
+            analysis.layer_ms += (time.perf_counter() - t0) * 1e3
+        return analysis.layers  # type: ignore[return-value]
 
     def _frame(self, analysis: PaletteAnalysis, layers: Sequence[bytes]) -> bitstream.Frame:
         _, h, w = analysis.indices.shape
@@ -123,7 +128,7 @@ class PaletteEncoder:
         """The stream for ``level`` (default: :meth:`default_level`): a prefix of the full progressive
         stream. Any level of the palette can be cut; rate control only chooses offered ones."""
         level = check_level(self.tables, self._default if level is None else level)
-        layers = self._layers(analysis)[: self.tables.n_levels - level]
+        layers = self._layers(analysis, level)[: self.tables.n_levels - level]
         assert isinstance(analysis, PaletteAnalysis)
         t0 = time.perf_counter()
         payload = bitstream.pack(self._frame(analysis, layers))
@@ -134,7 +139,7 @@ class PaletteEncoder:
 
     def level_sizes(self, analysis: Analysis) -> dict[int, int]:
         """Exact payload bytes of every offered level (one progressive encode gives every prefix)."""
-        layers = self._layers(analysis)
+        layers = self._layers(analysis, min(self._offered))
         assert isinstance(analysis, PaletteAnalysis)
         n_l = self.tables.n_levels
         return {t: len(bitstream.pack(self._frame(analysis, layers[: n_l - t]))) for t in self._offered}

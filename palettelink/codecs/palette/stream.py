@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from palettelink import entropy
+from palettelink.codecs.palette import batch
 from palettelink.codecs.palette.context import pass_context, pass_masks
 from palettelink.codecs.palette.tables import PASSES, PaletteTables, check_model
 from palettelink.errors import InvalidRequest, InvalidStream
@@ -137,13 +138,22 @@ def encode_levels(indices_finest: np.ndarray, tables: PaletteTables, level: int 
         raise InvalidRequest(f"index maps must be [{tables.n_groups}, h, w], got {fin.shape}")
     if fin.min() < 0 or fin.max() >= tables.sizes[0]:
         raise InvalidRequest(f"finest indices must lie in 0..{tables.sizes[0] - 1}")
-    layers = []
-    above = None
-    for t in range(tables.n_levels - 1, level - 1, -1):
-        ids = tables.ids_at(fin, t)
-        layers.append(encode_layer(tables, t, ids, above, model))
-        above = ids
-    return layers
+    return encode_levels_between(fin, tables, tables.n_levels - 1, level, model)
+
+
+def encode_levels_between(fin: np.ndarray, tables: PaletteTables, coarsest: int, finest: int,
+                          model: str | None = None) -> list[bytes]:
+    """The layers of levels ``coarsest`` down to ``finest`` (coarsest first) of validated finest index
+    maps: a slice of :func:`encode_levels`' list, so the edge codes only the levels it sends and adds
+    finer layers when asked. All layers in a few array operations (:mod:`.batch`), byte-identical to
+    coding them one by one with :func:`encode_layer`, which a palette too wide for it still does."""
+    model = check_model(tables, model)
+    levels = list(range(coarsest, finest - 1, -1))
+    if batch.supported(tables):
+        return batch.encode_layers(tables, fin, levels, model)
+    return [encode_layer(tables, t, tables.ids_at(fin, t),
+                         tables.ids_at(fin, t + 1) if t + 1 < tables.n_levels else None, model)
+            for t in levels]
 
 
 @dataclass
