@@ -25,7 +25,8 @@ from palettelink.errors import ImageTooLarge, InvalidRequest, ResourceExhausted,
 from palettelink.image import decode_image
 from palettelink.ratecontrol import FixedLevel, LevelCoder, TargetBpp
 from server import __version__
-from server.service import Service, output_json
+from server.service import Service
+from server.sessions import output_json
 
 REPO_BENCH = Path(__file__).resolve().parents[1] / "docs" / "results" / "bench-eval.json"
 REFERENCE = ("baseline", 8)  # "uncompressed": 8-bit features, what the bench's baseline/8 measures

@@ -9,7 +9,9 @@ internals never leak to clients. The gRPC servicer uses :func:`grpc_errors`; the
 query); the stream uses :func:`status_of` for per-frame errors.
 
 Messages are clipped to :data:`MAX_MESSAGE` characters: a status travels in gRPC metadata, which has
-a hard size limit, and an error must never grow with what a client sent.
+a hard size limit, and an error must never grow with what a client sent. For the same reason a name a
+client sends (bundle, task, client id) is refused past :data:`MAX_NAME` characters (:func:`check_name`)
+before anything stores or echoes it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from palettelink.errors import PaletteLinkError, TooLarge
+from palettelink.errors import InvalidRequest, PaletteLinkError, TooLarge
 
 log = logging.getLogger("palettelink.server")
 
@@ -55,12 +57,22 @@ NAME_BY_HTTP: dict[int, str] = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED",
                                 499: "CANCELLED", 501: "UNIMPLEMENTED", 503: "UNAVAILABLE",
                                 504: "DEADLINE_EXCEEDED"}
 MAX_MESSAGE = 1000
+MAX_NAME = 128  # characters of a client-supplied name (bundle, task, client id)
 
 
 def clip(text: str, limit: int = MAX_MESSAGE) -> str:
     """``text`` cut to at most ``limit`` characters, an ellipsis marking the cut."""
     text = str(text)
     return text if len(text) <= limit else text[: max(0, limit - 1)] + "…"
+
+
+def check_name(value: str, what: str, limit: int = MAX_NAME) -> str:
+    """``value`` if it is at most ``limit`` characters; else :class:`InvalidRequest` quoting only its
+    start, so that neither the stored frame list nor the error grows with what a client sent."""
+    if len(value) > limit:
+        raise InvalidRequest(f"{what} of {len(value)} characters is longer than {limit}: "
+                             f"{clip(value, 40)!r}")
+    return value
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,10 @@ from palettelink.v1 import palettelink_pb2 as pb
 from palettelink.v1 import palettelink_pb2_grpc as pb_grpc
 from server import __version__, reflection
 from server.auth import TokenAuth
-from server.errors import grpc_errors, status_of
-from server.results import FrameResult
-from server.service import EdgeReport, Service, StreamSession, check_name
+from server.errors import check_name, grpc_errors, status_of
+from server.results import EdgeReport, FrameResult
+from server.service import Service
+from server.sessions import StreamSession
 
 log = logging.getLogger("palettelink.server")
 
@@ -561,7 +562,7 @@ class GrpcServer:
 
     Each open Stream holds a worker thread (from its first byte on, header or not), so the pool is
     sized to ``max_streams`` plus :data:`HEADROOM` for unary calls and health checks; the stream
-    limits (:class:`~server.service.StreamSlots`) refuse streams before the pool is full; when other
+    limits (:class:`~server.admission.StreamSlots`) refuse streams before the pool is full; when other
     calls fill it, :class:`WorkerLimit` refuses with a retry hint naming ``--workers``.
     Health reports NOT_SERVING until :meth:`set_serving` (after the bundles are loaded).
     """

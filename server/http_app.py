@@ -7,7 +7,7 @@ a page load or an ``EventSource``. Open are only the probes ``/healthz`` and ``/
 send no token), the login form itself and, with ``public_metrics`` (``--public-metrics``),
 ``/metrics``. A refusal is 401 with ``WWW-Authenticate: Bearer`` in the one error shape; a browser's
 page load is sent to the login form instead. Client-supplied names are bounded
-(:func:`server.service.check_name`) before anything stores or echoes them.
+(:func:`server.errors.check_name`) before anything stores or echoes them.
 Errors reach clients only through ``server/errors.py``, all in one JSON shape ``{"error": {code,
 status, message}}`` — also the framework's own refusals (a bad query parameter, an unknown route),
 never FastAPI's ``{"detail": …}``.
@@ -49,8 +49,9 @@ from server import __version__
 from server import api_models as m
 from server.auth import SESSION_TTL_S, TokenAuth
 from server.dashboard import TRY_MAX_PIXELS, TRY_UPLOADS, TryIt, bench_curves, render
-from server.errors import ErrorCounter, clip, http_error, http_status
-from server.service import PREVIEW_PATH, Service, check_name
+from server.errors import ErrorCounter, check_name, clip, http_error, http_status
+from server.previews import PREVIEW_PATH
+from server.service import Service
 
 STATIC = Path(__file__).with_name("static")
 LIVE_PERIOD_S = 1.0  # how often /api/live sends the streams

@@ -5,7 +5,7 @@ and gRPC health says NOT_SERVING; then one line ``READY grpc=HOST:PORT http=HOST
 stdout, which scripts and tests wait for. SIGINT/SIGTERM stop it cleanly: ``/readyz`` turns 503 and
 health NOT_SERVING at once, calls are still taken for ``--drain-delay`` seconds, running calls get
 ``--drain-grace`` seconds, then the process exits 0. Stream limits, idle timeouts and admission
-control: see :class:`server.service.StreamSlots` and :class:`server.service.Admission`.
+control: see :class:`server.admission.StreamSlots` and :class:`server.admission.Admission`.
 
 Both doors are secured alike: tokens apply to every HTTP route but the probes (and ``/metrics`` with
 ``--public-metrics``), ``--http-tls`` serves HTTPS with the gRPC certificate, and with

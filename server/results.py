@@ -1,10 +1,23 @@
-"""Transport-neutral results of one frame. The gRPC servicer and the HTTP app convert these; the
-task runners and the :class:`~server.service.Service` produce them."""
+"""Transport-neutral results of one frame, and what the edge reports with it (:class:`EdgeReport`).
+The gRPC servicer and the HTTP app convert these; the task runners and the
+:class:`~server.service.Service` produce them."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+
+@dataclass(frozen=True)
+class EdgeReport:
+    """What a client says about a frame: its timings (echoed into metrics) and the codec's novelty
+    and fallback for it (echoed into the result, the dashboard and metrics)."""
+
+    front_ms: float = 0.0
+    encode_ms: float = 0.0
+    capture_time_us: int = 0
+    novelty: float = 0.0  # 0 = not measured
+    fallback: str = ""
 
 
 @dataclass(frozen=True)

@@ -251,7 +251,7 @@ def test_previews_are_evicted_oldest_first(http: httpx.Client, coded: dict[str, 
 
 
 def test_store_bounds_by_bytes_and_spares_each_streams_newest() -> None:
-    from server.service import PreviewStore
+    from server.previews import PreviewStore
 
     s = PreviewStore(max_items=3, max_bytes=100)
     assert s.put(1, b"a" * 40) and s.put(2, b"b" * 40) and s.put(3, b"c" * 40)
@@ -314,7 +314,7 @@ def test_landmarks_reach_the_frame_json(http: httpx.Client, image_server: Any, c
 def test_last_frame_json_stays_bounded(image_server: Any) -> None:
     """Masks with absurdly many runs, and more masks/landmark sets than the event carries, are cut."""
     from server.results import LandmarkSet, Mask, TaskOutput
-    from server.service import MAX_LAST_LANDMARKS, MAX_LAST_MASKS, MAX_MASK_RUNS, output_json
+    from server.sessions import MAX_LAST_LANDMARKS, MAX_LAST_MASKS, MAX_MASK_RUNS, output_json
 
     noisy = Mask(width=MAX_MASK_RUNS + 1, height=1, counts=(1,) * (MAX_MASK_RUNS + 1))
     small = Mask(width=2, height=1, counts=(1, 1))

@@ -26,8 +26,8 @@ BUNDLE = "fall-yolov8"
 
 def test_a_client_holds_its_fair_share_once_the_server_is_half_full() -> None:
     from palettelink.errors import ResourceExhausted
+    from server.admission import Admission
     from server.metrics import Metrics
-    from server.service import Admission
 
     m = Metrics()
     a = Admission(m, max_pending=8, shed_latency_ms=0)

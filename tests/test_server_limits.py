@@ -208,8 +208,8 @@ def test_the_edge_stream_resends_refused_frames_after_the_hint(limited, channel:
 
 def test_latency_feedback_admits_only_a_batch_while_frames_are_slow() -> None:
     from palettelink.errors import ResourceExhausted
+    from server.admission import Admission
     from server.metrics import Metrics
-    from server.service import Admission
 
     a = Admission(Metrics(), max_pending=10, shed_latency_ms=100, floor=2)
     for _ in range(3):

@@ -13,8 +13,9 @@ from palettelink.bundle import Bundle
 from palettelink.codecs import Decoded
 from palettelink.errors import InvalidRequest, ResourceExhausted, ServiceUnavailable
 from server.batching import Batcher
+from server.info import LevelInfo, codec_info
 from server.results import FrameResult, TaskOutput
-from server.service import LevelInfo, Service, codec_info
+from server.service import Service
 
 
 class EchoRunner:
