@@ -1,35 +1,25 @@
 """HTTP transport (FastAPI): probes, Prometheus metrics, JSON status, a small dashboard, and a REST
 twin of ``Analyze`` — all thin routes over the same :class:`~server.service.Service`.
 
-With tokens configured, every route needs one (:class:`RequireToken`): ``authorization: Bearer``,
-or the session cookie the dashboard's ``/login`` form sets, since a browser cannot add a header to
-a page load or an ``EventSource``. Open are only the probes ``/healthz`` and ``/readyz`` (kubelets
-send no token), the login form itself and, with ``public_metrics`` (``--public-metrics``),
-``/metrics``. A refusal is 401 with ``WWW-Authenticate: Bearer`` in the one error shape; a browser's
-page load is sent to the login form instead. Client-supplied names are bounded
-(:func:`server.errors.check_name`) before anything stores or echoes them.
-Errors reach clients only through ``server/errors.py``, all in one JSON shape ``{"error": {code,
-status, message}}`` — also the framework's own refusals (a bad query parameter, an unknown route),
-never FastAPI's ``{"detail": …}``.
+With tokens configured, every route needs one (``server/http_security.py``: a bearer header, or the
+session cookie of the dashboard's login form, ``server/http_login.py``). Open are only the probes
+``/healthz`` and ``/readyz`` (kubelets send no token), the login form itself and, with
+``public_metrics`` (``--public-metrics``), ``/metrics``. Client-supplied names are bounded
+(:func:`server.errors.check_name`) before anything stores or echoes them. Errors reach clients only
+through ``server/errors.py``, all in one JSON shape ``{"error": {code, status, message}}`` — also the
+framework's own refusals (a bad query parameter, an unknown route), never FastAPI's ``{"detail": …}``.
 
-Every response carries the browser security headers (:class:`SecurityHeaders`): a Content-Security-Policy
-that allows nothing from elsewhere (scripts, styles, images and connections from this server only, the
-login form's and Swagger UI's inline parts by their hash) with ``frame-ancestors 'none'`` and
-``X-Frame-Options: DENY`` (no framing), ``X-Content-Type-Options: nosniff`` and a Referrer-Policy. State
-changes on POST only: ``/logout`` deletes the cookie on a same-origin POST; a GET only shows its button.
+Every response carries the browser security headers (:class:`~server.http_security.SecurityHeaders`).
+State changes on POST only: ``/logout`` deletes the cookie on a same-origin POST; a GET only shows its
+button.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import html
 import json
-import re
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlsplit
 
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
@@ -38,224 +28,29 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import RedirectResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from palettelink.errors import PaletteLinkError, ServiceUnavailable, TooLarge, Unauthenticated
+from palettelink.errors import PaletteLinkError, ServiceUnavailable
 from palettelink.fetch import edge_file, edge_listing
 from server import __version__
 from server import api_models as m
-from server.auth import SESSION_TTL_S, TokenAuth
+from server.auth import TokenAuth
 from server.dashboard import TRY_MAX_PIXELS, TRY_UPLOADS, TryIt, bench_curves, render
-from server.errors import ErrorCounter, check_name, clip, http_error, http_status
+from server.errors import check_name, clip, http_error, http_status
+from server.http_login import add_login_routes
+from server.http_security import CLIENT, LOGIN_PATHS, RequireToken, SecurityHeaders, html_page, read_body
 from server.previews import PREVIEW_PATH
 from server.service import Service
 
 STATIC = Path(__file__).with_name("static")
 LIVE_PERIOD_S = 1.0  # how often /api/live sends the streams
 LIVE_MAX_S = 600.0  # one event stream's lifetime; EventSource reconnects by itself
-
-# -- auth: who may read what ----------------------------------------------------------------------
-
 PROBES = frozenset({"/healthz", "/readyz"})  # kubelets and load balancers send no token
-LOGIN_PATHS = frozenset({"/login", "/logout"})  # the way in (and out) must be reachable without one
 FAVICON = "/favicon.ico"  # browsers ask for it unprompted, logged in or not: never a 401 or 404
-# The session cookie. Over https it carries the __Host- prefix: the browser then only keeps it when it
-# is Secure, for Path=/ and without Domain, so no other host or plain-http page can set or shadow it.
-SESSION_COOKIE, SECURE_SESSION_COOKIE = "palettelink_session", "__Host-palettelink_session"
-CHALLENGE = 'Bearer realm="palettelink"'
-SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-MAX_FORM_BYTES = 4096  # the login form: a token and a path
-MAX_NEXT = 512  # characters of the login form's return path
 MAX_PATH = 512  # characters of a bundle file path a client asks for
 MAX_FRAME_ID = (1 << 64) - 1  # the protocol's uint64
-CLIENT = "palettelink.client"  # the ASGI scope key where RequireToken leaves the caller's client name
-
-
-# -- browser security headers ----------------------------------------------------------------------
-
-
-def csp(scripts: tuple[str, ...] = (), styles: tuple[str, ...] = ()) -> str:
-    """The Content-Security-Policy: this server's own scripts, styles, images (and the ``data:``/``blob:``
-    pictures the dashboard draws from what it fetched), connections and forms; nothing from elsewhere,
-    no plugins, no framing. ``scripts``/``styles``: hash sources of a page's own inline parts."""
-    def extra(hashes: tuple[str, ...]) -> str:
-        return "".join(f" '{h}'" for h in hashes)
-
-    return ("default-src 'self'; "
-            f"script-src 'self'{extra(scripts)}; style-src 'self'{extra(styles)}; "
-            "img-src 'self' data: blob:; connect-src 'self'; font-src 'self'; object-src 'none'; "
-            "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
-
-
-def inline_hashes(page: str, tag: str) -> tuple[str, ...]:
-    """CSP hash sources (``sha256-…``) of each inline ``<tag>…</tag>`` of ``page`` (no ``src``)."""
-    bodies = re.findall(rf"<{tag}>(.*?)</{tag}>", page, flags=re.S)
-    return tuple("sha256-" + base64.b64encode(hashlib.sha256(b.encode()).digest()).decode() for b in bodies)
-
-
-# Referrer-Policy same-origin, not no-referrer: under no-referrer a browser sends "Origin: null" with
-# this server's own form posts, which the cross-origin check (same_origin) must then refuse.
-SECURITY_HEADERS = {
-    "content-security-policy": csp(),
-    "x-frame-options": "DENY",
-    "x-content-type-options": "nosniff",
-    "referrer-policy": "same-origin",
-    "cross-origin-opener-policy": "same-origin",
-}
-
-
-class SecurityHeaders:
-    """ASGI middleware: :data:`SECURITY_HEADERS` on every response (the outermost middleware, so the
-    login redirects and 401s carry them too). A route that sets its own CSP (an inline part's hash)
-    keeps it."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                for name, value in SECURITY_HEADERS.items():
-                    if name not in headers:
-                        headers.append(name, value)
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
-
 FAVICON_SVG = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" '
                b'rx="3" fill="#1d232b"/><circle cx="8" cy="8" r="4" fill="#9cf"/></svg>')
-
-
-class CrossOrigin(PaletteLinkError):
-    """A cookie-authenticated write sent from another origin (a cross-site request forgery)."""
-
-    code = "PERMISSION_DENIED"
-
-
-class RequireToken:
-    """ASGI middleware: with tokens configured, a request reaches a route only with a valid
-    ``authorization: Bearer`` header or session cookie, except on ``open_paths``.
-
-    A pure ASGI wrapper, not ``BaseHTTPMiddleware``, so the event stream of ``/api/live`` and the
-    bundle file downloads pass through unbuffered. The caller's client name goes to ``scope[CLIENT]``.
-    A write (POST) authenticated by the cookie must come from this origin too: SameSite=Strict keeps
-    other sites' requests from carrying the cookie, and this check holds where a browser does not.
-    """
-
-    def __init__(self, app: ASGIApp, auth: TokenAuth, open_paths: frozenset[str],
-                 metrics: ErrorCounter | None = None) -> None:
-        self.app, self.auth, self.open_paths, self.metrics = app, auth, open_paths, metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        scope[CLIENT] = ""
-        if not self.auth.enabled or scope["path"] in self.open_paths:
-            await self.app(scope, receive, send)
-            return
-        request = Request(scope)
-        try:
-            scope[CLIENT] = self._authenticate(request)
-        except (Unauthenticated, CrossOrigin) as e:
-            await self._refuse(request, e)(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
-
-    def _authenticate(self, request: Request) -> str:
-        """The caller's client name: a header says it (and must be right), else the session cookie."""
-        header = request.headers.get("authorization")
-        if header is not None:
-            return self.auth.client_for(header)
-        cookie = request.cookies.get(SECURE_SESSION_COOKIE) or request.cookies.get(SESSION_COOKIE)
-        if not cookie:
-            raise Unauthenticated("missing 'authorization: Bearer <token>' (browsers: log in at /login)")
-        client = self.auth.client_for_session(cookie)
-        if request.method not in SAFE_METHODS and not same_origin(request):
-            raise CrossOrigin("a request with the session cookie from another origin; send it from this "
-                              "server's pages or with 'authorization: Bearer <token>'")
-        return client
-
-    def _refuse(self, request: Request, exc: PaletteLinkError) -> Response:
-        """A page load of a browser goes to the login form; anything else is our JSON 401 (or 403)."""
-        if (isinstance(exc, Unauthenticated) and request.method in ("GET", "HEAD")
-                and "authorization" not in request.headers
-                and "text/html" in request.headers.get("accept", "")):
-            back = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-            return RedirectResponse("/login?" + urlencode({"next": local_path(back)}), status_code=303)
-        status, body = http_status(exc, self.metrics)
-        headers = {}
-        if status == 401:  # RFC 6750: an error code only when credentials were sent
-            sent = "authorization" in request.headers or SESSION_COOKIE in request.cookies \
-                or SECURE_SESSION_COOKIE in request.cookies
-            headers["WWW-Authenticate"] = CHALLENGE + (', error="invalid_token"' if sent else "")
-        return JSONResponse(body, status_code=status, headers=headers)
-
-
-def same_origin(request: Request) -> bool:
-    """Whether a browser sent ``request`` from this server's own pages: its ``Origin`` names this
-    host (no ``Origin``: not a browser's cross-origin write, which always has one)."""
-    origin = request.headers.get("origin")
-    if origin is None:
-        return True
-    return urlsplit(origin).netloc.lower() == request.headers.get("host", "").lower() != ""
-
-
-def local_path(target: str | None) -> str:
-    """``target`` if it is a path of this server (so the login form never redirects elsewhere), else ``/``."""
-    t = target or "/"
-    if (len(t) > MAX_NEXT or not t.startswith("/") or t.startswith("//") or "\\" in t
-            or not t.isprintable() or t.split("?", 1)[0] in LOGIN_PATHS):
-        return "/"
-    return t
-
-
-def login_page(target: str, error: str = "") -> str:
-    """The login form: one token field; self-contained (no asset needs a login to load)."""
-    err = f'<p class="err" id="login-error">{html.escape(error)}</p>' if error else ""
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>PaletteLink · log in</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="icon" href="/favicon.ico" type="image/svg+xml">
-<style>body{{font:15px system-ui,sans-serif;max-width:28em;margin:12vh auto;padding:0 1em;color:#222}}
-input{{font:inherit;width:100%;box-sizing:border-box;padding:.45em;margin:.3em 0 .9em}}
-button{{font:inherit;padding:.4em 1.4em}} .err{{color:#b00020}} .muted{{color:#666}}</style></head>
-<body><h1>PaletteLink</h1>
-<p class="muted">This server needs a token: a line of its <code>--tokens-file</code> (or
-<code>$PALETTELINK_TOKENS</code>). It is checked once; the browser then holds a session cookie for
-{SESSION_TTL_S // 3600} h, never the token.</p>
-{err}<form id="login" method="post" action="/login"><label for="token">token</label>
-<input id="token" name="token" type="password" autocomplete="current-password" required autofocus>
-<input type="hidden" name="next" value="{html.escape(target)}"><button type="submit">Log in</button></form>
-</body></html>
-"""
-
-
-def logout_page() -> str:
-    """What a GET of /logout shows: the button that logs out (a POST; a link never changes state)."""
-    return """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>PaletteLink · log out</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="icon" href="/favicon.ico" type="image/svg+xml"></head>
-<body><h1>PaletteLink</h1><form id="logout-form" method="post" action="/logout">
-<button type="submit" id="logout">Log out</button></form></body></html>
-"""
-
-
-def html_page(text: str, status: int = 200, headers: dict[str, str] | None = None) -> HTMLResponse:
-    """An HTML answer whose CSP allows its own inline ``<style>`` and ``<script>`` (by hash), no more."""
-    policy = csp(inline_hashes(text, "script"), inline_hashes(text, "style"))
-    return HTMLResponse(text, status_code=status,
-                        headers={**(headers or {}), "content-security-policy": policy})
 
 
 def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: int = 16 << 20,
@@ -377,7 +172,7 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
         for value, what in ((bundle, "bundle name"), (task, "task name"), (codec, "codec name")):
             check_name(value, what)
         with try_it.admitted():
-            data = await _read_body(request, max_body_bytes)
+            data = await read_body(request, max_body_bytes)
             return await run_in_threadpool(try_it.run, data, bundle, task, codec, level, target_bpp,
                                            want_preview)
 
@@ -393,7 +188,7 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
         """Body: one coded frame (``application/octet-stream``). Same checks and results as the
         gRPC ``Analyze``; errors as JSON ``{"error": {code, status, message}}``."""
         client = _client(request)
-        payload = await _read_body(request, max_body_bytes)
+        payload = await read_body(request, max_body_bytes)
         peer = request.client.host if request.client else ""
         result = await run_in_threadpool(service.analyze, bundle, task, payload, want_preview,
                                          frame_id=frame_id, client=client, admission_key=client or peer)
@@ -439,53 +234,7 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
     def rate_page() -> str:
         return render("rate", logout=auth.enabled)
 
-    @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
-    def login_form(request: Request) -> Response:
-        """The dashboard's way in (no token needed to see it)."""
-        target = local_path(request.query_params.get("next"))
-        if not auth.enabled:
-            return RedirectResponse(target, status_code=303)
-        return html_page(login_page(target), headers={"Cache-Control": "no-store"})
-
-    @app.post("/login", include_in_schema=False)
-    async def login(request: Request) -> Response:
-        """Form ``token=…&next=…``: a known token gets a session cookie (HttpOnly, SameSite=Strict,
-        Secure over https) and a redirect to ``next``; anything else the form again, 401."""
-        if not auth.enabled:
-            return RedirectResponse("/", status_code=303)
-        if not same_origin(request):
-            raise CrossOrigin("a login form posted from another origin")
-        form = parse_qs((await _read_body(request, MAX_FORM_BYTES)).decode("utf-8", "replace"),
-                        max_num_fields=8)
-        target = local_path((form.get("next") or ["/"])[0])
-        try:
-            session = auth.session_for((form.get("token") or [""])[0].strip())
-        except Unauthenticated:
-            service.metrics.count_error("UNAUTHENTICATED")
-            return html_page(login_page(target, "unknown token"), status=401,
-                             headers={"WWW-Authenticate": CHALLENGE, "Cache-Control": "no-store"})
-        response = RedirectResponse(target, status_code=303)
-        secure = request.url.scheme == "https"
-        response.set_cookie(SECURE_SESSION_COOKIE if secure else SESSION_COOKIE, session,
-                            max_age=SESSION_TTL_S, path="/", secure=secure, httponly=True, samesite="strict")
-        return response
-
-    @app.get("/logout", response_class=HTMLResponse, include_in_schema=False)
-    def logout_form() -> Response:
-        """The log-out button (a GET changes nothing: a link or a prefetch never logs anyone out)."""
-        return html_page(logout_page(), headers={"Cache-Control": "no-store"})
-
-    @app.post("/logout", include_in_schema=False)
-    def logout(request: Request) -> Response:
-        """Forget the session cookie (in this browser; the session itself ends at its expiry). Only a
-        POST from this server's own pages (another site's form cannot log anyone out)."""
-        if not same_origin(request):
-            raise CrossOrigin("a log-out form posted from another origin")
-        response = RedirectResponse("/login" if auth.enabled else "/", status_code=303)
-        secure = request.url.scheme == "https"
-        response.delete_cookie(SECURE_SESSION_COOKIE if secure else SESSION_COOKIE, path="/", secure=secure,
-                               httponly=True, samesite="strict")
-        return response
+    add_login_routes(app, auth, service.metrics)
 
     @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
     def docs() -> HTMLResponse:
@@ -533,16 +282,6 @@ def _swagger_assets() -> Path | None:
     return d if (d / "swagger-ui-bundle.js").is_file() else None
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused (:class:`TooLarge`) as soon as it passes ``limit`` bytes."""
-    body = bytearray()
-    async for chunk in request.stream():  # never buffer more than the limit
-        body += chunk
-        if len(body) > limit:
-            raise TooLarge(f"request body exceeds {limit} bytes")
-    return bytes(body)
-
-
 def _validation_message(exc: RequestValidationError) -> str:
     """``query parameter 'limit': Input should be less than or equal to 1000`` (each problem, short)."""
     parts = []
@@ -551,4 +290,3 @@ def _validation_message(exc: RequestValidationError) -> str:
         where = f"{loc[0]} parameter {'.'.join(loc[1:])!r}" if len(loc) > 1 else ".".join(loc) or "request"
         parts.append(f"{clip(where, 80)}: {clip(str(err.get('msg', 'invalid')), 200)}")
     return "; ".join(parts) or "invalid request"
-

@@ -95,7 +95,7 @@ class Service:
         self.slots = StreamSlots(max_streams, max_streams_per_client)
         self.admission = Admission(self.metrics, max_pending, max_stream_queue, shed_latency_ms,
                                    floor=max(2, max_batch))
-        # A stream refused again and again is left unread a while (grpc_service._Inbox._hold).
+        # A stream refused again and again is left unread a while (server.grpc_inbox.Inbox._hold).
         self.throttle_streams = True
         self._draining = threading.Event()
 

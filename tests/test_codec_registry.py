@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # modules that dispatch on codecs: they must ask the registry, never name a codec themselves
 DISPATCHERS = ["palettelink/codecs/__init__.py", "palettelink/bitstream.py", "palettelink/ratecontrol.py",
                "edge/ratecontrol.py", "edge/client.py", "palettelink/bench/methods.py",
-               "palettelink/levels.py", "palettelink/tools/info.py", "server/service.py",
-               "server/grpc_service.py"]
+               "palettelink/levels.py", "palettelink/tools/info.py", "server/service.py", "server/info.py",
+               "server/grpc_service.py", "server/grpc_convert.py"]
 # Strings that look like a codec's name but are not a dispatch on it (none today).
 NOT_A_CODEC: dict[str, list[str]] = {}
 
