@@ -1,72 +1,84 @@
 """Response models of the JSON APIs, so the OpenAPI schema (``/openapi.json``, ``/docs``) types them.
 
-They describe what :class:`~server.service.Service` already returns; extra keys are allowed so that
-a field added there never turns an answer into a validation error.
+The results of a frame (``server/results.py``) and what ``GetInfo`` says of a bundle
+(``server/info.py``) are defined once, as the dataclasses the service returns; their models here are
+made from those (:func:`model_of`), field by field, so a field added there is in the schema too. The
+rest describe the JSON the service and the dashboard build as dicts. Extra keys are allowed so that a
+field added there never turns an answer into a validation error.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+import dataclasses
+from typing import Any, get_args, get_origin, get_type_hints
+
+from pydantic import BaseModel, ConfigDict, create_model
+
+from server.info import BundleInfo, CodecInfo, LevelInfo, TensorInfo
+from server.results import Box, FrameResult, LandmarkSet, Mask, TaskOutput, Timings
 
 
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-class BoxModel(_Open):
-    x1: float
-    y1: float
-    x2: float
-    y2: float
-    class_id: int
-    class_name: str
-    score: float
+_MODELS: dict[type, type[_Open]] = {}  # result type → its model, for the fields that hold one
 
 
-class MaskModel(_Open):
-    """Run-length counts over the frame, row-major, starting with a run of zeros."""
-
-    width: int
-    height: int
-    counts: list[int]
-    class_id: int = 0
-    score: float = 0.0
-
-
-class LandmarksModel(_Open):
-    points: list[list[float]]
-    scheme: str = ""
-    score: float = 0.0
+def _json_type(tp: Any) -> Any:
+    """The type of a field as JSON carries it: a result type becomes its model (made first), a tuple
+    an array of its items' type."""
+    if isinstance(tp, type) and tp in _MODELS:
+        return _MODELS[tp]
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is tuple:
+        (item,) = {_json_type(a) for a in args if a is not Ellipsis}  # one item type: an array
+        return list[item]  # type: ignore[valid-type]
+    if origin is list:
+        return list[_json_type(args[0])]  # type: ignore[misc]
+    return tp
 
 
-class LevelModel(_Open):
-    level: int
-    palette_size: int = 0
-    mean_bits: float = 0.0
-    mean_bpp: float = 0.0
+def model_of(cls: type, name: str, doc: str | None = None, required: tuple[str, ...] | bool = (),
+             **override: tuple[Any, Any]) -> type[_Open]:
+    """The response model of the dataclass ``cls``: its fields in its order, each with its type as JSON
+    carries it and its default. ``doc``: the schema's description; ``required``: fields the schema
+    lists as required although ``cls`` gives them a default (``True``: all); ``override``: a field's
+    (type, default) where JSON carries it differently."""
+    hints = get_type_hints(cls)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in override:
+            fields[f.name] = override[f.name]
+            continue
+        if required is True or f.name in required:  # type: ignore[operator]
+            default: Any = ...
+        elif f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = ...
+        fields[f.name] = (_json_type(hints[f.name]), default)
+    model = create_model(name, __base__=_Open, __doc__=doc, __module__=__name__, **fields)
+    _MODELS[cls] = model
+    return model
 
 
-class CodecModel(_Open):
-    name: str
-    levels: list[LevelModel]
-    progressive: bool = False
-
-
-class TensorModel(_Open):
-    name: str
-    layer: int
-    shape: list[int]
-
-
-class BundleModel(_Open):
-    name: str
-    version: str
-    table_hash: str
-    tasks: list[str]
-    class_names: list[str]
-    codecs: list[CodecModel]
-    tensors: list[TensorModel]
-    input_size: int
+BoxModel = model_of(Box, "BoxModel")
+MaskModel = model_of(Mask, "MaskModel",
+                     doc="Run-length counts over the frame, row-major, starting with a run of zeros.")
+LandmarksModel = model_of(LandmarkSet, "LandmarksModel")
+# The picture is not in JSON, its size in bytes is (FrameResult.to_dict). Every answer carries the
+# boxes and the four timings, so the schema lists them as required whatever their defaults in Python.
+TaskOutputModel = model_of(TaskOutput, "TaskOutputModel", required=("boxes",), preview_jpeg=(int, 0))
+TimingsModel = model_of(Timings, "TimingsModel", required=True)
+AnalyzeModel = model_of(FrameResult, "AnalyzeModel",
+                        doc="``/api/analyze``: one frame's results, as the gRPC ``FrameResult``.")
+LevelModel = model_of(LevelInfo, "LevelModel")
+CodecModel = model_of(CodecInfo, "CodecModel")
+TensorModel = model_of(TensorInfo, "TensorModel")
+BundleModel = model_of(BundleInfo, "BundleModel")
 
 
 class StreamModel(_Open):
@@ -218,40 +230,6 @@ class BenchModel(_Open):
     metric: str = ""
     images: int | None = None
     curves: list[BenchCurveModel]
-
-
-class TaskOutputModel(_Open):
-    boxes: list[BoxModel]
-    masks: list[MaskModel] = []
-    landmarks: list[LandmarksModel] = []
-    preview_jpeg: int = 0  # its size in bytes (the bytes themselves are not in JSON)
-
-
-class TimingsModel(_Open):
-    decode_ms: float
-    task_ms: float
-    queue_ms: float
-    total_ms: float
-
-
-class AnalyzeModel(_Open):
-    """``/api/analyze``: one frame's results, as the gRPC ``FrameResult``."""
-
-    frame_id: int
-    bundle: str
-    task: str
-    codec: str
-    level: int
-    payload_bytes: int
-    bpp: float
-    truncated: bool
-    image_width: int
-    image_height: int
-    output: TaskOutputModel
-    timings: TimingsModel
-    batch_size: int = 1
-    novelty: float = 0.0
-    fallback: str = ""
 
 
 class BundleRefModel(_Open):

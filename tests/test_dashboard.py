@@ -251,3 +251,19 @@ def test_openapi_types_the_json_apis(http: httpx.Client) -> None:
     frames = spec["paths"]["/api/frames"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert frames["items"]["$ref"].endswith("/FrameSummaryModel")
     assert "StreamStatsModel" in spec["components"]["schemas"]
+
+
+def test_the_result_models_are_made_from_the_result_types() -> None:
+    """One definition of each field: a frame's results and GetInfo's bundle description are the
+    server's dataclasses; their response models follow them field by field, in their order."""
+    from dataclasses import fields
+
+    from server import api_models as m
+    from server import info, results
+
+    for cls, model in [(results.FrameResult, m.AnalyzeModel), (results.TaskOutput, m.TaskOutputModel),
+                       (results.Timings, m.TimingsModel), (results.Box, m.BoxModel),
+                       (results.Mask, m.MaskModel), (results.LandmarkSet, m.LandmarksModel),
+                       (info.BundleInfo, m.BundleModel), (info.CodecInfo, m.CodecModel),
+                       (info.LevelInfo, m.LevelModel), (info.TensorInfo, m.TensorModel)]:
+        assert list(model.model_fields) == [f.name for f in fields(cls)], model.__name__
