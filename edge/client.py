@@ -5,7 +5,7 @@ outcome: ``ok``; answered with an error (``failed``, or ``refused`` under load o
 spent); ``not_answered`` (sent, and the server never answered); ``not_sent`` (the stream was lost
 before its turn: with ``--json`` every input not read yet gets one too); ``not_read`` (an input that
 could not be read or coded: named, the others still streamed). The stderr summary counts the same
-records.
+records (``edge/records.py``).
 
 Exit codes: 0 every frame answered without error; 1 some frames failed (answered with an error, or
 unanswered because the server broke the stream: INTERNAL, UNKNOWN, …); 2 bad arguments, bundle or
@@ -26,18 +26,29 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import socket
 import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
-from pathlib import Path, PurePath
-from typing import Any, TextIO
+from dataclasses import replace
+from pathlib import Path
+from typing import TextIO
 
 import grpc
 
+from edge.records import (
+    NOT_READ,
+    NOT_SENT,
+    OK,
+    OUTCOMES,
+    FrameMeta,
+    edge_reply,
+    print_record,
+    reply_record,
+    save_preview,
+    status_code,
+)
 from edge.transport import (
     CONNECT_TIMEOUT_S,
     Backoff,
@@ -59,10 +70,6 @@ from palettelink.v1 import palettelink_pb2 as pb
 
 EXIT_OK, EXIT_FRAME_ERRORS, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_REFUSED = 0, 1, 2, 3, 4
 PROG = "palettelink-edge"
-# A record's outcome (its "outcome" field), in the order the summary lists them.
-OK, FAILED, REFUSED, NOT_ANSWERED, NOT_SENT, NOT_READ = "ok", "failed", "refused", "not_answered", \
-    "not_sent", "not_read"
-OUTCOMES = (OK, FAILED, REFUSED, NOT_ANSWERED, NOT_SENT, NOT_READ)
 # Stream statuses that mean "the server will not take this stream" (exit 4); any other non-retryable
 # status ends the stream as a server failure (INTERNAL, UNKNOWN, DATA_LOSS, …: exit 1).
 REFUSALS = frozenset({
@@ -95,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, default=None, metavar="DIR",
                    help="fetched bundles (default: $XDG_CACHE_HOME/palettelink/bundles or "
                         "~/.cache/palettelink/bundles)")
+    p.add_argument("--precision", choices=("auto", "fp32", "int8"), default="auto",
+                   help="edge graph precision: auto (default: the bundle's int8 graph where its measured "
+                        "agreement with fp32 is ≥ 0.97, see `palettelink int8`), fp32 or int8")
     p.add_argument("--codec", default=None,
                    help="a codec the bundle offers, e.g. palette, baseline, avif (`palettelink info` lists "
                         "them and their levels; default: the bundle's best)")
@@ -134,132 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "stream re-opened; counts against --retries like a lost connection (default 30)")
     add_version(p)
     return p
-
-
-@dataclass
-class FrameMeta:
-    label: str
-    source: str
-    index: int
-    n_bytes: int
-    level: int
-    image_size: tuple[int, int]
-    timings_ms: dict[str, float]
-    outcome: str | None = None  # set for the records the edge makes itself (not sent, not read)
-    novelty: float | None = None  # how far the frame lies from what the codec learned (None: not measured)
-    fallback: str | None = None  # what rate control did about a novel frame
-
-
-def outcome_of(reply: Reply) -> str:
-    m = reply.meta
-    if isinstance(m, FrameMeta) and m.outcome:
-        return m.outcome
-    if not reply.answered:
-        return NOT_ANSWERED
-    r = reply.result
-    if r.HasField("error") and r.error.status:
-        return REFUSED if r.error.status == "RESOURCE_EXHAUSTED" else FAILED
-    return OK
-
-
-def _box_dict(b: pb.Box, names: Sequence[str]) -> dict[str, Any]:
-    name = b.class_name or (names[b.class_id] if 0 <= b.class_id < len(names) else str(b.class_id))
-    return {"class_id": b.class_id, "class_name": name, "score": round(float(b.score), 4),
-            "xyxy": [round(float(v), 1) for v in (b.x1, b.y1, b.x2, b.y2)]}
-
-
-def _mask_dict(m: pb.Mask) -> dict[str, Any]:
-    """A mask's size and coverage (the runs themselves stay in the reply: the edge only reports)."""
-    ones = sum(int(c) for c in list(m.counts)[1::2])
-    area = max(1, int(m.width) * int(m.height))
-    return {"width": int(m.width), "height": int(m.height), "pixels": ones, "fraction": round(ones / area, 4),
-            "counts": len(m.counts)}
-
-
-def reply_record(reply: Reply, names: Sequence[str]) -> dict[str, Any]:
-    """What one answered frame turns into: the ``--json`` line, also the source of the text line."""
-    r, m = reply.result, reply.meta
-    assert isinstance(m, FrameMeta)
-    w, h = m.image_size
-    n_bytes = int(r.payload_bytes) or m.n_bytes
-    rec: dict[str, Any] = {
-        "source": m.source, "frame": m.index, "frame_id": reply.frame_id, "outcome": outcome_of(reply),
-        "codec": r.codec or None, "level": r.level if r.codec else m.level,
-        "bytes": n_bytes, "bpp": round(8.0 * n_bytes / (w * h), 4) if w * h else 0.0, "width": w, "height": h,
-        "boxes": [_box_dict(b, names) for b in r.boxes],
-        "masks": [_mask_dict(mk) for mk in r.masks],
-        "landmarks": [{"scheme": ls.scheme, "score": round(float(ls.score), 4),
-                       "points": [[round(float(q.x), 1), round(float(q.y), 1), round(float(q.visibility), 3)]
-                                  for q in ls.points]} for ls in r.landmarks],
-        "preview_bytes": len(r.preview_jpeg),
-        "latency_ms": round(reply.latency_ms, 2),
-        "edge_ms": {k: round(v, 2) for k, v in m.timings_ms.items()},
-        "server_ms": {k: round(getattr(r.timings, k), 2)
-                      for k in ("decode_ms", "task_ms", "queue_ms", "total_ms")},
-        "truncated": bool(r.truncated),
-        "novelty": None if m.novelty is None else round(m.novelty, 6),
-        "fallback": m.fallback,
-        "error": None,
-    }
-    if r.HasField("error") and r.error.status:
-        rec["error"] = {"status": r.error.status, "message": r.error.message}
-    return rec
-
-
-def print_record(rec: dict[str, Any], label: str, out: TextIO, as_json: bool) -> None:
-    if as_json:
-        out.write(json.dumps(rec) + "\n")
-        out.flush()
-        return
-    if rec["outcome"] in (NOT_SENT, NOT_READ):  # nothing was coded or sent: no sizes or times to show
-        out.write(f"{label}  {rec['error']['status']}: {rec['error']['message']}\n")
-        out.flush()
-        return
-    head = (f"{label}  {rec['bytes']:,} B  {rec['bpp']:.3f} bpp  {rec['codec'] or '?'}/{rec['level']}  "
-            f"rtt {rec['latency_ms']:.1f} ms  (front {rec['edge_ms'].get('front_ms', 0):.1f}, "
-            f"encode {rec['edge_ms'].get('encode_ms', 0):.1f}, server {rec['server_ms']['total_ms']:.1f})")
-    if rec["error"]:
-        out.write(f"{head}  ERROR {rec['error']['status']}: {rec['error']['message']}\n")
-    else:
-        extra = "".join(f", {len(rec[k])} {k}" for k in ("masks", "landmarks") if rec[k])
-        out.write(f"{head}  {len(rec['boxes'])} box(es){extra}\n")
-        for i, b in enumerate(rec["boxes"]):
-            x1, y1, x2, y2 = b["xyxy"]
-            pts = rec["landmarks"][i] if i < len(rec["landmarks"]) else None
-            more = f"  {len(pts['points'])} {pts['scheme']} points" if pts else ""
-            out.write(f"    {b['class_name']:<12} {b['score']:.2f}  "
-                      f"[{x1:7.1f} {y1:7.1f} {x2:7.1f} {y2:7.1f}]{more}\n")
-        for m in rec["masks"]:
-            out.write(f"    mask {m['width']}x{m['height']}  {100 * m['fraction']:.1f} % of the image\n")
-        if rec["preview_bytes"]:
-            out.write(f"    preview {rec['preview_bytes']:,} B\n")
-    out.flush()
-
-
-def preview_name(label: str, taken: set[str] | None = None) -> str:
-    """The file name of a frame's preview: its source name once, as a .jpg (``samples/bus.jpg`` →
-    ``samples_bus.jpg``, ``clip.avi#12`` → ``clip#12.jpg``, ``a/x.png`` → ``a_x.jpg``); path
-    separators become ``_``; a name already ``taken`` in this run gets ``~2``, ``~3``, …"""
-    source, hash_, index = label.rpartition("#") if "#" in label else (label, "", "")
-    stem = PurePath(source).with_suffix("").as_posix() if PurePath(source).suffix else source
-    stem = stem.lstrip("./") + (f"#{index}" if hash_ else "")
-    safe = "".join(c if c.isalnum() or c in "-_.#" else "_" for c in stem).strip("_")[-120:] or "frame"
-    name, n = f"{safe}.jpg", 1
-    while taken is not None and name in taken:
-        n += 1
-        name = f"{safe}~{n}.jpg"
-    if taken is not None:
-        taken.add(name)
-    return name
-
-
-def save_preview(folder: Path, label: str, jpeg: bytes, taken: set[str] | None = None) -> Path:
-    """DIR/:func:`preview_name`, written atomically."""
-    from palettelink.bundle import atomic_write_bytes
-
-    path = folder / preview_name(label, taken)
-    atomic_write_bytes(path, jpeg)
-    return path
 
 
 def _fail(code: int, msg: str) -> int:
@@ -345,7 +229,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     def not_read(src: capture.Source, err: PaletteLinkError) -> None:  # one bad input never stops the others
         unreadable.append(str(err) if src.name in str(err) else f"{src.name}: {err}")
         meta = FrameMeta(src.name, src.name, 0, 0, -1, (0, 0), {}, outcome=NOT_READ)
-        emit(_edge_reply(next(ids), meta, _status(err.code), f"not read: {err}"))
+        emit(edge_reply(next(ids), meta, status_code(err.code), f"not read: {err}"))
 
     try:
         _check_limits(args)
@@ -365,7 +249,9 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         codec = args.codec or default_codec(bundle)
         from palettelink.front import set_session_defaults  # (onnxruntime: imported once needed)
 
-        set_session_defaults(spinning=False)  # idle ONNX threads must not fight the box's other work
+        # threads from the usable CPUs (affinity, cgroup quota); idle ONNX threads must not fight the
+        # box's other work; the int8 graph where the bundle measured it agreeing with fp32
+        set_session_defaults(spinning=False, precision=args.precision)
         encoder: EdgeEncoder = make_encoder(bundle, codec)
         level = _level_for(args, codec, encoder)
         coder = LevelCoder(encoder, controller_from(level, args.target_bpp, args.target_bytes, args.kbps,
@@ -401,7 +287,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             emit_all(stream.abandon(reason, code))
         if unsent:
             assert in_hand is not None
-            emit(_edge_reply(in_hand[0], replace(in_hand[1], outcome=NOT_SENT), code, f"not sent: {reason}"))
+            emit(edge_reply(in_hand[0], replace(in_hand[1], outcome=NOT_SENT), code, f"not sent: {reason}"))
         if not args.json:
             return
         for cap in frames:
@@ -409,7 +295,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                 break  # a camera never ends: its frames were not taken, so they have no records
             h, w = cap.rgb.shape[:2]
             meta = FrameMeta(cap.label, cap.source, cap.index, 0, -1, (w, h), {}, outcome=NOT_SENT)
-            emit(_edge_reply(next(ids), meta, code, f"not sent: {reason}"))
+            emit(edge_reply(next(ids), meta, code, f"not sent: {reason}"))
 
     try:
         try:
@@ -426,7 +312,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                     unreadable.append(f"{cap.label}: {e}")
                     h, w = cap.rgb.shape[:2]
                     meta = FrameMeta(cap.label, cap.source, cap.index, 0, -1, (w, h), {}, outcome=NOT_READ)
-                    emit(_edge_reply(frame_id, meta, _status(e.code), f"not coded: {e}"))
+                    emit(edge_reply(frame_id, meta, status_code(e.code), f"not coded: {e}"))
                     continue
                 enc = coded.encoded
                 if coded.choice is not None and coded.choice.warning:
@@ -483,17 +369,6 @@ def _summary(tally: Counter[str]) -> None:
         return
     parts = ", ".join(f"{tally[k]} {k.replace('_', ' ')}" for k in OUTCOMES if k != OK and tally[k])
     print(f"{PROG}: {failed} of {sum(tally.values())} frame(s) failed ({parts})", file=sys.stderr)
-
-
-def _status(name: str) -> grpc.StatusCode:
-    return getattr(grpc.StatusCode, name, grpc.StatusCode.INVALID_ARGUMENT)
-
-
-def _edge_reply(frame_id: int, meta: FrameMeta, code: grpc.StatusCode, message: str) -> Reply:
-    """The record of a frame the edge itself fails (not sent, not read): never answered by the server."""
-    res = pb.FrameResult(frame_id=frame_id, error=pb.FrameError(code=int(code.value[0]), status=code.name,
-                                                                message=message))
-    return Reply(frame_id, res, 0.0, meta, answered=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -128,6 +128,12 @@ def pack(frame: Frame) -> bytes:
     return bytes(out)
 
 
+def packed_size(frame: Frame) -> int:
+    """``len(pack(frame))`` without building it (rate control sizes every level of a frame)."""
+    header = _FIXED.size + 1 + len(frame.bundle_id.encode()) + HASH_BYTES + 4 + 1 + 6 * len(frame.shapes) + 1
+    return header + sum(len(_uvarint(len(x))) + len(x) + CRC_BYTES for x in frame.layers)
+
+
 class _Reader:
     def __init__(self, data: bytes) -> None:
         self.data = memoryview(data)

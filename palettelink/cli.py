@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("palettelink.bench.run", "rate-accuracy benchmark against JPEG/WebP/AVIF and baselines"),
     "bench-stream": ("palettelink.bench.stream", "a video through the real server and edge at kbps targets"),
     "bench-edge": ("palettelink.bench.edge_speed", "edge time per frame on this box (edge install)"),
+    "int8": ("palettelink.bench.int8", "an int8 edge graph for a bundle: quantise, measure, record"),
     "info": ("palettelink.tools.info", "show the bundles under a root and their codecs and levels"),
     "fuzz": ("palettelink.tools.fuzz",
              "mutate real frames of every codec; decode in-process or via a server"),
@@ -41,7 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # The pip extra a command needs beyond the core (checked before importing it, so an edge install gets
 # a one-line hint instead of a ModuleNotFoundError). Commands not listed need the core only.
 EXTRAS: dict[str, str] = {"build-bundle": "train", "train": "train", "bench": "train",
-                          "bench-stream": "train", "bench-edge": "edge", "fuzz": "server",
+                          "bench-stream": "train", "bench-edge": "edge", "int8": "train", "fuzz": "server",
                           "loadtest": "edge", "bench-serve": "train", "bench-tasks": "train"}
 
 

@@ -3,44 +3,120 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from palettelink.bundle import Bundle
+from palettelink.cpu import usable_cpus
+from palettelink.errors import BundleError, InvalidRequest
 from palettelink.image import Letterbox, letterbox
 
-# Process-wide session defaults, set by ``palettelink bench-edge --threads`` before any session exists
-# (encoders build their own sessions): intra-op threads, and whether idle threads spin.
-_DEFAULTS: dict[str, int | bool | None] = {"threads": None, "spinning": None}
+# Process-wide session defaults, set by the edge client and ``palettelink bench-edge`` before any
+# session exists (encoders build their own sessions): intra-op threads, and whether idle threads spin.
+_DEFAULTS: dict[str, int | bool | str | None] = {"threads": None, "spinning": None, "precision": None}
+
+# The int8 variant of an edge graph (``palettelink int8`` writes it and records its measurement in
+# the manifest's ``int8`` entry) is run by default only where its measured agreement reaches this.
+INT8_MIN_AGREEMENT = 0.97
+PRECISIONS = ("auto", "fp32", "int8")
 
 
-def set_session_defaults(threads: int | None = None, spinning: bool | None = None) -> None:
-    """Defaults for sessions made after this call: ``threads`` intra-op threads (None: onnxruntime's
-    own choice), ``spinning`` False stops idle threads busy-waiting (None: onnxruntime's default, on)."""
-    _DEFAULTS["threads"], _DEFAULTS["spinning"] = threads, spinning
+def set_session_defaults(threads: int | None = None, spinning: bool | None = None,
+                         precision: str | None = None) -> None:
+    """Defaults for sessions made after this call: ``threads`` intra-op threads (None: the CPUs this
+    process may use, :func:`palettelink.cpu.usable_cpus`), ``spinning`` False stops idle threads
+    busy-waiting (None: onnxruntime's default, on), ``precision`` of the edge graphs
+    (:func:`choose_graph`; None: ``auto``)."""
+    if precision is not None and precision not in PRECISIONS:
+        raise InvalidRequest(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    _DEFAULTS["threads"], _DEFAULTS["spinning"], _DEFAULTS["precision"] = threads, spinning, precision
+
+
+@dataclass(frozen=True)
+class GraphChoice:
+    """Which file runs an edge graph, at which precision, and why."""
+
+    file: str
+    precision: str  # "fp32" or "int8"
+    reason: str
+    agreement: float | None = None  # the int8 variant's measured agreement, where recorded
+
+
+def int8_entry(bundle: Bundle, graph: str) -> dict[str, Any] | None:
+    """The manifest's record of ``graph``'s int8 variant (``int8: {graph: {file, agreement, ...}}``)."""
+    entry = (bundle.manifest.get("int8") or {}).get(graph)
+    return entry if isinstance(entry, dict) and entry.get("file") else None
+
+
+def choose_graph(bundle: Bundle, graph: str, precision: str | None = None) -> GraphChoice:
+    """The file to run for ``graph`` (``edge.onnx``, ``front.onnx``): ``fp32`` the graph itself;
+    ``int8`` its int8 variant (BundleError where the bundle has none); ``auto`` (the default) the int8
+    variant where the bundle has one whose measured agreement with fp32 is ≥ INT8_MIN_AGREEMENT."""
+    precision = precision or str(_DEFAULTS["precision"] or "auto")
+    if precision not in PRECISIONS:
+        raise InvalidRequest(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    entry = int8_entry(bundle, graph)
+    raw = entry.get("agreement") if entry else None
+    agreement = float(raw) if isinstance(raw, int | float) else None
+    if precision == "fp32":
+        return GraphChoice(graph, "fp32", "fp32 asked for", agreement)
+    if entry is None or not bundle.has_file(str(entry["file"])):
+        if precision == "int8":
+            raise BundleError(f"bundle {bundle.id} has no int8 variant of {graph} (make one with "
+                              f"`palettelink int8 --bundle {bundle.name}`)")
+        return GraphChoice(graph, "fp32", f"the bundle has no int8 {graph}")
+    file = str(entry["file"])
+    if precision == "int8":
+        return GraphChoice(file, "int8", "int8 asked for", agreement)
+    if agreement is not None and agreement >= INT8_MIN_AGREEMENT:
+        return GraphChoice(file, "int8", f"int8: measured agreement {agreement:.3f} ≥ {INT8_MIN_AGREEMENT}",
+                           agreement)
+    shown = "not recorded" if agreement is None else f"{agreement:.3f} < {INT8_MIN_AGREEMENT}"
+    return GraphChoice(graph, "fp32", f"fp32: the int8 variant's measured agreement is {shown}", agreement)
+
+
+def session_settings(threads: int | None = None) -> dict[str, object]:
+    """What :func:`ort_session` configures, for benches and logs: intra-op threads (``threads``, else
+    the default, else the usable CPUs: affinity and cgroup quota, not the machine's count, which
+    onnxruntime would take), one inter-op thread with sequential execution (these graphs are one
+    chain: a second pool only competes for the same cores), all graph optimisations, spinning."""
+    n = threads or _DEFAULTS["threads"] or usable_cpus()
+    return {"intra_op_threads": int(n), "inter_op_threads": 1, "execution_mode": "sequential",
+            "graph_optimization": "all", "spinning": _DEFAULTS["spinning"]}
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """:class:`onnxruntime.SessionOptions` as :func:`session_settings` describes."""
+    cfg = session_settings(threads)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(cfg["intra_op_threads"])  # type: ignore[call-overload]
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if cfg["spinning"] is not None:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if cfg["spinning"] else "0")
+    so.log_severity_level = 3
+    return so
 
 
 def ort_session(path: str, threads: int | None = None) -> ort.InferenceSession:
-    """CPU session (CUDA when the server has it and asks); deterministic graph optimisation."""
-    so = ort.SessionOptions()
-    threads = threads or _DEFAULTS["threads"]  # type: ignore[assignment]
-    if threads:
-        so.intra_op_num_threads = threads
-    if _DEFAULTS["spinning"] is not None:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if _DEFAULTS["spinning"] else "0")
-    so.log_severity_level = 3
+    """CPU session (CUDA first where the installed onnxruntime has it) with :func:`session_options`."""
     providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
                  if p in ort.get_available_providers()]
-    return ort.InferenceSession(path, so, providers=providers)
+    return ort.InferenceSession(path, session_options(threads), providers=providers)
 
 
 class Front:
     """Image → the tensors that cross the split, in the bundle's order."""
 
-    def __init__(self, bundle: Bundle, threads: int | None = None, file: str = "front.onnx") -> None:
+    def __init__(self, bundle: Bundle, threads: int | None = None, file: str = "front.onnx",
+                 precision: str | None = None) -> None:
         self.bundle = bundle
-        self.session = ort_session(str(bundle.file(file)), threads)
+        self.graph = choose_graph(bundle, file, precision)
+        self.session = ort_session(str(bundle.file(self.graph.file)), threads)
         self.input_name = self.session.get_inputs()[0].name
 
     def run_tensor(self, x: np.ndarray) -> list[np.ndarray]:

@@ -2,7 +2,8 @@
 ultralytics are made absent (a ``sitecustomize`` that refuses them, as in tests/test_cli_habits.py),
 the bundle is an edge-only copy, the frames are the sample images that ship with the package; the run
 must import none of the heavy modules (``python -X importtime``), honour ``--size`` and ``--threads``,
-warm up, repeat and report the median and spread, the CPU and the thread counts."""
+warm up, repeat and report the median and spread, the CPU and the thread counts, the graph it runs
+(fp32 or the bundle's int8 variant, and why) and the codec's overhead over the bare front."""
 
 from __future__ import annotations
 
@@ -76,6 +77,16 @@ def test_bench_edge_runs_on_the_edge_install(edge_install: dict[str, Path], tmp_
     assert total["spread_pct"] >= 0 and rep["fps"] == pytest.approx(1e3 / total["median_ms"], rel=0.01)
     assert rep["stages"]["onnx"]["median_ms"] > 0 and rep["bytes_median"] > 0
     assert rep["stages"]["cpu"]["median_ms"] > 0 and rep["cpu_fps_per_core"] > 0  # the CPU time per frame
+    # what runs and how (issue 17): the graph the edge picks and why, the session settings, the
+    # codec's overhead over the bare front measured on the same frames
+    assert rep["graph"]["file"] == "edge.onnx" and rep["graph"]["precision"] == "fp32"
+    assert "no int8" in rep["graph"]["reason"] and "graph edge.onnx" in out, out
+    assert rep["session"]["intra_op_threads"] == 1 and rep["session"]["inter_op_threads"] == 1
+    assert rep["cpus"]["usable_cpus"] == rep["usable_cpus"] and rep["cpus"]["cpu"] == rep["cpu"]
+    assert len(rep["stages"]["front"]["samples_ms"]) == 4 and rep["front_graph"]["file"] == "front.onnx"
+    assert rep["codec_overhead_pct"] is not None and rep["coding_overhead_pct"] > 0
+    lo, hi = rep["fps_p10_p90"]
+    assert lo <= rep["fps"] <= hi and "codec overhead" in out, out
 
 
 @pytest.mark.parametrize("args, says", [(["--size", "12"], "expected WIDTHxHEIGHT"),

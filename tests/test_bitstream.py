@@ -31,6 +31,18 @@ def test_header_is_small() -> None:
     assert overhead < 48, "per-frame header must stay cheap at low rates"
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 20000), min_size=1, max_size=9), st.text(min_size=1, max_size=20),
+       st.integers(1, 3))
+def test_packed_size_is_the_packed_length(lengths: list[int], name: str, n_shapes: int) -> None:
+    """Rate control sizes levels with packed_size; it must be pack's length exactly."""
+    if not 0 < len(name.encode()) <= bitstream.MAX_BUNDLE_ID:
+        return
+    f = dataclasses.replace(make_frame(tuple(b"q" * n for n in lengths)), bundle_id=name,
+                            shapes=((32, 40, 40),) * n_shapes)
+    assert bitstream.packed_size(f) == len(pack(f))
+
+
 def test_bpp_counts_original_pixels() -> None:
     assert make_frame().bpp(1000) == pytest.approx(8000 / (810 * 1080))
 

@@ -103,7 +103,7 @@ def test_a_wrong_port_is_named_at_once_with_the_fix(live_server, bundles_root: P
 
 
 def test_preview_files_keep_the_source_name_once() -> None:
-    from edge.client import preview_name
+    from edge.records import preview_name
 
     taken: set[str] = set()
     assert preview_name("samples/bus.jpg", taken) == "samples_bus.jpg"

@@ -26,7 +26,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("wire", ("palettelink", "palettelink.errors", "palettelink.v1.*")),
     ("coding", ("palettelink.entropy", "palettelink.bitstream", "palettelink.rle", "palettelink.image",
                 "palettelink.samples", "palettelink.capture", "palettelink.benchfile", "palettelink.scoring",
-                "palettelink.cliutil")),
+                "palettelink.cliutil", "palettelink.cpu")),
     ("bundle", ("palettelink.bundle", "palettelink.fetch", "palettelink.front")),
     ("codecs", ("palettelink.codecs.*", "palettelink.ratecontrol", "palettelink.levels")),
     ("models", ("palettelink.models.*",)),

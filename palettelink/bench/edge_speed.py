@@ -14,11 +14,12 @@ figures move with the load, the CPU time per frame hardly. Writes ``bench-edge.j
 sample kept).
 
 Idle onnxruntime threads do not spin (``--spin`` turns busy-waiting back on): spinning threads fight
-every other process for the cores, which made runs on a shared box disagree by 3×.
-
-``--int8`` (needs the ``train`` extra: torch, onnx) adds a static int8 front (onnxruntime QDQ
-quantisation, calibrated on training frames of vtest.avi) and the detector's AP50 on its tensors
-against the fp32 pipeline on held-out frames.
+every other process for the cores, which made runs on a shared box disagree by 3×. Sessions are set
+up as the edge sets them (``palettelink.front.session_settings``: intra-op threads from the usable
+CPUs, affinity and cgroup quota; one inter-op thread, sequential; every graph optimisation), and the
+graph is the one the edge picks (``--precision auto``: the bundle's int8 variant where its measured
+agreement with fp32 is ≥ 0.97, see ``palettelink int8``); the report names both, and the codec's
+overhead (coding time as a share of the ONNX graph's).
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ import argparse
 import json
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from palettelink import cpu as _cpu
 from palettelink.errors import InvalidRequest
 
 
@@ -63,34 +64,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int, default=20, help="timed frames (default 20)")
     p.add_argument("--images", nargs="+", default=None, metavar="PATH",
                    help="images, folders or videos (first 8 frames; default: the sample images)")
-    p.add_argument("--int8", action="store_true",
-                   help="also an int8 front: time and AP50 (needs the train extra)")
-    p.add_argument("--eval-frames", type=int, default=24, help="held-out frames for the int8 accuracy")
+    p.add_argument("--no-front", action="store_true",
+                   help="skip the bare front (front.onnx) run that the codec overhead is measured against")
+    p.add_argument("--precision", choices=("auto", "fp32", "int8"), default="auto",
+                   help="edge graph precision: auto (the default, as the edge client: the bundle's int8 "
+                        "graph where its measured agreement is ≥ 0.97), fp32 or int8")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for bench-edge.json")
 
 
 def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return _cpu.usable_cpus()
 
 
 def cpu_model() -> str:
-    """The CPU's name from /proc/cpuinfo (x86 ``model name``; ARM ``Model``/``Hardware``/``CPU part``),
-    else what the platform says."""
-    try:
-        fields: dict[str, str] = {}
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, sep, value = line.partition(":")
-            if sep and value.strip():
-                fields.setdefault(key.strip(), value.strip())
-        for key in ("model name", "Model", "Hardware", "cpu model"):
-            if key in fields:
-                return fields[key]
-        if "CPU part" in fields:
-            return f"{platform.machine()} (CPU implementer {fields.get('CPU implementer', '?')}, part " \
-                   f"{fields['CPU part']})"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    return _cpu.cpu_model()
 
 
 def _load() -> float | None:
@@ -143,15 +130,25 @@ def _bundle(args: argparse.Namespace) -> Any:
 
 
 def measure(encoder: Any, frames: list[tuple[str, np.ndarray]], level: int | None, warmup: int,
-            repeat: int) -> dict[str, Any]:
+            repeat: int, front: Any = None) -> dict[str, Any]:
     """``warmup`` untimed encodes, then ``repeat`` timed ones cycling over ``frames``: per-stage
-    samples (ms) and stats, and the payload sizes."""
+    samples (ms) and stats, and the payload sizes. With ``front`` (a :class:`palettelink.front.Front`),
+    each frame is also run through the bare front (letterbox included), interleaved so that both see
+    the same load: the reference the codec's overhead is measured against."""
     for i in range(warmup):
         encoder.encode(frames[i % len(frames)][1], level)
+        if front is not None:
+            front.run(frames[i % len(frames)][1])
     samples: dict[str, list[float]] = {"prep": [], "onnx": [], "coding": [], "total": [], "cpu": []}
+    if front is not None:
+        samples["front"] = []
     sizes = []
     for i in range(repeat):
         rgb = frames[(warmup + i) % len(frames)][1]
+        if front is not None:
+            t0 = time.perf_counter()
+            front.run(rgb)
+            samples["front"].append((time.perf_counter() - t0) * 1e3)
         c0, t0 = time.process_time(), time.perf_counter()
         enc = encoder.encode(rgb, level)
         total = (time.perf_counter() - t0) * 1e3
@@ -167,36 +164,40 @@ def measure(encoder: Any, frames: list[tuple[str, np.ndarray]], level: int | Non
 
 
 STAGE_NAMES = {"prep": "prep (letterbox, copies)", "onnx": "ONNX graph (front{})", "coding": "coding",
-               "total": "total per frame", "cpu": "CPU time (all threads)"}
+               "total": "total per frame", "cpu": "CPU time (all threads)",
+               "front": "bare front (reference)"}
 
 
 def run(args: argparse.Namespace) -> int:
     from palettelink import __version__
-    from palettelink.cliutil import check_extra
 
     if args.warmup < 0 or args.repeat < 3 or (args.threads is not None and args.threads < 1):
         raise InvalidRequest("--repeat must be ≥ 3, --warmup ≥ 0, --threads ≥ 1")
-    if args.int8 and (code := check_extra("palettelink bench-edge --int8", "train")) is not None:
-        return code
     frames = frames_at(args.images or ["samples:"], args.size)  # inputs first: nothing measured yet
     bundle = _bundle(args)
 
     import onnxruntime as ort
 
     from palettelink.codecs import default_codec, make_encoder
-    from palettelink.front import set_session_defaults
+    from palettelink.front import session_settings, set_session_defaults
 
     threads = args.threads or usable_cpus()
-    set_session_defaults(threads, spinning=args.spin)
+    set_session_defaults(threads, spinning=args.spin, precision=args.precision)
     codec = args.codec or default_codec(bundle)
     encoder = make_encoder(bundle, codec)
+    graph = getattr(encoder, "graph", None) or getattr(getattr(encoder, "front", None), "graph", None)
     if args.level is not None and args.level not in encoder.levels():
         raise InvalidRequest(f"--level {args.level} is not offered by the {codec} codec; its levels are "
                              f"{sorted(encoder.levels())}")
+    bare = None
+    if not args.no_front and codec != "baseline" and bundle.has_file("front.onnx"):
+        from palettelink.front import Front
+
+        bare = Front(bundle)  # the same precision rule (front.onnx or its recorded int8 variant)
     cpu, cpus = cpu_model(), usable_cpus()
     load_before = _load()
     t0 = time.perf_counter()
-    result = measure(encoder, frames, args.level, args.warmup, args.repeat)
+    result = measure(encoder, frames, args.level, args.warmup, args.repeat, bare)
     wall = time.perf_counter() - t0
     load_after = _load()
     total = result["stages"]["total"]
@@ -204,20 +205,37 @@ def run(args: argparse.Namespace) -> int:
         "palettelink": __version__, "bundle": bundle.id, "codec": codec, "level": result["level"],
         "size": list(args.size), "input": bundle.input_size, "frames": [name for name, _ in frames],
         "cpu": cpu, "usable_cpus": cpus, "online_cpus": os.cpu_count(), "threads": threads,
+        "cpus": _cpu.describe(), "session": session_settings(threads),
+        "graph": None if graph is None else {"file": graph.file, "precision": graph.precision,
+                                             "reason": graph.reason, "int8_agreement": graph.agreement},
         "spinning": bool(args.spin), "onnxruntime": ort.__version__,
         "providers": ort.get_available_providers(), "machine": platform.machine(),
         "load_average_before": load_before, "load_average_after": load_after,
         "warmup": args.warmup, "repeat": args.repeat, "wall_s": round(wall, 2),
         "stages": result["stages"], "bytes_median": result["bytes_median"],
         "fps": round(1e3 / total["median_ms"], 2) if total["median_ms"] > 0 else None,
+        "fps_p10_p90": [round(1e3 / total["p90_ms"], 2) if total["p90_ms"] > 0 else None,
+                        round(1e3 / total["p10_ms"], 2) if total["p10_ms"] > 0 else None],
+        "coding_overhead_pct": (round(100.0 * result["stages"]["coding"]["median_ms"]
+                                      / result["stages"]["onnx"]["median_ms"], 1)
+                                if result["stages"]["onnx"]["median_ms"] > 0 else None),
+        "front_graph": None if bare is None else {"file": bare.graph.file, "precision": bare.graph.precision,
+                                                  "reason": bare.graph.reason},
+        "codec_overhead_pct": (round(100.0 * (total["median_ms"] - result["stages"]["front"]["median_ms"])
+                                     / result["stages"]["front"]["median_ms"], 1)
+                               if "front" in result["stages"] else None),
     }
     w, h = args.size
     print(f"bench-edge {bundle.id}: {codec} level {result['level']}, {len(frames)} frame(s) at {w}x{h} "
           f"({', '.join(report['frames'][:4])}{', …' if len(frames) > 4 else ''}) letterboxed to "
           f"{bundle.input_size}²")
-    print(f"  CPU {cpu}: {cpus} usable of {os.cpu_count()} online; onnxruntime {ort.__version__} CPU, "
-          f"{threads} intra-op thread(s), spinning {'on' if args.spin else 'off'}; load average "
-          f"{load_before} before, {load_after} after")
+    limit = report["cpus"]["cgroup_cpu_limit"]
+    print(f"  CPU {cpu}: {cpus} usable of {os.cpu_count()} online"
+          f"{'' if limit is None else f' (cgroup quota {limit:g} CPUs)'}; onnxruntime {ort.__version__} "
+          f"CPU, {threads} intra-op thread(s), 1 inter-op, spinning {'on' if args.spin else 'off'}; load "
+          f"average {load_before} before, {load_after} after")
+    if graph is not None:
+        print(f"  graph {graph.file} ({graph.reason})")
     print(f"  {args.warmup} warm-up frame(s), then {args.repeat} timed ({wall:.1f} s):")
     print(f"    {'stage':<30}{'median ms':>10}{'p10–p90 ms':>18}{'spread':>9}")
     for key, st in result["stages"].items():
@@ -226,93 +244,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"    {name:<30}{st['median_ms']:>10.1f}{rng:>18}{st['spread_pct']:>8.1f}%")
     cpu_ms = result["stages"]["cpu"]["median_ms"]
     report["cpu_fps_per_core"] = round(1e3 / cpu_ms, 2) if cpu_ms > 0 else None
-    print(f"  {report['fps']} fps at the median; {report['bytes_median']:,} B per frame; the work is "
+    lo, hi = report["fps_p10_p90"]
+    print(f"  {report['fps']} fps at the median ({lo}–{hi} at p90–p10 frame times); coding is "
+          f"{report['coding_overhead_pct']} % of the ONNX graph's time")
+    if bare is not None:
+        print(f"  codec overhead: {report['codec_overhead_pct']} % over the bare front ({bare.graph.file}, "
+              f"{bare.graph.precision}; total per frame vs letterbox + front)")
+    print(f"  {report['bytes_median']:,} B per frame; the work is "
           f"{cpu_ms:.0f} CPU-ms per frame ({report['cpu_fps_per_core']} fps per free core: the figure that "
           "other work on the box moves least)")
     if cpus and load_before is not None and max(load_before, load_after or 0) > 0.5 * cpus:
         print(f"  note: the load average is over half the {cpus} CPU(s): other work competes for them, and "
               "these figures move with it")
-    if args.int8:
-        report["int8"] = _int8(bundle, threads, args.eval_frames, args.repeat)
-        for k, v in report["int8"].items():
-            print(f"  int8 {k:<18} {v}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench-edge.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out / 'bench-edge.json'}")
     return 0
-
-
-# -- the int8 front (train extra) -------------------------------------------------------------
-
-
-class _Calibration:
-    """onnxruntime's CalibrationDataReader over letterboxed training frames."""
-
-    def __init__(self, inputs: list[np.ndarray], name: str) -> None:
-        self.it = iter([{name: x} for x in inputs])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self.it, None)
-
-
-def quantise_front(src: Path, dst: Path, calibration: list[np.ndarray]) -> None:
-    """Static int8 QDQ quantisation of ``src`` (per-channel weights), calibrated on ``calibration``."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from palettelink.front import ort_session
-
-    pre = dst.with_suffix(".pre.onnx")
-    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-    name = ort_session(str(pre)).get_inputs()[0].name
-    quantize_static(str(pre), str(dst), _Calibration(calibration, name), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-
-
-def _int8(bundle: Any, threads: int, eval_frames: int, repeat: int) -> dict[str, float]:
-    """fp32 and int8 front times on a vtest frame, and the int8 front's AP50/F1 against fp32."""
-    from palettelink.bench import metrics
-    from palettelink.front import Front, ort_session
-    from palettelink.image import letterbox
-    from palettelink.models.ultra import SplitDetector
-    from palettelink.train import data
-
-    def median_ms(fn: Any) -> float:
-        fn()
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return round(float(np.median(times)), 2)
-
-    full = _full_bundle(bundle)
-    video = data.OPENCV_DATA / "vtest.avi"
-    frames = data.load_all_rgb(data.video_frames(video, count=eval_frames, span=(0.7, 1.0)))
-    x, _ = letterbox(frames[0], full.input_size)
-    front = Front(full, threads)
-    calib = [letterbox(f, full.input_size)[0]
-             for f in data.load_all_rgb(data.video_frames(video, count=32, span=(0.0, 0.58)))]
-    out: dict[str, float] = {"front_fp32_ms": median_ms(lambda: front.run_tensor(x))}
-    with tempfile.TemporaryDirectory() as tmp:
-        q = Path(tmp) / "front.int8.onnx"
-        quantise_front(full.file("front.onnx"), q, calib)
-        sess = ort_session(str(q), threads)
-        name = sess.get_inputs()[0].name
-        out["front_int8_ms"] = median_ms(lambda: sess.run(None, {name: x}))
-        det = SplitDetector.from_bundle(full)
-        refs, preds = [], []
-        for f in frames:
-            xf, lb = letterbox(f, full.input_size)
-            refs.append(det.detect_tensors(front.run_tensor(xf), lb, conf=0.25))
-            preds.append(det.detect_tensors(sess.run(None, {name: xf}), lb, conf=0.001))
-        out["front_int8_ap50"] = round(metrics.evaluate(refs, preds).ap50, 4)
-        out["front_int8_f1"] = round(metrics.agreement(refs, preds).f1, 4)
-    return out
-
-
-def _full_bundle(bundle: Any) -> Any:
-    """The whole bundle (the int8 accuracy needs the server's tail too)."""
-    from palettelink.bundle import Bundle
-
-    return bundle if bundle.side != "edge" else Bundle.load(bundle.path)

@@ -22,7 +22,7 @@ from palettelink.codecs.palette.stream import (
 )
 from palettelink.codecs.palette.tables import TABLES_FILE, PaletteTables, check_model
 from palettelink.errors import BundleError, InvalidRequest, InvalidStream
-from palettelink.front import ort_session
+from palettelink.front import choose_graph, ort_session
 from palettelink.image import Letterbox, letterbox
 
 CODEC = "palette"
@@ -51,11 +51,15 @@ class PaletteEncoder:
 
     codec = CODEC
 
-    def __init__(self, bundle: Bundle, threads: int | None = None, model: str | None = None) -> None:
+    def __init__(self, bundle: Bundle, threads: int | None = None, model: str | None = None,
+                 precision: str | None = None) -> None:
         self.bundle = bundle
         self.tables = PaletteTables.load(_tables_file(bundle))
         self.model = check_model(self.tables, model)
-        self.session = ort_session(str(bundle.file("edge.onnx")), threads)
+        # edge.onnx, or its int8 variant where the bundle measured it agreeing (front.choose_graph)
+        edge_graph = str(bundle.codecs.get(CODEC, {}).get("edge", "edge.onnx"))
+        self.graph = choose_graph(bundle, edge_graph, precision)
+        self.session = ort_session(str(bundle.file(self.graph.file)), threads)
         self.input_name = self.session.get_inputs()[0].name
         names = [i.name for i in self.session.get_inputs()]
         if "level" not in names:
@@ -142,7 +146,7 @@ class PaletteEncoder:
         layers = self._layers(analysis, min(self._offered))
         assert isinstance(analysis, PaletteAnalysis)
         n_l = self.tables.n_levels
-        return {t: len(bitstream.pack(self._frame(analysis, layers[: n_l - t]))) for t in self._offered}
+        return {t: bitstream.packed_size(self._frame(analysis, layers[: n_l - t])) for t in self._offered}
 
     def encode(self, rgb: np.ndarray, level: int | None = None) -> Encoded:
         level = check_level(self.tables, self._default if level is None else level)

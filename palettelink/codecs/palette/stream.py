@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+import palettelink.codecs.palette.batch as batch
 from palettelink import entropy
-from palettelink.codecs.palette import batch
 from palettelink.codecs.palette.context import pass_context, pass_masks
 from palettelink.codecs.palette.tables import PASSES, PaletteTables, check_model
 from palettelink.errors import InvalidRequest, InvalidStream
