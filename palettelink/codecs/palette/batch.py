@@ -111,6 +111,14 @@ class _Cache:
             self.probs[key] = (np.ascontiguousarray(probs, np.float64), off)
         return self.probs[key]
 
+    def rows_of(self, tb: PaletteTables, model: str, t: int, rows: np.ndarray) -> np.ndarray:
+        """Level t's probability rows ``rows`` ([n, M_t] float64): each row taken as one opaque item
+        (a void view), several times faster than 2-D fancy indexing, same values."""
+        probs = self.level_probs(tb, model, t)[0]
+        width = probs.shape[1]
+        items = probs.view(np.dtype((np.void, 8 * width))).reshape(-1)
+        return np.take(items, rows).view(np.float64).reshape(-1, width)
+
     def order(self, g_n: int, h: int, w: int) -> np.ndarray:
         """Flat positions of a [G, h, w] map in coding order: pass, then group, y, x."""
         key = (g_n, h, w)
@@ -189,18 +197,18 @@ def encode_layers(tb: PaletteTables, finest: np.ndarray, levels: Sequence[int], 
                     code += same * view(rank1, dy, dx) * c.code_dtype(c.base**i)
                 out[...] = (gk + par) * (N_NC * width) + c.lut_nc[code] * width + c.lut_m[code] + off
     order = c.order(g_n, h, w)
-    coded = allp[:, 2].reshape(n_t, ghw)[:, order].astype(bool)  # [T, GHW] in coding order
+    coded = np.take(allp[:, 2].reshape(n_t, ghw), order, axis=1).astype(bool)  # [T, GHW], coding order
     pick = (np.arange(n_t)[:, None] * ghw + order[None])[coded]
-    symbols = np.ascontiguousarray(ranks).ravel()[pick].astype(np.int32)
-    picked_rows = rows.ravel()[pick]
+    symbols = np.take(ranks.reshape(-1), pick).astype(np.int32)
+    picked_rows = np.take(rows.reshape(-1), pick)
     bounds = np.concatenate([[0], np.cumsum(coded.sum(1))])
     layers = []
     for i, t in enumerate(ts):
         a, b = int(bounds[i]), int(bounds[i + 1])
         coder = entropy.AnsCoder()
         if b > a:
-            probs = c.level_probs(tb, model, int(t))[0]
-            coder.encode_reverse(symbols[a:b], entropy.ROW_MODEL, probs[picked_rows[a:b]])
+            probs = c.rows_of(tb, model, int(t), picked_rows[a:b])
+            coder.encode_reverse(symbols[a:b], entropy.ROW_MODEL, probs)
         layers.append(entropy.words_to_bytes(coder.get_compressed()))
     return layers
 
