@@ -35,7 +35,7 @@ from palettelink.fetch import edge_file, edge_listing
 from server import __version__
 from server import api_models as m
 from server.auth import TokenAuth
-from server.dashboard import TRY_MAX_PIXELS, TRY_UPLOADS, TryIt, bench_curves, render
+from server.dashboard import PAGES, TRY_MAX_PIXELS, TRY_UPLOADS, TryIt, bench_curves, render
 from server.errors import check_name, clip, http_error, http_status
 from server.http_login import add_login_routes
 from server.http_security import CLIENT, LOGIN_PATHS, RequireToken, SecurityHeaders, html_page, read_body
@@ -218,21 +218,15 @@ def create_app(service: Service, auth: TokenAuth | None = None, max_body_bytes: 
         p = edge_file(service.resolve(_bundle_id(name, version)).bundle, rel)
         return FileResponse(p, media_type="application/octet-stream")
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def dashboard() -> str:
-        return render("live", logout=auth.enabled)
+    def dashboard_page(name: str) -> Any:
+        def show() -> str:
+            return render(name, logout=auth.enabled)
 
-    @app.get("/frame", response_class=HTMLResponse, include_in_schema=False)
-    def frame_page() -> str:
-        return render("frame", logout=auth.enabled)
+        return show
 
-    @app.get("/try", response_class=HTMLResponse, include_in_schema=False)
-    def try_page() -> str:
-        return render("try", logout=auth.enabled)
-
-    @app.get("/rate", response_class=HTMLResponse, include_in_schema=False)
-    def rate_page() -> str:
-        return render("rate", logout=auth.enabled)
+    for path, name, _ in PAGES:  # Live, Frame view, Try it, Rate–accuracy
+        app.add_api_route(path, dashboard_page(name), methods=["GET"], response_class=HTMLResponse,
+                          include_in_schema=False)
 
     add_login_routes(app, auth, service.metrics)
 
