@@ -259,6 +259,15 @@ class TaskRunner:
         self.rows = {(m.name, p): Row(m.name, p, m.label(p)) for m in methods for p in m.points()}
         self.timing: dict[str, list[float]] = {}
 
+    def has_objects(self, item: Any) -> bool:
+        """Whether a task model finds a box, a person or a face in the uncompressed picture of a
+        :mod:`palettelink.train.data` item (``--objects-only``)."""
+        from palettelink.train import data
+
+        rgb = data.load_rgb(item)
+        return any(len(ADAPTERS[t].predict(self.models[t], rgb, True))
+                   for t in ("detect", "pose", "landmarks") if t in self.tasks)
+
     def add_image(self, name: str, rgb: np.ndarray, progress: Any = None) -> None:
         x, lb = letterbox(rgb, self.bundle.input_size)
         item = Item(name, rgb, x, lb, [x])
@@ -300,8 +309,14 @@ class TaskRunner:
                 "uncompressed": ap(self.ranked),
                 "rows": {f"{r.method} {r.label}": ap(r.preds["detect"]) for r in self.rows.values()}}
 
-    def summary(self) -> list[dict[str, Any]]:
+    def summary(self, groups: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """One dict per row. ``groups`` (image name → source): each row also scores every source
+        apart (``per_source``: bpp and each task's headline score on that source's images)."""
         rows = []
+        by: dict[str, list[int]] = {}
+        for i, im in enumerate(self.images):
+            if groups and im["name"] in groups:
+                by.setdefault(groups[im["name"]], []).append(i)
         for r in self.rows.values():
             d: dict[str, Any] = {"method": r.method, "point": r.point, "label": r.label,
                                  "bpp": 8.0 * sum(r.n_bytes) / sum(r.pixels),
@@ -309,6 +324,14 @@ class TaskRunner:
                                  "psnr": float(np.mean(r.psnr)), "msssim": float(np.mean(r.msssim))}
             for t in self.tasks:
                 d[t] = ADAPTERS[t].score(self.refs[t], r.preds[t])
+            if by:
+                d["per_source"] = {}
+                for src, idx in sorted(by.items()):
+                    bits = 8.0 * sum(r.n_bytes[i] for i in idx)
+                    e: dict[str, Any] = {"images": len(idx), "bpp": bits / sum(r.pixels[i] for i in idx)}
+                    for t in self.tasks:
+                        e[t] = ADAPTERS[t].score([self.refs[t][i] for i in idx], [r.preds[t][i] for i in idx])
+                    d["per_source"][src] = e
             rows.append(d)
         return rows
 
@@ -392,7 +415,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--anchors", default=",".join(ANCHORS),
                    help=f"Pillow anchors on the original picture (default {','.join(ANCHORS)})")
     p.add_argument("--qualities", default=None, help="anchor qualities (default each anchor's ladder)")
-    p.add_argument("--eval-set", action="store_true", help="the held-out evaluation set (train/data.py)")
+    p.add_argument("--eval-set", action="store_true",
+                   help="the bundle codec's leave-source-out set: every known source its codec never "
+                        "trained on (bench/heldout.py, from the bundle's codec/training.json)")
+    p.add_argument("--per-source", type=int, default=None, metavar="N",
+                   help="with --eval-set: at most N items per source, evenly spread (default all)")
+    p.add_argument("--objects-only", action="store_true",
+                   help="with --eval-set: only pictures in which an uncompressed task model finds a box, a "
+                        "person or a face (chosen on the original picture, before --per-source)")
     p.add_argument("--images", nargs="*", default=[], help="image files/folders/videos")
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--coco", type=Path, default=None, metavar="FILE",
@@ -400,18 +430,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "matched by file name)")
     p.add_argument("--out", type=Path, default=Path("bench-out/tasks"))
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--render", type=Path, default=None, metavar="JSON",
+                   help="run nothing: write the markdown of this report beside it (and the README block "
+                        "with --readme)")
+    p.add_argument("--readme", type=Path, default=None, metavar="FILE",
+                   help="regenerate FILE's bench-tasks block (between its markers) from the report")
+    p.add_argument("--readme-block", default="lso", metavar="NAME",
+                   help="which marked block of --readme (default lso)")
 
 
-def _images(args: argparse.Namespace) -> list[tuple[str, np.ndarray]]:
+def _images(args: argparse.Namespace, held: Any = None) -> list[tuple[str, np.ndarray]]:
     from palettelink import capture
     from palettelink.image import load_image
     from palettelink.samples import sample_images
 
     out: list[tuple[str, np.ndarray]] = []
-    if args.eval_set:
+    if held is not None:
         from palettelink.train import data
 
-        items = data.eval_images()
+        items = held.items()
         out += [(data.item_key(i), rgb) for i, rgb in zip(items, data.load_all_rgb(items), strict=True)]
     elif not args.images:
         out += [(p.name, load_image(p)) for p in sample_images()]
@@ -420,7 +457,7 @@ def _images(args: argparse.Namespace) -> list[tuple[str, np.ndarray]]:
     if args.max_images and len(out) > args.max_images:  # spread over every source, not the first ones
         keep = np.unique(np.linspace(0, len(out) - 1, args.max_images).round().astype(int))
         out = [out[int(i)] for i in keep]
-    if args.eval_set or not args.images:  # a face no training source holds (scikit-image's astronaut)
+    if held is None and not args.images:  # a face (scikit-image's astronaut) beside the samples
         import tempfile
 
         from palettelink.samples import face_sample
@@ -446,9 +483,33 @@ def codec_methods(ctx: Context, names: Sequence[str] | None) -> list[Method]:
     return out
 
 
+def _write_markdown(report: dict[str, Any], md: Path, args: argparse.Namespace) -> None:
+    from palettelink.bench import tasks_report
+
+    md.write_text(tasks_report.full_markdown(report))
+    print(tasks_report.verdict_text(report))
+    print(f"wrote {md}")
+    if args.readme is not None:
+        changed = tasks_report.sync_readme(args.readme, report, args.readme_block)
+        print(f"{args.readme}: block {args.readme_block!r} " + ("regenerated" if changed else "unchanged"))
+
+
+def render(args: argparse.Namespace) -> int:
+    """``--render JSON``: the markdown (and README block) of a committed report; runs nothing."""
+    try:
+        report = json.loads(args.render.read_text())
+        report["rows"], report["tasks"]  # noqa: B018 - a bench-tasks report has both
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InvalidRequest(f"--render {args.render}: not a bench-tasks report ({e})") from e
+    _write_markdown(report, args.render.with_suffix(".md"), args)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    if args.render is not None:
+        return render(args)
     bundle = find_bundle(args.bundle, args.bundles)
     fam = family_of(bundle)
     if fam != "image":
@@ -475,25 +536,38 @@ def run(args: argparse.Namespace) -> int:
     ctx = Context(bundle, Front(bundle), options)
     wanted = None if args.codecs is None else [c for c in args.codecs.split(",") if c]
     methods = [*codec_methods(ctx, wanted), *[make_method(n, ctx) for n in anchors]]
+    if not args.eval_set and (args.per_source is not None or args.objects_only):
+        raise InvalidRequest("--per-source and --objects-only go with --eval-set")
     runner = TaskRunner(bundle, methods, tasks)
-    images = _images(args)
+    held = None
+    if args.eval_set:
+        from palettelink.bench.heldout import held_out
+
+        held = held_out(bundle, args.per_source, runner.has_objects if args.objects_only else None)
+        report_set = {"set": "leave-source-out (sources the bundle's codec never trained on)",
+                      **held.describe(), "per_source": args.per_source, "objects_only": args.objects_only}
+    images = _images(args, held)
     t0 = time.perf_counter()
     with tqdm(total=len(images) * sum(len(m.points()) for m in methods), unit="pt",
               disable=args.no_progress) as bar:
         for name, rgb in images:
             runner.add_image(name, rgb, bar)
-    rows = runner.summary()
+    groups = None
+    if held is not None:
+        from palettelink.train import data
+
+        groups = {data.item_key(i): src for src, items in held.sources.items() for i in items}
+    rows = runner.summary(groups)
     report = {"palettelink": __version__, "bundle": bundle.id, "tasks": tasks,
               "reference": "each task model on the uncompressed original image",
               "models": {t: task_model(bundle, t)[0] for t in tasks},  # type: ignore[index]
               "images": runner.images, "seconds": round(time.perf_counter() - t0, 1),
               "reference_counts": {t: rows[0][t].get("n_reference") for t in tasks} if rows else {},
               "task_ms": {t: float(np.mean(v)) for t, v in runner.timing.items()},
-              "rows": rows, "lowest_bpp_at_0.95": best_points(rows, tasks)}
-    if args.eval_set:
-        from palettelink.train import data
-
-        report["sources"] = data.describe_sources(data.eval_images())
+              "rows": rows, "lowest_bpp_at_0.9": best_points(rows, tasks, 0.9),
+              "lowest_bpp_at_0.95": best_points(rows, tasks)}
+    if held is not None:
+        report.update(report_set)
     if labels is not None:
         report["labels"] = runner.label_scores(labels)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -511,4 +585,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"against {args.coco} ({lab['images']} images, {lab['boxes']} boxes): uncompressed AP50 "
               f"{lab['uncompressed']['ap50']:.3f}; {rows_ap}")
     print(f"wrote {args.out / 'bench-tasks.json'} and {args.out / 'tasks.png'}")
+    _write_markdown(report, args.out / "bench-tasks.md", args)
     return 0

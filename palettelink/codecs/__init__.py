@@ -112,7 +112,9 @@ class CodecSpec:
     payload size of every level, so rate control sizes first and codes once. ``cut``: what is coded,
     the split's crossing tensors, a learned latent, or the picture itself (the server runs the front
     on what it decodes). ``levels(bundle)`` reads the manifest only (no ONNX session), finest first.
-    ``preference``: the lowest offered one is a bundle's default codec.
+    ``preference``: the lowest offered one is a bundle's default codec, unless an offered codec's
+    ``default_for(bundle)`` is true: that one is the default (a measured decision for a kind of bundle,
+    e.g. AVIF for image bundles, issue 16), the others follow by preference.
     """
 
     name: str
@@ -127,6 +129,7 @@ class CodecSpec:
     encoder: Callable[[Bundle], EdgeEncoder]
     decoder: Callable[[Bundle], FeatureDecoder]
     preference: int = 100
+    default_for: Callable[[Bundle], bool] | None = None
 
     def level_label(self, level: int) -> str:
         return self.label(level) if callable(self.label) else self.label.format(level)
@@ -211,8 +214,11 @@ def check_bundle(frame: bitstream.Frame, bundle: Bundle) -> None:
 
 
 def available(bundle: Bundle) -> list[str]:
-    """The codecs ``bundle`` can run, its default first."""
-    return [s.name for s in specs() if s.offered(bundle)]
+    """The codecs ``bundle`` can run, its default first (:class:`CodecSpec`: ``default_for``, then
+    ``preference``)."""
+    offered = [s for s in specs() if s.offered(bundle)]
+    first = [s for s in offered if s.default_for is not None and s.default_for(bundle)]
+    return [s.name for s in first[:1] + [s for s in offered if s not in first[:1]]]
 
 
 def default_codec(bundle: Bundle) -> str:
