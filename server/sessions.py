@@ -40,7 +40,8 @@ class FrameService(Protocol):
 
 def output_json(out: TaskOutput) -> dict[str, Any]:
     """A task output as the dashboard's JSON: boxes, masks (run-length counts as on the wire) and
-    landmark sets, each bounded (``MAX_LAST_*``); the preview goes to the :class:`PreviewStore`."""
+    landmark sets, each bounded (``MAX_LAST_*``); the preview goes to the
+    :class:`~server.previews.PreviewStore`."""
     masks = [{"width": mk.width, "height": mk.height, "counts": list(mk.counts), "class_id": mk.class_id,
               "score": mk.score} for mk in out.masks[:MAX_LAST_MASKS] if len(mk.counts) <= MAX_MASK_RUNS]
     landmarks = [{"scheme": ls.scheme, "score": ls.score,
