@@ -35,6 +35,11 @@ def set_session_defaults(threads: int | None = None, spinning: bool | None = Non
     _DEFAULTS["threads"], _DEFAULTS["spinning"], _DEFAULTS["precision"] = threads, spinning, precision
 
 
+def session_defaults() -> dict[str, int | bool | str | None]:
+    """The current defaults (``set_session_defaults(**session_defaults())`` restores them)."""
+    return dict(_DEFAULTS)
+
+
 @dataclass(frozen=True)
 class GraphChoice:
     """Which file runs an edge graph, at which precision, and why."""

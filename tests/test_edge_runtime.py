@@ -180,3 +180,39 @@ def test_recorded_int8_graph_is_what_the_encoder_runs(bundle, tmp_path: Path, de
     (copy / MANIFEST).write_text(json.dumps(raw))
     with pytest.raises(BundleError, match="edited"):
         Bundle.load(copy)
+
+
+def test_palettelink_int8_quantises_measures_and_records(bundle, tmp_path: Path, capsys,  # noqa: ANN001
+                                                         defaults: None) -> None:
+    """The whole command, small: 2 calibration images, 2 held-out frames. It writes the int8 graph
+    beside edge.onnx, records its measurement, and the edge's choice follows the recorded rule."""
+    from palettelink.cli import main
+    from palettelink.codecs import Decoder, make_encoder
+    from palettelink.train import data
+
+    if not data.training_images() or not data.eval_images():
+        pytest.skip("no training images or held-out frames on this machine (opencv-doc, corpus)")
+    root = tmp_path / "bundles"
+    shutil.copytree(bundle.path, root / bundle.name / bundle.version)
+    out = tmp_path / "int8.json"
+    rc = main(["int8", "--bundles", str(root), "--frames", "2", "--calibration", "2", "--threads", "1",
+               "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "agreement" in text and "0.97 rule" in text and "recorded edge.int8.onnx" in text, text
+    rec = json.loads(out.read_text())
+    assert rec["graph"] == "edge.onnx" and rec["frames"] == 2 and rec["calibration_images"] == 2
+    assert 0 <= rec["agreement"] <= 1 and rec["level"] == make_encoder(bundle, "palette").default_level()
+    assert rec["default"] == (rec["agreement"] >= front.INT8_MIN_AGREEMENT)
+    loaded = Bundle.load(root / bundle.name / bundle.version)  # every hash still verifies
+    assert loaded.table_hash_hex == bundle.table_hash_hex and loaded.has_file("edge.int8.onnx")
+    entry = loaded.manifest["int8"]["edge.onnx"]
+    assert entry["file"] == "edge.int8.onnx" and entry["agreement"] == rec["agreement"]
+    want = "edge.int8.onnx" if rec["default"] else "edge.onnx"
+    assert make_encoder(loaded, "palette").graph.file == want
+    front.set_session_defaults(precision="int8")
+    enc = make_encoder(loaded, "palette")  # and the int8 graph codes a frame the server decodes
+    assert enc.graph.precision == "int8"
+    rgb = np.full((120, 160, 3), 90, np.uint8)
+    payload = enc.encode(rgb).payload
+    assert Decoder(loaded).decode(payload).tensors

@@ -181,9 +181,7 @@ def record(bundle_path: Path, graph: str, file: str, entry: dict[str, Any]) -> d
 
 def run(args: argparse.Namespace) -> int:
     from palettelink.bundle import find_bundle
-    from palettelink.front import INT8_MIN_AGREEMENT, set_session_defaults
-    from palettelink.image import letterbox
-    from palettelink.train import data
+    from palettelink.front import session_defaults, set_session_defaults
 
     if args.calibration < 1 or args.frames < 0:
         raise InvalidRequest("--calibration must be ≥ 1 and --frames ≥ 0")
@@ -191,9 +189,24 @@ def run(args: argparse.Namespace) -> int:
     graph = args.graph or ("edge.onnx" if "palette" in bundle.codecs else "front.onnx")
     if not bundle.has_file(graph):
         raise InvalidRequest(f"bundle {bundle.id} has no {graph}")
-    set_session_defaults(args.threads, spinning=False, precision="fp32")
+    saved = session_defaults()
+    set_session_defaults(args.threads, spinning=False)  # (every graph measured names its precision)
+    try:
+        return _run(args, bundle, graph)
+    finally:
+        set_session_defaults(**saved)  # type: ignore[arg-type]
+
+
+def _run(args: argparse.Namespace, bundle: Any, graph: str) -> int:
+    from palettelink.front import INT8_MIN_AGREEMENT
+    from palettelink.image import letterbox
+    from palettelink.train import data
+
     calib_items = _spread(data.training_images(), args.calibration)
     eval_items = _spread(data.eval_images(), args.frames)
+    if not calib_items or not eval_items:
+        raise InvalidRequest("no training images or no leave-source-out frames on this machine (install "
+                             "opencv-doc, or gather the corpus with `palettelink corpus`)")
     print(f"int8 {bundle.id} {graph}: calibrating on {len(calib_items)} training images, measuring on "
           f"{len(eval_items)} leave-source-out frames", flush=True)
     calib = [letterbox(rgb, bundle.input_size)[0] for rgb in data.load_all_rgb(calib_items)]
