@@ -83,10 +83,10 @@ def test_open_stream_stats_over_sse(http: httpx.Client, live_server, coded_frame
 def test_feature_frames_have_no_preview(http: httpx.Client, coded_frames) -> None:  # noqa: ANN001
     """A feature bundle rebuilds no picture: asking for one stores nothing, and its URL is a 404 in the
     error JSON. (The image bundle's previews: tests/test_dashboard_tasks.py.)"""
-    r = http.post("/api/analyze", params={"want_preview": "true", "frame_id": 4242},
+    r = http.post("/api/analyze", params={"want_preview": "true", "frame_id": 4243},
                   content=coded_frames["bus"])
     assert r.status_code == 200 and r.json()["output"]["preview_jpeg"] == 0
-    (f,) = [f for f in http.get("/api/frames").json() if f["frame_id"] == 4242]
+    (f,) = [f for f in http.get("/api/frames").json() if f["frame_id"] == 4243]
     assert f["key"] > 0 and f["preview"] is False and "preview_url" not in f
     assert f["masks"] == 0 and f["landmarks"] == 0
     gone = http.get(f"/api/frames/{f['key']}/preview.jpg")
