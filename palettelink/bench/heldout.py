@@ -52,6 +52,20 @@ def trained_files(bundle: Bundle) -> set[str]:
     return {_file_of(str(k)) for k in items}
 
 
+def training_items(bundle: Bundle) -> list[Any]:
+    """The items the bundle's codec trained on that exist on this machine (a path, or a video path and
+    frame index), in the record's order: what a calibration may use without touching held-out data."""
+    record = json.loads(bundle.file(TRAINING_RECORD).read_text()) if TRAINING_RECORD in \
+        bundle.manifest.get("files", {}) else {}
+    out: list[Any] = []
+    for key in record.get("train_items") or []:
+        key = str(key)
+        path = Path(_file_of(key))
+        if path.is_file():
+            out.append((path, int(key.rsplit("#", 1)[1])) if str(path) != key else path)
+    return out
+
+
 def _path(item: Any) -> Path:
     return Path(item[0] if isinstance(item, tuple) else item)
 

@@ -42,7 +42,7 @@ import numpy as np
 
 from palettelink.errors import InvalidRequest
 
-GRAPHS = ("edge.onnx", "front.onnx")
+GRAPHS = ("edge.onnx", "front.onnx", "decoder.onnx")  # decoder.onnx: an image bundle's generator
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bundle root (default: $PALETTELINK_BUNDLES or ./bundles)")
     p.add_argument("--graph", default=None, choices=GRAPHS,
                    help="graph to quantise (default: edge.onnx where the bundle has the palette codec, "
-                        "else front.onnx)")
+                        "else front.onnx; decoder.onnx: an image bundle's generator, bench/int8_decoder.py)")
     p.add_argument("--calibration", type=int, default=24, metavar="N",
                    help="training images to calibrate on (default 24)")
     p.add_argument("--frames", type=int, default=0, metavar="N",
@@ -202,6 +202,10 @@ def _run(args: argparse.Namespace, bundle: Any, graph: str) -> int:
     from palettelink.image import letterbox
     from palettelink.train import data
 
+    if graph == "decoder.onnx":
+        from palettelink.bench import int8_decoder
+
+        return int8_decoder.run(args, bundle)
     calib_items = _spread(data.training_images(), args.calibration)
     eval_items = _spread(data.eval_images(), args.frames)
     if not calib_items or not eval_items:

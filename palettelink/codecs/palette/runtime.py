@@ -163,14 +163,19 @@ class PaletteDecoder:
     codec = CODEC
 
     def __init__(self, bundle: Bundle, threads: int | None = None, generate_to: int | None = None,
-                 mode: str = "argmax", seed: int = 0, model: str | None = None) -> None:
+                 mode: str = "argmax", seed: int = 0, model: str | None = None,
+                 precision: str | None = None) -> None:
         self.bundle = bundle
         self.tables = PaletteTables.load(_tables_file(bundle))
         self.model = check_model(self.tables, model)
         if mode not in GENERATE_MODES:
             raise InvalidRequest(f"generation mode must be one of {GENERATE_MODES}, got {mode!r}")
         self.generate_to, self.mode, self.seed = generate_to, mode, seed
-        self.session = ort_session(str(bundle.file("decoder.onnx")), threads)
+        # decoder.onnx, or its int8 variant where the bundle measured it agreeing (front.choose_graph,
+        # ``auto`` unless asked: the edge's process-wide precision is about edge graphs, not this one;
+        # `palettelink int8 --graph decoder.onnx` measures an image bundle's generator)
+        self.graph = choose_graph(bundle, "decoder.onnx", precision or "auto")
+        self.session = ort_session(str(bundle.file(self.graph.file)), threads)
         outs = [o.name for o in self.session.get_outputs()]
         wanted = [t.name for t in bundle.tensors]
         self.outputs = wanted if set(wanted) <= set(outs) else outs
