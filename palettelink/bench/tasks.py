@@ -249,9 +249,22 @@ def rebuilt_rgb(bundle: Bundle, item: Item, out: Any) -> np.ndarray:
     return rebuilt_image(out.tensors[0], (item.letterbox.width, item.letterbox.height), bundle.input_size)
 
 
+def fit(rgb: np.ndarray, max_side: int | None) -> np.ndarray:
+    """``rgb`` shrunk (area filter) so its longer side is at most ``max_side`` (None: as it is)."""
+    h, w = rgb.shape[:2]
+    if max_side is None or max(h, w) <= max_side:
+        return rgb
+    import cv2
+
+    s = max_side / max(h, w)
+    return cv2.resize(rgb, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+
+
 class TaskRunner:
-    def __init__(self, bundle: Bundle, methods: list[Method], tasks: Sequence[str]) -> None:
+    def __init__(self, bundle: Bundle, methods: list[Method], tasks: Sequence[str],
+                 max_side: int | None = None) -> None:
         self.bundle, self.methods, self.tasks = bundle, methods, list(tasks)
+        self.max_side = max_side
         self.models = load_task_models(bundle, tasks)
         self.refs: dict[str, list[Any]] = {t: [] for t in tasks}
         self.ranked: list[Any] = []
@@ -264,7 +277,7 @@ class TaskRunner:
         :mod:`palettelink.train.data` item (``--objects-only``)."""
         from palettelink.train import data
 
-        rgb = data.load_rgb(item)
+        rgb = fit(data.load_rgb(item), self.max_side)
         return any(len(ADAPTERS[t].predict(self.models[t], rgb, True))
                    for t in ("detect", "pose", "landmarks") if t in self.tasks)
 
@@ -425,6 +438,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "person or a face (chosen on the original picture, before --per-source)")
     p.add_argument("--images", nargs="*", default=[], help="image files/folders/videos")
     p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--max-side", type=int, default=None, metavar="PX",
+                   help="shrink larger pictures (area filter) to this longer side first, as a camera "
+                        "stream's frames would be (e.g. 1920; default: as they are)")
     p.add_argument("--coco", type=Path, default=None, metavar="FILE",
                    help="COCO-format annotations: also score detection against these labels (images "
                         "matched by file name)")
@@ -465,7 +481,7 @@ def _images(args: argparse.Namespace, held: Any = None) -> list[tuple[str, np.nd
         face = face_sample(Path(tempfile.gettempdir()) / "palettelink-samples")
         if face is not None:
             out.append((face.name, load_image(face)))
-    return out
+    return [(name, fit(rgb, args.max_side)) for name, rgb in out]
 
 
 def codec_methods(ctx: Context, names: Sequence[str] | None) -> list[Method]:
@@ -538,14 +554,20 @@ def run(args: argparse.Namespace) -> int:
     methods = [*codec_methods(ctx, wanted), *[make_method(n, ctx) for n in anchors]]
     if not args.eval_set and (args.per_source is not None or args.objects_only):
         raise InvalidRequest("--per-source and --objects-only go with --eval-set")
-    runner = TaskRunner(bundle, methods, tasks)
+    if args.max_side is not None and args.max_side < 32:
+        raise InvalidRequest("--max-side must be at least 32 pixels")
+    runner = TaskRunner(bundle, methods, tasks, args.max_side)
     held = None
+    report_set: dict[str, Any] = {}
     if args.eval_set:
         from palettelink.bench.heldout import held_out
 
         held = held_out(bundle, args.per_source, runner.has_objects if args.objects_only else None)
-        report_set = {"set": "leave-source-out (sources the bundle's codec never trained on)",
-                      **held.describe(), "per_source": args.per_source, "objects_only": args.objects_only}
+        report_set.update({"set": "leave-source-out (sources the bundle's codec never trained on)",
+                           **held.describe(), "per_source": args.per_source,
+                           "objects_only": args.objects_only})
+    if args.max_side is not None:
+        report_set["max_side"] = args.max_side
     images = _images(args, held)
     t0 = time.perf_counter()
     with tqdm(total=len(images) * sum(len(m.points()) for m in methods), unit="pt",
@@ -566,8 +588,7 @@ def run(args: argparse.Namespace) -> int:
               "task_ms": {t: float(np.mean(v)) for t, v in runner.timing.items()},
               "rows": rows, "lowest_bpp_at_0.9": best_points(rows, tasks, 0.9),
               "lowest_bpp_at_0.95": best_points(rows, tasks)}
-    if held is not None:
-        report.update(report_set)
+    report.update(report_set)
     if labels is not None:
         report["labels"] = runner.label_scores(labels)
     args.out.mkdir(parents=True, exist_ok=True)

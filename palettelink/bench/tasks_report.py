@@ -129,7 +129,15 @@ def summary(report: dict[str, Any]) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     """The report as markdown (bench-tasks.md and the README block)."""
-    out = [f"`{report['bundle']}`, {report.get('set', 'the images given')}: {summary(report)}. Reference: "
+    chosen = []
+    if report.get("objects_only"):
+        chosen.append("pictures in which an uncompressed task model finds a box, a person or a face")
+    if report.get("per_source"):
+        chosen.append(f"at most {report['per_source']} per source, evenly spread")
+    if report.get("max_side"):
+        chosen.append(f"shrunk to at most {report['max_side']} px on the longer side")
+    out = [f"`{report['bundle']}`, {report.get('set', 'the images given')}"
+           + (f" ({'; '.join(chosen)})" if chosen else "") + f": {summary(report)}. Reference: "
            f"{report['reference']}.", ""]
     if report.get("left_out"):
         out += ["Left out (the codec trained on them, or reserved): "
