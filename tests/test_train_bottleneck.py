@@ -11,8 +11,11 @@ import pytest
 import torch
 
 from palettelink.image import letterbox, load_image
+from palettelink.train import augment, crossing_cache, data
 from palettelink.train import bottleneck as bn
-from palettelink.train import data
+from palettelink.train.bottleneck_eval import ScalarQuantiser, evaluate_detection
+from palettelink.train.bottleneck_training import finetune_decoder, train_bottleneck
+from palettelink.train.distill import measure_sensitivity, sensitivity_weights
 
 SIZE = 320
 
@@ -66,18 +69,18 @@ def test_reserved_pictures_are_used_nowhere() -> None:
 
 def test_augmentation_is_deterministic() -> None:
     rgb = (np.random.default_rng(0).random((200, 300, 3)) * 255).astype(np.uint8)
-    plain, info = data.augmented_input(rgb, 128, None)
+    plain, info = augment.augmented_input(rgb, 128, None)
     assert np.array_equal(plain, letterbox(rgb, 128)[0])
-    a = data.augmented_input(rgb, 128, np.random.default_rng((0, 1, 1)))[0]
-    b = data.augmented_input(rgb, 128, np.random.default_rng((0, 1, 1)))[0]
-    c = data.augmented_input(rgb, 128, np.random.default_rng((0, 1, 2)))[0]
+    a = augment.augmented_input(rgb, 128, np.random.default_rng((0, 1, 1)))[0]
+    b = augment.augmented_input(rgb, 128, np.random.default_rng((0, 1, 1)))[0]
+    c = augment.augmented_input(rgb, 128, np.random.default_rng((0, 1, 2)))[0]
     assert a.shape == (1, 3, 128, 128) and np.array_equal(a, b) and not np.array_equal(a, c)
 
 
 @pytest.fixture(scope="module")
-def cache(detector, images, tmp_path_factory: pytest.TempPathFactory) -> data.CrossingCache:  # noqa: ANN001
-    return data.CrossingCache(detector, images, SIZE, augment=1, progress=False,
-                              cache_dir=tmp_path_factory.mktemp("crossing"))
+def cache(detector, images, tmp_path_factory: pytest.TempPathFactory) -> crossing_cache.CrossingCache:  # noqa: ANN001
+    return crossing_cache.CrossingCache(detector, images, SIZE, augment=1, progress=False,
+                                        cache_dir=tmp_path_factory.mktemp("crossing"))
 
 
 def test_cache_holds_front_outputs_and_is_reused(detector, images, cache) -> None:  # noqa: ANN001
@@ -87,7 +90,8 @@ def test_cache_holds_front_outputs_and_is_reused(detector, images, cache) -> Non
         want = [t[0].numpy() for t in detector.front(torch.from_numpy(x))]
     for got, w in zip(cache.tensors(2), want, strict=True):  # entry 2 = image 1, variant 0
         np.testing.assert_allclose(got, w, rtol=2e-3, atol=2e-3 * float(np.abs(w).max()))
-    again = data.CrossingCache(detector, images, SIZE, augment=1, progress=False, cache_dir=cache.dir.parent)
+    again = crossing_cache.CrossingCache(detector, images, SIZE, augment=1, progress=False,
+                                         cache_dir=cache.dir.parent)
     assert again.dir == cache.dir
     assert all(np.array_equal(again.tensors(i)[0], cache.tensors(i)[0]) for i in range(len(cache)))
     ts = cache.batch([0, 3], crop=160, rng=np.random.default_rng(0))
@@ -129,25 +133,25 @@ def test_decoder_levels(detector) -> None:  # noqa: ANN001
 
 
 def test_train_resume_encode_finetune_evaluate(detector, cache, tmp_path: Path) -> None:  # noqa: ANN001
-    sens = bn.measure_sensitivity(detector, cache, n=2)
+    sens = measure_sensitivity(detector, cache, n=2)
     assert len(sens) == 3 and all(s > 0 for s in sens)
-    w = bn.sensitivity_weights(sens)
+    w = sensitivity_weights(sens)
     assert abs(np.mean(w) - 1) < 1e-3
 
     out = tmp_path / "bn"
-    enc, dec = bn.train_bottleneck(detector, cache, _cfg(detector), steps=3, out=out, progress=False,
-                                   log_every=1, sensitivity=False)
+    enc, dec = train_bottleneck(detector, cache, _cfg(detector), steps=3, out=out, progress=False,
+                                log_every=1, sensitivity=False)
     log = json.loads((out / "train_log.json").read_text())
     assert log["steps_done"] == 3 and all(np.isfinite(e["loss"]) for e in log["log"])
     assert log["log"][-1]["neck"] > 0  # the tail ran: neck + score distillation after the features-only start
     assert (out / "encoder.pt").is_file() and (out / "checkpoint.pt").is_file()
     # a second call with the same arguments resumes from the checkpoint: nothing left to do
-    enc2, _ = bn.train_bottleneck(detector, cache, _cfg(detector), steps=3, out=out, progress=False,
-                                  sensitivity=False)
+    enc2, _ = train_bottleneck(detector, cache, _cfg(detector), steps=3, out=out, progress=False,
+                               sensitivity=False)
     assert all(torch.equal(a, b) for a, b in zip(enc.state_dict().values(), enc2.state_dict().values(),
                                                   strict=True))
-    warm, _ = bn.train_bottleneck(detector, cache, _cfg(detector), steps=1, out=tmp_path / "warm",
-                                  progress=False, sensitivity=False, init=out)
+    warm, _ = train_bottleneck(detector, cache, _cfg(detector), steps=1, out=tmp_path / "warm",
+                               progress=False, sensitivity=False, init=out)
     assert json.loads((tmp_path / "warm" / "train_log.json").read_text())["steps_done"] == 1
     enc3, dec3 = bn.load_models(out)
     assert all(torch.equal(a, b) for a, b in zip(dec.state_dict().values(), dec3.state_dict().values(),
@@ -159,7 +163,7 @@ def test_train_resume_encode_finetune_evaluate(detector, cache, tmp_path: Path) 
     z = bn.encode_latents(enc, cache)
     assert z.shape == (4, 32, SIZE // 16, SIZE // 16) and np.isfinite(z).all()
 
-    q = bn.ScalarQuantiser(z, 3)
+    q = ScalarQuantiser(z, 3)
     seen: list[int] = []
 
     def quantise(zt: torch.Tensor, level: int) -> torch.Tensor:
@@ -167,13 +171,13 @@ def test_train_resume_encode_finetune_evaluate(detector, cache, tmp_path: Path) 
         return q(zt, level)
 
     before = {k: v.clone() for k, v in enc.state_dict().items()}
-    dec_ft = bn.finetune_decoder(detector, enc, dec, cache, quantise, levels=[0, 1, 2, 3], steps=4,
-                                 latents=z, unquantised_frac=0.0, progress=False, out=tmp_path / "ft")
+    dec_ft = finetune_decoder(detector, enc, dec, cache, quantise, levels=[0, 1, 2, 3], steps=4,
+                              latents=z, unquantised_frac=0.0, progress=False, out=tmp_path / "ft")
     assert sorted(set(seen)) == [0, 1, 2, 3] and dec_ft.n_levels >= 4  # grown to cover level 3
     assert dec_ft is not dec and dec.n_levels == 3
     assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())  # encoder frozen
     assert (tmp_path / "ft" / "decoder.pt").is_file()
 
-    rows = bn.evaluate_detection(detector, enc, dec_ft, cache, train_latents=z, bits=(4,))
+    rows = evaluate_detection(detector, enc, dec_ft, cache, train_latents=z, bits=(4,))
     assert rows["split (uncompressed)"]["ap50"] == pytest.approx(1.0) or rows["n_reference_boxes"] == 0
     assert {"z unquantised", "z 4 bit"} <= set(rows) and rows["z 4 bit"]["bpp"] > 0

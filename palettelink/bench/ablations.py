@@ -154,7 +154,7 @@ class ScalarZ(_LatentMethod):
         return f"{point}b"
 
     def run(self, item: Item, point: int) -> Output:
-        from palettelink.train.bottleneck import ScalarQuantiser
+        from palettelink.train.bottleneck_eval import ScalarQuantiser
 
         quant = ScalarQuantiser.from_ranges(self.t["lo"], self.t["hi"], point)
         q = quant.symbols(self.latent(item))[0]  # [C, h, w]

@@ -38,13 +38,13 @@ def score_snapshots(folder: Path, every: int = 3, bundle: str = "fall-yolov8") -
     from palettelink.bundle import find_bundle
     from palettelink.models.ultra import SplitDetector
     from palettelink.scoring import evaluate
-    from palettelink.train import data
+    from palettelink.train import crossing_cache, data
 
     b = find_bundle(bundle)
     det = SplitDetector.from_bundle(b, "cpu")
     items = data.eval_images()[::every]
-    cache = data.CrossingCache(det, items, b.input_size, augment=0, cache_dir=folder / "eval-cache",
-                               progress=False)
+    cache = crossing_cache.CrossingCache(det, items, b.input_size, augment=0, cache_dir=folder / "eval-cache",
+                                         progress=False)
     refs, views = [], []
     with torch.inference_mode():
         for i in range(len(cache)):

@@ -34,7 +34,7 @@ from torch import nn
 
 from palettelink.bundle import atomic_write_folder, write_manifest
 from palettelink.train.blocks import FiLM, Level, LevelConditioned, ResBlock
-from palettelink.train.bottleneck import perturb_latent
+from palettelink.train.distill import perturb_latent
 
 ARCH = "image"
 # What an image bundle's codec is "trained for" (the role a detector's sha256 plays for a split
@@ -196,7 +196,7 @@ class _Views:
         self.rng = np.random.default_rng(seed)
 
     def batch(self) -> torch.Tensor:
-        from palettelink.train.data import augmented_input
+        from palettelink.train.augment import augmented_input
 
         cfg, out = self.cfg, []
         for _ in range(cfg.batch):
@@ -282,7 +282,7 @@ def encode_latents(enc: ImageEncoder, rgbs: Sequence[np.ndarray], size: int, ext
                    seed: int = 0) -> np.ndarray:
     """z of every image's plain letterbox (what the edge sends) plus ``extra_views`` augmented ones."""
     from palettelink.image import letterbox
-    from palettelink.train.data import augmented_input
+    from palettelink.train.augment import augmented_input
 
     rng = np.random.default_rng(seed)
     zs = []

@@ -50,7 +50,7 @@ class TrainConfig:
     finetune_minutes: float = 5.0
     max_images: int | None = None
     augment: int = 4
-    paste: float = 0.0  # probability that an augmented view gets people pasted in (data.paste_people)
+    paste: float = 0.0  # probability that an augmented view gets people pasted in (augment.paste_people)
     calibration: int = 200  # training views the levels stage measures every level on
     seed: int = 0
     tiny: bool = False  # CI smoke run: a few steps on a few images
@@ -70,7 +70,16 @@ def train(bundle_name: str, images: list[str] | None, work: Path, out: Path | No
     import torch
 
     from palettelink.models.ultra import SplitDetector
-    from palettelink.train import bottleneck, context, contrastive, data, palette, pseudolabels
+    from palettelink.train import (
+        bottleneck,
+        context,
+        contrastive,
+        crossing_cache,
+        data,
+        palette,
+        pseudolabels,
+    )
+    from palettelink.train.bottleneck_training import finetune_decoder
 
     if cfg.tiny:  # a smoke run: a handful of images, one augmented view each ("seconds, not minutes")
         cfg = replace(cfg, max_images=cfg.max_images or 4, augment=min(cfg.augment, 1))
@@ -90,8 +99,8 @@ def train(bundle_name: str, images: list[str] | None, work: Path, out: Path | No
     report["train_images"] = data.describe_sources(items)
     report["train_items"] = [data.item_key(i) for i in items]
     print(f"[train] {len(items)} training items: {report['train_images']}")
-    cache = data.CrossingCache(det, items, bundle.input_size, augment=cfg.augment,
-                               cache_dir=work / "crossing", seed=cfg.seed, paste=cfg.paste)
+    cache = crossing_cache.CrossingCache(det, items, bundle.input_size, augment=cfg.augment,
+                                         cache_dir=work / "crossing", seed=cfg.seed, paste=cfg.paste)
 
     t0 = time.perf_counter()
     st = Stage(work, "bottleneck")
@@ -149,9 +158,9 @@ def train(bundle_name: str, images: list[str] | None, work: Path, out: Path | No
     st = Stage(work, "finetune")
     if not st.done:
         levels = list(range(len(tables["level_sizes"])))
-        bottleneck.finetune_decoder(det, enc, dec, cache, palette.torch_quantiser(tables), levels=levels,
-                                    steps=4 if cfg.tiny else 100_000, minutes=cfg.finetune_minutes,
-                                    latents=latents, out=st.dir)
+        finetune_decoder(det, enc, dec, cache, palette.torch_quantiser(tables), levels=levels,
+                         steps=4 if cfg.tiny else 100_000, minutes=cfg.finetune_minutes,
+                         latents=latents, out=st.dir)
         st.finish({"minutes": cfg.finetune_minutes, "levels": levels})
     dec = bottleneck.load_decoder(st.dir)
     report["stages"]["finetune"] = st.info()
@@ -192,16 +201,17 @@ def train_bottleneck_two_stage(det: Any, cache: Any, out: Path, stage1: Path, cf
     crossing tensors and the tail's scores; then, warm-started, matching the detection head's own
     inputs (the "neck" features) as well, which is what fixed small pedestrians."""
     from palettelink.train import bottleneck as bn
+    from palettelink.train.bottleneck_training import train_bottleneck
 
     steps = 4 if cfg.tiny else 100_000
     base = dict(z_channels=cfg.latent_channels, n_levels=cfg.n_levels, seed=cfg.seed, **recipe_overrides(cfg))
     cfg1 = bn.BottleneckConfig.for_detector(det, w_feat=1.0, w_neck=0.0, w_box=0.5, task_start=0.1,
                                             task_ramp=0.2, **base)
-    bn.train_bottleneck(det, cache, cfg1, steps=steps, minutes=cfg.bottleneck_minutes * 0.55,
-                        sensitivity=not cfg.tiny, out=stage1)
+    train_bottleneck(det, cache, cfg1, steps=steps, minutes=cfg.bottleneck_minutes * 0.55,
+                     sensitivity=not cfg.tiny, out=stage1)
     cfg2 = bn.BottleneckConfig.for_detector(det, task_start=0.0, task_ramp=0.05, warmup=50, **base)
-    bn.train_bottleneck(det, cache, cfg2, steps=steps, minutes=cfg.bottleneck_minutes * 0.45, init=stage1,
-                        sensitivity=not cfg.tiny, out=out)
+    train_bottleneck(det, cache, cfg2, steps=steps, minutes=cfg.bottleneck_minutes * 0.45, init=stage1,
+                     sensitivity=not cfg.tiny, out=out)
 
 
 def init_folder_from_assets(assets: Path, folder: Path) -> Path:
@@ -237,6 +247,7 @@ def train_bottleneck_warm(det: Any, cache: Any, out: Path, assets: Path, init: P
     """Continue a trained bottleneck on (new) data with the final recipe of the two-stage run (neck +
     score + box distillation from the first step): what adapting to a new corpus or site needs."""
     from palettelink.train import bottleneck as bn
+    from palettelink.train.bottleneck_training import train_bottleneck
 
     folder = init_folder_from_assets(assets, init)
     prev = json.loads((folder / "config.json").read_text())
@@ -246,8 +257,8 @@ def train_bottleneck_warm(det: Any, cache: Any, out: Path, assets: Path, init: P
     bcfg = bn.BottleneckConfig.for_detector(det, z_channels=int(prev.get("z_channels", cfg.latent_channels)),
                                             n_levels=int(prev.get("n_levels", cfg.n_levels)), seed=cfg.seed,
                                             task_start=0.0, task_ramp=0.02, warmup=50, **keep)
-    bn.train_bottleneck(det, cache, bcfg, steps=4 if cfg.tiny else 100_000, minutes=cfg.bottleneck_minutes,
-                        init=folder, sensitivity=not cfg.tiny, out=out)
+    train_bottleneck(det, cache, bcfg, steps=4 if cfg.tiny else 100_000, minutes=cfg.bottleneck_minutes,
+                     init=folder, sensitivity=not cfg.tiny, out=out)
 
 
 SCALAR_BITS = (2, 3, 4, 5, 6)
@@ -257,7 +268,7 @@ def write_ablation_tables(folder: Path, latents: np.ndarray, cache: Any, cfg: Tr
     """Tables for the benchmark's ablation rows (palettelink.bench.ablations)."""
     from palettelink import entropy
     from palettelink.train import palette
-    from palettelink.train.bottleneck import ScalarQuantiser
+    from palettelink.train.bottleneck_eval import ScalarQuantiser
 
     lo, hi = ScalarQuantiser.fit_ranges(latents)
     arrays: dict[str, np.ndarray] = {"lo": lo, "hi": hi, "bits": np.asarray(SCALAR_BITS, np.int32)}
