@@ -102,7 +102,7 @@ def test_the_rcc_reader_gets_plain_and_zlib_files_out(tmp_path: Path) -> None:
 
 
 def test_paste_people_puts_crops_in_and_is_reproducible() -> None:
-    from palettelink.train.data import paste_people
+    from palettelink.train.augment import paste_people
 
     x = np.full((1, 3, 64, 64), 0.5, np.float32)
     crop = np.zeros((40, 20, 4), np.uint8)
