@@ -8,8 +8,9 @@
 # runs it when PALETTELINK_SLOW=1. Needs .venv (scripts/setup.sh) for the server and the sample image,
 # and bundles/ (palettelink build-bundle --out bundles). The binary runs with a fresh HOME, an empty
 # fetch cache and a minimal environment, so it fetches the bundle's edge part from the server and uses
-# nothing of this checkout or .venv. Prints `edge-binary: ...` lines and ends with one JSON line; exit 0
-# when the binary printed boxes and exited 0 both times.
+# nothing of this checkout or .venv. As root, with the build root there, it then fetches and streams a
+# third time inside the Debian 11 build root: the same file on glibc 2.31. Prints `edge-binary: ...` lines
+# and ends with one JSON line; exit 0 when the binary printed boxes and exited 0 every time.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -92,8 +93,29 @@ t1=$(now); STREAM=$(ms "$t0" "$t1")
 check_run "stream (cached bundle)" "$TMP/stream.out" "$rc"
 RTT=$(sed -n 's/.* rtt \([0-9.]*\) ms.*/\1/p' "$TMP/stream.out" | head -1)
 
+# 3) On glibc 2.31: the same binary inside the Debian 11 build root of scripts/build-edge-binary.sh (it
+#    shares this machine's network), fetch + stream again with an empty cache there. Needs root.
+case $(uname -m) in x86_64) DEB_ARCH=amd64 ;; aarch64) DEB_ARCH=arm64 ;; *) DEB_ARCH=none ;; esac
+BR=${PALETTELINK_EDGE_BUILD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/palettelink/edge-build}/bullseye-$DEB_ARCH
+OLD_GLIBC=skipped
+if [[ $(id -u) == 0 && -x $BR/usr/bin/ldd ]]; then
+    rm -rf "$BR/tmp/edge-check" && mkdir -p "$BR/tmp/edge-check/home" "$BR/tmp/edge-check/tmp"
+    cp "$BIN" "$IMG" "$BR/tmp/edge-check/"
+    OLD_GLIBC=$(chroot "$BR" ldd --version | head -1 | awk '{print $NF}')
+    rc=0
+    # shellcheck disable=SC2016  # $0 and $@ are the inner shell's: the root and the command
+    unshare --mount --propagation private -- /bin/sh -c 'mount -t proc proc "$0/proc" && exec chroot "$0" "$@"' \
+        "$BR" /usr/bin/env -i PATH=/usr/bin:/bin HOME=/tmp/edge-check/home TMPDIR=/tmp/edge-check/tmp LANG=C.UTF-8 \
+        nice -n 19 /tmp/edge-check/palettelink-edge --fetch-bundle fall-yolov8 --server "$GRPC" --http "http://$HTTP" \
+        "/tmp/edge-check/$(basename "$IMG")" >"$TMP/oldglibc.out" 2>&1 || rc=$?
+    check_run "fetch + stream on glibc $OLD_GLIBC (the Debian 11 build root)" "$TMP/oldglibc.out" "$rc"
+    rm -rf "$BR/tmp/edge-check"
+else
+    echo "edge-binary: not run on glibc 2.31 (needs root and the build root $BR)"
+fi
+
 echo "edge-binary: size $SIZE B; start-up (--version) first ${START_FIRST} ms, best ${START_BEST} ms;" \
      "fetch + stream bus.jpg ${FETCH_STREAM} ms; stream bus.jpg (cached bundle, whole process) ${STREAM} ms;" \
-     "frame rtt ${RTT} ms (all under nice -n 19)"
-printf '{"size_bytes": %s, "startup_first_ms": %s, "startup_best_ms": %s, "fetch_and_stream_ms": %s, "stream_ms": %s, "rtt_ms": %s}\n' \
-    "$SIZE" "$START_FIRST" "$START_BEST" "$FETCH_STREAM" "$STREAM" "${RTT:-null}"
+     "frame rtt ${RTT} ms (all under nice -n 19); fetch + stream on the build root's glibc: ${OLD_GLIBC}"
+printf '{"size_bytes": %s, "startup_first_ms": %s, "startup_best_ms": %s, "fetch_and_stream_ms": %s, "stream_ms": %s, "rtt_ms": %s, "ran_on_glibc": "%s"}\n' \
+    "$SIZE" "$START_FIRST" "$START_BEST" "$FETCH_STREAM" "$STREAM" "${RTT:-null}" "$OLD_GLIBC"
