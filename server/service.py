@@ -164,8 +164,10 @@ class Service:
         if bundle.id in self.bundles:
             return
         batchers = {}
+        windowed = True  # every runner reads windowed tensors (the onnxruntime YOLO tail)
         for task in tasks_for(bundle):
             runner = make_runner(task, bundle, self.device)
+            windowed = windowed and bool(getattr(runner, "accepts_window", False))
             self._set_torch_threads()
             if self.warmup:
                 runner.warmup()
@@ -182,8 +184,19 @@ class Service:
         if not batchers:
             raise InvalidRequest(f"bundle {bundle.id} has task {bundle.task!r}; "
                                  f"this server runs {sorted(MODULES)}")
-        self.bundles[bundle.id] = LoadedBundle(bundle, codecs.Decoder(bundle), batchers)
+        decoder = codecs.Decoder(bundle, self._decoders(bundle, windowed))
+        self.bundles[bundle.id] = LoadedBundle(bundle, decoder, batchers)
         log.info("loaded bundle %s from %s", bundle.id, bundle.path)
+
+    def _decoders(self, bundle: Bundle, windowed: bool) -> dict[str, Any]:
+        """Codec decoders that differ from the library's: where the task runners read windowed
+        tensors, the palette decoder of the onnxruntime path (the frame's window of the latent, int8
+        where the bundle measured it agreeing; palettelink.codecs.palette.windowed)."""
+        if not windowed or "palette" not in codecs.available(bundle):
+            return {}
+        from palettelink.codecs.palette.windowed import WindowedPaletteDecoder
+
+        return {"palette": WindowedPaletteDecoder(bundle)}
 
     def _set_torch_threads(self) -> None:
         if "torch" not in sys.modules or not self.device.startswith("cpu"):

@@ -31,6 +31,7 @@ import math
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,9 @@ def _latent(encoder: Any, decoder: Any, rgb: np.ndarray, level: int) -> dict[str
     return {"z": decoder.tables.dequantise(r.indices, r.level), "level": np.asarray(r.level, np.int64)}
 
 
-def quantise(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> None:
-    """Static QDQ int8 of ``src``'s convolutions, calibrated on ``feeds`` (z and level vary)."""
+def quantise(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], exclude: Sequence[str] = ()) -> None:
+    """Static QDQ int8 of ``src``'s convolutions, calibrated on ``feeds`` (z and level vary);
+    ``exclude``: names of nodes that stay fp32."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -69,7 +71,7 @@ def quantise(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> None:
         out = Path(tmp) / "int8.onnx"
         quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=["Conv"])
+                        op_types_to_quantize=["Conv"], nodes_to_exclude=list(exclude))
         shutil.copyfile(out, dst)
 
 

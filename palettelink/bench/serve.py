@@ -1,8 +1,12 @@
 """``palettelink bench-serve``: serving throughput, decode + task, of the server's data plane.
 
-Frames of bus.jpg and zidane.jpg are coded once per codec (baseline at ``--bits``, palette at
-``--level``), then answered by a real :class:`server.service.Service` (the object behind gRPC and
-HTTP: bitstream check, codec decode, the batching queue, the torch tail, box post-processing):
+Frames of bus.jpg and zidane.jpg (resized to ``--size WxH`` like a camera's, e.g. 640x480) are coded
+once per codec (baseline at ``--bits``, palette at ``--level``), then answered by a real
+:class:`server.service.Service` (the object behind gRPC and HTTP: bitstream check, codec decode, the
+batching queue, the tail, box post-processing). The tail and the palette decoder run as the server
+runs them: in onnxruntime on the frame's window where the bundle has ``tail.onnx`` (int8 where the
+build kept it; :mod:`palettelink.models.ultra_ort`), else the torch tail; ``--runtime torch`` asks
+for the torch path; each row names the path (``serve_path``):
 
 - **batch 1**: a service with ``max_batch=1``, one frame at a time from one caller (latency-bound);
 - **dynamic batching**: a service with ``max_batch=B`` (``--max-batch``, several allowed) and
@@ -39,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from palettelink import cpu
+from palettelink.bench.edge_speed import _size
 
 
 def device_name(device: str) -> str:
@@ -83,6 +88,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, default=4, help="baseline bits of the frames (default 4)")
     p.add_argument("--level", type=int, default=None,
                    help="palette (or avif) level of the frames (default: the codec's default level)")
+    p.add_argument("--size", type=_size, default=None, metavar="WxH",
+                   help="resize the sample frames to WxH like a camera's (e.g. 640x480; default: as is)")
     p.add_argument("--max-batch", type=_ints, default=[8], metavar="B[,B...]",
                    help="max_batch of the dynamic-batching runs (default 8)")
     p.add_argument("--clients", type=int, default=0,
@@ -100,22 +107,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch device (default: cuda when torch sees one, else cpu); cuda without a GPU "
                         "falls back to cpu with a message")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable CPUs)")
+    p.add_argument("--runtime", choices=("auto", "torch"), default="auto",
+                   help="auto: onnxruntime decoder window and tail where the bundle has tail.onnx (int8 "
+                        "where kept), else torch; torch: the torch tail on the whole latent (the old path)")
     p.add_argument("--out", type=Path, default=Path("bench-out/bench-serve.json"))
 
 
 def _frames(root: Path, bundle_name: str, codecs: list[str] | None, bits: int,
-            level: int) -> dict[str, list[bytes]]:
+            level: int, size: tuple[int, int] | None = None) -> dict[str, list[bytes]]:
+    from palettelink.bench.edge_speed import frames_at
     from palettelink.bundle import find_bundle
     from palettelink.codecs import available, make_encoder
     from palettelink.image import load_image
     from palettelink.samples import sample_images
 
     bundle = find_bundle(bundle_name, root, side="edge")
+    rgbs = [rgb for _, rgb in frames_at(["samples:"], size)] if size else \
+        [load_image(p) for p in sample_images()]
     out = {}
     for codec in codecs or available(bundle):
         enc = make_encoder(bundle, codec)
-        out[codec] = [enc.encode(load_image(p), bits if codec == "baseline" else level).payload
-                      for p in sample_images()]
+        out[codec] = [enc.encode(rgb, bits if codec == "baseline" else level).payload for rgb in rgbs]
     return out
 
 
@@ -212,7 +224,42 @@ def _thread_counts(device: str) -> dict[str, Any]:
             "cuda_decoders": "CUDAExecutionProvider" in ort.get_available_providers()}
 
 
+def serve_path(svc: Any, bundle_id: str, task: str) -> dict[str, Any]:
+    """Which runtime answers ``task``: the tail (onnxruntime file and precision, or torch), the palette
+    decoder's graph and whether it runs on the frame's window."""
+    lb = svc.bundles[bundle_id]
+    runner = lb.batchers[task].runner
+    impl = getattr(runner, "impl", runner)
+    tail = getattr(getattr(impl, "tail", None), "graph", None)
+    out: dict[str, Any] = {"runtime": getattr(runner, "runtime", "torch"),
+                           "tail": f"{tail.file} ({tail.precision})" if tail is not None else "torch"}
+    try:
+        dec = lb.decoder._get("palette")
+    except Exception:  # noqa: BLE001 - a bundle without the palette codec
+        return out
+    graph = getattr(dec, "graph", None)
+    out["decoder"] = f"{graph.file} ({graph.precision})" if graph is not None else "decoder.onnx"
+    out["window"] = bool(getattr(dec, "window", False))
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
+    import os
+
+    from palettelink.models.ultra_ort import RUNTIME_ENV
+
+    saved = os.environ.get(RUNTIME_ENV)
+    os.environ[RUNTIME_ENV] = args.runtime  # read where the service builds its runners
+    try:
+        return _run(args)
+    finally:
+        if saved is None:
+            os.environ.pop(RUNTIME_ENV, None)
+        else:
+            os.environ[RUNTIME_ENV] = saved
+
+
+def _run(args: argparse.Namespace) -> int:
     import sys
 
     import torch
@@ -231,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = [t for t in tasks if t not in tasks_for(bundle)]
     if unknown:
         raise InvalidRequest(f"bundle {bundle.id} runs tasks {tasks_for(bundle)}, not {unknown}")
-    frames = _frames(root, args.bundle, args.codec, args.bits, args.level)
+    frames = _frames(root, args.bundle, args.codec, args.bits, args.level, args.size)
     fallback = cuda_fallback(asked)
     device = "cpu" if fallback else asked
     if fallback:
@@ -251,10 +298,12 @@ def run(args: argparse.Namespace) -> int:
         threads = _thread_counts(device)
         try:
             for task in tasks:
+                path = serve_path(svc, bundle.id, task)
+                print(f"  {task}: " + ", ".join(f"{k} {v}" for k, v in path.items()), flush=True)
                 for codec, fr in frames.items():
                     m = repeated(svc, args.bundle, fr, clients, args.seconds, args.warmup, task, args.repeat)
                     row = {"codec": codec, "task": task, "max_batch": max_batch, "clients": clients,
-                           "mode": "batch 1" if max_batch == 1 else "dynamic batching",
+                           "mode": "batch 1" if max_batch == 1 else "dynamic batching", "serve_path": path,
                            "payload_bytes": [len(f) for f in fr], **m}
                     results.append(row)
                     f = m["fps"]
@@ -271,6 +320,7 @@ def run(args: argparse.Namespace) -> int:
               "torch": torch.__version__, "cpus": cpu.describe(), **threads,
               "cuda_device": name if device.startswith("cuda") else None, "seconds": args.seconds,
               "warmup": args.warmup, "repeat": args.repeat, "bits": args.bits, "level": args.level,
+              "runtime": args.runtime, "size": list(args.size) if args.size else None,
               "bundle": bundle.id, "tasks": tasks, "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

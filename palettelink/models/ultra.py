@@ -84,6 +84,21 @@ def crossing_layers(layers: list[Any], split: int) -> list[int]:
     return sorted(needed)
 
 
+def postprocess(preds: torch.Tensor | np.ndarray, letterbox: Letterbox, conf: float = 0.25,
+                iou: float = 0.45) -> list[Detection]:
+    """The tail's output [1, 4+nc, anchors] (network pixels) → boxes in original-image pixels:
+    ultralytics' NMS, then the letterbox mapped back (a window's letterbox where the tail ran on one)."""
+    import torch
+    from ultralytics.utils.nms import non_max_suppression
+
+    if isinstance(preds, np.ndarray):
+        preds = torch.from_numpy(preds)
+    det = non_max_suppression(preds, conf, iou, max_det=300)[0].cpu().numpy()
+    boxes = letterbox.boxes_to_image(det[:, :4])
+    return [Detection(tuple(float(v) for v in b), int(c), float(s))  # type: ignore[arg-type]
+            for b, s, c in zip(boxes, det[:, 4], det[:, 5], strict=True)]
+
+
 class SplitDetector:
     """An ultralytics detection model cut after layer ``split``."""
 
@@ -138,12 +153,7 @@ class SplitDetector:
 
     def postprocess(self, preds: torch.Tensor, letterbox: Letterbox, conf: float = 0.25,
                     iou: float = 0.45) -> list[Detection]:
-        from ultralytics.utils.nms import non_max_suppression
-
-        det = non_max_suppression(preds, conf, iou, max_det=300)[0].cpu().numpy()
-        boxes = letterbox.boxes_to_image(det[:, :4])
-        return [Detection(tuple(float(v) for v in b), int(c), float(s))  # type: ignore[arg-type]
-                for b, s, c in zip(boxes, det[:, 4], det[:, 5], strict=True)]
+        return postprocess(preds, letterbox, conf, iou)
 
     def detect_tensors(self, tensors: list[np.ndarray], letterbox: Letterbox, conf: float = 0.25,
                        iou: float = 0.45) -> list[Detection]:

@@ -1,8 +1,12 @@
 """``palettelink build-bundle``: split an ultralytics detector and write a bundle folder.
 
-The front (layers 0..split) is exported to ONNX with every crossing tensor as an output; the server
-runs the tail from ``model.pt`` in torch. Trained codec assets (``assets/codecs/<name>/``), when
-present and made for the same detector weights, are copied in and their ONNX graphs are built.
+The front (layers 0..split) is exported to ONNX with every crossing tensor as an output; the tail
+(the layers after the split) to ``tail.onnx`` for the server's onnxruntime path
+(:mod:`palettelink.models.ultra_ort`), checked against the torch tail, which stays in ``model.pt``.
+Trained codec assets (``assets/codecs/<name>/``), when present and made for the same detector
+weights, are copied in and their ONNX graphs are built. The command line then makes the server's
+int8 decoder and tail and keeps those whose detections agree with the torch path
+(:mod:`palettelink.bench.int8_serve`; ``--no-server-int8`` skips it).
 """
 
 from __future__ import annotations
@@ -48,9 +52,12 @@ def _staged(dest: Path, force: bool, write: Any) -> Path:
 def build_bundle(weights: str | Path | None = None, out_root: str | Path | None = None,
                  name: str = DEFAULT_NAME, version: str = "1", split: int = 9, size: int = 640,
                  codec_assets: str | Path | None = None, force: bool = False,
-                 extra: dict[str, Any] | None = None) -> Path:
+                 extra: dict[str, Any] | None = None, server_int8: bool = False,
+                 log: Any = print) -> Path:
     """Write ``out_root/name/version/`` and return it. Written into a temp folder, then renamed.
-    ``extra``: manifest entries to add or override (e.g. what an adapted version was adapted on)."""
+    ``extra``: manifest entries to add or override (e.g. what an adapted version was adapted on).
+    ``server_int8``: also make the server's int8 graphs where they agree (minutes: calibration and a
+    measurement on the leave-source-out frames; :mod:`palettelink.bench.int8_serve`)."""
     from palettelink.models.ultra import SplitDetector, default_detector_weights
 
     weights = Path(weights) if weights else default_detector_weights()
@@ -85,8 +92,18 @@ def build_bundle(weights: str | Path | None = None, out_root: str | Path | None 
             from palettelink.train.export import install_palette_codec
 
             install_palette_codec(det, assets, tmp, manifest)
+        from palettelink.train.export import install_server_graphs
+
+        manifest["serve"] = install_server_graphs(det, tmp, outputs, shapes, _sample_inputs(size, 2))
         manifest.update(extra or {})
         write_manifest(tmp, manifest)
+        if server_int8:
+            from palettelink.bench.int8_serve import build as build_int8
+
+            made = build_int8(tmp, log=log)
+            if made is not None:
+                manifest["serve"].update(made)
+                write_manifest(tmp, manifest)
 
     return _staged(out_root / name / str(version), force, write)
 
@@ -245,6 +262,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=640, help="square network input size")
     p.add_argument("--codec-assets", help="trained palette codec folder (default assets/codecs/NAME)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    p.add_argument("--no-server-int8", dest="server_int8", action="store_false",
+                   help="YOLO bundles: skip the server's int8 decoder/tail (made by default where this "
+                        "machine has the training and leave-source-out images, kept only where their "
+                        "detections agree with the torch path's)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -257,10 +278,14 @@ def run(args: argparse.Namespace) -> int:
                                  args.zoo_model, args.force)
     else:
         dest = build_bundle(args.weights, args.out, args.name or DEFAULT_NAME, args.version, args.split,
-                            args.size, args.codec_assets, args.force)
+                            args.size, args.codec_assets, args.force, server_int8=args.server_int8)
     m = json.loads((dest / "manifest.json").read_text())
     print(f"bundle {m['name']}/{m['version']} → {dest}")
     for t in m["split"]["tensors"]:
         print(f"  crossing tensor {t['name']:>4} from layer {t['layer']:>2}: {t['shape']}")
     print(f"  codecs: {', '.join(m['codecs'])}; table hash {m['table_hash'][:16]}")
+    serve = m.get("serve") or {}
+    if serve.get("tail"):
+        int8 = ", ".join(sorted(serve.get("int8") or {})) or "none"
+        print(f"  server: onnxruntime tail {serve['tail']['file']}; int8 graphs kept: {int8}")
     return 0

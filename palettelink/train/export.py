@@ -140,6 +140,88 @@ def export_decoder_onnx(dec: Decoder, path: str | Path,
     return Path(path)
 
 
+class _TailGraph(nn.Module):
+    """The detector's layers after the split on the crossing tensors → ``preds`` [B, 4+nc, anchors]
+    (boxes xywh in network pixels, class probabilities): what :meth:`SplitDetector.tail` returns."""
+
+    def __init__(self, det: Any) -> None:
+        super().__init__()
+        self.det = det
+        self.tail_layers = nn.ModuleList(det.layers[det.split + 1:])  # registered for export
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self.det.tail(list(tensors))
+
+
+def export_tail_onnx(det: Any, path: str | Path, names: Sequence[str],
+                     shapes: Sequence[Sequence[int]]) -> Path:
+    """Write ``tail.onnx``: the crossing tensors ``names`` (C×h×w ``shapes`` at the bundle's input
+    size) → ``preds`` [B, 4+nc, A], for onnxruntime on the server (issue 17).
+
+    Batch, h and w are dynamic: the head's anchor grid is computed in the graph from the tensors'
+    shapes (ultralytics' ``Detect.dynamic``), so the server may run the tail on a window of the
+    letterboxed input (the frame's own rows, stride-aligned) or on a batch of frames."""
+    head = det.layers[-1]
+    saved = (getattr(head, "dynamic", False), getattr(head, "export", False), getattr(head, "shape", None))
+    dyn = {n: {0: "batch", 2: f"{n}_h", 3: f"{n}_w"} for n in names}
+    dyn["preds"] = {0: "batch", 2: "anchors"}
+    args = tuple(torch.zeros(1, *(int(v) for v in s)) for s in shapes)
+    try:
+        head.dynamic, head.export, head.shape = True, True, None
+        _export(_TailGraph(det), args, Path(path), list(names), ["preds"], dyn)
+    finally:
+        head.dynamic, head.export, head.shape = saved
+    return Path(path)
+
+
+def verify_tail_onnx(det: Any, path: str | Path, inputs: Sequence[Sequence[torch.Tensor]]) -> float:
+    """Largest difference between ``tail.onnx`` (onnxruntime) and the torch tail over ``inputs``
+    (lists of crossing tensors, any window), relative to max(1, |torch|) (box coordinates run to the
+    input size, probabilities to 1); BundleError above 1e-4."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    worst = 0.0
+    with torch.inference_mode():
+        for ts in inputs:
+            ref = det.tail([t.clone() for t in ts]).numpy()
+            got = sess.run(None, {n: t.numpy() for n, t in zip(names, ts, strict=True)})[0]
+            if got.shape != ref.shape:
+                raise BundleError(f"tail.onnx gives {got.shape} where the torch tail gives {ref.shape}")
+            worst = max(worst, float(np.max(np.abs(got - ref) / np.maximum(1.0, np.abs(ref)))))
+    if worst > 1e-4:
+        raise BundleError(f"tail.onnx differs from the torch tail by {worst:.3g} (relative, > 1e-4)")
+    return worst
+
+
+def install_server_graphs(det: Any, bundle_dir: str | Path, names: Sequence[str],
+                          shapes: Sequence[Sequence[int]], samples: Sequence[np.ndarray]) -> dict[str, Any]:
+    """Export ``tail.onnx`` into ``bundle_dir`` and check it against the torch tail on the front's
+    tensors of ``samples`` (letterboxed 1×3×S×S inputs), whole and cut to a 640×480 frame's window.
+    Returns the manifest's ``serve`` entry (:mod:`palettelink.models.ultra_ort`)."""
+    from palettelink.models.ultra_ort import TAIL, content_window
+
+    dest = Path(bundle_dir)
+    export_tail_onnx(det, dest / TAIL, names, shapes)
+    size = int(samples[0].shape[-1]) if samples else 640
+    align = max(size // int(s[2]) for s in shapes)
+    win = content_window((4 * size, 3 * size), size, align)
+    inputs = []
+    with torch.inference_mode():
+        for x in samples:
+            ts = det.front(torch.from_numpy(np.ascontiguousarray(x, np.float32)))
+            inputs.append(ts)
+            inputs.append([t[:, :, slice(*(v // (size // t.shape[-1]) for v in (win.y0, win.y1))),
+                             slice(*(v // (size // t.shape[-1]) for v in (win.x0, win.x1)))].contiguous()
+                           for t in ts])
+    diff = verify_tail_onnx(det, dest / TAIL, inputs) if inputs else None
+    return {"runtime": "onnxruntime",
+            "tail": {"file": TAIL, "inputs": list(names), "outputs": ["preds"],
+                     "dynamic": ["batch", "height", "width"], "verified_max_rel_diff": diff},
+            "window": {"align": align}}
+
+
 # --------------------------------------------------------------------------------------------------
 # install
 

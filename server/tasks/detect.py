@@ -1,6 +1,8 @@
 """Detection: boxes in image pixels with class names, for every model family.
 
-- ``ultralytics``: the decoded split tensors through the YOLO tail (torch), one pass per batch;
+- ``ultralytics``: the decoded split tensors through the YOLO tail, one pass per batch: in
+  onnxruntime where the bundle has ``tail.onnx`` (:mod:`palettelink.models.ultra_ort`; on the frame's
+  window of the letterbox when the decoder cut one), else in torch;
 - ``image``: the zoo detector (COCO CenterNet) on the rebuilt picture x̂;
 - ``onnx``: the bundle's ``tail.onnx`` on the decoded tensors, then the zoo detector's postprocess.
 """
@@ -65,6 +67,46 @@ class _YoloDetect:
         self.detector.detect_tensors(zeros, letterbox_info(s, s, s))
 
 
+class _YoloOrt:
+    """The YOLO tail in onnxruntime (``tail.onnx``, int8 where the bundle measured it agreeing:
+    :mod:`palettelink.models.ultra_ort`), on the whole letterbox or on a frame's window of it
+    (``Decoded.window``, from the windowed palette decoder); NMS as the torch path does it."""
+
+    accepts_window = True
+
+    def __init__(self, bundle: Bundle, device: str) -> None:
+        from palettelink.models.ultra_ort import OrtTail
+
+        self.bundle = bundle
+        self.tail = OrtTail(bundle, device=device)
+        self.class_names = list(bundle.class_names)
+
+    def _boxes(self, preds: np.ndarray, d: Decoded) -> TaskOutput:
+        from palettelink.models.ultra import postprocess
+        from palettelink.models.ultra_ort import window_letterbox
+
+        lb = window_letterbox(letterbox_info(*d.image_size, self.bundle.input_size), d.window)
+        return _boxes(postprocess(preds, lb), self.class_names)
+
+    def run_batch(self, items: Sequence[Decoded], want_preview: bool = False) -> list[TaskOutput]:
+        """Frames of one shape (window) go through the tail together, then NMS per frame."""
+        groups: dict[tuple[tuple[int, ...], ...], list[int]] = {}
+        for k, d in enumerate(items):
+            groups.setdefault(tuple(t.shape for t in d.tensors), []).append(k)
+        out: list[TaskOutput | None] = [None] * len(items)
+        for ks in groups.values():
+            group = [items[k].tensors for k in ks]
+            ts = [group[0][i] if len(ks) == 1 else np.concatenate([g[i] for g in group])
+                  for i in range(len(self.bundle.tensors))]
+            preds = self.tail.run(ts)
+            for j, k in enumerate(ks):
+                out[k] = self._boxes(preds[j : j + 1], items[k])
+        return out  # type: ignore[return-value]
+
+    def warmup(self) -> None:
+        self.tail.run([np.zeros((1, *t.shape), np.float32) for t in self.bundle.tensors])
+
+
 class _ImageDetect(ZooRunner):
     task = "detect"
 
@@ -108,8 +150,19 @@ class DetectRunner:
     """Picks the family's implementation; the service sees one runner per task."""
 
     def __init__(self, bundle: Bundle, device: str = "cpu") -> None:
+        from palettelink.models.ultra_ort import uses_onnxruntime
+
         self.bundle = bundle
-        self.impl = _BY_FAMILY[family_of(bundle)](bundle, device)
+        fam = family_of(bundle)
+        # an ultralytics bundle with tail.onnx runs it in onnxruntime; older ones keep the torch tail
+        impl = _YoloOrt if fam == "ultralytics" and uses_onnxruntime(bundle, device) else _BY_FAMILY[fam]
+        self.impl = impl(bundle, device)
+        self.runtime = "onnxruntime" if impl is _YoloOrt or fam == "onnx" else "torch"
+
+    @property
+    def accepts_window(self) -> bool:
+        """Whether this runner reads windowed tensors (``Decoded.window``; the onnxruntime YOLO tail)."""
+        return bool(getattr(self.impl, "accepts_window", False))
 
     @classmethod
     def supports(cls, bundle: Bundle) -> bool:
@@ -119,7 +172,7 @@ class DetectRunner:
         return bundle.task == "detect" or "detect" in bundle.manifest.get("tasks", [])
 
     @property
-    def detector(self) -> Any:  # the YOLO family's detector (tests and the serving bench use it)
+    def detector(self) -> Any:  # the YOLO family's torch detector (tests and the serving bench use it)
         return self.impl.detector
 
     def run_batch(self, items: Sequence[Decoded], want_preview: bool = False) -> list[TaskOutput]:

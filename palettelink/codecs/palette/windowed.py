@@ -1,0 +1,69 @@
+"""The server's palette decoder on the onnxruntime path (issue 17): the same symbols, the decoder
+network run on the frame's own window of the latent (:mod:`palettelink.models.ultra_ort`), at int8
+where the bundle measured the whole path agreeing with the torch one.
+
+The stream is decoded exactly as :class:`PaletteDecoder` decodes it (bit-exact index maps, every
+check); only the dequantised latent is cut to the window before ``decoder.onnx`` runs, so the crossing
+tensors cover the window (``Decoded.window``) and the tail that reads them must know it (the server's
+onnxruntime detect runner does; nothing else is given this decoder).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from palettelink import bitstream
+from palettelink.bundle import Bundle
+from palettelink.codecs import Decoded
+from palettelink.codecs.palette.runtime import CODEC, PaletteDecoder
+from palettelink.front import ort_session
+from palettelink.models.ultra_ort import choose_server_graph, content_window, tail_alignment
+
+
+class WindowedPaletteDecoder(PaletteDecoder):
+    """:class:`PaletteDecoder` whose network runs on the frame's window of the latent (``window``
+    False: the whole latent, as the base class) with the server's precision choice
+    (:func:`palettelink.models.ultra_ort.choose_server_graph`)."""
+
+    def __init__(self, bundle: Bundle, threads: int | None = None, precision: str | None = None,
+                 window: bool = True) -> None:
+        super().__init__(bundle, threads)
+        graph = str(bundle.codecs.get(CODEC, {}).get("decoder", "decoder.onnx"))
+        loaded = getattr(getattr(self, "graph", None), "file", graph)  # what the base class loaded
+        self.graph = choose_server_graph(bundle, graph, precision)
+        if self.graph.file != loaded:
+            self.session = ort_session(str(bundle.file(self.graph.file)), threads)
+        zin = next(i for i in self.session.get_inputs() if i.name == "z")
+        dynamic = not all(isinstance(d, int) for d in list(zin.shape)[-2:])
+        self.align = tail_alignment(bundle)
+        self.window = bool(window and dynamic and self.latent_hw is not None)
+
+    def latent(self, frame: bitstream.Frame, generate_to: int | None = None
+               ) -> tuple[np.ndarray, int, int, tuple[int, int, int, int] | None]:
+        """The frame's dequantised latent cut to its window: (z, level, sent level, window box or
+        None for the whole latent). The symbols are decoded and checked as the base class does."""
+        r = self.decode_indices(frame, generate_to)
+        z = self.tables.dequantise(r.indices, r.level)
+        box = None
+        if self.window:
+            size = self.bundle.input_size
+            stride = size // z.shape[-1]
+            win = content_window(frame.image_size, size, self.align)
+            if (win.x1 - win.x0, win.y1 - win.y0) != (size, size):
+                rows, cols = win.cells(stride)
+                z = np.ascontiguousarray(z[:, :, rows, cols])
+                box = win.box()
+        return z, r.level, r.sent_level, box
+
+    def decode_frame(self, frame: bitstream.Frame, n_bytes: int, generate_to: int | None = None) -> Decoded:
+        t0 = time.perf_counter()
+        z, level, sent, box = self.latent(frame, generate_to)
+        t1 = time.perf_counter()
+        outs = self.session.run(self.outputs, {"z": z, "level": np.asarray(level, dtype=np.int64)})
+        t2 = time.perf_counter()
+        tensors = [np.asarray(o, dtype=np.float32) for o in outs]
+        return Decoded(tensors, CODEC, sent, frame.image_size, n_bytes, frame.truncated,
+                       {"decode_ms": (t1 - t0) * 1e3, "decoder_ms": (t2 - t1) * 1e3,
+                        "generated_level": float(level)}, window=box)

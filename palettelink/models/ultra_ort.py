@@ -1,0 +1,200 @@
+"""The server half of an ultralytics bundle in onnxruntime (issue 17): the detector's tail
+(``tail.onnx``) and the window of the letterboxed input a frame really covers.
+
+``palettelink build-bundle`` exports the layers after the split as ``tail.onnx`` (crossing tensors →
+``preds`` [B, 4+nc, anchors], batch and size dynamic; checked against the torch tail) and, where it
+was asked to and has calibration images, int8 variants of the feature decoder and of the tail that are
+kept only where the detections of the whole int8 path agree with the torch path's (AP50 ≥
+:data:`SERVER_INT8_MIN_AGREEMENT` on the codec's leave-source-out frames). The manifest records them
+under ``serve``::
+
+    "serve": {"tail": {"file": "tail.onnx", "inputs": [...], "outputs": ["preds"], ...},
+              "window": {"align": 32, ...},
+              "int8": {"decoder.onnx": {"file": "decoder.int8.onnx", "agreement": ..., "default": true},
+                       "tail.onnx": {...}}}
+
+The server (``server/tasks/detect.py``) runs this path when the bundle has ``tail.onnx`` (and the
+device is the CPU, or onnxruntime has the CUDA provider); a bundle without it, as every bundle built
+before, keeps the torch tail. ``PALETTELINK_SERVER_RUNTIME=torch`` (``bench-serve --runtime torch``)
+asks for the torch path on any bundle.
+
+**Window.** A 640×480 frame letterboxed to 640² is a quarter grey padding. The network is fully
+convolutional, so the server decodes and runs the tail on the rows and columns that hold the picture,
+widened to the tail's coarsest stride (32 for YOLOv8: rows 64..576 of a 640×480 frame, 80 % of the
+square) so every crossing tensor is cut on whole cells; the boxes come back through the letterbox
+shifted by the window's corner. Near the window's border the convolutions see zero padding instead of
+grey-padding features: the agreement measured with it is recorded under ``serve.window``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from palettelink.bundle import Bundle
+from palettelink.errors import BundleError, InvalidRequest
+from palettelink.front import GraphChoice
+from palettelink.image import Letterbox, letterbox_info
+
+TAIL = "tail.onnx"
+# The int8 decoder/tail run only where the whole int8 path's detections agree with the torch path's
+# at least this well (AP50, the torch path's boxes as reference): the server's answers are the
+# product, so its rule is stricter than the edge's (palettelink.front.INT8_MIN_AGREEMENT).
+SERVER_INT8_MIN_AGREEMENT = 0.99
+RUNTIMES = ("auto", "torch")
+RUNTIME_ENV = "PALETTELINK_SERVER_RUNTIME"
+
+
+def serve_entry(bundle: Bundle) -> dict[str, Any]:
+    entry = bundle.manifest.get("serve")
+    return entry if isinstance(entry, dict) else {}
+
+
+def tail_file(bundle: Bundle) -> str | None:
+    """The bundle's ``tail.onnx`` (None: a bundle built before it, or of another family)."""
+    tail = serve_entry(bundle).get("tail")
+    if not isinstance(tail, dict) or not tail.get("file"):
+        return None
+    name = str(tail["file"])
+    return name if bundle.has_file(name) else None
+
+
+def runtime_choice() -> str:
+    """``auto`` (onnxruntime where the bundle has the graphs) or ``torch``, from
+    ``$PALETTELINK_SERVER_RUNTIME``."""
+    v = os.environ.get(RUNTIME_ENV, "auto").strip().lower() or "auto"
+    if v not in RUNTIMES:
+        raise InvalidRequest(f"{RUNTIME_ENV} must be one of {RUNTIMES}, got {v!r}")
+    return v
+
+
+def uses_onnxruntime(bundle: Bundle, device: str = "cpu") -> bool:
+    """Whether the server runs ``bundle``'s tail (and windowed decoder) in onnxruntime on ``device``:
+    it has ``tail.onnx``, torch was not asked for, and the device is the CPU or onnxruntime has the
+    CUDA provider (else the torch tail on the GPU is the faster)."""
+    if tail_file(bundle) is None or runtime_choice() == "torch":
+        return False
+    if device.startswith("cuda"):
+        import onnxruntime as ort
+
+        return "CUDAExecutionProvider" in ort.get_available_providers()
+    return True
+
+
+def choose_server_graph(bundle: Bundle, graph: str, precision: str | None = None) -> GraphChoice:
+    """The file that runs server graph ``graph`` (``decoder.onnx``, ``tail.onnx``): its int8 variant
+    where ``serve.int8`` records one kept by the build (``default``: the whole path's agreement
+    reached :data:`SERVER_INT8_MIN_AGREEMENT`; ``precision`` ``auto``/None), else the graph itself;
+    ``fp32``/``int8`` force."""
+    precision = precision or "auto"
+    if precision not in ("auto", "fp32", "int8"):
+        raise InvalidRequest(f"precision must be auto, fp32 or int8, got {precision!r}")
+    entry = (serve_entry(bundle).get("int8") or {}).get(graph)
+    entry = entry if isinstance(entry, dict) and entry.get("file") else None
+    raw = entry.get("agreement") if entry else None
+    agreement = float(raw) if isinstance(raw, int | float) else None
+    if precision == "fp32":
+        return GraphChoice(graph, "fp32", "fp32 asked for", agreement)
+    if entry is None or not bundle.has_file(str(entry["file"])):
+        if precision == "int8":
+            raise BundleError(f"bundle {bundle.id} has no int8 {graph} for the server (build it with "
+                              "`palettelink build-bundle`)")
+        return GraphChoice(graph, "fp32", f"the bundle has no int8 {graph}")
+    if precision == "int8":
+        return GraphChoice(str(entry["file"]), "int8", "int8 asked for", agreement)
+    if entry.get("default") is True and agreement is not None and agreement >= SERVER_INT8_MIN_AGREEMENT:
+        return GraphChoice(str(entry["file"]), "int8",
+                           f"int8: path agreement {agreement:.3f} ≥ {SERVER_INT8_MIN_AGREEMENT}", agreement)
+    shown = "not recorded" if agreement is None else f"{agreement:.3f}"
+    return GraphChoice(graph, "fp32", f"fp32: the int8 variant is not the default (agreement {shown})",
+                       agreement)
+
+
+# -- window --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Window:
+    """Pixels [x0, x1) × [y0, y1) of the letterboxed square input, multiples of the alignment."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+    def box(self) -> tuple[int, int, int, int]:
+        return (self.x0, self.y0, self.x1, self.y1)
+
+    def cells(self, stride: int) -> tuple[slice, slice]:
+        """(rows, columns) of a tensor at ``stride`` that this window covers."""
+        return slice(self.y0 // stride, self.y1 // stride), slice(self.x0 // stride, self.x1 // stride)
+
+
+def tail_alignment(bundle: Bundle) -> int:
+    """The coarsest stride among the crossing tensors (32 for YOLOv8): a window must cut every one of
+    them on whole cells."""
+    s = bundle.input_size
+    return max(s // t.shape[2] for t in bundle.tensors)
+
+
+def content_window(image_size: tuple[int, int], size: int, align: int) -> Window:
+    """The part of the ``size``² letterbox that holds an image of ``image_size`` (W, H), widened to
+    multiples of ``align`` (never empty)."""
+    lb = letterbox_info(int(image_size[0]), int(image_size[1]), size)
+    nw, nh = round(lb.width * lb.scale), round(lb.height * lb.scale)
+
+    def span(pad: int, n: int) -> tuple[int, int]:
+        a = max(0, (pad // align) * align)
+        b = min(size, math.ceil((pad + n) / align) * align)
+        if b <= a:  # a sliver (a 1×10000 picture): one cell
+            a = min(a, size - align)
+            b = a + align
+        return a, b
+
+    x0, x1 = span(lb.pad_x, nw)
+    y0, y1 = span(lb.pad_y, nh)
+    return Window(x0, y0, x1, y1)
+
+
+def window_letterbox(lb: Letterbox, window: tuple[int, int, int, int] | None) -> Letterbox:
+    """``lb`` for boxes found in ``window`` (x0, y0, x1, y1) of the letterbox rather than all of it."""
+    if window is None:
+        return lb
+    return Letterbox(lb.scale, lb.pad_x - int(window[0]), lb.pad_y - int(window[1]), lb.width, lb.height)
+
+
+# -- tail ----------------------------------------------------------------------------------------
+
+
+class OrtTail:
+    """``tail.onnx`` (or its int8 variant, :func:`choose_server_graph`) in onnxruntime: crossing
+    tensors (any window, any batch) → ``preds`` [B, 4+nc, anchors] as numpy."""
+
+    def __init__(self, bundle: Bundle, threads: int | None = None, precision: str | None = None,
+                 device: str = "cpu") -> None:
+        from palettelink.front import ort_session
+
+        name = tail_file(bundle)
+        if name is None:
+            raise BundleError(f"bundle {bundle.id} has no {TAIL} (rebuild it with `palettelink "
+                              "build-bundle`)")
+        self.bundle = bundle
+        self.graph = choose_server_graph(bundle, name, precision)
+        self.session = ort_session(str(bundle.file(self.graph.file)), threads)
+        if not device.startswith("cuda"):
+            self.session.set_providers(["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        want = [t.name for t in bundle.tensors]
+        if sorted(self.inputs) != sorted(want):
+            raise BundleError(f"{bundle.id}: {self.graph.file} takes {self.inputs}, the split crosses {want}")
+        self.order = [want.index(n) for n in self.inputs]
+
+    def run(self, tensors: Sequence[np.ndarray]) -> np.ndarray:
+        feeds = {n: np.ascontiguousarray(tensors[k], dtype=np.float32)
+                 for n, k in zip(self.inputs, self.order, strict=True)}
+        return self.session.run(None, feeds)[0]
