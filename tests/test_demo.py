@@ -58,11 +58,6 @@ def test_demo_runs_first_time_with_a_fresh_home(demo: subprocess.CompletedProces
     assert "demo: done" in demo.stdout
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the generic codec (trained leave-source-out) adds a false 'Fall' box on bus.jpg at every level "
-    "L0-L6 (score 0.30-0.39; uncompressed: 3 x Normal): the false-box excess the leave-source-out "
-    "bench measures (docs/results/lso: 0.9-1.4 per image vs AVIF q0's 0.5); zidane.jpg keeps its "
-    "classes at every level"))
 def test_demo_palette_rows_name_the_reference_classes(demo: subprocess.CompletedProcess[str]) -> None:
     rows = parse(demo.stdout)
     fall = "fall detector (fall-yolov8)"
