@@ -85,6 +85,7 @@ def test_bench_edge_runs_on_the_edge_install(edge_install: dict[str, Path], tmp_
     assert rep["cpus"]["usable_cpus"] == rep["usable_cpus"] and rep["cpus"]["cpu"] == rep["cpu"]
     assert len(rep["stages"]["front"]["samples_ms"]) == 4 and rep["front_graph"]["file"] == "front.onnx"
     assert rep["codec_overhead_pct"] is not None and rep["coding_overhead_pct"] > 0
+    assert len(rep["stages"]["coding_cpu"]["samples_ms"]) == 4 and "coding, CPU time" in out
     lo, hi = rep["fps_p10_p90"]
     assert lo <= rep["fps"] <= hi and "codec overhead" in out, out
 
