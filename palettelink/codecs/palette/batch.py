@@ -90,6 +90,8 @@ class _Cache:
         self.base = int(self.width.max()) + 1
         self.code_dtype = np.int16 if self.base**4 < 1 << 15 else np.int32
         self.lut_nc, self.lut_m = _mode_table(self.base - 1)
+        # per level: the neighbour context itself, nc · M_t + m, for every code
+        self.lut_ctx = self.lut_nc[None, :] * self.width[:, None] + self.lut_m[None, :]  # [L, base**4]
         self.probs: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
         self.orders: dict[tuple[int, int, int], np.ndarray] = {}
 
@@ -131,6 +133,14 @@ class _Cache:
         return self.orders[key]
 
 
+    def flat_order(self, n_t: int, g_n: int, h: int, w: int) -> np.ndarray:
+        """:meth:`order` for ``n_t`` stacked maps: [T, G*h*w] flat positions, map by map."""
+        key = (-n_t, g_n, h, w)
+        if key not in self.orders:
+            self.orders[key] = np.arange(n_t)[:, None] * (g_n * h * w) + self.order(g_n, h, w)[None]
+        return self.orders[key]
+
+
 def _cache(tb: PaletteTables) -> _Cache:
     c = tb.__dict__.get("_batch_cache")
     if c is None:
@@ -168,6 +178,8 @@ def encode_layers(tb: PaletteTables, finest: np.ndarray, levels: Sequence[int], 
     gk = np.arange(g_n)[None, :, None, None] * c.kpar[ts][:, None, None, None]  # group's first row
     offs = np.stack([c.level_probs(tb, model, int(t))[1] for t in ts])  # [T, passes]
     rows = np.empty((n_t, g_n, h, w), np.int64)  # every position's row in its level's probs
+    lut = c.lut_ctx[ts].reshape(-1)  # the levels' context tables one after the other
+    lut_base = (np.arange(n_t) * c.lut_ctx.shape[1])[:, None, None, None]
     for k, name in enumerate(PASSES):
         lattices, neighbours, dist = LATTICES[name]
         off = offs[:, k][:, None, None, None]
@@ -195,10 +207,10 @@ def encode_layers(tb: PaletteTables, finest: np.ndarray, levels: Sequence[int], 
                 for i, (dy, dx) in enumerate(neighbours):
                     same = view(parents, dy, dx) == par
                     code += same * view(rank1, dy, dx) * c.code_dtype(c.base**i)
-                out[...] = (gk + par) * (N_NC * width) + c.lut_nc[code] * width + c.lut_m[code] + off
-    order = c.order(g_n, h, w)
+                out[...] = (gk + par) * (N_NC * width) + np.take(lut, code + lut_base) + off
+    order, flat_order = c.order(g_n, h, w), c.flat_order(n_t, g_n, h, w)
     coded = np.take(allp[:, 2].reshape(n_t, ghw), order, axis=1).astype(bool)  # [T, GHW], coding order
-    pick = (np.arange(n_t)[:, None] * ghw + order[None])[coded]
+    pick = flat_order[coded]
     symbols = np.take(ranks.reshape(-1), pick).astype(np.int32)
     picked_rows = np.take(rows.reshape(-1), pick)
     bounds = np.concatenate([[0], np.cumsum(coded.sum(1))])
