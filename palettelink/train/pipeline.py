@@ -412,6 +412,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k0", type=int, default=256)
     p.add_argument("--levels", type=int, default=8)
     p.add_argument("--groups", type=int, default=4)
+    p.add_argument("--latent-channels", type=int, default=32, metavar="C",
+                   help="channels of the latent z (a multiple of --groups; more carries more per level)")
     p.add_argument("--palette-space", choices=["raw", "contrastive"], default="raw")
     p.add_argument("--minutes", type=float, default=None,
                    help=f"bottleneck training budget (default 33; --adapt: {ADAPT_MINUTES:g})")
@@ -449,7 +451,8 @@ def run(args: argparse.Namespace) -> int:
     minutes = args.minutes if args.minutes is not None else ADAPT_MINUTES if args.adapt else 33.0
     ft = args.finetune_minutes if args.finetune_minutes is not None else (
         ADAPT_FINETUNE_MINUTES if args.adapt else 5.0)
-    cfg = TrainConfig(groups=args.groups, k0=args.k0, n_levels=args.levels, palette_space=args.palette_space,
+    cfg = TrainConfig(latent_channels=args.latent_channels,
+                      groups=args.groups, k0=args.k0, n_levels=args.levels, palette_space=args.palette_space,
                       bottleneck_minutes=minutes, finetune_minutes=ft,
                       max_images=args.max_images, seed=args.seed, augment=args.augment, paste=args.paste,
                       calibration=args.calibration,
