@@ -253,6 +253,9 @@ def train_bottleneck_warm(det: Any, cache: Any, out: Path, assets: Path, init: P
     prev = json.loads((folder / "config.json").read_text())
     keep = {k: prev[k] for k in ("enc_width", "dec_width", "dec_blocks", "level_dim", "norm", "z_stride")
             if k in prev}
+    # the codec's own loss mix carries over (a codec trained with background distillation keeps it
+    # when adapted: without it, adapting to vtest raised false boxes per frame from 0.1-0.3 to 0.5-0.7)
+    keep.update({k: prev[k] for k in ("w_false",) if k in prev})
     keep.update(recipe_overrides(cfg))
     bcfg = bn.BottleneckConfig.for_detector(det, z_channels=int(prev.get("z_channels", cfg.latent_channels)),
                                             n_levels=int(prev.get("n_levels", cfg.n_levels)), seed=cfg.seed,
