@@ -140,6 +140,13 @@ class RowDecoder:
             return np.zeros(0, np.int32)
         return _decode_from(self._coder, _ROW_MODEL, _probs(tables))
 
+    def take_probs(self, probs: np.ndarray) -> np.ndarray:
+        """:meth:`take` with each row's probabilities given (float64, rows summing to 1, exactly what
+        :meth:`take` derives from integer tables)."""
+        if not len(probs):
+            return np.zeros(0, np.int32)
+        return _decode_from(self._coder, _ROW_MODEL, probs)
+
     def finish(self) -> None:
         if not self._coder.is_empty():
             raise InvalidStream("entropy-coded layer does not decode cleanly (corrupt or wrong model)")

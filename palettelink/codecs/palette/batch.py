@@ -121,14 +121,22 @@ class _Cache:
         items = probs.view(np.dtype((np.void, 8 * width))).reshape(-1)
         return np.take(items, rows).view(np.float64).reshape(-1, width)
 
-    def order(self, g_n: int, h: int, w: int) -> np.ndarray:
-        """Flat positions of a [G, h, w] map in coding order: pass, then group, y, x."""
-        key = (g_n, h, w)
+    def pass_of(self, h: int, w: int) -> np.ndarray:
+        """[h, w]: the pass each position is coded in."""
+        key = (0, h, w)
         if key not in self.orders:
             pass_of = np.empty((h, w), np.int64)
             for k, name in enumerate(PASSES):
                 for y0, x0, step in LATTICES[name][0]:
                     pass_of[y0::step, x0::step] = k
+            self.orders[key] = pass_of
+        return self.orders[key]
+
+    def order(self, g_n: int, h: int, w: int) -> np.ndarray:
+        """Flat positions of a [G, h, w] map in coding order: pass, then group, y, x."""
+        key = (g_n, h, w)
+        if key not in self.orders:
+            pass_of = self.pass_of(h, w)
             self.orders[key] = np.argsort(np.broadcast_to(pass_of, (g_n, h, w)).ravel(), kind="stable")
         return self.orders[key]
 
@@ -223,6 +231,81 @@ def encode_layers(tb: PaletteTables, finest: np.ndarray, levels: Sequence[int], 
             coder.encode_reverse(symbols[a:b], entropy.ROW_MODEL, probs)
         layers.append(entropy.words_to_bytes(coder.get_compressed()))
     return layers
+
+
+def _pass_rows(c: _Cache, name: str, model: str, parents: np.ndarray, rank1: np.ndarray, out: np.ndarray,
+               h: int, w: int, gk: np.ndarray, width: int, off: int, lut: np.ndarray) -> None:
+    """Table rows of pass ``name``'s positions into ``out`` [T, G, h, w] (the encoder's arithmetic:
+    padded ``parents``, ``rank1`` = rank + 1 of the positions decoded so far)."""
+    lattices, neighbours, dist = LATTICES[name]
+    for y0, x0, step in lattices:
+        ny, nx = len(range(y0, h, step)), len(range(x0, w, step))
+        if not ny or not nx:
+            continue
+        lattice = (y0, x0, step, ny, nx, dist)
+
+        def view(a: np.ndarray, dy: int, dx: int, lattice: tuple[int, ...] = lattice) -> np.ndarray:
+            return _shifted(a, dy, dx, *lattice)
+
+        par = view(parents, 0, 0)
+        rows = out[:, :, y0::step, x0::step]
+        if model == "static":
+            rows[...] = gk + par + off
+        elif name == "a":
+            n4 = sum(((view(parents, dy, dx) == par).astype(np.int64) for dy, dx in _EDGE),
+                     np.zeros(par.shape, np.int64))
+            nd = sum(((view(parents, dy, dx) == par).astype(np.int64) for dy, dx in _DIAG),
+                     np.zeros(par.shape, np.int64))
+            rows[...] = (gk + par) * N_A + n4 + 5 * nd + off
+        else:
+            code = np.zeros(par.shape, c.code_dtype)
+            for i, (dy, dx) in enumerate(neighbours):
+                same = view(parents, dy, dx) == par
+                code += same * view(rank1, dy, dx) * c.code_dtype(c.base**i)
+            rows[...] = (gk + par) * (N_NC * width) + np.take(lut, code) + off
+
+
+def decode_layer(tb: PaletteTables, t: int, data: bytes, parents: np.ndarray, model: str) -> np.ndarray:
+    """Level-t ids [G, h, w] of one layer given level t+1's ids ``parents`` (the root: zeros), model
+    checked by the caller: the same symbols as :func:`palettelink.codecs.palette.stream.decode_layer`
+    (pass by pass, each pass's rows from the ranks of the passes before it), with the encoder's
+    strided-view contexts, lookup table and float64 probability rows instead of a gather per
+    neighbour and a table division per pass. Malformed data → InvalidStream."""
+    from palettelink.errors import InvalidStream
+
+    c = _cache(tb)
+    g_n, h, w = parents.shape
+    gi = np.arange(g_n)[:, None, None]
+    shape = (1, g_n, h + 2 * _PAD, w + 2 * _PAD)
+    padded = np.full(shape, -1, c.dtype)  # -1 outside the map: never anyone's parent
+    padded[0, :, _PAD:-_PAD, _PAD:-_PAD] = parents
+    rank1 = np.zeros(shape, c.code_dtype)  # rank + 1; 0 outside the map
+    inner = rank1[0, :, _PAD:-_PAD, _PAD:-_PAD]
+    inner[...] = 1  # rank 0 until decoded (a position read before its pass never is)
+    nch = tb.nch[t][gi, parents]
+    coded = nch > 1
+    pass_of = c.pass_of(h, w)
+    offs = c.level_probs(tb, model, t)[1]
+    gk = (np.arange(g_n) * c.kpar[t])[None, :, None, None]
+    lut = c.lut_ctx[t]
+    rows = np.empty((1, g_n, h, w), np.int64)
+    ranks = np.zeros((g_n, h, w), np.int64)
+    try:
+        coder = entropy.RowDecoder(data)
+        for k, name in enumerate(PASSES):
+            sel = coded & (pass_of == k)[None]
+            if not sel.any():
+                continue
+            _pass_rows(c, name, model, padded, rank1, rows, h, w, gk, int(c.width[t]), int(offs[k]), lut)
+            sym = coder.take_probs(c.rows_of(tb, model, t, rows[0][sel])).astype(np.int64)
+            if (sym >= nch[sel]).any():
+                raise InvalidStream("it decodes to a child that does not exist (corrupt)")
+            ranks[sel] = sym
+            inner[sel] = (sym + 1).astype(c.code_dtype)
+        coder.finish()
+    except InvalidStream as e:
+        raise InvalidStream(f"layer for level {t}: {e}") from e
+    return tb.child[t][gi, parents, ranks]
 
 
 def cache_info(tb: PaletteTables) -> dict[str, Any]:

@@ -191,9 +191,14 @@ def decode_layers_full(layers: Sequence[bytes], tables: PaletteTables, coarsest:
         raise InvalidStream(f"latent size {h}x{w} out of range")
     above = None
     t = coarsest
+    # the symbols as decode_layer decodes them, with the encoder's contexts (.batch), where it can
+    fast, model = batch.supported(tables), check_model(tables, model)
     for i, data in enumerate(layers):
         t = coarsest - i
-        above = decode_layer(tables, t, bytes(data), above, (h, w), model)
+        if fast:
+            above = batch.decode_layer(tables, t, bytes(data), _parents_of(tables, above, (h, w)), model)
+        else:
+            above = decode_layer(tables, t, bytes(data), above, (h, w), model)
     assert above is not None
     sent = t
     if generate_to is not None:
