@@ -53,12 +53,14 @@ class Service:
     ``device`` is the torch device of the task models; ``threads`` caps torch's intra-op threads
     (default: the CPUs this process may run on, which in a container can be far fewer than the
     host's cores torch would otherwise use). Frames that wait while the model runs are batched, up
-    to ``max_batch``; a lone frame waits at most ``batch_wait_ms`` for company. Batching pays on a
-    CPU too: on 2 cores a batch of 4 through the YOLOv8 tail cost ~3× one frame, not 4×.
+    to ``max_batch``; a lone frame waits at most ``batch_wait_ms`` for company. ``max_batch`` None
+    decides per task: 1 where its runner is onnxruntime on the CPU (a batch of frames costs there what
+    they cost one by one, so waiting for company only adds latency: issue 17), else 8 (the torch tail:
+    on 2 cores a batch of 4 cost ~3× one frame, not 4×; a GPU).
     """
 
     def __init__(self, bundles_root: str | os.PathLike[str], bundles: Sequence[str] | None = None, *,
-                 device: str = "cpu", threads: int | None = None, max_batch: int = 8,
+                 device: str = "cpu", threads: int | None = None, max_batch: int | None = 8,
                  batch_wait_ms: float = 2.0, max_queue: int = 64, max_streams: int = 64,
                  max_streams_per_client: int = 16, max_pending: int = 32, max_stream_queue: int = 4,
                  shed_latency_ms: float = 2000.0,
@@ -94,7 +96,7 @@ class Service:
         self.sessions = Streams()  # open streams and the dashboard's recently closed ones
         self.slots = StreamSlots(max_streams, max_streams_per_client)
         self.admission = Admission(self.metrics, max_pending, max_stream_queue, shed_latency_ms,
-                                   floor=max(2, max_batch))
+                                   floor=max(2, max_batch or 2))
         # A stream refused again and again is left unread a while (server.grpc_inbox.Inbox._hold).
         self.throttle_streams = True
         self._draining = threading.Event()
@@ -177,8 +179,8 @@ class Service:
                 kind = device_kind(self.device)
                 self.metrics.frame_cost.labels(bundle.id, task, self.device, kind).set(cost)
             batchers[task] = Batcher(
-                runner, name=f"{bundle.id}:{task}", max_batch=self.max_batch, max_wait_ms=self.batch_wait_ms,
-                max_queue=self.max_queue,
+                runner, name=f"{bundle.id}:{task}", max_batch=self._max_batch(runner),
+                max_wait_ms=self.batch_wait_ms, max_queue=self.max_queue,
                 on_batch=self.metrics.batch.labels(bundle.id, task).observe,
             )
         if not batchers:
@@ -188,24 +190,31 @@ class Service:
         self.bundles[bundle.id] = LoadedBundle(bundle, decoder, batchers)
         log.info("loaded bundle %s from %s", bundle.id, bundle.path)
 
+    def _max_batch(self, runner: Any) -> int:
+        """``max_batch``, or where it is None: 1 for an onnxruntime runner on the CPU, else 8."""
+        if self.max_batch is not None:
+            return self.max_batch
+        on_cpu = not self.device.startswith("cuda")
+        return 1 if on_cpu and getattr(runner, "runtime", "torch") == "onnxruntime" else 8
+
     def _decoders(self, bundle: Bundle, windowed: bool) -> dict[str, Any]:
         """Codec decoders that differ from the library's: where the task runners read windowed
         tensors, the palette decoder of the onnxruntime path (the frame's window of the latent, int8
-        where the bundle measured it agreeing; palettelink.codecs.palette.windowed)."""
-        if not windowed or "palette" not in codecs.available(bundle):
-            return {}
-        from palettelink.codecs.palette.windowed import WindowedPaletteDecoder
+        where the bundle measured it agreeing; palettelink.models.windowed_palette)."""
+        from palettelink.models.windowed_palette import CODEC, WindowedPaletteDecoder
 
-        return {"palette": WindowedPaletteDecoder(bundle)}
+        if not windowed or CODEC not in codecs.available(bundle):
+            return {}
+        return {CODEC: WindowedPaletteDecoder(bundle)}
 
     def _set_torch_threads(self) -> None:
         if "torch" not in sys.modules or not self.device.startswith("cpu"):
             return
         import torch
 
-        n = self.threads
-        if not n:
-            n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        from palettelink.cpu import usable_cpus
+
+        n = self.threads or usable_cpus()  # affinity and cgroup quota, like onnxruntime's sessions
         if torch.get_num_threads() != n:
             torch.set_num_threads(max(1, int(n or 1)))
 

@@ -18,11 +18,9 @@ import numpy as np
 import pytest
 
 from palettelink import bitstream
-from palettelink.bench.int8_serve import agreement, torch_reference
 from palettelink.bundle import MANIFEST, find_bundle, write_manifest
 from palettelink.codecs import Decoder, make_encoder
 from palettelink.codecs.palette import PaletteDecoder
-from palettelink.codecs.palette.windowed import WindowedPaletteDecoder
 from palettelink.image import Letterbox, letterbox_info, load_image
 from palettelink.models.ultra_ort import (
     RUNTIME_ENV,
@@ -34,6 +32,8 @@ from palettelink.models.ultra_ort import (
     uses_onnxruntime,
     window_letterbox,
 )
+from palettelink.models.windowed_palette import WindowedPaletteDecoder
+from palettelink.train.int8_serve import agreement, torch_reference
 
 
 def _frames(images: list[Path]) -> list[np.ndarray]:
@@ -50,11 +50,12 @@ def payloads(bundle, images: list[Path]) -> dict[str, list[bytes]]:  # noqa: ANN
             "baseline": [base.encode(x, 4).payload for x in rgbs]}
 
 
-def _service(root: Path, monkeypatch: pytest.MonkeyPatch, runtime: str = "auto"):  # noqa: ANN202
+def _service(root: Path, monkeypatch: pytest.MonkeyPatch, runtime: str = "auto",  # noqa: ANN202
+             max_batch: int | None = 1):
     from server.service import Service
 
     monkeypatch.setenv(RUNTIME_ENV, runtime)
-    svc = Service(root, ["fall-yolov8"], max_batch=1, batch_wait_ms=0, shed_latency_ms=0)
+    svc = Service(root, ["fall-yolov8"], max_batch=max_batch, batch_wait_ms=0, shed_latency_ms=0)
     svc.load()
     return svc
 
@@ -171,6 +172,19 @@ def test_onnxruntime_batch_mixes_windows_and_whole_frames(bundle, payloads) -> N
             assert np.allclose([x.x1, x.y1, x.x2, x.y2], [y.x1, y.y1, y.x2, y.y2], atol=0.5)
 
 
+@pytest.mark.parametrize(("runtime", "want"), [("auto", 1), ("torch", 8)])
+def test_batching_is_off_by_default_where_it_does_not_pay(bundles_root: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         runtime: str, want: int) -> None:
+    """max_batch None (palettelink-server's default): onnxruntime on the CPU runs frames one by one (a
+    batch costs there what its frames cost alone, so a lone frame would only wait for company); the
+    torch tail keeps batching 8."""
+    svc = _service(bundles_root, monkeypatch, runtime, max_batch=None)
+    try:
+        assert svc.bundles["fall-yolov8/1"].batchers["detect"].max_batch == want
+    finally:
+        svc.close()
+
+
 # -- old bundles -----------------------------------------------------------------------------------
 
 
@@ -216,12 +230,12 @@ def test_server_int8_graphs_are_measured_and_kept_by_the_rule(bundles_root: Path
     every configuration measured against the torch path, int8 files kept only with ``default`` and an
     agreement reaching the rule, the server's choice follows the record, and whatever it runs agrees
     with the torch path on the sample images."""
-    from palettelink.bench.int8_serve import build
+    from palettelink.train.int8_serve import build
 
     root = tmp_path / "bundles"
     dst = root / "fall-yolov8" / "1"
     shutil.copytree(bundles_root / "fall-yolov8" / "1", dst)
-    made = build(dst, calibration=4, frames=6, log=lambda _: None)
+    made = build(dst, calibration=4, frames=6, log=lambda _: None, every=True)
     if made is None:
         pytest.skip("no training images or leave-source-out frames on this machine")
     m = json.loads((dst / MANIFEST).read_text())
@@ -254,3 +268,29 @@ def test_server_int8_graphs_are_measured_and_kept_by_the_rule(bundles_root: Path
                 for o in runner.run_batch([dec.decode(p)])[0].boxes] for p in ps]
         a = agreement(ref, got)
         assert a is not None and a >= SERVER_INT8_MIN_AGREEMENT, (codec, a, meas["chosen"])
+
+
+def test_bench_serve_names_the_path_it_measured(bundles_root: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """bench-serve on 640×480 frames: each row says which runtime answered (onnxruntime tail and
+    windowed decoder, or ``--runtime torch``), and the environment is left as it was."""
+    import os
+
+    from palettelink.cli import main
+
+    rows = {}
+    for runtime in ("auto", "torch"):
+        out = tmp_path / f"{runtime}.json"
+        rc = main(["bench-serve", "--bundles", str(bundles_root), "--codec", "palette", "--size", "640x480",
+                   "--no-batching", "--seconds", "1", "--warmup", "0.5", "--repeat", "1", "--device", "cpu",
+                   "--runtime", runtime, "--out", str(out)])
+        assert rc == 0, capsys.readouterr().out
+        rep = json.loads(out.read_text())
+        assert rep["runtime"] == runtime and rep["size"] == [640, 480]
+        (row,) = rep["results"]
+        assert row["frames_per_s"] > 0 and row["n_errors"] == 0
+        rows[runtime] = row["serve_path"]
+    assert rows["auto"]["runtime"] == "onnxruntime" and rows["auto"]["tail"].startswith("tail")
+    assert rows["auto"]["window"] is True
+    assert rows["torch"] == {"runtime": "torch", "tail": "torch", "decoder": "decoder.onnx (fp32)",
+                             "window": False}
+    assert RUNTIME_ENV not in os.environ

@@ -31,13 +31,13 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from palettelink.errors import InvalidRequest
+from palettelink.train.onnx_int8 import quantise
 
 GRAPH = "decoder.onnx"
 FILE = "decoder.int8.onnx"
@@ -50,29 +50,6 @@ def _latent(encoder: Any, decoder: Any, rgb: np.ndarray, level: int) -> dict[str
     frame = bitstream.unpack(encoder.encode(rgb, level).payload)
     r = decoder.decode_indices(frame)
     return {"z": decoder.tables.dequantise(r.indices, r.level), "level": np.asarray(r.level, np.int64)}
-
-
-def quantise(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], exclude: Sequence[str] = ()) -> None:
-    """Static QDQ int8 of ``src``'s convolutions, calibrated on ``feeds`` (z and level vary);
-    ``exclude``: names of nodes that stay fp32."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader:
-        def __init__(self) -> None:
-            self.it = iter(feeds)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.it, None)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        out = Path(tmp) / "int8.onnx"
-        quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=["Conv"], nodes_to_exclude=list(exclude))
-        shutil.copyfile(out, dst)
 
 
 def _median_ms(fn: Any, n: int = 7) -> float:

@@ -54,7 +54,7 @@ class Decoded:
     truncated: bool = False
     timings_ms: dict[str, float] = field(default_factory=dict)
     # (x0, y0, x1, y1) of the letterboxed input the tensors cover, in its pixels, where a decoder
-    # rebuilt only the frame's own rows/columns (palettelink.codecs.palette.windowed); None: all of it
+    # rebuilt only the frame's own rows/columns (palettelink.models.windowed_palette); None: all of it
     window: tuple[int, int, int, int] | None = None
 
 

@@ -6,7 +6,7 @@ The front (layers 0..split) is exported to ONNX with every crossing tensor as an
 Trained codec assets (``assets/codecs/<name>/``), when present and made for the same detector
 weights, are copied in and their ONNX graphs are built. The command line then makes the server's
 int8 decoder and tail and keeps those whose detections agree with the torch path
-(:mod:`palettelink.bench.int8_serve`; ``--no-server-int8`` skips it).
+(:mod:`palettelink.train.int8_serve`; ``--no-server-int8`` skips it).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def build_bundle(weights: str | Path | None = None, out_root: str | Path | None 
     """Write ``out_root/name/version/`` and return it. Written into a temp folder, then renamed.
     ``extra``: manifest entries to add or override (e.g. what an adapted version was adapted on).
     ``server_int8``: also make the server's int8 graphs where they agree (minutes: calibration and a
-    measurement on the leave-source-out frames; :mod:`palettelink.bench.int8_serve`)."""
+    measurement on the leave-source-out frames; :mod:`palettelink.train.int8_serve`)."""
     from palettelink.models.ultra import SplitDetector, default_detector_weights
 
     weights = Path(weights) if weights else default_detector_weights()
@@ -98,7 +98,7 @@ def build_bundle(weights: str | Path | None = None, out_root: str | Path | None 
         manifest.update(extra or {})
         write_manifest(tmp, manifest)
         if server_int8:
-            from palettelink.bench.int8_serve import build as build_int8
+            from palettelink.train.int8_serve import build as build_int8
 
             made = build_int8(tmp, log=log)
             if made is not None:

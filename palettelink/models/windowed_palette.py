@@ -47,7 +47,7 @@ class WindowedPaletteDecoder(PaletteDecoder):
         r = self.decode_indices(frame, generate_to)
         z = self.tables.dequantise(r.indices, r.level)
         box = None
-        if self.window:
+        if self.window and tuple(z.shape[-2:]) == self.latent_hw:  # a letterboxed square latent
             size = self.bundle.input_size
             stride = size // z.shape[-1]
             win = content_window(frame.image_size, size, self.align)

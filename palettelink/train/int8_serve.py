@@ -3,7 +3,7 @@ where the detections agree (issue 17): ``palettelink build-bundle`` runs this af
 ``tail.onnx`` (``--no-server-int8`` skips it; the Python API asks with ``server_int8=True``).
 
 1. **Quantise** ``decoder.onnx`` (the palette feature decoder) and ``tail.onnx`` like the edge graphs
-   (:func:`palettelink.bench.int8_decoder.quantise`: onnxruntime static QDQ, convolutions only,
+   (:func:`palettelink.train.onnx_int8.quantise`: onnxruntime static QDQ, convolutions only,
    per-channel int8 weights, uint8 activations; the tail's prediction convolutions stay fp32:
    :func:`linear_convs`), calibrated on ``calibration`` training images of the
    detector codec (never a leave-source-out frame): the decoder on their latents coded at every offered
@@ -12,8 +12,9 @@ where the detections agree (issue 17): ``palettelink build-bundle`` runs this af
 2. **Measure** on the leave-source-out frames (:func:`palettelink.train.data.eval_images`, the set
    ``palettelink int8`` measures the edge graphs on), each coded at the codec's default level (and at
    baseline 4 bits for the tail): the reference is the torch path (the library decoder on the whole
-   latent, the torch tail, boxes ≥ 0.25), every onnxruntime configuration (fp32 on the whole latent,
-   fp32 on the window, int8 decoder, int8 tail, both) is scored against it by AP50 of its boxes
+   latent, the torch tail, boxes ≥ 0.25), the onnxruntime configurations (fp32 on the window, then
+   int8 decoder + tail, int8 tail, int8 decoder until one agrees; ``every``: all of them and fp32 on
+   the whole latent) are scored against it by AP50 of their boxes
    (:func:`palettelink.scoring.evaluate`), and timed.
 3. **Keep** the fastest int8 configuration whose agreement on every codec is ≥
    :data:`palettelink.models.ultra_ort.SERVER_INT8_MIN_AGREEMENT`: its files go into the bundle and
@@ -60,7 +61,6 @@ def _int8_name(graph: str) -> str:
 
 
 def _spread(items: list[Any], n: int) -> list[Any]:
-    from palettelink.bench.int8 import _spread as spread
 
     return spread(items, n)
 
@@ -72,9 +72,9 @@ class ServePath:
     def __init__(self, bundle: Bundle, decoder_file: Path | None, tail_file: Path | None, window: bool,
                  threads: int | None) -> None:
         from palettelink.codecs import Decoder
-        from palettelink.codecs.palette.windowed import WindowedPaletteDecoder
         from palettelink.front import ort_session
         from palettelink.models.ultra_ort import OrtTail
+        from palettelink.models.windowed_palette import WindowedPaletteDecoder
 
         self.bundle = bundle
         self.tail = OrtTail(bundle, threads, precision="fp32")
@@ -132,9 +132,9 @@ def _feeds(bundle: Bundle, rgbs: Sequence[np.ndarray], levels: Sequence[int], th
     decoded tensors and the uncompressed front's)."""
     from palettelink import bitstream
     from palettelink.codecs import make_encoder
-    from palettelink.codecs.palette.windowed import WindowedPaletteDecoder
     from palettelink.front import Front
     from palettelink.image import letterbox
+    from palettelink.models.windowed_palette import WindowedPaletteDecoder
 
     names = [t.name for t in bundle.tensors]
     dec_feeds, tail_feeds = [], []
@@ -155,15 +155,17 @@ def _feeds(bundle: Bundle, rgbs: Sequence[np.ndarray], levels: Sequence[int], th
 
 
 def build(bundle_dir: Path, calibration: int = 24, frames: int = 0, threads: int | None = None,
-          log: Callable[[str], None] = print) -> dict[str, Any] | None:
+          log: Callable[[str], None] = print, every: bool = False) -> dict[str, Any] | None:
     """Quantise, measure and keep (module docstring) in the bundle folder ``bundle_dir`` (its
-    manifest already lists tail.onnx). Returns ``{"int8": {...}, "measurement": {...}}`` for the
+    manifest already lists tail.onnx). The int8 configurations are measured fastest first and the
+    first that agrees ends the search (``every``: measure them all, and fp32 on the whole latent).
+    Returns ``{"int8": {...}, "measurement": {...}}`` for the
     manifest's ``serve`` entry (the kept files are written beside it), or None where this machine has
     no calibration images or no leave-source-out frames."""
-    from palettelink.bench.int8_decoder import quantise
     from palettelink.codecs import make_encoder
     from palettelink.models.ultra_ort import SERVER_INT8_MIN_AGREEMENT, tail_file
     from palettelink.train import data
+    from palettelink.train.onnx_int8 import quantise
 
     bundle = Bundle.load(bundle_dir, verify=False)
     tail = tail_file(bundle)
@@ -202,17 +204,22 @@ def build(bundle_dir: Path, calibration: int = 24, frames: int = 0, threads: int
             else:
                 quantise(bundle.file(g), files[g], tail_feeds, exclude=linear_convs(bundle.file(g)))
             log(f"  quantised {g} in {time.perf_counter() - t0:.0f} s")
-        configs: dict[str, tuple[bool, bool, bool]] = {  # name → (window, int8 decoder, int8 tail)
-            "fp32 whole": (False, False, False), "fp32 window": (True, False, False)}
-        if "decoder.onnx" in files:
-            configs["int8 decoder"] = (True, True, False)
-        configs["int8 tail"] = (True, False, True)
+        # name → (window, int8 decoder, int8 tail); the int8 ones in order of preference (fastest first)
+        configs: dict[str, tuple[bool, bool, bool]] = {"fp32 window": (True, False, False)}
+        if every:
+            configs["fp32 whole"] = (False, False, False)
         if "decoder.onnx" in files:
             configs["int8 decoder + tail"] = (True, True, True)
+        configs["int8 tail"] = (True, False, True)
+        if "decoder.onnx" in files:
+            configs["int8 decoder"] = (True, True, False)
         table: dict[str, dict[str, Any]] = {}
+        chosen = None
         for name, (window, d8, t8) in configs.items():
+            if chosen is not None and not every:
+                break  # a faster configuration already agrees
             path = ServePath(bundle, files.get("decoder.onnx") if d8 else None, files[tail] if t8 else None,
-                         window, threads)
+                             window, threads)
             row: dict[str, Any] = {"window": window, "int8": [g for g, on in (("decoder.onnx", d8),
                                                                               (tail, t8)) if on]}
             for codec, ps in payloads.items():
@@ -228,10 +235,10 @@ def build(bundle_dir: Path, calibration: int = 24, frames: int = 0, threads: int
             log(f"  {name:<20} agreement {row['agreement']}  " + "  ".join(
                 f"{c}: decoder {v['decoder_ms']} ms tail {v['tail_ms']} ms" for c, v in row.items()
                 if c in payloads))
-        # the fastest configuration that agrees: both int8, else the tail (the larger), else the decoder
-        chosen = next((n for n in ("int8 decoder + tail", "int8 tail", "int8 decoder")
-                       if n in table and table[n]["agreement"] is not None
-                       and table[n]["agreement"] >= SERVER_INT8_MIN_AGREEMENT), None)
+            # the fastest int8 configuration that agrees: both, else the tail (the larger), else the decoder
+            if (chosen is None and (d8 or t8) and row["agreement"] is not None
+                    and row["agreement"] >= SERVER_INT8_MIN_AGREEMENT):
+                chosen = name
         entries: dict[str, Any] = {}
         if chosen is not None:
             for g in table[chosen]["int8"]:
@@ -251,3 +258,10 @@ def build(bundle_dir: Path, calibration: int = 24, frames: int = 0, threads: int
         "quantisation": "onnxruntime static QDQ, Conv only, per-channel int8 weights, uint8 activations; "
                         "the tail's convolutions without an activation (head predictions, DFL) kept fp32"}
     return {"int8": entries, "measurement": measurement}
+
+
+def spread(items: list[Any], n: int) -> list[Any]:
+    """``n`` of ``items`` spread evenly over the list (all of them when n is 0 or too large)."""
+    if n <= 0 or n >= len(items):
+        return list(items)
+    return [items[int(i)] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
