@@ -140,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(413 beyond; default 16777216 = 4096²)")
     p.add_argument("--device", default="cpu", help="torch device of the task models (cpu, cuda, cuda:1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: usable CPUs)")
-    p.add_argument("--max-batch", type=int, default=8, help="most frames per task batch")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="most frames per task batch (default: 1 for a task in onnxruntime on the CPU, "
+                        "where a batch costs what its frames cost one by one; else 8)")
     p.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long a batch waits to fill")
     p.add_argument("--no-verify", action="store_true", help="skip sha256 checks of bundle files at load")
     p.add_argument("--bench-json", type=Path, default=None, metavar="FILE",
