@@ -282,7 +282,10 @@ def find_bundle(name: str, root: str | os.PathLike[str] | None = None, verify: b
     if "/" in name:
         return Bundle.load(root / name, verify, side)
     base = root / name
-    versions = [d for d in base.iterdir() if (d / MANIFEST).is_file()] if base.is_dir() else []
+    # hidden folders are never versions: ``.1.xxxx`` is a write in progress (or one a killed build-bundle
+    # left behind), and would otherwise sort above every numeric version
+    versions = [d for d in base.iterdir() if not d.name.startswith(".") and (d / MANIFEST).is_file()] \
+        if base.is_dir() else []
     if not versions:
         raise BundleNotFound(f"no bundle named {name!r} under {root.resolve()}; "
                              "build one with `palettelink build-bundle`")
@@ -299,4 +302,5 @@ def list_bundles(root: str | os.PathLike[str] | None = None) -> list[Path]:
     root = Path(root) if root is not None else default_root()
     if not root.is_dir():
         return []
-    return sorted(p.parent for p in root.glob(f"*/*/{MANIFEST}"))
+    return sorted(p.parent for p in root.glob(f"*/*/{MANIFEST}")
+                  if not any(part.startswith(".") for part in p.parent.relative_to(root).parts))

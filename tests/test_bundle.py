@@ -108,6 +108,17 @@ def test_find_picks_highest_numeric_version(tmp_path: Path) -> None:
     assert find_bundle(str(tmp_path / "toy" / "2")).version == "2"
 
 
+def test_a_build_in_progress_or_left_behind_is_no_version(tmp_path: Path) -> None:
+    """atomic_write_folder writes ``.1.xxxx`` beside the bundle and renames it; a killed build-bundle
+    leaves it, manifest and all. It must never be found as the newest version, nor listed."""
+    from palettelink.bundle import list_bundles
+
+    make_bundle(tmp_path, "1")
+    left = make_bundle(tmp_path, ".1.brplt94x")
+    assert left.is_dir() and find_bundle("toy", tmp_path).version == "1"
+    assert list_bundles(tmp_path) == [tmp_path / "toy" / "1"]
+
+
 def test_unknown_bundle_names_the_fix(tmp_path: Path) -> None:
     with pytest.raises(BundleNotFound, match="build-bundle"):
         find_bundle("nope", tmp_path)
