@@ -238,7 +238,8 @@ def _run(args: argparse.Namespace, bundle: Any, graph: str) -> int:
         print(f"  agreement {entry['agreement']} vs the {INT8_MIN_AGREEMENT} rule: the edge {verdict}")
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"bundle": bundle.id, "graph": graph, **entry}, indent=2) + "\n")
+            rec = {"bundle": bundle.id, "table_hash": bundle.table_hash_hex, "graph": graph, **entry}
+            args.out.write_text(json.dumps(rec, indent=2) + "\n")
             print(f"wrote {args.out}")
         if args.dry_run:
             return 0
