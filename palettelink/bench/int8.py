@@ -66,25 +66,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def quantise(src: Path, dst: Path, calibration: list[np.ndarray], input_name: str,
              extra: dict[str, np.ndarray] | None = None) -> None:
     """Static QDQ int8 of ``src``'s convolutions, calibrated on ``calibration`` (feeds of
-    ``input_name``, plus the constant ``extra`` inputs)."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    ``input_name``, plus the constant ``extra`` inputs): the one quantiser of train/onnx_int8.py."""
+    from palettelink.train.onnx_int8 import quantise as quantise_feeds
 
-    class Reader:
-        def __init__(self) -> None:
-            self.it = iter([{input_name: x, **(extra or {})} for x in calibration])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.it, None)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        out = Path(tmp) / "int8.onnx"
-        quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=["Conv"])
-        shutil.copyfile(out, dst)
+    quantise_feeds(src, dst, [{input_name: x, **(extra or {})} for x in calibration])
 
 
 def _spread(items: list[Any], n: int) -> list[Any]:
