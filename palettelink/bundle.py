@@ -184,6 +184,17 @@ def write_manifest(folder: str | os.PathLike[str], manifest: dict[str, Any]) -> 
     return m
 
 
+
+def read_manifest(mpath: Path, missing: Exception) -> dict[str, Any]:
+    """A manifest (a bundle's, or the codec assets' a bundle is built from) as JSON: ``missing``
+    raised where there is no file, BundleError naming it where it cannot be read or parsed."""
+    if not mpath.is_file():
+        raise missing
+    try:
+        return dict(json.loads(mpath.read_text()))
+    except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
+        raise BundleError(f"unreadable manifest {mpath}: {e}") from e
+
 class Bundle:
     """A loaded, verified bundle. Holds paths and metadata only; sessions are made by the users."""
 
@@ -241,13 +252,8 @@ class Bundle:
             raise ValueError(f"side must be one of {SIDES}, not {side!r}")
         path = Path(path)
         mpath = path / MANIFEST
-        if not mpath.is_file():
-            raise BundleNotFound(f"no bundle at {path} (missing {MANIFEST}); build one with "
-                                 "`palettelink build-bundle`")
-        try:
-            manifest = json.loads(mpath.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise BundleError(f"unreadable manifest {mpath}: {e}") from e
+        manifest = read_manifest(mpath, BundleNotFound(
+            f"no bundle at {path} (missing {MANIFEST}); build one with `palettelink build-bundle`"))
         for key in ("name", "version", "split", "files", "table_hash"):
             if key not in manifest:
                 raise BundleError(f"manifest {mpath} lacks {key!r}")

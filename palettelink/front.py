@@ -60,26 +60,38 @@ def choose_graph(bundle: Bundle, graph: str, precision: str | None = None) -> Gr
     """The file to run for ``graph`` (``edge.onnx``, ``front.onnx``): ``fp32`` the graph itself;
     ``int8`` its int8 variant (BundleError where the bundle has none); ``auto`` (the default) the int8
     variant where the bundle has one whose measured agreement with fp32 is ≥ INT8_MIN_AGREEMENT."""
+    return choose_variant(bundle, graph, int8_entry(bundle, graph), precision, INT8_MIN_AGREEMENT,
+                          f"make one with `palettelink int8 --bundle {bundle.name}`")
+
+
+def choose_variant(bundle: Bundle, graph: str, entry: dict[str, Any] | None, precision: str | None,
+                   threshold: float, how_to_make: str, need_default: bool = False) -> GraphChoice:
+    """The one rule for every graph with a measured int8 variant (the edge's ``int8`` records, the
+    server's ``serve.int8``): ``fp32``/``int8`` force (``int8`` where the bundle has none: BundleError
+    saying ``how_to_make``); ``auto`` runs the variant where its recorded agreement is ≥ ``threshold``
+    (and, with ``need_default``, the build kept it as the default), else the graph itself."""
     precision = precision or str(_DEFAULTS["precision"] or "auto")
     if precision not in PRECISIONS:
         raise InvalidRequest(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    entry = int8_entry(bundle, graph)
     raw = entry.get("agreement") if entry else None
     agreement = float(raw) if isinstance(raw, int | float) else None
     if precision == "fp32":
         return GraphChoice(graph, "fp32", "fp32 asked for", agreement)
     if entry is None or not bundle.has_file(str(entry["file"])):
         if precision == "int8":
-            raise BundleError(f"bundle {bundle.id} has no int8 variant of {graph} (make one with "
-                              f"`palettelink int8 --bundle {bundle.name}`)")
+            raise BundleError(f"bundle {bundle.id} has no int8 variant of {graph} ({how_to_make})")
         return GraphChoice(graph, "fp32", f"the bundle has no int8 {graph}")
     file = str(entry["file"])
     if precision == "int8":
         return GraphChoice(file, "int8", "int8 asked for", agreement)
-    if agreement is not None and agreement >= INT8_MIN_AGREEMENT:
-        return GraphChoice(file, "int8", f"int8: measured agreement {agreement:.3f} ≥ {INT8_MIN_AGREEMENT}",
-                           agreement)
-    shown = "not recorded" if agreement is None else f"{agreement:.3f} < {INT8_MIN_AGREEMENT}"
+    kept = entry.get("default") is True or not need_default
+    if kept and agreement is not None and agreement >= threshold:
+        return GraphChoice(file, "int8", f"int8: measured agreement {agreement:.3f} ≥ {threshold}", agreement)
+    if agreement is None:
+        shown = "not recorded"
+    else:
+        shown = f"{agreement:.3f}" + (f" < {threshold}" if agreement < threshold else "")
+        shown += "" if kept else " (the build did not keep it as the default)"
     return GraphChoice(graph, "fp32", f"fp32: the int8 variant's measured agreement is {shown}", agreement)
 
 

@@ -19,7 +19,8 @@ ROOT=.cache/lso-bundles
 OUT=docs/results
 
 palettelink corpus >/dev/null
-palettelink build-bundle --out "$ROOT" --codec-assets "$ASSETS" --force
+# fp32 graphs: the codec is measured as trained; int8 retention is measured apart (palettelink int8)
+palettelink build-bundle --out "$ROOT" --codec-assets "$ASSETS" --force --no-edge-int8 --no-server-int8
 common=(--bundles "$ROOT" --bundle fall-yolov8/1 --no-samples --assets "$ASSETS" --codec palette)
 
 palettelink bench "${common[@]}" --eval-set --ablations z-unquantised \

@@ -160,8 +160,8 @@ def test_recorded_int8_graph_is_what_the_encoder_runs(bundle, tmp_path: Path, de
     """``palettelink int8``'s record step (the graph here is a copy of the fp32 one: the rule reads
     the manifest): the manifest still verifies, the table hash (every stream) is unchanged, the file
     is on the edge side, and the palette encoder runs it by default."""
-    from palettelink.bench.int8 import record
     from palettelink.codecs import make_encoder
+    from palettelink.train.int8_edge import record
 
     copy = tmp_path / bundle.name / bundle.version
     shutil.copytree(bundle.path, copy)
@@ -216,3 +216,28 @@ def test_palettelink_int8_quantises_measures_and_records(bundle, tmp_path: Path,
     rgb = np.full((120, 160, 3), 90, np.uint8)
     payload = enc.encode(rgb).payload
     assert Decoder(loaded).decode(payload).tensors
+
+
+def test_build_bundles_edge_int8_step_keeps_only_what_reaches_the_rule(bundle, tmp_path: Path,  # noqa: ANN001
+                                                                       defaults: None) -> None:
+    """build-bundle's edge step, small (2 calibration images, 3 held-out frames), on a copy: each edge
+    graph is measured; one reaching 0.97 is written and recorded (and is what the edge runs), one below
+    is removed, so a bundle never carries an int8 graph its edge would not run."""
+    from palettelink.train import data
+    from palettelink.train.int8_edge import build
+
+    if not data.training_images() or not data.eval_images():
+        pytest.skip("no training images or held-out frames on this machine (opencv-doc, corpus)")
+    copy = tmp_path / bundle.name / bundle.version
+    shutil.copytree(bundle.path, copy)
+    lines: list[str] = []
+    made = build(copy, calibration=2, frames=3, threads=1, log=lines.append)
+    assert set(made) == {"edge.onnx", "front.onnx"}, lines
+    loaded = Bundle.load(copy)  # every hash verifies after the step rewrote the manifest
+    assert loaded.table_hash_hex == bundle.table_hash_hex
+    for graph, entry in made.items():
+        file = graph.replace(".onnx", ".int8.onnx")
+        assert entry["frames"] == 3 and entry["default"] == (entry["agreement"] >= front.INT8_MIN_AGREEMENT)
+        assert (copy / file).is_file() == entry["default"] == (graph in loaded.manifest.get("int8", {}))
+        assert front.choose_graph(loaded, graph).file == (file if entry["default"] else graph)
+        assert any(graph in line and ("kept" in line or "dropped" in line) for line in lines), lines

@@ -30,14 +30,15 @@ import json
 import math
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from palettelink.errors import InvalidRequest
+from palettelink.train.data import spread
 from palettelink.train.onnx_int8 import quantise
+from palettelink.train.timing import median_ms
 
 GRAPH = "decoder.onnx"
 FILE = "decoder.int8.onnx"
@@ -52,20 +53,12 @@ def _latent(encoder: Any, decoder: Any, rgb: np.ndarray, level: int) -> dict[str
     return {"z": decoder.tables.dequantise(r.indices, r.level), "level": np.asarray(r.level, np.int64)}
 
 
-def _median_ms(fn: Any, n: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return round(float(np.median(times)), 1)
-
 
 def measure(bundle: Any, int8_file: Path, frames: list[np.ndarray], level: int,
             threads: int | None) -> dict[str, Any]:
     """The int8 generator against fp32 on ``frames`` (module docstring)."""
-    from palettelink.bench.tasks import ADAPTERS, load_task_models
+    from palettelink.bench.task_scores import ADAPTERS
+    from palettelink.bench.tasks import load_task_models
     from palettelink.codecs.palette import PaletteDecoder, PaletteEncoder
     from palettelink.front import ort_session
     from palettelink.image import letterbox
@@ -110,8 +103,8 @@ def measure(bundle: Any, int8_file: Path, frames: list[np.ndarray], level: int,
     return {"codec": "palette", "level": level, "tasks": per_task,
             "agreement": round(min(scored), 4) if scored else None,
             "psnr_int8_vs_fp32_db": round(float(np.mean(psnr)), 2),
-            "fp32_ms": _median_ms(lambda: fp32.session.run(fp32.outputs, feed)),
-            "int8_ms": _median_ms(lambda: int8.run(None, feed))}
+            "fp32_ms": median_ms(lambda: fp32.session.run(fp32.outputs, feed), digits=1),
+            "int8_ms": median_ms(lambda: int8.run(None, feed), digits=1)}
 
 
 def record(bundle_path: Path, entry: dict[str, Any]) -> dict[str, Any]:
@@ -136,12 +129,12 @@ def run(args: argparse.Namespace, bundle: Any) -> int:
     decoder = PaletteDecoder(bundle, args.threads, precision="fp32")
     level = encoder.default_level() if args.level is None else int(args.level)
     levels = encoder.levels()
-    calib_items = _spread(training_items(bundle), args.calibration)
+    calib_items = spread(training_items(bundle), args.calibration)
     if not calib_items:
         raise InvalidRequest(f"none of bundle {bundle.id}'s training items is on this machine to "
                              "calibrate on")
     held = held_out(bundle)
-    eval_items = _spread(held.items(), args.frames)
+    eval_items = spread(held.items(), args.frames)
     print(f"int8 {bundle.id} {GRAPH}: calibrating on {len(calib_items)} of its codec's training items, "
           f"measuring on {len(eval_items)} leave-source-out frames at level {level}", flush=True)
     feeds = [_latent(encoder, decoder, rgb, levels[k % len(levels)])
@@ -176,8 +169,3 @@ def run(args: argparse.Namespace, bundle: Any) -> int:
     print(f"recorded {FILE} in {bundle.path / 'manifest.json'}")
     return 0
 
-
-def _spread(items: list[Any], n: int) -> list[Any]:
-    if n <= 0 or n >= len(items):
-        return list(items)
-    return [items[int(i)] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]

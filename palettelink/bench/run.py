@@ -24,6 +24,7 @@ import numpy as np
 
 from palettelink import __version__, benchfile, scoring
 from palettelink.bench.ablations import ABLATIONS
+from palettelink.bench.args import ints
 from palettelink.bench.methods import METHODS, Context, Item, Method, make_method, prepare
 from palettelink.bundle import Bundle, find_bundle
 from palettelink.errors import InvalidRequest
@@ -32,13 +33,6 @@ from palettelink.image import letterbox, load_image
 from palettelink.samples import sample_images
 
 DEFAULT_BUNDLE = "fall-yolov8"
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
 
 
 def _names(text: str) -> list[str]:
@@ -54,9 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--anchors", type=_names, default=["jpeg"],
                    help="image codecs to compare with: jpeg, webp, avif (default jpeg; '' for none)")
     p.add_argument("--no-bypass", action="store_true", help="skip the uncompressed-features row")
-    p.add_argument("--bits", type=_ints, default=None, help="baseline bits to test (default 8..2)")
-    p.add_argument("--levels", type=_ints, default=None, help="palette levels to test (default all)")
-    p.add_argument("--qualities", type=_ints, default=None, help="anchor qualities (default per format)")
+    p.add_argument("--bits", type=ints, default=None, help="baseline bits to test (default 8..2)")
+    p.add_argument("--levels", type=ints, default=None, help="palette levels to test (default all)")
+    p.add_argument("--qualities", type=ints, default=None, help="anchor qualities (default per format)")
     p.add_argument("--images", nargs="+", action="extend", default=[], metavar="PATH",
                    help="more images, folders or videos (frames)")
     p.add_argument("--no-samples", action="store_true", help="leave out the bundled sample images")

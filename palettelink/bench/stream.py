@@ -26,18 +26,12 @@ import cv2
 import numpy as np
 
 from palettelink import scoring
+from palettelink.bench.args import floats
 from palettelink.bundle import find_bundle
 from palettelink.errors import InvalidRequest
 from palettelink.image import letterbox
 
 DEFAULT_VIDEO = "/usr/share/doc/opencv-doc/examples/data/vtest.avi"
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,9 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", default="fall-yolov8")
     p.add_argument("--bundles", type=Path, default=None, metavar="DIR")
     p.add_argument("--codec", default="palette")
-    p.add_argument("--kbps", type=_floats, default=[50.0, 100.0, 200.0, 400.0])
+    p.add_argument("--kbps", type=floats, default=[50.0, 100.0, 200.0, 400.0])
     p.add_argument("--fps", type=float, default=10.0)
-    p.add_argument("--jpeg", type=_floats, default=[5.0, 10.0, 20.0], help="JPEG qualities to compare")
+    p.add_argument("--jpeg", type=floats, default=[5.0, 10.0, 20.0], help="JPEG qualities to compare")
     p.add_argument("--conf", type=float, default=0.25, help="deployment score threshold")
     p.add_argument("--out", type=Path, default=Path("bench-out"))
 

@@ -32,9 +32,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,8 @@ import numpy as np
 
 from palettelink import __version__, codecs, scoring
 from palettelink.bench.methods import Context, Item, Method, codec_method_name, make_method
+from palettelink.bench.task_scores import ADAPTERS, TASKS, picture_quality
+from palettelink.bench.tasks_report import best_points, format_table, plot
 from palettelink.bundle import Bundle, find_bundle
 from palettelink.errors import InvalidRequest
 from palettelink.front import Front
@@ -50,149 +51,8 @@ from palettelink.image import letterbox
 from palettelink.models import family_of, task_model
 from palettelink.models.image import rebuilt_image
 
-TASKS = ("detect", "segment", "landmarks", "pose")
 CODECS = ("palette", "avif")  # the codecs compared by default (those the bundle offers)
 ANCHORS = ("jpeg", "webp", "avif", "avif-down2", "avif-down4", "jpeg-down2", "jpeg-down4")
-# mediapipe face mesh: outer eye corners (the inter-ocular distance of NME)
-EYE_CORNERS = (33, 263)
-COCO_SIGMAS = np.array([.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89,
-                        .89]) / 10.0
-
-
-# --------------------------------------------------------------------------------------------------
-# metrics (each takes per-image references and predictions as the zoo's result objects)
-
-
-def mask_iou(refs: Sequence[np.ndarray], preds: Sequence[np.ndarray]) -> float:
-    inter = sum(int(np.logical_and(r, p).sum()) for r, p in zip(refs, preds, strict=True))
-    union = sum(int(np.logical_or(r, p).sum()) for r, p in zip(refs, preds, strict=True))
-    return float("nan") if union == 0 else inter / union
-
-
-def _box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    ua = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / ua if ua > 0 else 0.0
-
-
-def landmark_nme(refs: Sequence[Sequence[Any]], preds: Sequence[Sequence[Any]], ok: float = 0.05
-                 ) -> tuple[float, float, int]:
-    """(mean NME of matched faces, success rate, reference faces). Faces are (box, points [N, ≥2])."""
-    errs, hits, n = [], 0, 0
-    for ref, pred in zip(refs, preds, strict=True):
-        for rbox, rpts in ref:
-            n += 1
-            best = max(pred, key=lambda f: _box_iou(rbox, f[0]), default=None)
-            if best is None or _box_iou(rbox, best[0]) < 0.3:
-                continue
-            r, p = np.asarray(rpts)[:, :2], np.asarray(best[1])[:, :2]
-            iod = float(np.linalg.norm(r[EYE_CORNERS[0]] - r[EYE_CORNERS[1]])) if len(r) > 263 else \
-                float(np.hypot(rbox[2] - rbox[0], rbox[3] - rbox[1]))
-            e = float(np.linalg.norm(r - p, axis=1).mean()) / max(iod, 1e-6)
-            errs.append(e)
-            hits += e <= ok
-    return (float(np.mean(errs)) if errs else float("nan")), (hits / n if n else float("nan")), n
-
-
-def oks(ref_kps: np.ndarray, pred_kps: np.ndarray, area: float, vis: float = 0.3) -> float:
-    """COCO object keypoint similarity; reference keypoints below ``vis`` score do not count."""
-    r, p = np.asarray(ref_kps), np.asarray(pred_kps)
-    keep = r[:, 2] >= vis
-    if not keep.any():
-        return float("nan")
-    d2 = ((r[:, :2] - p[:, :2]) ** 2).sum(1)
-    k2 = (2 * COCO_SIGMAS) ** 2
-    return float(np.exp(-d2 / (2 * max(area, 1.0) * k2))[keep].mean())
-
-
-def pose_oks(refs: Sequence[Sequence[Any]], preds: Sequence[Sequence[Any]]) -> tuple[float, float, int]:
-    """(mean OKS, fraction with OKS ≥ 0.5, reference persons); persons are (box, keypoints [17, 3])."""
-    vals = []
-    for ref, pred in zip(refs, preds, strict=True):
-        for rbox, rk in ref:
-            area = (rbox[2] - rbox[0]) * (rbox[3] - rbox[1])
-            scores = [oks(rk, pk, area) for _, pk in pred]
-            scores = [s for s in scores if s == s]
-            if oks(rk, rk, area) != oks(rk, rk, area):  # no visible reference keypoint: not scored
-                continue
-            vals.append(max(scores, default=0.0))
-    if not vals:
-        return float("nan"), float("nan"), 0
-    return float(np.mean(vals)), float(np.mean(np.asarray(vals) >= 0.5)), len(vals)
-
-
-def picture_quality(rgb: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
-    """(PSNR dB, MS-SSIM) of ``rgb`` against ``ref`` (both HxWx3 uint8, same size)."""
-    import torch
-    from pytorch_msssim import ms_ssim
-
-    a, b = rgb.astype(np.float64), ref.astype(np.float64)
-    mse = float(np.mean((a - b) ** 2))
-    psnr = 99.0 if mse == 0 else 10 * math.log10(255.0**2 / mse)
-    ta = torch.from_numpy(rgb.transpose(2, 0, 1)[None].astype(np.float32))
-    tb = torch.from_numpy(ref.transpose(2, 0, 1)[None].astype(np.float32))
-    small = min(rgb.shape[:2]) <= 160  # five scales need > 160 px with the 11-px window
-    ms = float(ms_ssim(ta, tb, data_range=255.0, win_size=7 if small else 11))
-    return psnr, ms
-
-
-# --------------------------------------------------------------------------------------------------
-# task adapters: the zoo model's result → what the metrics take
-
-
-@dataclass
-class TaskAdapter:
-    predict: Callable[[Any, np.ndarray, bool], Any]  # (zoo model, rgb, is_reference) → per-image result
-    score: Callable[[list[Any], list[Any]], dict[str, float]]
-    headline: str  # the key of ``score`` that "fraction of uncompressed" uses
-
-
-REF_CONF, PRED_CONF = 0.3, 0.05  # reference boxes as the server reports them; predictions ranked for AP
-
-
-def _boxes(model: Any, rgb: np.ndarray, ref: bool) -> list[scoring.Box]:
-    dets = model.run(rgb, score_threshold=REF_CONF if ref else PRED_CONF).detections
-    return [scoring.Box(tuple(float(v) for v in d.xyxy), int(d.class_id), float(d.score))  # type: ignore[arg-type]
-            for d in dets]
-
-
-def _score_detect(refs: list[Any], preds: list[Any]) -> dict[str, float]:
-    r = scoring.evaluate(refs, preds)
-    return {"ap50": r.ap50, "ap50_95": r.ap50_95, "n_reference": r.n_reference}
-
-
-def _mask(model: Any, rgb: np.ndarray, ref: bool) -> np.ndarray:
-    return np.asarray(model.run(rgb).mask, bool)
-
-
-def _faces(model: Any, rgb: np.ndarray, ref: bool) -> list[tuple[tuple[float, ...], np.ndarray]]:
-    return [(tuple(float(v) for v in f.box), np.asarray(f.points)) for f in model.run(rgb).faces]
-
-
-def _score_landmarks(refs: list[Any], preds: list[Any]) -> dict[str, float]:
-    nme, rate, n = landmark_nme(refs, preds)
-    return {"nme": nme, "success_at_0.05": rate, "n_reference": n}
-
-
-def _people(model: Any, rgb: np.ndarray, ref: bool) -> list[tuple[tuple[float, ...], np.ndarray]]:
-    return [(tuple(float(v) for v in p.box), np.asarray(p.keypoints)) for p in model.run(rgb).people]
-
-
-def _score_pose(refs: list[Any], preds: list[Any]) -> dict[str, float]:
-    m, frac, n = pose_oks(refs, preds)
-    return {"oks": m, "oks_at_0.5": frac, "n_reference": n}
-
-
-ADAPTERS: dict[str, TaskAdapter] = {
-    "detect": TaskAdapter(_boxes, _score_detect, "ap50"),
-    "segment": TaskAdapter(_mask, lambda r, p: {"iou": mask_iou(r, p)}, "iou"),
-    "landmarks": TaskAdapter(_faces, _score_landmarks, "success_at_0.05"),
-    "pose": TaskAdapter(_people, _score_pose, "oks"),
-}
-
-
 # --------------------------------------------------------------------------------------------------
 # runner
 
@@ -347,72 +207,6 @@ class TaskRunner:
                     d["per_source"][src] = e
             rows.append(d)
         return rows
-
-
-def best_points(rows: list[dict[str, Any]], tasks: Sequence[str], frac: float = 0.95) -> dict[str, Any]:
-    """Per task and method: the lowest bpp whose headline score is ≥ ``frac`` (of the uncompressed
-    pipeline's, which is 1 by construction for agreement scores)."""
-    out: dict[str, Any] = {}
-    for t in tasks:
-        key = ADAPTERS[t].headline
-        per: dict[str, Any] = {}
-        for r in rows:
-            v = r[t].get(key)
-            if v is None or v != v or v < frac:
-                continue
-            if r["method"] not in per or r["bpp"] < per[r["method"]]["bpp"]:
-                per[r["method"]] = {"bpp": round(r["bpp"], 4), "label": r["label"], key: round(v, 4)}
-        out[t] = per
-    return out
-
-
-def format_table(rows: list[dict[str, Any]], tasks: Sequence[str]) -> str:
-    mw = max([8, *(len(r["method"]) for r in rows)])
-    head = f"{'method':<{mw}} {'point':>6} {'bpp':>7} {'PSNR':>6} {'MS-SSIM':>7}"
-    cols = {"detect": ("ap50", "AP50"), "segment": ("iou", "mIoU"), "landmarks": ("nme", "NME"),
-            "pose": ("oks", "OKS")}
-    for t in tasks:
-        head += f" {cols[t][1]:>7}"
-    if "detect" in tasks:
-        head += f" {'AP50:95':>7}"
-    if "landmarks" in tasks:
-        head += f" {'lm@.05':>7}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        line = f"{r['method']:<{mw}} {r['label']:>6} {r['bpp']:7.3f} {r['psnr']:6.2f} {r['msssim']:7.4f}"
-        for t in tasks:
-            line += f" {r[t][cols[t][0]]:7.3f}"
-        if "detect" in tasks:
-            line += f" {r['detect']['ap50_95']:7.3f}"
-        if "landmarks" in tasks:
-            line += f" {r['landmarks']['success_at_0.05']:7.3f}"
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict[str, Any]], tasks: Sequence[str], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("psnr", "PSNR (dB)"), ("msssim", "MS-SSIM")] + [(t, f"{t}: {ADAPTERS[t].headline}")
-                                                               for t in tasks]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
-    for ax, (key, label) in zip(axes[0], panels, strict=True):
-        for m in dict.fromkeys(r["method"] for r in rows):
-            pts = sorted((r["bpp"], r[key] if key in ("psnr", "msssim") else r[key][ADAPTERS[key].headline])
-                         for r in rows if r["method"] == m)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=m, ms=3)
-        ax.set_xscale("log")
-        ax.set_xlabel("bpp")
-        ax.set_title(label, fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

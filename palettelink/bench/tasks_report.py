@@ -8,13 +8,15 @@ typed (``palettelink bench-tasks --render JSON --readme README.md``; a test keep
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from palettelink.bench.task_scores import ADAPTERS
 from palettelink.errors import InvalidRequest
 
 FRACS = (0.9, 0.95)
-HEADLINE = {"detect": "ap50", "segment": "iou", "landmarks": "success_at_0.05", "pose": "oks"}
+HEADLINE = {task: a.headline for task, a in ADAPTERS.items()}
 SCORE_NAME = {"detect": "detect AP50", "segment": "segment mIoU", "landmarks": "landmarks ok@0.05",
               "pose": "pose OKS"}
 AVIF_FAMILY = ("avif-codec", "avif", "avif-down2", "avif-down4")  # "AVIF, downscaled included"
@@ -168,3 +170,58 @@ def sync_readme(readme: Path, report: dict[str, Any], name: str, write: bool = T
     if write and new != text:
         readme.write_text(new)
     return new != text
+
+
+def best_points(rows: list[dict[str, Any]], tasks: Sequence[str], frac: float = 0.95) -> dict[str, Any]:
+    """Per task and method: the lowest bpp whose headline score is ≥ ``frac`` (of the uncompressed
+    pipeline's, which is 1 by construction for agreement scores)."""
+    return {t: lowest_bpp(rows, t, frac) for t in tasks}
+
+
+def format_table(rows: list[dict[str, Any]], tasks: Sequence[str]) -> str:
+    mw = max([8, *(len(r["method"]) for r in rows)])
+    head = f"{'method':<{mw}} {'point':>6} {'bpp':>7} {'PSNR':>6} {'MS-SSIM':>7}"
+    cols = {"detect": ("ap50", "AP50"), "segment": ("iou", "mIoU"), "landmarks": ("nme", "NME"),
+            "pose": ("oks", "OKS")}
+    for t in tasks:
+        head += f" {cols[t][1]:>7}"
+    if "detect" in tasks:
+        head += f" {'AP50:95':>7}"
+    if "landmarks" in tasks:
+        head += f" {'lm@.05':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        line = f"{r['method']:<{mw}} {r['label']:>6} {r['bpp']:7.3f} {r['psnr']:6.2f} {r['msssim']:7.4f}"
+        for t in tasks:
+            line += f" {r[t][cols[t][0]]:7.3f}"
+        if "detect" in tasks:
+            line += f" {r['detect']['ap50_95']:7.3f}"
+        if "landmarks" in tasks:
+            line += f" {r['landmarks']['success_at_0.05']:7.3f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], tasks: Sequence[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("psnr", "PSNR (dB)"), ("msssim", "MS-SSIM")] + [(t, f"{t}: {HEADLINE[t]}")
+                                                               for t in tasks]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels, strict=True):
+        for m in dict.fromkeys(r["method"] for r in rows):
+            pts = sorted((r["bpp"], r[key] if key in ("psnr", "msssim") else r[key][HEADLINE[key]])
+                         for r in rows if r["method"] == m)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=m, ms=3)
+        ax.set_xscale("log")
+        ax.set_xlabel("bpp")
+        ax.set_title(label, fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -18,8 +18,7 @@ from palettelink import bitstream
 from palettelink.bundle import Bundle
 from palettelink.codecs import Decoded
 from palettelink.codecs.palette.runtime import CODEC, PaletteDecoder
-from palettelink.front import ort_session
-from palettelink.models.ultra_ort import choose_server_graph, content_window, tail_alignment
+from palettelink.models.ultra_ort import choose_server_graph, content_window, server_session, tail_alignment
 
 
 class WindowedPaletteDecoder(PaletteDecoder):
@@ -29,12 +28,11 @@ class WindowedPaletteDecoder(PaletteDecoder):
 
     def __init__(self, bundle: Bundle, threads: int | None = None, precision: str | None = None,
                  window: bool = True) -> None:
-        super().__init__(bundle, threads)
+        super().__init__(bundle, threads, precision="fp32")
         graph = str(bundle.codecs.get(CODEC, {}).get("decoder", "decoder.onnx"))
-        loaded = getattr(getattr(self, "graph", None), "file", graph)  # what the base class loaded
         self.graph = choose_server_graph(bundle, graph, precision)
-        if self.graph.file != loaded:
-            self.session = ort_session(str(bundle.file(self.graph.file)), threads)
+        # the server's session: idle threads sleep (ultra_ort.server_session), int8 where kept
+        self.session = server_session(str(bundle.file(self.graph.file)), threads)
         zin = next(i for i in self.session.get_inputs() if i.name == "z")
         dynamic = not all(isinstance(d, int) for d in list(zin.shape)[-2:])
         self.align = tail_alignment(bundle)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,13 @@ from torch import nn
 
 from palettelink.train.blocks import FiLM, FiLMBlock, Level, LevelConditioned, batch_norm
 from palettelink.train.crossing_cache import CrossingCache
+from palettelink.train.stages import JsonConfig
 
 QuantiseFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 @dataclass
-class BottleneckConfig:
+class BottleneckConfig(JsonConfig):
     """Architecture + training hyper-parameters; stored in codec.json (``to_dict``/``from_dict``)."""
 
     in_channels: tuple[int, ...] = (128, 256, 512)
@@ -63,19 +64,6 @@ class BottleneckConfig:
     noise_min: float = 0.05  # step range, relative to each channel's std (log-uniform)
     noise_max: float = 1.0
     seed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["in_channels"], d["in_strides"] = list(self.in_channels), list(self.in_strides)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BottleneckConfig:
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        for k in ("in_channels", "in_strides"):
-            if k in known:
-                known[k] = tuple(known[k])
-        return cls(**known)
 
     @classmethod
     def for_detector(cls, det: Any, size: int = 640, **kw: Any) -> BottleneckConfig:

@@ -4,9 +4,12 @@ The front (layers 0..split) is exported to ONNX with every crossing tensor as an
 (the layers after the split) to ``tail.onnx`` for the server's onnxruntime path
 (:mod:`palettelink.models.ultra_ort`), checked against the torch tail, which stays in ``model.pt``.
 Trained codec assets (``assets/codecs/<name>/``), when present and made for the same detector
-weights, are copied in and their ONNX graphs are built. The command line then makes the server's
-int8 decoder and tail and keeps those whose detections agree with the torch path
-(:mod:`palettelink.train.int8_serve`; ``--no-server-int8`` skips it).
+weights, are copied in and their ONNX graphs are built. The command line then makes the int8
+graphs and keeps those whose detections agree: the edge's ``edge.int8.onnx`` / ``front.int8.onnx``
+(:mod:`palettelink.train.int8_edge`, agreement with the fp32 graph ≥ 0.97; ``--no-edge-int8`` skips
+it) and the server's int8 decoder and tail (:mod:`palettelink.train.int8_serve`, agreement with the
+torch path; ``--no-server-int8`` skips it). Both are measured on the leave-source-out frames and need
+at least :data:`INT8_MIN_FRAMES` of them on this machine; with fewer the bundle stays fp32 and says so.
 """
 
 from __future__ import annotations
@@ -53,11 +56,12 @@ def build_bundle(weights: str | Path | None = None, out_root: str | Path | None 
                  name: str = DEFAULT_NAME, version: str = "1", split: int = 9, size: int = 640,
                  codec_assets: str | Path | None = None, force: bool = False,
                  extra: dict[str, Any] | None = None, server_int8: bool = False,
-                 log: Any = print) -> Path:
+                 edge_int8: bool = False, log: Any = print) -> Path:
     """Write ``out_root/name/version/`` and return it. Written into a temp folder, then renamed.
     ``extra``: manifest entries to add or override (e.g. what an adapted version was adapted on).
     ``server_int8``: also make the server's int8 graphs where they agree (minutes: calibration and a
-    measurement on the leave-source-out frames; :mod:`palettelink.train.int8_serve`)."""
+    measurement on the leave-source-out frames; :mod:`palettelink.train.int8_serve`); ``edge_int8``:
+    the edge's (:mod:`palettelink.train.int8_edge`)."""
     from palettelink.models.ultra import SplitDetector, default_detector_weights
 
     weights = Path(weights) if weights else default_detector_weights()
@@ -97,15 +101,37 @@ def build_bundle(weights: str | Path | None = None, out_root: str | Path | None 
         manifest["serve"] = install_server_graphs(det, tmp, outputs, shapes, _sample_inputs(size, 2))
         manifest.update(extra or {})
         write_manifest(tmp, manifest)
-        if server_int8:
-            from palettelink.train.int8_serve import build as build_int8
+        if (server_int8 or edge_int8) and enough_int8_frames(log):
+            if edge_int8:
+                from palettelink.train.int8_edge import build as build_edge_int8
 
-            made = build_int8(tmp, log=log)
-            if made is not None:
-                manifest["serve"].update(made)
-                write_manifest(tmp, manifest)
+                build_edge_int8(tmp, log=log)  # records what it keeps in the manifest itself
+                manifest = json.loads((tmp / "manifest.json").read_text())
+            if server_int8:
+                from palettelink.train.int8_serve import build as build_int8
+
+                made = build_int8(tmp, log=log)
+                if made is not None:
+                    manifest["serve"].update(made)
+                    write_manifest(tmp, manifest)
 
     return _staged(out_root / name / str(version), force, write)
+
+
+INT8_MIN_FRAMES = 20  # leave-source-out frames an int8 measurement needs before a bundle trusts it
+
+
+def enough_int8_frames(log: Any = print) -> bool:
+    """Whether this machine has the leave-source-out frames an int8 measurement needs
+    (:data:`INT8_MIN_FRAMES`; the corpus and opencv-doc's videos give 85): a handful of package
+    images cannot tell a 0.97 agreement from a 0.90 one, so with fewer the graphs stay fp32."""
+    from palettelink.train import data
+
+    n = len(data.eval_images())
+    if n < INT8_MIN_FRAMES:
+        log(f"int8: {n} leave-source-out frames on this machine (< {INT8_MIN_FRAMES}): the bundle stays fp32 "
+            "(gather them with `palettelink corpus` and install opencv-doc, then `palettelink int8`)")
+    return n >= INT8_MIN_FRAMES
 
 
 IMAGE_NAME = "vision-image"
@@ -262,6 +288,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=640, help="square network input size")
     p.add_argument("--codec-assets", help="trained palette codec folder (default assets/codecs/NAME)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    p.add_argument("--no-edge-int8", dest="edge_int8", action="store_false",
+                   help="YOLO bundles: skip the edge's int8 edge.onnx/front.onnx (made by default where this "
+                        "machine has the training and leave-source-out images, kept only where their "
+                        "detections agree with the fp32 graph's at ≥ 0.97)")
     p.add_argument("--no-server-int8", dest="server_int8", action="store_false",
                    help="YOLO bundles: skip the server's int8 decoder/tail (made by default where this "
                         "machine has the training and leave-source-out images, kept only where their "
@@ -278,7 +308,8 @@ def run(args: argparse.Namespace) -> int:
                                  args.zoo_model, args.force)
     else:
         dest = build_bundle(args.weights, args.out, args.name or DEFAULT_NAME, args.version, args.split,
-                            args.size, args.codec_assets, args.force, server_int8=args.server_int8)
+                            args.size, args.codec_assets, args.force, server_int8=args.server_int8,
+                            edge_int8=args.edge_int8)
     m = json.loads((dest / "manifest.json").read_text())
     print(f"bundle {m['name']}/{m['version']} → {dest}")
     for t in m["split"]["tensors"]:
@@ -288,4 +319,6 @@ def run(args: argparse.Namespace) -> int:
     if serve.get("tail"):
         int8 = ", ".join(sorted(serve.get("int8") or {})) or "none"
         print(f"  server: onnxruntime tail {serve['tail']['file']}; int8 graphs kept: {int8}")
+    kept = [f"{g} (agreement {e['agreement']})" for g, e in sorted((m.get("int8") or {}).items())]
+    print(f"  edge: int8 graphs kept: {', '.join(kept) or 'none'}")
     return 0

@@ -37,7 +37,7 @@ import importlib.util
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, TypeVar, Union
 
 import cv2
 import numpy as np
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     pass
 
 Item = Union[Path, tuple[Path, int]]  # noqa: UP007 (runtime alias)
+T = TypeVar("T")
 
 OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")
 GNOME_BACKGROUNDS = Path("/usr/share/backgrounds/gnome")
@@ -252,6 +253,14 @@ def eval_images(frames: int = EVAL_VIDEO_FRAMES) -> list[Item]:
 def same_site_images() -> list[Item]:
     """Every same-site item (later frames of training videos), sorted."""
     return _flatten(same_site_sources())
+
+
+def spread(items: Sequence[T], n: int) -> list[T]:
+    """``n`` of ``items`` spread evenly over the list (all of them when n is 0 or too large): the
+    calibration and measurement subsets of the int8 steps, which should see every source."""
+    if n <= 0 or n >= len(items):
+        return list(items)
+    return [items[int(i)] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
 
 
 def item_key(item: Item) -> str:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from palettelink.bundle import verify_files
+from palettelink.bundle import read_manifest, verify_files
 from palettelink.errors import BundleError
 from palettelink.train.bottleneck import BottleneckConfig, Decoder, Encoder
 
@@ -267,14 +267,8 @@ def verify_assets(assets_dir: str | Path, detector_sha256: str | None,
     """Check the assets' manifest: every listed file present with its sha256, made for these detector
     weights (and split, when both say). Returns the assets manifest; raises BundleError otherwise."""
     assets = Path(assets_dir)
-    mpath = assets / "manifest.json"
-    if not mpath.is_file():
-        raise BundleError(f"codec assets {assets} have no manifest.json "
-                          "(write them with `palettelink train`)")
-    try:
-        am = json.loads(mpath.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise BundleError(f"unreadable codec assets manifest {mpath}: {e}") from e
+    am = read_manifest(assets / "manifest.json", BundleError(
+        f"codec assets {assets} have no manifest.json (write them with `palettelink train`)"))
     files = am.get("files") or {}
     for need in ("codec.json", "encoder.pt", "decoder.pt", "palette.npz"):
         if need not in files:

@@ -23,7 +23,7 @@ import math
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from torch import nn
 from palettelink.bundle import atomic_write_folder, write_manifest
 from palettelink.train.blocks import FiLM, Level, LevelConditioned, ResBlock
 from palettelink.train.distill import perturb_latent
+from palettelink.train.stages import JsonConfig
 
 ARCH = "image"
 # What an image bundle's codec is "trained for" (the role a detector's sha256 plays for a split
@@ -47,7 +48,7 @@ def identity_source_sha256(size: int) -> str:
 
 
 @dataclass
-class ImageCodecConfig:
+class ImageCodecConfig(JsonConfig):
     """Architecture + training hyper-parameters; stored in codec.json's "bottleneck" block."""
 
     arch: str = ARCH
@@ -72,20 +73,6 @@ class ImageCodecConfig:
     in_channels: tuple[int, ...] = (3,)  # the one crossing tensor: the image
     in_strides: tuple[int, ...] = (1,)
     extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for k in ("enc_widths", "in_channels", "in_strides"):
-            d[k] = list(d[k])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ImageCodecConfig:
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        for k in ("enc_widths", "in_channels", "in_strides"):
-            if k in known:
-                known[k] = tuple(known[k])
-        return cls(**known)
 
 
 class IdentityFront:

@@ -60,11 +60,6 @@ def _int8_name(graph: str) -> str:
     return graph.removesuffix(".onnx") + ".int8.onnx"
 
 
-def _spread(items: list[Any], n: int) -> list[Any]:
-
-    return spread(items, n)
-
-
 class ServePath:
     """One server configuration: the windowed palette decoder and the onnxruntime tail, each from a
     given file (fp32 or a candidate int8 one)."""
@@ -171,8 +166,8 @@ def build(bundle_dir: Path, calibration: int = 24, frames: int = 0, threads: int
     tail = tail_file(bundle)
     if tail is None:
         return None
-    calib_items = _spread(data.training_images(), calibration)
-    eval_items = _spread(data.eval_images(), frames)
+    calib_items = data.spread(data.training_images(), calibration)
+    eval_items = data.spread(data.eval_images(), frames)
     if not calib_items or not eval_items:
         log("server int8: no training images or no leave-source-out frames on this machine; fp32 only")
         return None
@@ -258,10 +253,3 @@ def build(bundle_dir: Path, calibration: int = 24, frames: int = 0, threads: int
         "quantisation": "onnxruntime static QDQ, Conv only, per-channel int8 weights, uint8 activations; "
                         "the tail's convolutions without an activation (head predictions, DFL) kept fp32"}
     return {"int8": entries, "measurement": measurement}
-
-
-def spread(items: list[Any], n: int) -> list[Any]:
-    """``n`` of ``items`` spread evenly over the list (all of them when n is 0 or too large)."""
-    if n <= 0 or n >= len(items):
-        return list(items)
-    return [items[int(i)] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]

@@ -4,10 +4,11 @@ it imports no trainer, so the trainers never import each other for it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -49,6 +50,22 @@ def jsonable(x: Any) -> Any:
     if isinstance(x, np.generic):
         return x.item()
     return x
+
+
+class JsonConfig:
+    """A dataclass config kept in codec.json (mixed into each trainer's config): tuples go out as JSON
+    lists and come back as tuples, and keys this version does not know are dropped, so a codec.json
+    written by a newer trainer still loads."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return jsonable(dataclasses.asdict(self))  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Self:
+        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        known = {k: tuple(v) if isinstance(fields[k].default, tuple) else v
+                 for k, v in d.items() if k in fields}
+        return cls(**known)
 
 
 def context_stage(work: Path, maps: np.ndarray, tables: dict[str, np.ndarray]) -> dict[str, Any]:

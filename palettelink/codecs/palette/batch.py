@@ -189,33 +189,8 @@ def encode_layers(tb: PaletteTables, finest: np.ndarray, levels: Sequence[int], 
     lut = c.lut_ctx[ts].reshape(-1)  # the levels' context tables one after the other
     lut_base = (np.arange(n_t) * c.lut_ctx.shape[1])[:, None, None, None]
     for k, name in enumerate(PASSES):
-        lattices, neighbours, dist = LATTICES[name]
         off = offs[:, k][:, None, None, None]
-        for y0, x0, step in lattices:
-            ny, nx = len(range(y0, h, step)), len(range(x0, w, step))
-            if not ny or not nx:
-                continue
-            lattice = (y0, x0, step, ny, nx, dist)
-
-            def view(a: np.ndarray, dy: int, dx: int, lattice: tuple[int, ...] = lattice) -> np.ndarray:
-                return _shifted(a, dy, dx, *lattice)
-
-            par = view(parents, 0, 0)
-            out = rows[:, :, y0::step, x0::step]
-            if model == "static":
-                out[...] = gk + par + off
-            elif name == "a":
-                n4 = sum(((view(parents, dy, dx) == par).astype(np.int64) for dy, dx in _EDGE),
-                         np.zeros(par.shape, np.int64))
-                nd = sum(((view(parents, dy, dx) == par).astype(np.int64) for dy, dx in _DIAG),
-                         np.zeros(par.shape, np.int64))
-                out[...] = (gk + par) * N_A + n4 + 5 * nd + off
-            else:
-                code = np.zeros(par.shape, c.code_dtype)
-                for i, (dy, dx) in enumerate(neighbours):
-                    same = view(parents, dy, dx) == par
-                    code += same * view(rank1, dy, dx) * c.code_dtype(c.base**i)
-                out[...] = (gk + par) * (N_NC * width) + np.take(lut, code + lut_base) + off
+        _pass_rows(c, name, model, parents, rank1, rows, h, w, gk, width, off, lut, lut_base)
     order, flat_order = c.order(g_n, h, w), c.flat_order(n_t, g_n, h, w)
     coded = np.take(allp[:, 2].reshape(n_t, ghw), order, axis=1).astype(bool)  # [T, GHW], coding order
     pick = flat_order[coded]
@@ -234,9 +209,13 @@ def encode_layers(tb: PaletteTables, finest: np.ndarray, levels: Sequence[int], 
 
 
 def _pass_rows(c: _Cache, name: str, model: str, parents: np.ndarray, rank1: np.ndarray, out: np.ndarray,
-               h: int, w: int, gk: np.ndarray, width: int, off: int, lut: np.ndarray) -> None:
-    """Table rows of pass ``name``'s positions into ``out`` [T, G, h, w] (the encoder's arithmetic:
-    padded ``parents``, ``rank1`` = rank + 1 of the positions decoded so far)."""
+               h: int, w: int, gk: np.ndarray, width: int | np.ndarray, off: int | np.ndarray,
+               lut: np.ndarray, lut_base: int | np.ndarray = 0) -> None:
+    """Table rows of pass ``name``'s positions into ``out`` [T, G, h, w] from padded ``parents`` and
+    ``rank1`` (rank + 1; 0 where unknown). One arithmetic for both sides: the encoder knows every rank
+    and runs all levels at once (``width``, ``off``, ``lut_base`` per level, broadcast over [T, 1, 1, 1];
+    ``lut`` the levels' context tables one after the other); the decoder runs one level, pass by pass,
+    with the ranks of the passes before (scalars, ``lut`` that level's table)."""
     lattices, neighbours, dist = LATTICES[name]
     for y0, x0, step in lattices:
         ny, nx = len(range(y0, h, step)), len(range(x0, w, step))
@@ -262,7 +241,7 @@ def _pass_rows(c: _Cache, name: str, model: str, parents: np.ndarray, rank1: np.
             for i, (dy, dx) in enumerate(neighbours):
                 same = view(parents, dy, dx) == par
                 code += same * view(rank1, dy, dx) * c.code_dtype(c.base**i)
-            rows[...] = (gk + par) * (N_NC * width) + np.take(lut, code) + off
+            rows[...] = (gk + par) * (N_NC * width) + np.take(lut, code + lut_base) + off
 
 
 def decode_layer(tb: PaletteTables, t: int, data: bytes, parents: np.ndarray, model: str) -> np.ndarray:

@@ -1,0 +1,177 @@
+"""The edge graphs of a bundle at int8, measured and recorded in its manifest (issue 17): the palette
+codec's ``edge.onnx`` (front, bottleneck encoder, nearest-entry search) and the baseline codec's
+``front.onnx``. ``palettelink build-bundle`` runs :func:`build` on the bundle it makes (``--no-edge-int8``
+skips it); ``palettelink int8`` (:mod:`palettelink.bench.int8`) runs :func:`make` on an existing one.
+
+1. **Quantise** statically (:func:`palettelink.train.onnx_int8.quantise`: onnxruntime QDQ, per-channel
+   int8 weights, uint8 activations, convolutions only: the nearest-entry search's distances stay
+   fp32), calibrated on training images (sources the evaluation never uses).
+2. **Measure** on the leave-source-out frames (:func:`palettelink.train.data.eval_images`) as the server
+   would see them: each frame coded by the fp32 and by the int8 graph (palette: at the codec's default
+   level), decoded, and the detector's tail run on both; the reference is the uncompressed fp32
+   pipeline (``front.onnx`` → tail). ``agreement`` is AP50 of the int8 configuration's boxes scored
+   against the fp32 configuration's (same codec, same level): how often int8 finds what fp32 finds —
+   the figure the edge's rule reads; ``ap50_fp32`` / ``ap50_int8`` are each against the uncompressed
+   reference, ``retained`` their ratio; the graphs' median times on this machine too.
+3. **Record** the file on the bundle's edge side and ``int8: {graph: {...}}`` in its manifest
+   (rewritten with fresh hashes; the table hash, hence every stream, is unchanged).
+
+The edge (``--precision auto``, the default) runs the int8 graph where ``agreement`` ≥ 0.97
+(:data:`palettelink.front.INT8_MIN_AGREEMENT`), else fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from palettelink.bundle import Bundle
+from palettelink.train.timing import median_ms
+
+GRAPHS = ("edge.onnx", "front.onnx")
+QUANTISATION = "onnxruntime static QDQ, Conv only, per-channel int8 weights, uint8 activations"
+METRIC = ("AP50 of the int8 configuration's boxes against the fp32 configuration's (same codec and level), "
+          "leave-source-out set")
+
+
+def int8_name(graph: str) -> str:
+    return graph.removesuffix(".onnx") + ".int8.onnx"
+
+
+def make(bundle: Bundle, graph: str, dst: Path, calibration: int = 24, frames: int = 0,
+         level: int | None = None, threads: int | None = None,
+         log: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """Quantise ``graph`` of ``bundle`` into ``dst`` and measure it (module docstring): the manifest
+    entry, or None where this machine has no training images or no leave-source-out frames."""
+    from palettelink.front import INT8_MIN_AGREEMENT
+    from palettelink.image import letterbox
+    from palettelink.train import data
+    from palettelink.train.onnx_int8 import quantise
+
+    calib_items = data.spread(data.training_images(), calibration)
+    eval_items = data.spread(data.eval_images(), frames)
+    if not calib_items or not eval_items:
+        return None
+    log(f"int8 {bundle.id} {graph}: calibrating on {len(calib_items)} training images, measuring on "
+        f"{len(eval_items)} leave-source-out frames")
+    calib = [letterbox(rgb, bundle.input_size)[0] for rgb in data.load_all_rgb(calib_items)]
+    extra = {"level": np.asarray(0, np.int64)} if graph == "edge.onnx" else {}
+    t0 = time.perf_counter()
+    quantise(bundle.file(graph), dst, [{"images": x, **extra} for x in calib])
+    log(f"  quantised in {time.perf_counter() - t0:.0f} s; measuring")
+    result = measure(bundle, graph, dst, data.load_all_rgb(eval_items), level, threads)
+    return {**result, "threshold": INT8_MIN_AGREEMENT,
+            "default": bool(result["agreement"] >= INT8_MIN_AGREEMENT), "metric": METRIC,
+            "frames": len(eval_items), "sources": data.describe_sources(eval_items),
+            "calibration_images": len(calib_items), "quantisation": QUANTISATION}
+
+
+def build(bundle_dir: Path, calibration: int = 24, frames: int = 0, threads: int | None = None,
+          log: Callable[[str], None] = print) -> dict[str, Any]:
+    """:func:`make` for each edge graph of the bundle folder ``bundle_dir`` (edge.onnx where it has the
+    palette codec, front.onnx), kept and recorded where it reaches the edge's rule, else removed.
+    Returns ``{graph: entry}`` of what was measured (empty where nothing could be)."""
+    from palettelink.front import INT8_MIN_AGREEMENT
+
+    bundle = Bundle.load(bundle_dir, verify=False)
+    made: dict[str, Any] = {}
+    for graph in GRAPHS:
+        if not bundle.has_file(graph):
+            continue
+        dst = bundle_dir / int8_name(graph)
+        entry = make(bundle, graph, dst, calibration, frames, None, threads, log)
+        if entry is None:
+            log("edge int8: no training images or no leave-source-out frames on this machine; fp32 only")
+            return made
+        made[graph] = entry
+        if entry["default"]:
+            record(bundle_dir, graph, dst.name, entry)
+            log(f"  {graph}: int8 agreement {entry['agreement']} ≥ {INT8_MIN_AGREEMENT}: kept (the edge's "
+                "default)")
+        else:
+            dst.unlink()
+            log(f"  {graph}: int8 agreement {entry['agreement']} < {INT8_MIN_AGREEMENT}: dropped, fp32 stays")
+    return made
+
+
+def measure(bundle: Any, graph: str, int8_file: Path, frames: list[np.ndarray], level: int | None,
+            threads: int | None) -> dict[str, Any]:
+    """The int8 graph against fp32 on ``frames`` (module docstring)."""
+    from palettelink import bitstream
+    from palettelink.front import Front, ort_session
+    from palettelink.image import letterbox
+    from palettelink.models.ultra import SplitDetector
+    from palettelink.scoring import evaluate
+
+    det = SplitDetector.from_bundle(bundle)
+    ref_front = Front(bundle, threads, precision="fp32")
+    name = ref_front.input_name
+    out: dict[str, Any] = {}
+
+    def kept(boxes: list[Any]) -> list[Any]:
+        return [b for b in boxes if b.score >= 0.25]
+
+    refs, fp32_all, int8_all = [], [], []
+    if graph == "edge.onnx":
+        from palettelink.codecs.palette import PaletteDecoder, PaletteEncoder
+
+        fp32 = PaletteEncoder(bundle, threads, precision="fp32")
+        int8 = PaletteEncoder(bundle, threads, precision="fp32")
+        int8.session = ort_session(str(int8_file), threads)  # the candidate, not yet in the manifest
+        decoder = PaletteDecoder(bundle, threads)
+        level = fp32.default_level() if level is None else level
+        out["codec"], out["level"] = "palette", level
+        same = []
+        for rgb in frames:
+            x, lb = letterbox(rgb, bundle.input_size)
+            refs.append(kept(det.detect_tensors(ref_front.run_tensor(x), lb, conf=0.001)))
+            a32, a8 = fp32.analyse(rgb), int8.analyse(rgb)
+            same.append(float(np.mean(a32.indices == a8.indices)))
+            for enc, a, sink in ((fp32, a32, fp32_all), (int8, a8, int8_all)):
+                payload = enc.encode_analysis(a, level).payload
+                dec = decoder.decode_frame(bitstream.unpack(payload), len(payload))
+                sink.append(det.detect_tensors(dec.tensors, lb, conf=0.001))
+        out["index_agreement"] = round(float(np.mean(same)), 4)
+        x0 = letterbox(frames[0], bundle.input_size)[0]
+        lv = {"level": np.asarray(0, np.int64)}
+        out["fp32_ms"] = median_ms(lambda: fp32.session.run(fp32.outputs, {fp32.input_name: x0, **lv}))
+        out["int8_ms"] = median_ms(lambda: int8.session.run(int8.outputs, {int8.input_name: x0, **lv}))
+    else:
+        sess = ort_session(str(int8_file), threads)
+        out["codec"], out["level"] = "uncompressed", None
+        for rgb in frames:
+            x, lb = letterbox(rgb, bundle.input_size)
+            fp = det.detect_tensors(ref_front.run_tensor(x), lb, conf=0.001)
+            refs.append(kept(fp))
+            fp32_all.append(fp)
+            int8_all.append(det.detect_tensors(sess.run(None, {name: x}), lb, conf=0.001))
+        x0 = letterbox(frames[0], bundle.input_size)[0]
+        out["fp32_ms"] = median_ms(lambda: ref_front.run_tensor(x0))
+        out["int8_ms"] = median_ms(lambda: sess.run(None, {name: x0}))
+    out["agreement"] = round(float(evaluate([kept(b) for b in fp32_all], int8_all).ap50), 4)
+    out["ap50_fp32"] = round(float(evaluate(refs, fp32_all).ap50), 4)
+    out["ap50_int8"] = round(float(evaluate(refs, int8_all).ap50), 4)
+    out["retained"] = round(out["ap50_int8"] / out["ap50_fp32"], 4) if out["ap50_fp32"] > 0 else None
+    out["reference_boxes"] = sum(len(r) for r in refs)
+    return out
+
+
+def record(bundle_path: Path, graph: str, file: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """Add ``file`` to the bundle's edge side and ``int8: {graph: entry}`` to its manifest."""
+    from palettelink.bundle import MANIFEST, write_manifest
+
+    m = json.loads((bundle_path / MANIFEST).read_text())
+    m.setdefault("int8", {})[graph] = {"file": file, **entry}
+    sides = m.setdefault("sides", {"edge": []})
+    sides["edge"] = sorted(set(sides.get("edge", [])) | {file})
+    palette = (m.get("codecs") or {}).get("palette")
+    if graph == "edge.onnx" and isinstance(palette, dict):
+        palette["edge_files"] = sorted(set(palette.get("edge_files", [])) | {file})
+    return write_manifest(bundle_path, m)
+
+
