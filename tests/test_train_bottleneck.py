@@ -14,7 +14,7 @@ from palettelink.image import letterbox, load_image
 from palettelink.train import augment, crossing_cache, data
 from palettelink.train import bottleneck as bn
 from palettelink.train.bottleneck_eval import ScalarQuantiser, evaluate_detection
-from palettelink.train.bottleneck_training import finetune_decoder, train_bottleneck
+from palettelink.train.bottleneck_training import finetune_decoder, same_run, train_bottleneck
 from palettelink.train.distill import measure_sensitivity, sensitivity_weights
 
 SIZE = 320
@@ -130,6 +130,17 @@ def test_decoder_levels(detector) -> None:  # noqa: ANN001
     assert not torch.equal(none[0], lv0[0])
     assert all(torch.allclose(a, b) for a, b in zip(top, kept, strict=True))
     assert [tuple(t.shape[1:]) for t in none] == [(128, 10, 10), (256, 5, 5), (512, 3, 3)]
+
+
+def test_a_run_that_measured_its_sensitivity_weights_resumes_from_its_checkpoint(detector) -> None:  # noqa: ANN001
+    """A run measures its tensor weights when it starts, so its checkpoint's config differs from the
+    config a resumed call is given in those weights only: it is still the same run (before, every
+    sensitivity-weighted run started over on resume), and any other difference is another run."""
+    cfg = _cfg(detector)
+    state = {"cfg": {**cfg.to_dict(), "tensor_weights": [0.47, 0.65, 1.88]}, "steps": 3}
+    assert same_run(state, cfg, 3)
+    assert not same_run(state, cfg, 4)
+    assert not same_run({**state, "cfg": {**state["cfg"], "z_channels": cfg.z_channels * 2}}, cfg, 3)
 
 
 def test_train_resume_encode_finetune_evaluate(detector, cache, tmp_path: Path) -> None:  # noqa: ANN001

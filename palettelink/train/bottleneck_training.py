@@ -54,6 +54,20 @@ def _seed_all(seed: int) -> None:
     np.random.seed(seed)
 
 
+MEASURED_FIELDS = ("tensor_weights",)  # set from a measurement when a run starts, not by the caller
+
+
+def same_run(state: dict[str, Any], cfg: BottleneckConfig, steps: int) -> bool:
+    """Whether checkpoint ``state`` is of the run that ``cfg`` and ``steps`` ask for, so training resumes
+    from it: the same config but for the fields the run measured at its start (the sensitivity
+    weights: the checkpoint's are the run's, a fresh config has the defaults)."""
+    saved, want = dict(state.get("cfg") or {}), cfg.to_dict()
+    for k in MEASURED_FIELDS:
+        saved.pop(k, None)
+        want.pop(k, None)
+    return saved == want and state.get("steps") == steps
+
+
 def train_bottleneck(det: Any, cache: CrossingCache, cfg: BottleneckConfig | Any = None,
                      steps: int | str | Path | None = None, out: str | Path | None = None,
                      minutes: float | None = None, log_every: int = 50, ckpt_every_s: float = 120.0,
@@ -88,7 +102,7 @@ def train_bottleneck(det: Any, cache: CrossingCache, cfg: BottleneckConfig | Any
     state: dict[str, Any] | None = None
     if ckpt and ckpt.is_file():
         state = torch.load(ckpt, map_location=dev, weights_only=False)
-        if state.get("cfg") != cfg.to_dict() or state.get("steps") != steps:
+        if not same_run(state, cfg, steps):
             state = None  # another run's checkpoint: start over
     if state is None and sensitivity:
         sens = measure_sensitivity(det, cache)

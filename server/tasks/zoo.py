@@ -21,7 +21,7 @@ from palettelink.bundle import Bundle
 from palettelink.codecs import Decoded
 from palettelink.models import family_of, task_model
 from palettelink.models.image import rebuilt_image
-from server.results import TaskOutput
+from server.results import Box, LandmarkSet, TaskOutput
 
 PREVIEW_QUALITY = 85
 
@@ -36,6 +36,17 @@ def providers_for(device: str) -> list[str]:
 
     want = ["CUDAExecutionProvider"] if device.startswith("cuda") else []
     return [p for p in [*want, "CPUExecutionProvider"] if p in ort.get_available_providers()]
+
+
+def add_points(out: TaskOutput, box: Sequence[float], label: str, score: float, points: Any, scheme: str,
+               confidence: bool) -> None:
+    """One boxed point set (a face's mesh, a person's keypoints) into ``out``: the box under ``label``
+    and the points as (x, y, confidence) — each point's own third value where ``confidence`` (pose),
+    else 1.0 (the face mesh's third value is depth, not a score)."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    out.boxes.append(Box(x1, y1, x2, y2, 0, label, float(score)))
+    pts = tuple((float(p[0]), float(p[1]), float(p[2]) if confidence else 1.0) for p in points)
+    out.landmarks.append(LandmarkSet(points=pts, scheme=scheme, score=float(score)))
 
 
 class ZooRunner:
