@@ -184,7 +184,6 @@ def write_manifest(folder: str | os.PathLike[str], manifest: dict[str, Any]) -> 
     return m
 
 
-
 def read_manifest(mpath: Path, missing: Exception) -> dict[str, Any]:
     """A manifest (a bundle's, or the codec assets' a bundle is built from) as JSON: ``missing``
     raised where there is no file, BundleError naming it where it cannot be read or parsed."""
@@ -194,6 +193,7 @@ def read_manifest(mpath: Path, missing: Exception) -> dict[str, Any]:
         return dict(json.loads(mpath.read_text()))
     except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
         raise BundleError(f"unreadable manifest {mpath}: {e}") from e
+
 
 class Bundle:
     """A loaded, verified bundle. Holds paths and metadata only; sessions are made by the users."""

@@ -105,9 +105,12 @@ def session_settings(threads: int | None = None) -> dict[str, object]:
             "graph_optimization": "all", "spinning": _DEFAULTS["spinning"]}
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
-    """:class:`onnxruntime.SessionOptions` as :func:`session_settings` describes."""
+def session_options(threads: int | None = None, spinning: bool | None = None) -> ort.SessionOptions:
+    """:class:`onnxruntime.SessionOptions` as :func:`session_settings` describes; ``spinning`` True or
+    False overrides the process default for this session."""
     cfg = session_settings(threads)
+    if spinning is not None:
+        cfg["spinning"] = spinning
     so = ort.SessionOptions()
     so.intra_op_num_threads = int(cfg["intra_op_threads"])  # type: ignore[call-overload]
     so.inter_op_num_threads = 1
@@ -119,11 +122,13 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return so
 
 
-def ort_session(path: str, threads: int | None = None) -> ort.InferenceSession:
-    """CPU session (CUDA first where the installed onnxruntime has it) with :func:`session_options`."""
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
-                 if p in ort.get_available_providers()]
-    return ort.InferenceSession(path, session_options(threads), providers=providers)
+def ort_session(path: str, threads: int | None = None, spinning: bool | None = None,
+                cuda: bool = True) -> ort.InferenceSession:
+    """CPU session (CUDA first where the installed onnxruntime has it and ``cuda``) with
+    :func:`session_options`."""
+    wanted = ("CUDAExecutionProvider", "CPUExecutionProvider") if cuda else ("CPUExecutionProvider",)
+    providers = [p for p in wanted if p in ort.get_available_providers()]
+    return ort.InferenceSession(path, session_options(threads, spinning), providers=providers)
 
 
 class Front:

@@ -10,7 +10,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from palettelink.models.ultra import setup_offline
@@ -69,6 +71,23 @@ def image_bundle(image_bundles_root: Path):  # noqa: ANN201 - palettelink.bundle
     from palettelink.bundle import find_bundle
 
     return find_bundle("vision-image", image_bundles_root)
+
+
+@pytest.fixture(scope="session")
+def palettes() -> list[tuple[Any, np.ndarray]]:
+    """Two fitted palettes (4 groups K0 64, 6 levels; 2 groups K0 32, 4 levels) and their maps: the
+    batch coder's tests code and decode them at random shapes against the layer-by-layer reference."""
+    from palettelink.codecs.palette import PaletteTables
+    from palettelink.train import context, palette
+
+    out = []
+    for seed, (groups, k0, n_levels, ch) in enumerate(((4, 64, 6, 16), (2, 32, 4, 6))):
+        z = palette.synthetic_latents(20, channels=ch, h=16, w=16, seed=seed + 5)
+        arrays = palette.build_palette(z[:16], groups, k0=k0, n_levels=n_levels, seed=seed)
+        maps = palette.index_maps(z, arrays)
+        arrays.update(context.fit_context_tables(maps[:16], arrays))
+        out.append((PaletteTables.from_arrays(arrays), maps[16:]))
+    return out
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

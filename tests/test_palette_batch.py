@@ -23,21 +23,6 @@ def _one_by_one(fin: np.ndarray, tb: pc.PaletteTables, levels: list[int], model:
     return out
 
 
-@pytest.fixture(scope="module")
-def palettes() -> list[tuple[pc.PaletteTables, np.ndarray]]:
-    """Two fitted palettes (4 groups K0 64, 6 levels; 2 groups K0 32, 4 levels) and their maps."""
-    from palettelink.train import context, palette
-
-    out = []
-    for seed, (groups, k0, n_levels, ch) in enumerate(((4, 64, 6, 16), (2, 32, 4, 6))):
-        z = palette.synthetic_latents(20, channels=ch, h=16, w=16, seed=seed + 5)
-        arrays = palette.build_palette(z[:16], groups, k0=k0, n_levels=n_levels, seed=seed)
-        maps = palette.index_maps(z, arrays)
-        arrays.update(context.fit_context_tables(maps[:16], arrays))
-        out.append((pc.PaletteTables.from_arrays(arrays), maps[16:]))
-    return out
-
-
 @pytest.mark.parametrize("model", ["context", "static"])
 @pytest.mark.parametrize("shape", [(16, 16), (1, 1), (3, 5), (7, 9), (13, 4), (2, 15)])
 def test_batch_equals_layer_by_layer(palettes, model: str, shape: tuple[int, int]) -> None:  # noqa: ANN001

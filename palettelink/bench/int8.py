@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, bundle: Any, graph: str) -> int:
     from palettelink.front import INT8_MIN_AGREEMENT
-    from palettelink.train.int8_edge import int8_name, make, record
+    from palettelink.train.int8_edge import make, record
+    from palettelink.train.onnx_int8 import int8_name
 
     if graph == "decoder.onnx":
         from palettelink.bench import int8_decoder

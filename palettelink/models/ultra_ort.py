@@ -154,22 +154,14 @@ def window_letterbox(lb: Letterbox, window: tuple[int, int, int, int] | None) ->
 
 
 def server_session(path: str, threads: int | None = None, device: str = "cpu") -> Any:
-    """An onnxruntime session for a server graph: :func:`palettelink.front.session_options` (threads
-    from the CPUs this process may use, one inter-op thread, every graph optimisation) with idle
-    threads that sleep instead of spinning. The server runs the decoder and the tail one after the
-    other on different threads, beside gRPC and whatever else shares the box: a spinning pool holds a
-    core the next stage needs (the int8 tail on 2 busy cores: 93 ms with spinning, 48 ms without).
-    The CUDA provider first on ``cuda`` where onnxruntime has it."""
-    import onnxruntime as ort
+    """The onnxruntime session of a server graph (decoder, tail, and their measurement at build time):
+    :func:`palettelink.front.ort_session` with idle threads that sleep instead of spinning and the CUDA
+    provider only on ``cuda``. The server runs the decoder and the tail one after the other on
+    different threads, beside gRPC and whatever else shares the box: a spinning pool holds a core the
+    next stage needs (the int8 tail on 2 busy cores: 93 ms with spinning, 48 ms without)."""
+    from palettelink.front import ort_session
 
-    from palettelink.front import session_options
-
-    so = session_options(threads)
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    providers = ["CPUExecutionProvider"]
-    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(path, so, providers=providers)
+    return ort_session(path, threads, spinning=False, cuda=device.startswith("cuda"))
 
 
 # -- tail ----------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ onnxruntime detect runner does; nothing else is given this decoder).
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 
@@ -18,6 +19,7 @@ from palettelink import bitstream
 from palettelink.bundle import Bundle
 from palettelink.codecs import Decoded
 from palettelink.codecs.palette.runtime import CODEC, PaletteDecoder
+from palettelink.front import GraphChoice
 from palettelink.models.ultra_ort import choose_server_graph, content_window, server_session, tail_alignment
 
 
@@ -28,15 +30,18 @@ class WindowedPaletteDecoder(PaletteDecoder):
 
     def __init__(self, bundle: Bundle, threads: int | None = None, precision: str | None = None,
                  window: bool = True) -> None:
-        super().__init__(bundle, threads, precision="fp32")
-        graph = str(bundle.codecs.get(CODEC, {}).get("decoder", "decoder.onnx"))
-        self.graph = choose_server_graph(bundle, graph, precision)
-        # the server's session: idle threads sleep (ultra_ort.server_session), int8 where kept
-        self.session = server_session(str(bundle.file(self.graph.file)), threads)
+        super().__init__(bundle, threads, precision=precision)
         zin = next(i for i in self.session.get_inputs() if i.name == "z")
         dynamic = not all(isinstance(d, int) for d in list(zin.shape)[-2:])
         self.align = tail_alignment(bundle)
         self.window = bool(window and dynamic and self.latent_hw is not None)
+
+    def _choose_graph(self, bundle: Bundle, precision: str | None) -> GraphChoice:
+        graph = str(bundle.codecs.get(CODEC, {}).get("decoder", "decoder.onnx"))
+        return choose_server_graph(bundle, graph, precision)  # int8 where the build kept it
+
+    def _open(self, path: str, threads: int | None) -> Any:
+        return server_session(path, threads)  # idle threads sleep
 
     def latent(self, frame: bitstream.Frame, generate_to: int | None = None
                ) -> tuple[np.ndarray, int, int, tuple[int, int, int, int] | None]:

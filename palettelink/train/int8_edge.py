@@ -31,16 +31,13 @@ from typing import Any
 import numpy as np
 
 from palettelink.bundle import Bundle
+from palettelink.train.onnx_int8 import int8_name
 from palettelink.train.timing import median_ms
 
 GRAPHS = ("edge.onnx", "front.onnx")
 QUANTISATION = "onnxruntime static QDQ, Conv only, per-channel int8 weights, uint8 activations"
 METRIC = ("AP50 of the int8 configuration's boxes against the fp32 configuration's (same codec and level), "
           "leave-source-out set")
-
-
-def int8_name(graph: str) -> str:
-    return graph.removesuffix(".onnx") + ".int8.onnx"
 
 
 def make(bundle: Bundle, graph: str, dst: Path, calibration: int = 24, frames: int = 0,

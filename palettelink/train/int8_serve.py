@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from palettelink.bundle import Bundle
+from palettelink.train.onnx_int8 import int8_name
 
 GRAPHS = ("decoder.onnx", "tail.onnx")
 KEEP_SCORE = 0.25  # reference boxes: what the server reports by default
@@ -56,10 +57,6 @@ def linear_convs(path: Path) -> list[str]:
             if n.op_type == "Conv" and "Sigmoid" not in consumers.get(n.output[0], [])]
 
 
-def _int8_name(graph: str) -> str:
-    return graph.removesuffix(".onnx") + ".int8.onnx"
-
-
 class ServePath:
     """One server configuration: the windowed palette decoder and the onnxruntime tail, each from a
     given file (fp32 or a candidate int8 one)."""
@@ -67,19 +64,18 @@ class ServePath:
     def __init__(self, bundle: Bundle, decoder_file: Path | None, tail_file: Path | None, window: bool,
                  threads: int | None) -> None:
         from palettelink.codecs import Decoder
-        from palettelink.front import ort_session
-        from palettelink.models.ultra_ort import OrtTail
+        from palettelink.models.ultra_ort import OrtTail, server_session
         from palettelink.models.windowed_palette import WindowedPaletteDecoder
 
         self.bundle = bundle
         self.tail = OrtTail(bundle, threads, precision="fp32")
         if tail_file is not None:
-            self.tail.session = ort_session(str(tail_file), threads)
+            self.tail.session = server_session(str(tail_file), threads)
         overrides: dict[str, Any] = {}
         if "palette" in bundle.codecs:
             dec = WindowedPaletteDecoder(bundle, threads, precision="fp32", window=window)
             if decoder_file is not None:
-                dec.session = ort_session(str(decoder_file), threads)
+                dec.session = server_session(str(decoder_file), threads)
             overrides["palette"] = dec
         self.decoder = Decoder(bundle, overrides)
 
@@ -193,7 +189,7 @@ def build(bundle_dir: Path, calibration: int = 24, frames: int = 0, threads: int
         files: dict[str, Path] = {}
         for g in graphs:
             t0 = time.perf_counter()
-            files[g] = Path(tmp) / _int8_name(g)
+            files[g] = Path(tmp) / int8_name(g)
             if g == "decoder.onnx":
                 quantise(bundle.file(g), files[g], dec_feeds)
             else:
@@ -237,8 +233,8 @@ def build(bundle_dir: Path, calibration: int = 24, frames: int = 0, threads: int
         entries: dict[str, Any] = {}
         if chosen is not None:
             for g in table[chosen]["int8"]:
-                shutil.copyfile(files[g], bundle_dir / _int8_name(g))
-                entries[g] = {"file": _int8_name(g), "default": True, "agreement": table[chosen]["agreement"],
+                shutil.copyfile(files[g], bundle_dir / int8_name(g))
+                entries[g] = {"file": int8_name(g), "default": True, "agreement": table[chosen]["agreement"],
                               "configuration": chosen}
         log(f"  kept: {chosen or 'none (fp32)'} (rule: agreement ≥ {SERVER_INT8_MIN_AGREEMENT} on every "
             "codec)")

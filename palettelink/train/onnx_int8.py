@@ -12,6 +12,11 @@ from pathlib import Path
 import numpy as np
 
 
+def int8_name(graph: str) -> str:
+    """The file an int8 variant of ``graph`` is kept in (``edge.onnx`` → ``edge.int8.onnx``)."""
+    return graph.removesuffix(".onnx") + ".int8.onnx"
+
+
 def quantise(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], exclude: Sequence[str] = ()) -> None:
     """Static QDQ int8 of ``src``'s convolutions, calibrated on ``feeds`` (z and level vary);
     ``exclude``: names of nodes that stay fp32."""

@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from palettelink.codecs.palette.stream import (
 )
 from palettelink.codecs.palette.tables import TABLES_FILE, PaletteTables, check_model
 from palettelink.errors import BundleError, InvalidRequest, InvalidStream
-from palettelink.front import choose_graph, ort_session
+from palettelink.front import GraphChoice, choose_graph, ort_session
 from palettelink.image import Letterbox, letterbox
 
 CODEC = "palette"
@@ -174,8 +175,8 @@ class PaletteDecoder:
         # decoder.onnx, or its int8 variant where the bundle measured it agreeing (front.choose_graph,
         # ``auto`` unless asked: the edge's process-wide precision is about edge graphs, not this one;
         # `palettelink int8 --graph decoder.onnx` measures an image bundle's generator)
-        self.graph = choose_graph(bundle, "decoder.onnx", precision or "auto")
-        self.session = ort_session(str(bundle.file(self.graph.file)), threads)
+        self.graph = self._choose_graph(bundle, precision)
+        self.session = self._open(str(bundle.file(self.graph.file)), threads)
         outs = [o.name for o in self.session.get_outputs()]
         wanted = [t.name for t in bundle.tensors]
         self.outputs = wanted if set(wanted) <= set(outs) else outs
@@ -189,6 +190,14 @@ class PaletteDecoder:
             self.latent_hw = (int(latent[1]), int(latent[2]))
         elif all(isinstance(d, int) for d in dims):
             self.latent_hw = (int(dims[0]), int(dims[1]))
+
+    def _choose_graph(self, bundle: Bundle, precision: str | None) -> GraphChoice:
+        """Which decoder graph runs (a subclass serving another path chooses by its own rule)."""
+        return choose_graph(bundle, "decoder.onnx", precision or "auto")
+
+    def _open(self, path: str, threads: int | None) -> Any:
+        """The onnxruntime session of the chosen graph (opened once, here)."""
+        return ort_session(path, threads)
 
     def decode_indices(self, frame: bitstream.Frame, generate_to: int | None = None) -> DecodedIndices:
         """Validate the frame against the tables and decode its complete layers."""
