@@ -64,12 +64,13 @@ def test_neck_weight_zero_trains_stage_one_only(tmp_path: Path, bundles_root: Pa
     """``--neck-weight 0``: the bottleneck is stage 1 alone (no neck term, no second stage folder), and
     the recipe and loss mix are recorded where a resume and an adaptation read them."""
     work = tmp_path / "work"
-    cmd = [sys.executable, "-m", "palettelink.cli", "train", "--bundles", str(bundles_root), "--work", str(work),
-           "--out", str(tmp_path / "assets"), "--neck-weight", "0", *TINY]
+    cmd = [sys.executable, "-m", "palettelink.cli", "train", "--bundles", str(bundles_root),
+           "--work", str(work), "--out", str(tmp_path / "assets"), "--neck-weight", "0", *TINY]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert not (work / "bottleneck-stage1").exists()
-    assert json.loads((work / "bottleneck" / "done.json").read_text())["recipe"] == "stage 1 only (no neck term)"
+    recipe = json.loads((work / "bottleneck" / "done.json").read_text())["recipe"]
+    assert recipe == "stage 1 only (no neck term)"
     assert json.loads((work / "bottleneck" / "config.json").read_text())["w_neck"] == 0.0
     codec = json.loads((tmp_path / "assets" / "codec.json").read_text())
     assert codec["bottleneck"]["w_neck"] == 0.0
