@@ -47,8 +47,11 @@ def test_bench_table_json_and_plot(bundles_root: Path, images: list[Path], tmp_p
     assert bypass["f1"] == 1.0 and bypass["class_flips"] == 0 and bypass["missed"] == 0
     assert sum(bypass["n_by_size"].values()) == report["reference_boxes"]
     assert "size bucket" in printed and "flips" in printed
+    # The float pipeline is the reference unless asked otherwise, and the report names the graphs run.
+    assert report["precision"] == "fp32" and report["edge_graphs"]["front.onnx"]["file"] == "front.onnx"
     md = (out / "bench.md").read_text()
-    assert md.startswith("| method | point |") and "| bypass | f32 |" in md
+    assert md.startswith("Edge graphs (--precision fp32): front.onnx → front.onnx")
+    assert "| bypass | f32 |" in md
 
 
 def test_a_new_method_is_one_registration(bundle, detector, images: list[Path],  # noqa: ANN001

@@ -62,10 +62,12 @@ def test_second_run_resumes_from_cache(trained: tuple[Path, Path, str], bundles_
 
 def test_neck_weight_zero_trains_stage_one_only(tmp_path: Path, bundles_root: Path) -> None:
     """``--neck-weight 0``: the bottleneck is stage 1 alone (no neck term, no second stage folder), and
-    the recipe and loss mix are recorded where a resume and an adaptation read them."""
+    the recipe and loss mix are recorded where a resume and an adaptation read them; ``--tensor-weights``
+    replaces the measured per-tensor weights and is recorded with them."""
     work = tmp_path / "work"
     cmd = [sys.executable, "-m", "palettelink.cli", "train", "--bundles", str(bundles_root),
-           "--work", str(work), "--out", str(tmp_path / "assets"), "--neck-weight", "0", *TINY]
+           "--work", str(work), "--out", str(tmp_path / "assets"), "--neck-weight", "0",
+           "--tensor-weights", "0.25,0.5,3", *TINY]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert not (work / "bottleneck-stage1").exists()
@@ -74,6 +76,15 @@ def test_neck_weight_zero_trains_stage_one_only(tmp_path: Path, bundles_root: Pa
     assert json.loads((work / "bottleneck" / "config.json").read_text())["w_neck"] == 0.0
     codec = json.loads((tmp_path / "assets" / "codec.json").read_text())
     assert codec["bottleneck"]["w_neck"] == 0.0
+    assert codec["bottleneck"]["tensor_weights"] == [0.25, 0.5, 3.0]
+
+
+def test_tensor_weights_must_be_numbers(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "palettelink.cli", "train", "--work", str(tmp_path),
+           "--tensor-weights", "1,x"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "comma-separated numbers" in run.stderr and "Traceback" not in run.stderr
 
 
 def test_assets_install_and_code_a_frame(trained: tuple[Path, Path, str], tmp_path: Path, images) -> None:  # noqa: ANN001

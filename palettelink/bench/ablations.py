@@ -11,6 +11,9 @@
 - ``z-unquantised``: the bottleneck alone, z sent as float16 (no palette): the ceiling every level
   of the codec can reach. Beside the levels on a held-out table it says which part loses accuracy:
   the bottleneck (this row is low too) or the palette (this row is high, the levels are not);
+- ``z-oracle``: a diagnostic, not a codec: the ``z-unquantised`` decode with one crossing tensor
+  replaced by the uncompressed one (one point per tensor). The row that climbs to the bypass's
+  AP50 names the tensor whose reconstruction holds the ceiling back;
 - ``raw-palette``: no bottleneck: one global palette per crossing tensor on raw channel vectors with
   Ward levels (the first prototype), static tables.
 
@@ -40,7 +43,8 @@ from palettelink.codecs.palette import (
 from palettelink.errors import InvalidRequest
 from palettelink.front import ort_session
 
-ABLATIONS = ("z-unquantised", "palette-static", "palette-gen", "scalar-z", "palette-alt", "raw-palette")
+ABLATIONS = ("z-unquantised", "z-oracle", "palette-static", "palette-gen", "scalar-z", "palette-alt",
+             "raw-palette")
 HEADER_BYTES = 40  # what a container header costs at these sizes; added so rows compare fairly
 
 
@@ -131,6 +135,26 @@ class UnquantisedZ(_LatentMethod):
         tensors = self.decode(z.astype(np.float32), -1)
         return Output(int(z.nbytes) + HEADER_BYTES, tensors=tensors, timings_ms={"decode_ms": (
             time.perf_counter() - t0) * 1e3})
+
+
+@register("z-oracle")
+class OracleTensor(_LatentMethod):
+    """``z-unquantised`` with crossing tensor ``point`` exact (float16): where the ceiling sits."""
+
+    name = "z-oracle"
+
+    def points(self) -> list[int]:
+        return list(range(len(self.ctx.bundle.tensors)))
+
+    def label(self, point: int) -> str:
+        return f"{self.ctx.bundle.tensors[point].name} exact"
+
+    def run(self, item: Item, point: int) -> Output:
+        z = self.latent(item).astype(np.float16)
+        tensors = self.decode(z.astype(np.float32), -1)
+        exact = item.tensors[point].astype(np.float16)
+        tensors[point] = exact.astype(np.float32)
+        return Output(int(z.nbytes + exact.nbytes) + HEADER_BYTES, tensors=tensors)
 
 
 @register("scalar-z")

@@ -28,7 +28,7 @@ from palettelink.bench.args import ints
 from palettelink.bench.methods import METHODS, Context, Item, Method, make_method, prepare
 from palettelink.bundle import Bundle, find_bundle
 from palettelink.errors import InvalidRequest
-from palettelink.front import Front
+from palettelink.front import PRECISIONS, Front, choose_graph, session_defaults, set_session_defaults
 from palettelink.image import letterbox, load_image
 from palettelink.samples import sample_images
 
@@ -69,6 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--assets", type=Path, default=None, help="trained codec assets (for ablations)")
     p.add_argument("--every", type=int, default=1, metavar="N", help="keep every N-th video frame")
     p.add_argument("--max-frames", type=int, default=None, metavar="N", help="cap on --images frames")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="edge graphs (front, palette encoder): fp32 (default: the codec measured against the "
+                        "float pipeline), int8, or auto (what the edge runs: int8 where the bundle measured "
+                        "it agreeing); the report names the graphs")
     p.add_argument("--ref-conf", type=float, default=0.25, help="score threshold of the reference")
     p.add_argument("--pred-conf", type=float, default=0.001, help="score threshold of predictions")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder (default bench-out/)")
@@ -326,6 +330,9 @@ def markdown(report: dict[str, Any]) -> str:
         sources = ", ".join(f"{k} ({v})" for k, v in report["sources"].items())
         head = [f"Set: **{report['set']}** ({len(report['images'])} images, {report['reference_boxes']} "
                 f"reference boxes). Sources: {sources}", ""]
+    if report.get("edge_graphs"):
+        graphs = ", ".join(f"{g} → {c['file']} ({c['reason']})" for g, c in report["edge_graphs"].items())
+        head += [f"Edge graphs (--precision {report.get('precision', 'auto')}): {graphs}", ""]
     out = head + ["| method | point | bytes/image | bpp | AP50 | AP50:95 | F1 | small | medium | large "
                   "| flips | missed | false boxes/image | per-class AP50 |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -389,8 +396,6 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     if args.eval_set or args.same_site:
         _set_sources(args)  # a --source matching nothing fails before any work
     if args.images:
@@ -402,6 +407,28 @@ def run(args: argparse.Namespace) -> int:
     ablations = list(ABLATIONS) if args.ablations == ["all"] else list(args.ablations)
     for fmt in ("jpeg", "webp", "avif"):
         options[f"{fmt}_qualities"] = args.qualities
+    saved = session_defaults()
+    set_session_defaults(**{**saved, "precision": args.precision})
+    try:
+        return _run_bench(args, bundle, options, ablations)
+    finally:
+        set_session_defaults(**saved)
+
+
+def _edge_graphs(bundle: Bundle, names: list[str]) -> dict[str, dict[str, str]]:
+    """Which file ran each edge graph of this bench and why (an int8 front moves every row)."""
+    graphs = ["front.onnx"] + (["edge.onnx"] if "palette" in names and bundle.has_file("edge.onnx") else [])
+    out = {}
+    for g in graphs:
+        c = choose_graph(bundle, g)
+        out[g] = {"file": c.file, "precision": c.precision, "reason": c.reason}
+    return out
+
+
+def _run_bench(args: argparse.Namespace, bundle: Bundle, options: dict[str, Any],
+               ablations: list[str]) -> int:
+    from tqdm import tqdm
+
     front = Front(bundle)
     ctx = Context(bundle, front, options)
     names = ([] if args.no_bypass else ["bypass"]) + list(args.codec) + ablations + list(args.anchors)
@@ -425,7 +452,9 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "palettelink": __version__, "bundle": bundle.id, "table_hash": bundle.table_hash_hex,
         "reference": f"unsplit detector on the letterboxed original, conf ≥ {args.ref_conf}",
-        "pred_conf": args.pred_conf, "metric": "COCO AP (101-point, class-aware) vs reference boxes",
+        "pred_conf": args.pred_conf, "precision": args.precision,
+        "edge_graphs": _edge_graphs(bundle, names),
+        "metric": "COCO AP (101-point, class-aware) vs reference boxes",
         "bpp": "8*sum(bytes)/sum(W*H of the original images)",
         "images": runner.images, "reference_boxes": sum(i["reference_boxes"] for i in runner.images),
         "seconds": round(time.perf_counter() - t_start, 1), "rows": rows,

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from palettelink.errors import InvalidRequest
 from palettelink.train.bottleneck import (
     BottleneckConfig,
     Decoder,
@@ -93,6 +94,9 @@ def train_bottleneck(det: Any, cache: CrossingCache, cfg: BottleneckConfig | Any
     if steps is None:
         steps = 100_000 if minutes else 2000
     cfg = as_bottleneck_config(cfg, det, cache.size)
+    if len(cfg.tensor_weights) != len(cfg.in_channels):
+        raise InvalidRequest(f"{len(cfg.tensor_weights)} tensor weights for {len(cfg.in_channels)} crossing "
+                             f"tensors: give one per tensor, finest first")
     dev = device_of(det)
     outp = Path(out) if out else None
     if outp:

@@ -59,6 +59,7 @@ class TrainConfig:
     crop: int | None = None  # training window in input pixels (None: BottleneckConfig's 256)
     lr: float | None = None  # bottleneck peak learning rate (None: BottleneckConfig's 1e-3)
     neck_weight: float | None = None  # stage 2's neck term (None: BottleneckConfig's 2.0); 0 = stage 1 only
+    tensor_weights: tuple[float, ...] | None = None  # feature-loss weight per crossing tensor; None: measured
     video_every: int = 3  # --images videos: every Nth frame ...
     video_span: tuple[float, float] = (0.0, 1.0)  # ... inside this time range (fractions of the video)
 
@@ -213,14 +214,14 @@ def train_bottleneck_two_stage(det: Any, cache: Any, out: Path, stage1: Path, cf
                                             task_ramp=0.2, **base)
     if cfg.neck_weight == 0:
         train_bottleneck(det, cache, cfg1, steps=steps, minutes=cfg.bottleneck_minutes,
-                         sensitivity=not cfg.tiny, out=out)
+                         sensitivity=measures_sensitivity(cfg), out=out)
         return
     train_bottleneck(det, cache, cfg1, steps=steps, minutes=cfg.bottleneck_minutes * 0.55,
-                     sensitivity=not cfg.tiny, out=stage1)
+                     sensitivity=measures_sensitivity(cfg), out=stage1)
     neck = {} if cfg.neck_weight is None else {"w_neck": float(cfg.neck_weight)}
     cfg2 = bn.BottleneckConfig.for_detector(det, task_start=0.0, task_ramp=0.05, warmup=50, **neck, **base)
     train_bottleneck(det, cache, cfg2, steps=steps, minutes=cfg.bottleneck_minutes * 0.45, init=stage1,
-                     sensitivity=not cfg.tiny, out=out)
+                     sensitivity=measures_sensitivity(cfg), out=out)
 
 
 def init_folder_from_assets(assets: Path, folder: Path) -> Path:
@@ -248,7 +249,15 @@ def recipe_overrides(cfg: TrainConfig) -> dict[str, Any]:
         out["crop"] = int(cfg.crop)
     if cfg.lr:
         out["lr"] = float(cfg.lr)
+    if cfg.tensor_weights:
+        out["tensor_weights"] = [float(w) for w in cfg.tensor_weights]
     return out
+
+
+def measures_sensitivity(cfg: TrainConfig) -> bool:
+    """Whether the bottleneck run measures its per-tensor weights (not in smoke runs, nor where the
+    caller set them: ``--tensor-weights``)."""
+    return not cfg.tiny and not cfg.tensor_weights
 
 
 def train_bottleneck_warm(det: Any, cache: Any, out: Path, assets: Path, init: Path,
@@ -273,7 +282,7 @@ def train_bottleneck_warm(det: Any, cache: Any, out: Path, assets: Path, init: P
                                             n_levels=int(prev.get("n_levels", cfg.n_levels)), seed=cfg.seed,
                                             task_start=0.0, task_ramp=0.02, warmup=50, **keep)
     train_bottleneck(det, cache, bcfg, steps=4 if cfg.tiny else 100_000, minutes=cfg.bottleneck_minutes,
-                     init=folder, sensitivity=not cfg.tiny, out=out)
+                     init=folder, sensitivity=measures_sensitivity(cfg), out=out)
 
 
 SCALAR_BITS = (2, 3, 4, 5, 6)
@@ -461,9 +470,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight of the detection head's inputs in the bottleneck's second stage "
                         "(default 2; --init/--adapt: the codec's own); 0 = stage 1 only, with the whole "
                         "--minutes budget")
+    p.add_argument("--tensor-weights", type=_weights, default=None, metavar="W,W,W",
+                   help="feature-loss weight per crossing tensor, finest first (default: measured from the "
+                        "tail's sensitivity at the start of the run); e.g. weight the stride-32 tensor up "
+                        "where `bench --ablations z-oracle` says its reconstruction holds the ceiling")
     p.add_argument("--image-codec", action="store_true",
                    help="train the image bundle's codec (pixel autoencoder + palette) instead of a "
                         "bundle's feature codec; --out defaults to assets/codecs/image-512")
+
+
+def _weights(text: str) -> tuple[float, ...]:
+    try:
+        w = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated numbers, e.g. 0.5,0.5,2") from None
+    if not w or any(x < 0 for x in w):
+        raise argparse.ArgumentTypeError(f"{text!r}: weights are numbers >= 0")
+    return w
 
 
 def run(args: argparse.Namespace) -> int:
@@ -476,7 +499,7 @@ def run(args: argparse.Namespace) -> int:
                       max_images=args.max_images, seed=args.seed, augment=args.augment, paste=args.paste,
                       calibration=args.calibration,
                       tiny=args.tiny, init=args.init, false_weight=args.false_weight, crop=args.crop,
-                      lr=args.lr, neck_weight=args.neck_weight,
+                      lr=args.lr, neck_weight=args.neck_weight, tensor_weights=args.tensor_weights,
                       video_every=args.every, video_span=args.span)
     if args.image_codec:
         from palettelink.train import data
