@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from palettelink.bitstream import unpack
@@ -125,3 +126,26 @@ def test_stream_says_which_entropy_model_it_uses(trained: tuple[Path, Path, str]
     rs, rc = dec.decode_indices(unpack(s_payload)), dec.decode_indices(unpack(c_payload))
     assert (rs.indices == rc.indices).all() and rs.level == rc.level == 1
     assert len(c_payload) < len(s_payload)
+
+
+def test_ablation_rows_name_where_the_ceiling_sits(trained: tuple[Path, Path, str], tmp_path: Path,
+                                                   images) -> None:  # noqa: ANN001
+    """``bench --ablations z-unquantised,z-oracle``: the bottleneck alone, then one row per crossing tensor
+    with that tensor sent exact (float16) beside the decoded others: z's bytes plus that tensor's."""
+    from palettelink.cli import main
+    from palettelink.train.build_bundle import build_bundle
+
+    _, assets, _ = trained
+    dest = build_bundle(out_root=tmp_path / "bundles", codec_assets=assets)
+    bundle = find_bundle(str(dest))
+    out = tmp_path / "bench"
+    rc = main(["bench", "--bundle", str(dest), "--no-samples", "--images", str(images[0]),
+               "--codec", "palette", "--levels", "0", "--ablations", "z-unquantised,z-oracle",
+               "--assets", str(assets), "--anchors", "", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    rows = {(r["method"], r["label"]): r for r in json.loads((out / "bench.json").read_text())["rows"]}
+    z_bytes = rows[("z-unquantised", "f16")]["bytes_mean"]
+    for t in bundle.tensors:
+        row = rows[("z-oracle", f"{t.name} exact")]
+        assert row["bytes_mean"] == z_bytes + 2 * int(np.prod(t.shape))
+        assert 0.0 <= row["ap50"] <= 1.0
