@@ -64,11 +64,12 @@ def test_second_run_resumes_from_cache(trained: tuple[Path, Path, str], bundles_
 def test_neck_weight_zero_trains_stage_one_only(tmp_path: Path, bundles_root: Path) -> None:
     """``--neck-weight 0``: the bottleneck is stage 1 alone (no neck term, no second stage folder), and
     the recipe and loss mix are recorded where a resume and an adaptation read them; ``--tensor-weights``
-    replaces the measured per-tensor weights and is recorded with them."""
+    replaces the measured per-tensor weights and ``--enc-width``/``--dec-width`` the networks' widths, all
+    recorded in the codec."""
     work = tmp_path / "work"
     cmd = [sys.executable, "-m", "palettelink.cli", "train", "--bundles", str(bundles_root),
            "--work", str(work), "--out", str(tmp_path / "assets"), "--neck-weight", "0",
-           "--tensor-weights", "0.25,0.5,3", *TINY]
+           "--tensor-weights", "0.25,0.5,3", "--enc-width", "48", "--dec-width", "96", *TINY]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert not (work / "bottleneck-stage1").exists()
@@ -78,6 +79,7 @@ def test_neck_weight_zero_trains_stage_one_only(tmp_path: Path, bundles_root: Pa
     codec = json.loads((tmp_path / "assets" / "codec.json").read_text())
     assert codec["bottleneck"]["w_neck"] == 0.0
     assert codec["bottleneck"]["tensor_weights"] == [0.25, 0.5, 3.0]
+    assert (codec["bottleneck"]["enc_width"], codec["bottleneck"]["dec_width"]) == (48, 96)
 
 
 def test_tensor_weights_must_be_numbers(tmp_path: Path) -> None:

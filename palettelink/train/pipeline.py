@@ -60,6 +60,8 @@ class TrainConfig:
     lr: float | None = None  # bottleneck peak learning rate (None: BottleneckConfig's 1e-3)
     neck_weight: float | None = None  # stage 2's neck term (None: BottleneckConfig's 2.0); 0 = stage 1 only
     tensor_weights: tuple[float, ...] | None = None  # feature-loss weight per crossing tensor; None: measured
+    enc_width: int | None = None  # hidden width of the edge encoder (None: BottleneckConfig's 96)
+    dec_width: int | None = None  # hidden width of the server decoder (None: BottleneckConfig's 192)
     video_every: int = 3  # --images videos: every Nth frame ...
     video_span: tuple[float, float] = (0.0, 1.0)  # ... inside this time range (fractions of the video)
 
@@ -251,6 +253,10 @@ def recipe_overrides(cfg: TrainConfig) -> dict[str, Any]:
         out["lr"] = float(cfg.lr)
     if cfg.tensor_weights:
         out["tensor_weights"] = [float(w) for w in cfg.tensor_weights]
+    if cfg.enc_width:
+        out["enc_width"] = int(cfg.enc_width)
+    if cfg.dec_width:
+        out["dec_width"] = int(cfg.dec_width)
     return out
 
 
@@ -277,7 +283,12 @@ def train_bottleneck_warm(det: Any, cache: Any, out: Path, assets: Path, init: P
     keep.update({k: prev[k] for k in ("w_false", "w_neck", "w_feat", "w_box") if k in prev})
     if cfg.neck_weight is not None:
         keep["w_neck"] = float(cfg.neck_weight)
-    keep.update(recipe_overrides(cfg))
+    overrides = recipe_overrides(cfg)
+    for k in ("enc_width", "dec_width"):
+        if k in overrides and k in prev and overrides[k] != prev[k]:
+            raise InvalidRequest(f"--{k.replace('_', '-')} {overrides[k]}: the codec warm-started from has "
+                                 f"{prev[k]}; a warm start keeps the architecture")
+    keep.update(overrides)
     bcfg = bn.BottleneckConfig.for_detector(det, z_channels=int(prev.get("z_channels", cfg.latent_channels)),
                                             n_levels=int(prev.get("n_levels", cfg.n_levels)), seed=cfg.seed,
                                             task_start=0.0, task_ramp=0.02, warmup=50, **keep)
@@ -474,6 +485,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="feature-loss weight per crossing tensor, finest first (default: measured from the "
                         "tail's sensitivity at the start of the run); e.g. weight the stride-32 tensor up "
                         "where `bench --ablations z-oracle` says its reconstruction holds the ceiling")
+    p.add_argument("--enc-width", type=int, default=None, metavar="N",
+                   help="hidden width of the edge encoder (default 96; more costs the edge more per frame)")
+    p.add_argument("--dec-width", type=int, default=None, metavar="N",
+                   help="hidden width of the server decoder (default 192)")
     p.add_argument("--image-codec", action="store_true",
                    help="train the image bundle's codec (pixel autoencoder + palette) instead of a "
                         "bundle's feature codec; --out defaults to assets/codecs/image-512")
@@ -500,6 +515,7 @@ def run(args: argparse.Namespace) -> int:
                       calibration=args.calibration,
                       tiny=args.tiny, init=args.init, false_weight=args.false_weight, crop=args.crop,
                       lr=args.lr, neck_weight=args.neck_weight, tensor_weights=args.tensor_weights,
+                      enc_width=args.enc_width, dec_width=args.dec_width,
                       video_every=args.every, video_span=args.span)
     if args.image_codec:
         from palettelink.train import data
