@@ -17,13 +17,14 @@ if command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   # Optional: test videos/images (opencv-doc), training images (gnome-backgrounds), the compose
-  # validator (docker-compose), promtool for the metrics and alert-rule checks (prometheus; under
+  # validator (docker-compose), shellcheck, promtool for the metrics and alert-rule checks (prometheus; under
   # systemd the package also starts a Prometheus on :9090: systemctl disable --now prometheus).
   [[ -d /usr/share/doc/opencv-doc/examples/data ]] || missing+=(opencv-doc)
   [[ -d /usr/share/backgrounds/gnome ]] || missing+=(gnome-backgrounds)  # training images
   command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
   command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
   [[ -x /usr/bin/chromium && -x /usr/bin/chromedriver ]] || missing+=(chromium chromium-driver)  # browser test
+  command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)  # lint of the shell scripts the tests run
   if ((${#missing[@]})); then
     say "apt-get install ${missing[*]}"
     if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >/dev/null; then
