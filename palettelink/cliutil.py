@@ -1,6 +1,8 @@
 """What the three console scripts share: ``--version``, a quiet exit when stdout is closed early
 (``| head``), one line naming the pip extra when an optional dependency is missing, and usage
-errors on one line (:class:`ArgumentParser`).
+errors on one line (:class:`ArgumentParser`), and the comma-separated list types the commands share
+(``--levels 0,2,4``, ``--kbps 50,100``, ``--tensor-weights 0.3,0.5,4``), so every command says the same
+thing about a malformed one.
 
 The edge install has neither torch nor FastAPI, yet it ships ``palettelink-server`` and ``palettelink
 bench``; without this they died with a ModuleNotFoundError traceback that did not say what to do.
@@ -13,7 +15,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable, Iterable
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from palettelink import __version__
 
@@ -92,3 +94,28 @@ def quiet_on_broken_pipe(main: Callable[[], int]) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+
+
+N = TypeVar("N", int, float)
+
+
+def _numbers(text: str, kind: Callable[[str], N], what: str) -> list[N]:
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from e
+
+
+def ints(text: str) -> list[int]:
+    return _numbers(text, int, "integers")
+
+
+def floats(text: str) -> list[float]:
+    return _numbers(text, float, "numbers")
+
+
+def positive_ints(text: str) -> list[int]:
+    out = ints(text)
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers ≥ 1, got {text!r}")
+    return out

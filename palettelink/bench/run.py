@@ -24,11 +24,11 @@ import numpy as np
 
 from palettelink import __version__, benchfile, scoring
 from palettelink.bench.ablations import ABLATIONS
-from palettelink.bench.args import ints
 from palettelink.bench.methods import METHODS, Context, Item, Method, make_method, prepare
 from palettelink.bundle import Bundle, find_bundle
+from palettelink.cliutil import ints
 from palettelink.errors import InvalidRequest
-from palettelink.front import PRECISIONS, Front, choose_graph, session_defaults, set_session_defaults
+from palettelink.front import PRECISIONS, Front, GraphChoice, session_defaults, set_session_defaults
 from palettelink.image import letterbox, load_image
 from palettelink.samples import sample_images
 
@@ -415,14 +415,15 @@ def run(args: argparse.Namespace) -> int:
         set_session_defaults(**saved)
 
 
-def _edge_graphs(bundle: Bundle, names: list[str]) -> dict[str, dict[str, str]]:
-    """Which file ran each edge graph of this bench and why (an int8 front moves every row)."""
-    graphs = ["front.onnx"] + (["edge.onnx"] if "palette" in names and bundle.has_file("edge.onnx") else [])
-    out = {}
-    for g in graphs:
-        c = choose_graph(bundle, g)
-        out[g] = {"file": c.file, "precision": c.precision, "reason": c.reason}
-    return out
+def _edge_graphs(front: Front, methods: list[Method]) -> dict[str, dict[str, str]]:
+    """Which file ran each edge graph of this bench and why (an int8 front moves every row): the
+    choices the front and each codec's encoder made when they opened their sessions."""
+    choices = {"front.onnx": front.graph}
+    for m in methods:
+        graph = getattr(getattr(m, "encoder", None), "graph", None)
+        if isinstance(graph, GraphChoice):
+            choices[m.name] = graph
+    return {k: {"file": c.file, "precision": c.precision, "reason": c.reason} for k, c in choices.items()}
 
 
 def _run_bench(args: argparse.Namespace, bundle: Bundle, options: dict[str, Any],
@@ -453,7 +454,7 @@ def _run_bench(args: argparse.Namespace, bundle: Bundle, options: dict[str, Any]
         "palettelink": __version__, "bundle": bundle.id, "table_hash": bundle.table_hash_hex,
         "reference": f"unsplit detector on the letterboxed original, conf ≥ {args.ref_conf}",
         "pred_conf": args.pred_conf, "precision": args.precision,
-        "edge_graphs": _edge_graphs(bundle, names),
+        "edge_graphs": _edge_graphs(front, methods),
         "metric": "COCO AP (101-point, class-aware) vs reference boxes",
         "bpp": "8*sum(bytes)/sum(W*H of the original images)",
         "images": runner.images, "reference_boxes": sum(i["reference_boxes"] for i in runner.images),

@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 
 from palettelink import cpu
-from palettelink.bench.args import positive_ints
 from palettelink.bench.edge_speed import _size
+from palettelink.cliutil import positive_ints
 
 
 def device_name(device: str) -> str:

@@ -26,8 +26,8 @@ import cv2
 import numpy as np
 
 from palettelink import scoring
-from palettelink.bench.args import floats
 from palettelink.bundle import find_bundle
+from palettelink.cliutil import floats
 from palettelink.errors import InvalidRequest
 from palettelink.image import letterbox
 

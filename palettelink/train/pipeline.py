@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from palettelink.bundle import atomic_write_folder, find_bundle, write_manifest
+from palettelink.cliutil import floats
 from palettelink.errors import InvalidRequest
 from palettelink.train.stages import Stage, context_stage, jsonable, seed_everything
 
@@ -495,13 +496,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _weights(text: str) -> tuple[float, ...]:
-    try:
-        w = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated numbers, e.g. 0.5,0.5,2") from None
-    if not w or any(x < 0 for x in w):
-        raise argparse.ArgumentTypeError(f"{text!r}: weights are numbers >= 0")
-    return w
+    w = floats(text)
+    if not w or min(w) < 0:
+        raise argparse.ArgumentTypeError(f"expected weights >= 0, got {text!r}")
+    return tuple(w)
 
 
 def run(args: argparse.Namespace) -> int:
