@@ -119,3 +119,14 @@ def positive_ints(text: str) -> list[int]:
     if not out or min(out) < 1:
         raise argparse.ArgumentTypeError(f"expected integers ≥ 1, got {text!r}")
     return out
+
+
+def non_negative_float(text: str) -> float:
+    """One number ≥ 0 (a weight), or a usage error naming what was given."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0:  # also catches nan
+        raise argparse.ArgumentTypeError(f"expected a number ≥ 0, got {text!r}")
+    return value

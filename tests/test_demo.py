@@ -73,10 +73,10 @@ def test_demo_palette_rows_name_the_reference_classes(demo: subprocess.Completed
 
 def test_demo_runs_every_task_of_the_coco_stream(demo: subprocess.CompletedProcess[str]) -> None:
     rows = parse(demo.stdout)
-    coco = rows[("COCO detection (vision-image), palette level 0", "bus.jpg")]
+    coco = rows[("COCO detection (vision-image), level 0 of the bundle's default codec", "bus.jpg")]
     assert coco["person"] >= 2, coco  # the bus: see test_tasks.py's xfail
     for task in ("segment", "landmarks", "pose", "preview"):
         assert any(sec.startswith(f"{task} (vision-image)") for sec, _ in rows), (task, sorted(rows))
-    faces = rows[("landmarks (vision-image), palette level 0: faces and their 468 points", "astronaut.png")]
+    faces = rows[("landmarks (vision-image), level 0: faces and their 468 points", "astronaut.png")]
     assert faces["face"] == 1, faces
     assert "mask " in demo.stdout and "preview " in demo.stdout and " ERROR " not in demo.stdout

@@ -42,6 +42,44 @@ def test_weighted_ward_keeps_heavy_entries_apart() -> None:
     assert tuple(light[0]) == (0, 1)
 
 
+def _scene_with_a_rare_object() -> tuple[np.ndarray, np.ndarray]:
+    """Latents [2, 2, 16, 16] of three big background clusters at (0,0), (10,0), (20,0) and one small
+    object cluster at (0,12) (8 positions), and the teacher's score map [2, 16, 16] (1 on the object)."""
+    rng = np.random.default_rng(3)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [20.0, 0.0], [0.0, 12.0]])
+    which = rng.integers(0, 3, size=(2, 16, 16))
+    which[0, 4:6, 4:8] = 3
+    z = centres[which] + rng.normal(scale=0.1, size=(2, 16, 16, 2))
+    return np.ascontiguousarray(z.transpose(0, 3, 1, 2)), (which == 3).astype(float)
+
+
+def test_foreground_weights_keep_a_rare_object_entry_at_coarse_levels() -> None:
+    z, score = _scene_with_a_rare_object()
+    obj = score.astype(bool)
+    for foreground, own_entry in ((0.0, False), (1000.0, True)):
+        w = palette.foreground_weights(score, z.shape[2:], foreground) if foreground else None
+        tb = pc.PaletteTables.from_arrays(palette.build_palette(z, 1, k0=4, sizes=[4, 3, 2], weights=w))
+        zq = palette.quantise(z, tb, 1)  # three entries for four clusters: one merge
+        at_object = zq.transpose(0, 2, 3, 1)[obj]
+        # unweighted, the 8 object positions are the cheapest merge (into the (0,0) background);
+        # weighted, two background clusters merge and the object keeps its own entry
+        assert np.allclose(at_object, [0.0, 12.0], atol=0.2) == own_entry, (foreground, at_object[0])
+        # an entry always decodes to the plain mean of its members, whatever the weights
+        ids = tb.ancestor[0, 1][palette.index_maps(z, tb)[:, 0].ravel()]
+        x = palette.group_vectors(z, 0, 2)
+        for k in range(3):
+            assert np.allclose(x[ids == k].mean(0), tb.centroids[0][1][k], atol=1e-4)
+
+
+def test_foreground_weights_map_each_position_to_its_nearest_cell() -> None:
+    score = np.array([[[0.0, 1.0], [0.5, 2.0]]])  # [1, 2, 2]; scores clip to [0, 1]
+    w = palette.foreground_weights(score, (4, 4), 10.0)
+    assert w.shape == (1, 4, 4)
+    assert w[0].tolist() == [[1, 1, 11, 11], [1, 1, 11, 11], [6, 6, 11, 11], [6, 6, 11, 11]]
+    with pytest.raises(ValueError, match="one per latent position"):
+        palette.build_palette(np.zeros((1, 2, 4, 4)), 1, k0=2, sizes=[2, 1], weights=w[:, :2])
+
+
 def test_build_palette_contract(latents: np.ndarray) -> None:
     a = palette.build_palette(latents, 4, k0=32, n_levels=5, seed=0)
     assert a["groups"].dtype == np.int32 and a["groups"].tolist() == [0, 4, 8, 12, 16]

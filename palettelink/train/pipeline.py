@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from palettelink.bundle import atomic_write_folder, find_bundle, write_manifest
-from palettelink.cliutil import floats
+from palettelink.cliutil import floats, non_negative_float
 from palettelink.errors import InvalidRequest
 from palettelink.train.stages import Stage, context_stage, jsonable, seed_everything
 
@@ -47,6 +47,7 @@ class TrainConfig:
     k0: int = 256
     n_levels: int = 8
     palette_space: str = "raw"  # or "contrastive"
+    palette_foreground: float = 0.0  # Ward weight of a latent position: 1 + this·teacher score (0: counts)
     bottleneck_minutes: float = 33.0
     finetune_minutes: float = 5.0
     max_images: int | None = None
@@ -152,11 +153,16 @@ def train(bundle_name: str, images: list[str] | None, work: Path, out: Path | No
         st.dir.mkdir(parents=True, exist_ok=True)
         chosen = heads if cfg.palette_space == "contrastive" else None
         other = None if cfg.palette_space == "contrastive" else heads
+        weights = None
+        if cfg.palette_foreground > 0:  # the teacher's score map of every cached view
+            weights = palette.foreground_weights(np.asarray(cache.hot[: len(latents)]), latents.shape[2:],
+                                                 cfg.palette_foreground)
         for fname, h in (("palette.npz", chosen), ("palette_alt.npz", other)):
             tables = palette.build_palette(latents, group_bounds, cfg.k0, cfg.n_levels, heads=h,
-                                           seed=cfg.seed)
+                                           seed=cfg.seed, weights=weights)
             np.savez(st.dir / fname, **tables)
-        st.finish({"level_sizes": tables["level_sizes"].tolist(), "space": cfg.palette_space})
+        st.finish({"level_sizes": tables["level_sizes"].tolist(), "space": cfg.palette_space,
+                   "foreground": cfg.palette_foreground})
     tables = dict(np.load(st.dir / "palette.npz"))
     report["stages"]["palette"] = st.info()
 
@@ -416,7 +422,9 @@ def adapt(bundle_name: str, images: list[str], work: Path | None, cfg: TrainConf
     parent = json.loads((weights / "codec.json").read_text())
     sizes = parent.get("level_sizes") or [cfg.k0]
     cfg = replace(cfg, init=str(weights), groups=int(parent.get("groups", cfg.groups)), k0=int(sizes[0]),
-                  n_levels=len(sizes), palette_space=str(parent.get("palette_space", cfg.palette_space)))
+                  n_levels=len(sizes), palette_space=str(parent.get("palette_space", cfg.palette_space)),
+                  palette_foreground=cfg.palette_foreground or float(
+                      parent.get("config", {}).get("palette_foreground", 0.0)))
     assets = train(str(bundle.path), images, work, work / "assets", cfg, bundles_root)
     root = Path(out_root) if out_root else bundle.path.parent.parent
     version = next_version(root, bundle.name)
@@ -451,6 +459,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latent-channels", type=int, default=32, metavar="C",
                    help="channels of the latent z (a multiple of --groups; more carries more per level)")
     p.add_argument("--palette-space", choices=["raw", "contrastive"], default="raw")
+    p.add_argument("--palette-foreground", type=non_negative_float, default=0.0, metavar="W",
+                   help="weight the palette hierarchy towards what the detector sees: a latent position "
+                        "counts 1 + W x the teacher's best class score there, so object entries survive "
+                        "to the coarse levels (0: every position counts once)")
     p.add_argument("--minutes", type=float, default=None,
                    help=f"bottleneck training budget (default 33; --adapt: {ADAPT_MINUTES:g})")
     p.add_argument("--finetune-minutes", type=float, default=None,
@@ -508,6 +520,7 @@ def run(args: argparse.Namespace) -> int:
         ADAPT_FINETUNE_MINUTES if args.adapt else 5.0)
     cfg = TrainConfig(latent_channels=args.latent_channels,
                       groups=args.groups, k0=args.k0, n_levels=args.levels, palette_space=args.palette_space,
+                      palette_foreground=args.palette_foreground,
                       bottleneck_minutes=minutes, finetune_minutes=ft,
                       max_images=args.max_images, seed=args.seed, augment=args.augment, paste=args.paste,
                       calibration=args.calibration,
