@@ -171,8 +171,8 @@ def build_palette(latents: np.ndarray, groups: int | Sequence[int] | np.ndarray,
         raise ValueError("ward_space is 'raw' or 'search'")
     if weights is not None:
         weights = np.asarray(weights, np.float64)
-        if weights.shape != (latents.shape[0], *latents.shape[2:]) or not (weights > 0).all():
-            want = (latents.shape[0], *latents.shape[2:])
+        want = (latents.shape[0], *latents.shape[2:])
+        if weights.shape != want or not (weights > 0).all():
             raise ValueError(f"weights must be positive, one per latent position {want}: got {weights.shape}")
         weights = weights.reshape(-1)  # the (n, y, x) order of group_vectors
     rng = np.random.default_rng(seed)

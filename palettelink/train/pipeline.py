@@ -155,7 +155,7 @@ def train(bundle_name: str, images: list[str] | None, work: Path, out: Path | No
         other = None if cfg.palette_space == "contrastive" else heads
         weights = None
         if cfg.palette_foreground > 0:  # the teacher's score map of every cached view
-            weights = palette.foreground_weights(np.asarray(cache.hot[: len(latents)]), latents.shape[2:],
+            weights = palette.foreground_weights(np.asarray(cache.hot), latents.shape[2:],
                                                  cfg.palette_foreground)
         for fname, h in (("palette.npz", chosen), ("palette_alt.npz", other)):
             tables = palette.build_palette(latents, group_bounds, cfg.k0, cfg.n_levels, heads=h,
