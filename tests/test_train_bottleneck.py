@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from palettelink.errors import InvalidRequest
 from palettelink.image import letterbox, load_image
 from palettelink.train import augment, crossing_cache, data
 from palettelink.train import bottleneck as bn
 from palettelink.train.bottleneck_eval import ScalarQuantiser, evaluate_detection
 from palettelink.train.bottleneck_training import finetune_decoder, same_run, train_bottleneck
-from palettelink.train.distill import measure_sensitivity, sensitivity_weights
+from palettelink.train.distill import head_of, measure_sensitivity, sensitivity_weights, task_loss
 
 SIZE = 320
 
@@ -141,6 +142,32 @@ def test_a_run_that_measured_its_sensitivity_weights_resumes_from_its_checkpoint
     assert same_run(state, cfg, 3)
     assert not same_run(state, cfg, 4)
     assert not same_run({**state, "cfg": {**state["cfg"], "z_channels": cfg.z_channels * 2}}, cfg, 3)
+    # a checkpoint written before a config field existed reads that field's default: the same run
+    older = {k: v for k, v in state["cfg"].items() if k != "class_weights"}
+    assert same_run({**state, "cfg": older}, cfg, 3)
+    assert not same_run(state, bn.BottleneckConfig.from_dict({**cfg.to_dict(), "class_weights": [1, 4]}), 3)
+
+
+def test_class_weights_scale_each_class_share_of_the_class_loss(detector) -> None:  # noqa: ANN001
+    """``class_weights`` multiply one class's KL and leave the others' alone: a student that errs only
+    on class 1 costs 4x with weights (1, 4); one that errs only on class 0 costs the same."""
+    gen = torch.Generator().manual_seed(0)
+    anchors = head_of(detector).strides.numel()  # the box term reads the head's anchor strides
+    y_t = torch.rand(2, 6, anchors, generator=gen)
+    for cls_k, factor in ((1, 4.0), (0, 1.0)):
+        y_s = y_t.clone()
+        y_s[:, 4 + cls_k] = torch.rand(2, anchors, generator=gen)
+        plain, _ = task_loss(detector, y_s, y_t)
+        weighted, _ = task_loss(detector, y_s, y_t, class_weights=[1.0, 4.0])
+        assert plain > 0 and torch.allclose(weighted, factor * plain, rtol=1e-5)
+
+
+def test_class_weights_must_match_the_detector_classes(detector, cache, tmp_path: Path) -> None:  # noqa: ANN001
+    cfg = bn.BottleneckConfig.from_dict({**_cfg(detector).to_dict(), "class_weights": [1.0, 2.0, 3.0]})
+    with pytest.raises(InvalidRequest, match="3 class weights for a detector of 2 classes"):
+        train_bottleneck(detector, cache, cfg, steps=1, out=tmp_path / "bn", progress=False,
+                         sensitivity=False)
+    assert not (tmp_path / "bn").exists()  # refused before anything was written
 
 
 def test_train_resume_encode_finetune_evaluate(detector, cache, tmp_path: Path) -> None:  # noqa: ANN001

@@ -65,13 +65,13 @@ def test_neck_weight_zero_trains_stage_one_only(tmp_path: Path, bundles_root: Pa
     """``--neck-weight 0``: the bottleneck is stage 1 alone (no neck term, no second stage folder), and
     the recipe and loss mix are recorded where a resume and an adaptation read them; ``--tensor-weights``
     replaces the measured per-tensor weights and ``--enc-width``/``--dec-width`` the networks' widths, all
-    recorded in the codec; so is ``--palette-foreground`` (the weight of the teacher's detections in the
-    palette hierarchy)."""
+    recorded in the codec; so are ``--class-weights`` (the class loss per detector class) and
+    ``--palette-foreground`` (the weight of the teacher's detections in the palette hierarchy)."""
     work = tmp_path / "work"
     cmd = [sys.executable, "-m", "palettelink.cli", "train", "--bundles", str(bundles_root),
            "--work", str(work), "--out", str(tmp_path / "assets"), "--neck-weight", "0",
            "--tensor-weights", "0.25,0.5,3", "--enc-width", "48", "--dec-width", "96",
-           "--palette-foreground", "8", *TINY]
+           "--class-weights", "1,3", "--palette-foreground", "8", *TINY]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert not (work / "bottleneck-stage1").exists()
@@ -82,11 +82,13 @@ def test_neck_weight_zero_trains_stage_one_only(tmp_path: Path, bundles_root: Pa
     assert codec["bottleneck"]["w_neck"] == 0.0
     assert codec["bottleneck"]["tensor_weights"] == [0.25, 0.5, 3.0]
     assert (codec["bottleneck"]["enc_width"], codec["bottleneck"]["dec_width"]) == (48, 96)
+    assert codec["bottleneck"]["class_weights"] == [1.0, 3.0]
     assert codec["config"]["palette_foreground"] == 8.0
     assert json.loads((work / "palette" / "done.json").read_text())["foreground"] == 8.0
 
 
 @pytest.mark.parametrize(("flag", "value", "says"), [("--tensor-weights", "1,x", "comma-separated numbers"),
+                                                     ("--class-weights", "1,-2", "expected weights >= 0"),
                                                      ("--palette-foreground", "-1", "a number ≥ 0")])
 def test_weights_must_be_numbers(tmp_path: Path, flag: str, value: str, says: str) -> None:
     cmd = [sys.executable, "-m", "palettelink.cli", "train", "--work", str(tmp_path), flag, value]

@@ -60,6 +60,7 @@ class BottleneckConfig(JsonConfig):
     task_start: float = 0.05  # task loss off for this fraction of training (features first) ...
     task_ramp: float = 0.1  # ... then ramps in linearly over this fraction
     tensor_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    class_weights: list[float] | None = None  # class-KL weight per detector class (None: all 1)
     noise_prob: float = 0.75  # fraction of samples whose z is perturbed
     noise_min: float = 0.05  # step range, relative to each channel's std (log-uniform)
     noise_max: float = 1.0

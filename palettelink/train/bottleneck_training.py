@@ -36,6 +36,7 @@ from palettelink.train.bottleneck import (
 from palettelink.train.crossing_cache import CrossingCache
 from palettelink.train.distill import (
     device_of,
+    head_of,
     measure_sensitivity,
     perturb_latent,
     reset_anchors,
@@ -62,7 +63,8 @@ def same_run(state: dict[str, Any], cfg: BottleneckConfig, steps: int) -> bool:
     """Whether checkpoint ``state`` is of the run that ``cfg`` and ``steps`` ask for, so training resumes
     from it: the same config but for the fields the run measured at its start (the sensitivity
     weights: the checkpoint's are the run's, a fresh config has the defaults)."""
-    saved, want = dict(state.get("cfg") or {}), cfg.to_dict()
+    # fields a saved config lacks (added since) take their defaults, as from_dict reads them
+    saved, want = BottleneckConfig.from_dict(dict(state.get("cfg") or {})).to_dict(), cfg.to_dict()
     for k in MEASURED_FIELDS:
         saved.pop(k, None)
         want.pop(k, None)
@@ -97,6 +99,10 @@ def train_bottleneck(det: Any, cache: CrossingCache, cfg: BottleneckConfig | Any
     if len(cfg.tensor_weights) != len(cfg.in_channels):
         raise InvalidRequest(f"{len(cfg.tensor_weights)} tensor weights for {len(cfg.in_channels)} crossing "
                              f"tensors: give one per tensor, finest first")
+    n_classes = int(getattr(head_of(det), "nc", 0) or 0)
+    if cfg.class_weights is not None and n_classes and len(cfg.class_weights) != n_classes:
+        raise InvalidRequest(f"{len(cfg.class_weights)} class weights for a detector of {n_classes} classes: "
+                             f"give one per class, in the detector's class order")
     dev = device_of(det)
     outp = Path(out) if out else None
     if outp:

@@ -49,8 +49,8 @@ def reset_anchors(det: Any) -> None:
         head.shape = None
 
 
-def task_loss(det: Any, y_s: torch.Tensor, y_t: torch.Tensor,
-              w_false: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def task_loss(det: Any, y_s: torch.Tensor, y_t: torch.Tensor, w_false: float = 0.0,
+              class_weights: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(class KL, box L1) between tail outputs [B, 4+nc, A] of student and teacher.
 
     KL: Bernoulli KL per class and anchor, weighted by (teacher max score + 0.02) so the thousands of
@@ -59,6 +59,8 @@ def task_loss(det: Any, y_s: torch.Tensor, y_t: torch.Tensor,
     leave-source-out set with ``w_false`` 0). Background distillation: ``w_false`` adds
     ``w_false * max(0, student max score - teacher max score)`` (no gradient through the weight) so
     the decoded features are pushed hardest exactly where they make the head fire on nothing.
+    ``class_weights`` (one per class) scale each class's KL: a class the corpus rarely shows (the fall
+    bundle's Fall) gets too little of the loss to be reproduced as faithfully as the common one.
     Box: L1 on xywh / anchor stride, weighted by teacher score,
     only where the teacher would report a box (score ≥ 0.25): the boxes of unsure anchors are noise
     whose gradients only pull the rebuilt features off.
@@ -67,6 +69,8 @@ def task_loss(det: Any, y_s: torch.Tensor, y_t: torch.Tensor,
     p_t = y_t[:, 4:].clamp(eps, 1 - eps)
     p_s = y_s[:, 4:].clamp(eps, 1 - eps)
     kl = p_t * (p_t.log() - p_s.log()) + (1 - p_t) * ((1 - p_t).log() - (1 - p_s).log())
+    if class_weights is not None:
+        kl = kl * torch.as_tensor(class_weights, dtype=kl.dtype, device=kl.device).view(1, -1, 1)
     conf = p_t.max(1).values  # [B, A]
     w = conf + 0.02
     if w_false > 0:
@@ -183,7 +187,7 @@ def step_losses(det: Any, dec: Decoder, z: torch.Tensor, level: Level, ts: Seque
     with HeadInputs(det) as cap_s:
         y_s = det.tail(rebuilt)
     neck = neck_loss(cap_s.value, cap_t.value)
-    cls, box = task_loss(det, y_s, y_t, cfg.w_false)
+    cls, box = task_loss(det, y_s, y_t, cfg.w_false, cfg.class_weights)
     loss = cfg.w_feat * feat + task_weight * (cfg.w_neck * neck + cfg.w_cls * cls + cfg.w_box * box)
     logs = {"loss": float(loss.detach()), "neck": float(neck.detach()), "cls": float(cls.detach()),
             "box": float(box.detach()), **nm}

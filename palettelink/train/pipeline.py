@@ -62,6 +62,7 @@ class TrainConfig:
     lr: float | None = None  # bottleneck peak learning rate (None: BottleneckConfig's 1e-3)
     neck_weight: float | None = None  # stage 2's neck term (None: BottleneckConfig's 2.0); 0 = stage 1 only
     tensor_weights: tuple[float, ...] | None = None  # feature-loss weight per crossing tensor; None: measured
+    class_weights: tuple[float, ...] | None = None  # class-KL weight per detector class; None: all 1
     enc_width: int | None = None  # hidden width of the edge encoder (None: BottleneckConfig's 96)
     dec_width: int | None = None  # hidden width of the server decoder (None: BottleneckConfig's 192)
     video_every: int = 3  # --images videos: every Nth frame ...
@@ -260,6 +261,8 @@ def recipe_overrides(cfg: TrainConfig) -> dict[str, Any]:
         out["lr"] = float(cfg.lr)
     if cfg.tensor_weights:
         out["tensor_weights"] = [float(w) for w in cfg.tensor_weights]
+    if cfg.class_weights:
+        out["class_weights"] = [float(w) for w in cfg.class_weights]
     if cfg.enc_width:
         out["enc_width"] = int(cfg.enc_width)
     if cfg.dec_width:
@@ -287,7 +290,7 @@ def train_bottleneck_warm(det: Any, cache: Any, out: Path, assets: Path, init: P
     # the codec's own loss mix carries over (a codec trained with background distillation keeps it
     # when adapted: without it, adapting to vtest raised false boxes per frame from 0.1-0.3 to 0.5-0.7;
     # a stage-1-only codec, w_neck 0, is not handed the neck term it was trained without)
-    keep.update({k: prev[k] for k in ("w_false", "w_neck", "w_feat", "w_box") if k in prev})
+    keep.update({k: prev[k] for k in ("w_false", "w_neck", "w_feat", "w_box", "class_weights") if k in prev})
     if cfg.neck_weight is not None:
         keep["w_neck"] = float(cfg.neck_weight)
     overrides = recipe_overrides(cfg)
@@ -498,6 +501,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="feature-loss weight per crossing tensor, finest first (default: measured from the "
                         "tail's sensitivity at the start of the run); e.g. weight the stride-32 tensor up "
                         "where `bench --ablations z-oracle` says its reconstruction holds the ceiling")
+    p.add_argument("--class-weights", type=_weights, default=None, metavar="W,W",
+                   help="class-loss weight per detector class, in its class order (default: all 1); "
+                        "weight up a class the corpus rarely shows, e.g. the fall bundle's Fall: 1,4")
     p.add_argument("--enc-width", type=int, default=None, metavar="N",
                    help="hidden width of the edge encoder (default 96; more costs the edge more per frame)")
     p.add_argument("--dec-width", type=int, default=None, metavar="N",
@@ -526,6 +532,7 @@ def run(args: argparse.Namespace) -> int:
                       calibration=args.calibration,
                       tiny=args.tiny, init=args.init, false_weight=args.false_weight, crop=args.crop,
                       lr=args.lr, neck_weight=args.neck_weight, tensor_weights=args.tensor_weights,
+                      class_weights=args.class_weights,
                       enc_width=args.enc_width, dec_width=args.dec_width,
                       video_every=args.every, video_span=args.span)
     if args.image_codec:
