@@ -219,3 +219,29 @@ def test_train_resume_encode_finetune_evaluate(detector, cache, tmp_path: Path) 
     rows = evaluate_detection(detector, enc, dec_ft, cache, train_latents=z, bits=(4,))
     assert rows["split (uncompressed)"]["ap50"] == pytest.approx(1.0) or rows["n_reference_boxes"] == 0
     assert {"z unquantised", "z 4 bit"} <= set(rows) and rows["z 4 bit"]["bpp"] > 0
+
+
+def test_heldout_curve_scores_new_snapshots_and_keeps_earlier_rows(detector, cache, bundle,  # noqa: ANN001
+                                                                   tmp_path: Path) -> None:
+    """A run continued in a later session extends its held-out curve: the snapshots on disk are scored
+    on leave-source-out items, an earlier report's rows are kept without their files, in CPU order."""
+    import shutil
+
+    from palettelink.train import curve
+
+    train_bottleneck(detector, cache, _cfg(detector), steps=1, out=tmp_path / "bn", progress=False,
+                     sensitivity=False)
+    snaps = tmp_path / "snaps"
+    snaps.mkdir()
+    shutil.copyfile(tmp_path / "bn" / "checkpoint.pt", snaps / "continued-cpu120.pt")
+    earlier = {"snapshot": "first-cpu60.pt", "stage": "first", "step": 9, "train_wall_minutes": 0.5,
+               "process_cpu_minutes": 1.0, "ap50": 0.5}
+    (tmp_path / "previous.json").write_text(json.dumps({"rows": [earlier]}))
+    out = tmp_path / "curve"
+    assert curve.main([str(snaps), "--out", str(out), "--every", "40", "--bundle", str(bundle.path),
+                       "--previous", str(tmp_path / "previous.json")]) == 0
+    rows = json.loads((out / "heldout_curve.json").read_text())["rows"]
+    assert rows[0] == earlier and [r["snapshot"] for r in rows] == ["first-cpu60.pt", "continued-cpu120.pt"]
+    assert rows[1]["stage"] == "continued" and rows[1]["step"] == 1 and rows[1]["process_cpu_minutes"] == 2.0
+    assert 0.0 <= rows[1]["ap50"] <= 1.0
+    assert (out / "heldout_curve.png").stat().st_size > 0

@@ -8,6 +8,9 @@ a fixed subset of the leave-source-out set (every ``--every``-th eval item) and 
 that trains on is the last one, whatever the curve says, so the eval set never tunes the codec.
 
     python -m palettelink.train.curve .cache/snapshots --out docs/results/lso
+
+A run continued in a later session extends the curve: ``--previous`` keeps an earlier report's rows
+(snapshots scored then are not scored again; their files need not exist any more).
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ def _models(state: dict[str, Any]) -> tuple[Any, Any]:
     return enc.eval(), dec.eval()
 
 
-def score_snapshots(folder: Path, every: int = 3, bundle: str = "fall-yolov8") -> list[dict[str, Any]]:
+def score_snapshots(folder: Path, every: int = 3, bundle: str = "fall-yolov8",
+                    skip: set[str] | frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    """Score every ``<stage>-cpu<seconds>.pt`` in ``folder`` but those named in ``skip``."""
     import torch
 
     from palettelink.bundle import find_bundle
@@ -54,7 +59,8 @@ def score_snapshots(folder: Path, every: int = 3, bundle: str = "fall-yolov8") -
             views.append((ts, lb))
     rows = []
     seen_steps: set[tuple[str, int]] = set()
-    for f in sorted(folder.glob("*-cpu*.pt"), key=lambda p: int(re.search(r"cpu(\d+)", p.name).group(1))):
+    snapshots = [f for f in folder.glob("*-cpu*.pt") if f.name not in skip]
+    for f in sorted(snapshots, key=lambda p: int(re.search(r"cpu(\d+)", p.name).group(1))):
         state = torch.load(f, map_location="cpu", weights_only=False)
         stage = f.name.split("-cpu")[0]
         if (stage, int(state["step"])) in seen_steps:
@@ -77,8 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("snapshots", type=Path)
     p.add_argument("--out", type=Path, default=Path("bench-out"))
     p.add_argument("--every", type=int, default=3, help="every N-th leave-source-out item")
+    p.add_argument("--bundle", default="fall-yolov8", help="bundle name or folder whose detector scores")
+    p.add_argument("--previous", type=Path, metavar="JSON",
+                   help="an earlier heldout_curve.json whose rows are kept (a run continued later)")
     a = p.parse_args(argv)
-    rows = score_snapshots(a.snapshots, a.every)
+    rows: list[dict[str, Any]] = []
+    if a.previous:
+        rows = list(json.loads(a.previous.read_text())["rows"])
+    rows += score_snapshots(a.snapshots, a.every, a.bundle, skip={r["snapshot"] for r in rows})
+    rows.sort(key=lambda r: r["process_cpu_minutes"])
     a.out.mkdir(parents=True, exist_ok=True)
     report = {"what": "AP50 of z unquantised (bottleneck only) vs the uncompressed detector, on every "
                       f"{a.every}-th leave-source-out eval item; CPU minutes of the training process "
