@@ -130,3 +130,11 @@ def non_negative_float(text: str) -> float:
     if not value >= 0:  # also catches nan
         raise argparse.ArgumentTypeError(f"expected a number ≥ 0, got {text!r}")
     return value
+
+
+def probability(text: str) -> float:
+    """One number in [0, 1], or a usage error naming what was given."""
+    value = non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
+    return value

@@ -113,3 +113,32 @@ def test_paste_people_puts_crops_in_and_is_reproducible() -> None:
     assert a.shape == x.shape and np.array_equal(a, b)
     assert (a[0, 0] > 0.9).any() and np.array_equal(x, np.full_like(x, 0.5))  # input untouched
     assert paste_people(x, [], np.random.default_rng(1)) is x
+    assert np.array_equal(paste_people(x, [crop], np.random.default_rng(1), lying=0.0), a)  # 0 draws nothing
+
+
+def test_lying_pastes_turn_people_a_quarter_turn() -> None:
+    """``lying=1``: every pasted person lies on the ground: red blocks wider than tall (the crop is 2:1
+    upright), where the upright pastes are taller than wide."""
+    from palettelink.train.augment import paste_people
+
+    x = np.zeros((1, 3, 64, 64), np.float32)
+    crop = np.zeros((40, 20, 4), np.uint8)
+    crop[..., 0] = 255
+    crop[..., 3] = 255
+
+    def extents(y: np.ndarray) -> tuple[int, int]:
+        rows, cols = np.nonzero(y[0, 0] > 0.5)
+        return int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+
+    for seed in range(8):
+        if int(np.random.default_rng((seed, 5)).integers(1, 7)) != 1:
+            continue  # one paste per view keeps the extents readable
+        upright = paste_people(x, [crop], np.random.default_rng((seed, 5)))
+        lying = paste_people(x, [crop], np.random.default_rng((seed, 5)), lying=1.0)
+        if not (upright[0, 0] > 0.5).any():
+            continue  # the drawn height was too small to paste
+        (uh, uw), (lh, lw) = extents(upright), extents(lying)
+        assert uh > uw and lw > lh and (lh, lw) == (uw, uh)
+        break
+    else:
+        pytest.fail("no seed gave a single paste")

@@ -71,7 +71,7 @@ def test_neck_weight_zero_trains_stage_one_only(tmp_path: Path, bundles_root: Pa
     cmd = [sys.executable, "-m", "palettelink.cli", "train", "--bundles", str(bundles_root),
            "--work", str(work), "--out", str(tmp_path / "assets"), "--neck-weight", "0",
            "--tensor-weights", "0.25,0.5,3", "--enc-width", "48", "--dec-width", "96",
-           "--class-weights", "1,3", "--palette-foreground", "8", *TINY]
+           "--class-weights", "1,3", "--palette-foreground", "8", "--paste-lying", "0.5", *TINY]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert not (work / "bottleneck-stage1").exists()
@@ -84,11 +84,13 @@ def test_neck_weight_zero_trains_stage_one_only(tmp_path: Path, bundles_root: Pa
     assert (codec["bottleneck"]["enc_width"], codec["bottleneck"]["dec_width"]) == (48, 96)
     assert codec["bottleneck"]["class_weights"] == [1.0, 3.0]
     assert codec["config"]["palette_foreground"] == 8.0
+    assert codec["config"]["paste_lying"] == 0.5
     assert json.loads((work / "palette" / "done.json").read_text())["foreground"] == 8.0
 
 
 @pytest.mark.parametrize(("flag", "value", "says"), [("--tensor-weights", "1,x", "comma-separated numbers"),
                                                      ("--class-weights", "1,-2", "expected weights >= 0"),
+                                                     ("--paste-lying", "1.5", "a probability in [0, 1]"),
                                                      ("--palette-foreground", "-1", "a number ≥ 0")])
 def test_weights_must_be_numbers(tmp_path: Path, flag: str, value: str, says: str) -> None:
     cmd = [sys.executable, "-m", "palettelink.cli", "train", "--work", str(tmp_path), flag, value]

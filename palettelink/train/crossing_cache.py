@@ -51,7 +51,8 @@ class CrossingCache:
 
     def __init__(self, det: Any, items: Sequence[Item], size: int | str | os.PathLike[str] = 640,
                  augment: int = 0, cache_dir: str | os.PathLike[str] | None = None, seed: int = 0,
-                 progress: bool = True, mosaic: float = 0.3, paste: float = 0.0) -> None:
+                 progress: bool = True, mosaic: float = 0.3, paste: float = 0.0,
+                 paste_lying: float = 0.0) -> None:
         if not isinstance(size, int):  # called as CrossingCache(det, items, cache_dir, ...)
             size, cache_dir = 640, size
         self.det = det
@@ -61,12 +62,14 @@ class CrossingCache:
         self.seed = int(seed)
         self.mosaic = float(mosaic)
         self.paste = float(paste)
+        self.paste_lying = float(paste_lying)
         self._crops: list[np.ndarray] | None = None
         self.entries = [CacheEntry(it, v) for it in self.items for v in range(self.augment + 1)]
         self.shapes: list[tuple[int, int, int]] = self._shapes()
         meta = {"items": [item_key(i) for i in self.items], "size": self.size, "augment": self.augment,
                 "seed": self.seed, "front": _weights_tag(det), "shapes": self.shapes,
-                "mosaic": self.mosaic, "augment_version": 2, **({"paste": self.paste} if self.paste else {})}
+                "mosaic": self.mosaic, "augment_version": 2, **({"paste": self.paste} if self.paste else {}),
+                **({"paste_lying": self.paste_lying} if self.paste and self.paste_lying else {})}
         digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
         base = Path(cache_dir) if cache_dir else default_cache_dir() / "crossing"
         self.dir = base / digest
@@ -113,7 +116,7 @@ class CrossingCache:
         else:
             x, lb = augmented_input(rgb, self.size, rng)
         if rng is not None and self.paste > 0 and rng.random() < self.paste:
-            x = paste_people(x, self._person_crops(), rng)
+            x = paste_people(x, self._person_crops(), rng, self.paste_lying)
         return x, lb
 
     def _person_crops(self) -> list[np.ndarray]:

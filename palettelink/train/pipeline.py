@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from palettelink.bundle import atomic_write_folder, find_bundle, write_manifest
-from palettelink.cliutil import floats, non_negative_float
+from palettelink.cliutil import floats, non_negative_float, probability
 from palettelink.errors import InvalidRequest
 from palettelink.train.stages import Stage, context_stage, jsonable, seed_everything
 
@@ -53,6 +53,7 @@ class TrainConfig:
     max_images: int | None = None
     augment: int = 4
     paste: float = 0.0  # probability that an augmented view gets people pasted in (augment.paste_people)
+    paste_lying: float = 0.0  # probability that a pasted person lies on the ground (a quarter turn)
     calibration: int = 200  # training views the levels stage measures every level on
     seed: int = 0
     tiny: bool = False  # CI smoke run: a few steps on a few images
@@ -107,7 +108,8 @@ def train(bundle_name: str, images: list[str] | None, work: Path, out: Path | No
     report["train_items"] = [data.item_key(i) for i in items]
     print(f"[train] {len(items)} training items: {report['train_images']}")
     cache = crossing_cache.CrossingCache(det, items, bundle.input_size, augment=cfg.augment,
-                                         cache_dir=work / "crossing", seed=cfg.seed, paste=cfg.paste)
+                                         cache_dir=work / "crossing", seed=cfg.seed, paste=cfg.paste,
+                                         paste_lying=cfg.paste_lying)
 
     t0 = time.perf_counter()
     st = Stage(work, "bottleneck")
@@ -477,6 +479,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--paste", type=float, default=0.0, metavar="P",
                    help="probability that an augmented view gets people crops pasted in (0.4 is what the "
                         "generic codec was trained with)")
+    p.add_argument("--paste-lying", type=probability, default=0.0, metavar="P",
+                   help="probability that a pasted person is turned to lie on the ground: training "
+                        "signal for a fall class the corpus hardly shows (the fall bundle's Fall)")
     p.add_argument("--every", type=int, default=3, metavar="N", help="--images videos: every N-th frame")
     p.add_argument("--span", type=parse_span, default=(0.0, 1.0), metavar="A-B",
                    help="--images videos: only the time range A-B (fractions, e.g. 0-0.6: keep the rest "
@@ -529,6 +534,7 @@ def run(args: argparse.Namespace) -> int:
                       palette_foreground=args.palette_foreground,
                       bottleneck_minutes=minutes, finetune_minutes=ft,
                       max_images=args.max_images, seed=args.seed, augment=args.augment, paste=args.paste,
+                      paste_lying=args.paste_lying,
                       calibration=args.calibration,
                       tiny=args.tiny, init=args.init, false_weight=args.false_weight, crop=args.crop,
                       lr=args.lr, neck_weight=args.neck_weight, tensor_weights=args.tensor_weights,
