@@ -34,10 +34,11 @@ def average_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
     the last. The checkpoints must be of one architecture (the same config but measured fields)."""
     import torch
 
+    from palettelink.train.bottleneck import SHAPE_FIELDS
+
     if not states:
         raise InvalidRequest("no checkpoints to average")
-    keys = ("z_channels", "enc_width", "dec_width", "dec_blocks", "level_dim", "norm", "z_stride",
-            "in_channels", "n_levels")
+    keys = ("z_channels", *SHAPE_FIELDS, "in_channels", "n_levels")
     first = {k: states[0]["cfg"].get(k) for k in keys}
     for s in states[1:]:
         other = {k: s["cfg"].get(k) for k in keys}
@@ -65,6 +66,9 @@ def write_average(paths: Sequence[Path], out: Path, stage_work: Path | None = No
     from palettelink.train import bottleneck as bn
     from palettelink.train.stages import Stage
 
+    stage = Stage(stage_work, "bottleneck") if stage_work is not None else None
+    if stage is not None and stage.dir.exists():  # refused before any checkpoint is read
+        raise InvalidRequest(f"{stage.dir} exists: a work folder's bottleneck stage is never overwritten")
     states = [torch.load(p, map_location="cpu", weights_only=False) for p in paths]
     avg = average_states(states)
     cfg = bn.BottleneckConfig.from_dict(avg["cfg"])
@@ -81,12 +85,9 @@ def write_average(paths: Sequence[Path], out: Path, stage_work: Path | None = No
     torch.save({k: avg[k] for k in ("cfg", "enc", "dec", "step", "elapsed")}, tmp / "average.pt")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # whole or not at all
-    if stage_work is not None:
-        st = Stage(stage_work, "bottleneck")
-        if st.dir.exists():
-            raise InvalidRequest(f"{st.dir} exists: a work folder's bottleneck stage is never overwritten")
-        shutil.copytree(out, st.dir)
-        st.finish({"minutes": None, "tiny": False, **record})
+    if stage is not None:
+        shutil.copytree(out, stage.dir)
+        stage.finish({"minutes": None, "tiny": False, **record})
     return record
 
 

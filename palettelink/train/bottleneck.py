@@ -31,6 +31,10 @@ from palettelink.train.stages import JsonConfig
 
 QuantiseFn = Callable[[torch.Tensor, int], torch.Tensor]
 
+# the BottleneckConfig fields that shape the networks besides their channel counts (z_channels,
+# in_channels, n_levels): a warm start keeps them, and checkpoints are averaged only when all agree
+SHAPE_FIELDS = ("enc_width", "dec_width", "dec_blocks", "level_dim", "norm", "z_stride")
+
 
 @dataclass
 class BottleneckConfig(JsonConfig):

@@ -287,8 +287,7 @@ def train_bottleneck_warm(det: Any, cache: Any, out: Path, assets: Path, init: P
 
     folder = init_folder_from_assets(assets, init)
     prev = json.loads((folder / "config.json").read_text())
-    keep = {k: prev[k] for k in ("enc_width", "dec_width", "dec_blocks", "level_dim", "norm", "z_stride")
-            if k in prev}
+    keep = {k: prev[k] for k in bn.SHAPE_FIELDS if k in prev}
     # the codec's own loss mix carries over (a codec trained with background distillation keeps it
     # when adapted: without it, adapting to vtest raised false boxes per frame from 0.1-0.3 to 0.5-0.7;
     # a stage-1-only codec, w_neck 0, is not handed the neck term it was trained without)
