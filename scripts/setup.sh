@@ -74,8 +74,16 @@ stamp="$VENV/.palettelink-setup"
 want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]] || ! have palettelink \
    || ! "$py" -c 'import edge.client, server, palettelink.bench' >/dev/null 2>&1; then
+  # The locked install is about 6 GB (torch's CUDA build is the one this platform's torch 2.14 comes
+  # as); say so before pip fills the disk halfway and stops with Errno 28.
+  need_kb=$((6 * 1024 * 1024))
+  free_kb=$(df -Pk "$VENV" | awk 'NR == 2 {print $4}')
+  if ! have torch && ((free_kb < need_kb)); then
+    echo "setup: the locked install needs about 6 GB free where $VENV lies; $((free_kb / 1024)) MB are free" >&2
+    exit 1
+  fi
   say "pip install --no-deps --require-hashes -r requirements.lock ($(grep -c '^[a-z]' requirements.lock) pins)"
-  pip --no-deps --require-hashes -r requirements.lock
+  pip --no-deps --require-hashes --no-cache-dir -r requirements.lock
   # 2. the project itself, editable, with the locked setuptools (no isolated build env to resolve).
   say "pip install --no-deps --no-build-isolation -e ."
   pip --no-deps --no-build-isolation -e .

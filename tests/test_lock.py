@@ -79,3 +79,18 @@ def test_images_install_from_the_locks() -> None:
     edge = (ROOT / "deploy" / "Dockerfile.edge").read_text()
     assert "--require-hashes -r requirements.lock" in server
     assert "--require-hashes -r requirements-edge.lock" in edge.split("\nFROM ")[-1]
+
+
+def test_what_the_lock_omits_is_named_with_a_reason_and_absent() -> None:
+    """triton and opencv-python are declared by torch and ultralytics but never loaded by us; leaving
+    them out keeps a fresh install about 1.2 GB smaller (CI once ran out of disk installing them)."""
+    lock = _lock()
+    pins = lock.read_pins()
+    assert lock.OMIT, "nothing omitted: then drop the OMIT machinery"
+    for name, why in lock.OMIT.items():
+        assert name not in pins, f"{name} is omitted by scripts/lock.py but pinned in requirements.lock"
+        assert len(why) > 20, f"say why {name} is omitted"
+    asked = {lock.canonical(Requirement(r).name) for reqs in lock.pyproject_dependencies().values()
+             for r in reqs}
+    assert not asked & set(lock.OMIT), "pyproject asks for a distribution the lock omits"
+    assert lock.read_header()["omitted (scripts/lock.py OMIT says why)"].split() == sorted(lock.OMIT)
