@@ -142,3 +142,43 @@ def test_lying_pastes_turn_people_a_quarter_turn() -> None:
         break
     else:
         pytest.fail("no seed gave a single paste")
+
+
+def _jpeg(size: tuple[int, int]) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, (90, 120, 150)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_the_people_photo_extractors_take_the_photos_and_leave_the_rest(tmp_path: Path) -> None:
+    """face-recognition's sdist: its test JPEGs of at least MIN_SIDE pixels, not the PNG copy nor the
+    package's docs images; insightface's wheel: the group photo only."""
+    import io
+    import tarfile
+    import zipfile
+
+    from palettelink.train import corpus
+
+    members = {"fr/tests/test_images/obama.jpg": _jpeg((320, 400)),
+               "fr/tests/test_images/tiny.jpg": _jpeg((120, 90)),
+               "fr/tests/test_images/32bit.png": _jpeg((320, 400)),
+               "fr/docs/_static/plus.jpg": _jpeg((400, 400))}
+    sdist = tmp_path / "fr.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        for name, blob in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    assert [n for n, _ in corpus._extractor("facerec")(sdist)] == ["obama.jpg"]
+
+    wheel = tmp_path / "insightface.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("insightface/data/images/t1.jpg", _jpeg((640, 440)))
+        z.writestr("insightface/data/images/mask_blue.jpg", _jpeg((709, 354)))
+    got = list(corpus._extractor("insightface")(wheel))
+    assert [n for n, _ in got] == ["t1.jpg"] and got[0][1][:2] == b"\xff\xd8"
+    assert {s.role for s in corpus.SOURCES if s.select in ("facerec", "insightface")} == {"train"}

@@ -221,27 +221,33 @@ def test_train_resume_encode_finetune_evaluate(detector, cache, tmp_path: Path) 
     assert {"z unquantised", "z 4 bit"} <= set(rows) and rows["z 4 bit"]["bpp"] > 0
 
 
-def test_heldout_curve_scores_new_snapshots_and_keeps_earlier_rows(detector, cache, bundle,  # noqa: ANN001
-                                                                   tmp_path: Path) -> None:
-    """A run continued in a later session extends its held-out curve: the snapshots on disk are scored
-    on leave-source-out items, an earlier report's rows are kept without their files, in CPU order."""
-    import shutil
-
+def test_training_keeps_snapshots_that_the_heldout_curve_scores_after_earlier_rows(  # noqa: PLR0913
+        detector, cache, bundle, tmp_path: Path) -> None:  # noqa: ANN001
+    """The trainer keeps its models now and then as ``snapshots/<stage>-cpu<seconds>.pt``; a run
+    continued in a later session extends its held-out curve: the snapshots on disk are scored on
+    leave-source-out items after the CPU minutes of earlier runs (--cpu-offset), and an earlier
+    report's rows are kept without their files, in CPU order."""
     from palettelink.train import curve
 
-    train_bottleneck(detector, cache, _cfg(detector), steps=1, out=tmp_path / "bn", progress=False,
-                     sensitivity=False)
-    snaps = tmp_path / "snaps"
-    snaps.mkdir()
-    shutil.copyfile(tmp_path / "bn" / "checkpoint.pt", snaps / "continued-cpu120.pt")
+    run = tmp_path / "run"
+    train_bottleneck(detector, cache, _cfg(detector), steps=1, out=run / "continued", progress=False,
+                     sensitivity=False, snapshot_every_s=1e-6)
+    snaps = sorted((run / "snapshots").glob("continued-cpu*.pt"))
+    assert len(snaps) == 1 and not list((run / "snapshots").glob("*.partial"))
+    snap = torch.load(snaps[0], map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "continued" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert "opt" not in snap and snap["step"] == 1 and snap["cpu_s"] == ckpt["cpu_s"] > 0
+    assert snaps[0].name == f"continued-cpu{int(ckpt['cpu_s'])}.pt"
     earlier = {"snapshot": "first-cpu60.pt", "stage": "first", "step": 9, "train_wall_minutes": 0.5,
                "process_cpu_minutes": 1.0, "ap50": 0.5}
     (tmp_path / "previous.json").write_text(json.dumps({"rows": [earlier]}))
     out = tmp_path / "curve"
-    assert curve.main([str(snaps), "--out", str(out), "--every", "40", "--bundle", str(bundle.path),
-                       "--previous", str(tmp_path / "previous.json")]) == 0
+    previous = str(tmp_path / "previous.json")
+    assert curve.main([str(run / "snapshots"), "--out", str(out), "--every", "40", "--bundle",
+                       str(bundle.path), "--previous", previous, "--cpu-offset", "10"]) == 0
     rows = json.loads((out / "heldout_curve.json").read_text())["rows"]
-    assert rows[0] == earlier and [r["snapshot"] for r in rows] == ["first-cpu60.pt", "continued-cpu120.pt"]
-    assert rows[1]["stage"] == "continued" and rows[1]["step"] == 1 and rows[1]["process_cpu_minutes"] == 2.0
+    assert rows[0] == earlier and [r["snapshot"] for r in rows] == ["first-cpu60.pt", snaps[0].name]
+    assert rows[1]["stage"] == "continued" and rows[1]["step"] == 1
+    assert rows[1]["process_cpu_minutes"] == round(round(int(ckpt["cpu_s"]) / 60, 1) + 10, 1)
     assert 0.0 <= rows[1]["ap50"] <= 1.0
     assert (out / "heldout_curve.png").stat().st_size > 0

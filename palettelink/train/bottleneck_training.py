@@ -74,8 +74,8 @@ def same_run(state: dict[str, Any], cfg: BottleneckConfig, steps: int) -> bool:
 def train_bottleneck(det: Any, cache: CrossingCache, cfg: BottleneckConfig | Any = None,
                      steps: int | str | Path | None = None, out: str | Path | None = None,
                      minutes: float | None = None, log_every: int = 50, ckpt_every_s: float = 120.0,
-                     progress: bool = True, sensitivity: bool = True,
-                     init: str | Path | None = None) -> tuple[Encoder, Decoder]:
+                     progress: bool = True, sensitivity: bool = True, init: str | Path | None = None,
+                     snapshot_every_s: float = 0.0) -> tuple[Encoder, Decoder]:
     """Train encoder + decoder by distillation from ``det`` on ``cache``; return them in eval mode.
 
     Stops after ``steps`` or ``minutes`` (whichever first; the cosine LR follows whichever budget is
@@ -84,6 +84,9 @@ def train_bottleneck(det: Any, cache: CrossingCache, cfg: BottleneckConfig | Any
     ``config.json`` and ``train_log.json``. Exact reproducibility needs ``minutes=None``.
     ``init``: a folder of :func:`save_models` to warm-start from (same architecture), e.g. to
     continue a CPU run with more time or another loss mix.
+    ``snapshot_every_s`` > 0 (with ``out``): at most that often, at a checkpoint, also keep the models
+    alone as ``<out>/../snapshots/<out name>-cpu<seconds>.pt``, named by the CPU seconds this run has
+    spent (carried across resumes), for the held-out curve (:mod:`palettelink.train.curve`).
     """
     from tqdm import tqdm
 
@@ -127,7 +130,7 @@ def train_bottleneck(det: Any, cache: CrossingCache, cfg: BottleneckConfig | Any
         dec.load_state_dict(dec0.state_dict())
     params = list(enc.parameters()) + list(dec.parameters())
     opt = torch.optim.Adam(params, lr=cfg.lr)
-    step, elapsed, log = 0, 0.0, []
+    step, elapsed, log, cpu_before = 0, 0.0, [], 0.0
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     report: dict[str, Any] = {}
@@ -137,6 +140,7 @@ def train_bottleneck(det: Any, cache: CrossingCache, cfg: BottleneckConfig | Any
         dec.load_state_dict(state["dec"])
         opt.load_state_dict(state["opt"])
         step, elapsed, log = state["step"], state["elapsed"], state["log"]
+        cpu_before = float(state.get("cpu_s", 0.0))
         rng.bit_generator.state = state["rng"]
         gen.set_state(state["gen"])
         report = state.get("report", {})
@@ -149,12 +153,26 @@ def train_bottleneck(det: Any, cache: CrossingCache, cfg: BottleneckConfig | Any
     dec.train()
     budget_s = minutes * 60 if minutes else None
 
+    cpu_start = time.process_time()
+    last_snapshot = -float("inf")
+
     def save() -> None:
+        nonlocal last_snapshot
         if not ckpt:
             return
+        cpu_s = cpu_before + time.process_time() - cpu_start
         torch.save({"cfg": cfg.to_dict(), "steps": steps, "enc": enc.state_dict(), "dec": dec.state_dict(),
-                    "opt": opt.state_dict(), "step": step, "elapsed": elapsed, "log": log,
+                    "opt": opt.state_dict(), "step": step, "elapsed": elapsed, "log": log, "cpu_s": cpu_s,
                     "rng": rng.bit_generator.state, "gen": gen.get_state(), "report": report}, ckpt)
+        if snapshot_every_s > 0 and time.perf_counter() - last_snapshot >= snapshot_every_s:
+            folder = ckpt.parent.parent / "snapshots"
+            folder.mkdir(exist_ok=True)
+            dest = folder / f"{ckpt.parent.name}-cpu{int(cpu_s)}.pt"
+            partial = dest.with_suffix(".partial")
+            torch.save({"cfg": cfg.to_dict(), "enc": enc.state_dict(), "dec": dec.state_dict(), "step": step,
+                        "elapsed": elapsed, "cpu_s": cpu_s}, partial)
+            partial.replace(dest)
+            last_snapshot = time.perf_counter()
 
     bar = tqdm(total=steps, initial=step, desc="bottleneck", unit="step", disable=not progress)
     t_start, t_ckpt = time.perf_counter() - elapsed, time.perf_counter()

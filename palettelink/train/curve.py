@@ -86,11 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", default="fall-yolov8", help="bundle name or folder whose detector scores")
     p.add_argument("--previous", type=Path, metavar="JSON",
                    help="an earlier heldout_curve.json whose rows are kept (a run continued later)")
+    p.add_argument("--cpu-offset", type=float, default=0.0, metavar="MIN",
+                   help="CPU minutes spent before these snapshots' run (a warm start's earlier runs), "
+                        "added to their rows")
     a = p.parse_args(argv)
     rows: list[dict[str, Any]] = []
     if a.previous:
         rows = list(json.loads(a.previous.read_text())["rows"])
-    rows += score_snapshots(a.snapshots, a.every, a.bundle, skip={r["snapshot"] for r in rows})
+    new = score_snapshots(a.snapshots, a.every, a.bundle, skip={r["snapshot"] for r in rows})
+    for r in new:
+        r["process_cpu_minutes"] = round(r["process_cpu_minutes"] + a.cpu_offset, 1)
+    rows += new
     rows.sort(key=lambda r: r["process_cpu_minutes"])
     a.out.mkdir(parents=True, exist_ok=True)
     report = {"what": "AP50 of z unquantised (bottleneck only) vs the uncompressed detector, on every "

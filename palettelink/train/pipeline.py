@@ -66,6 +66,7 @@ class TrainConfig:
     class_weights: tuple[float, ...] | None = None  # class-KL weight per detector class; None: all 1
     enc_width: int | None = None  # hidden width of the edge encoder (None: BottleneckConfig's 96)
     dec_width: int | None = None  # hidden width of the server decoder (None: BottleneckConfig's 192)
+    snapshot_minutes: float = 0.0  # keep the bottleneck's models this often for the held-out curve (0: never)
     video_every: int = 3  # --images videos: every Nth frame ...
     video_span: tuple[float, float] = (0.0, 1.0)  # ... inside this time range (fractions of the video)
 
@@ -226,14 +227,17 @@ def train_bottleneck_two_stage(det: Any, cache: Any, out: Path, stage1: Path, cf
                                             task_ramp=0.2, **base)
     if cfg.neck_weight == 0:
         train_bottleneck(det, cache, cfg1, steps=steps, minutes=cfg.bottleneck_minutes,
-                         sensitivity=measures_sensitivity(cfg), out=out)
+                         sensitivity=measures_sensitivity(cfg), out=out,
+                         snapshot_every_s=cfg.snapshot_minutes * 60)
         return
     train_bottleneck(det, cache, cfg1, steps=steps, minutes=cfg.bottleneck_minutes * 0.55,
-                     sensitivity=measures_sensitivity(cfg), out=stage1)
+                     sensitivity=measures_sensitivity(cfg), out=stage1,
+                     snapshot_every_s=cfg.snapshot_minutes * 60)
     neck = {} if cfg.neck_weight is None else {"w_neck": float(cfg.neck_weight)}
     cfg2 = bn.BottleneckConfig.for_detector(det, task_start=0.0, task_ramp=0.05, warmup=50, **neck, **base)
     train_bottleneck(det, cache, cfg2, steps=steps, minutes=cfg.bottleneck_minutes * 0.45, init=stage1,
-                     sensitivity=measures_sensitivity(cfg), out=out)
+                     sensitivity=measures_sensitivity(cfg), out=out,
+                         snapshot_every_s=cfg.snapshot_minutes * 60)
 
 
 def init_folder_from_assets(assets: Path, folder: Path) -> Path:
@@ -304,7 +308,8 @@ def train_bottleneck_warm(det: Any, cache: Any, out: Path, assets: Path, init: P
                                             n_levels=int(prev.get("n_levels", cfg.n_levels)), seed=cfg.seed,
                                             task_start=0.0, task_ramp=0.02, warmup=50, **keep)
     train_bottleneck(det, cache, bcfg, steps=4 if cfg.tiny else 100_000, minutes=cfg.bottleneck_minutes,
-                     init=folder, sensitivity=measures_sensitivity(cfg), out=out)
+                     init=folder, sensitivity=measures_sensitivity(cfg), out=out,
+                         snapshot_every_s=cfg.snapshot_minutes * 60)
 
 
 SCALAR_BITS = (2, 3, 4, 5, 6)
@@ -512,6 +517,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="hidden width of the edge encoder (default 96; more costs the edge more per frame)")
     p.add_argument("--dec-width", type=int, default=None, metavar="N",
                    help="hidden width of the server decoder (default 192)")
+    p.add_argument("--snapshot-minutes", type=non_negative_float, default=0.0, metavar="M",
+                   help="keep the bottleneck's models every M minutes under WORK/snapshots/, named by the "
+                        "CPU seconds spent, for `python -m palettelink.train.curve` (0: never)")
     p.add_argument("--image-codec", action="store_true",
                    help="train the image bundle's codec (pixel autoencoder + palette) instead of a "
                         "bundle's feature codec; --out defaults to assets/codecs/image-512")
@@ -539,7 +547,7 @@ def run(args: argparse.Namespace) -> int:
                       lr=args.lr, neck_weight=args.neck_weight, tensor_weights=args.tensor_weights,
                       class_weights=args.class_weights,
                       enc_width=args.enc_width, dec_width=args.dec_width,
-                      video_every=args.every, video_span=args.span)
+                      snapshot_minutes=args.snapshot_minutes, video_every=args.every, video_span=args.span)
     if args.image_codec:
         from palettelink.train import data
         from palettelink.train.image_codec import train_image_codec
