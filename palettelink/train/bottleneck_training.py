@@ -85,8 +85,8 @@ def train_bottleneck(det: Any, cache: CrossingCache, cfg: BottleneckConfig | Any
     ``init``: a folder of :func:`save_models` to warm-start from (same architecture), e.g. to
     continue a CPU run with more time or another loss mix.
     ``snapshot_every_s`` > 0 (with ``out``): at most that often, at a checkpoint, also keep the models
-    alone as ``<out>/../snapshots/<out name>-cpu<seconds>.pt``, named by the CPU seconds this run has
-    spent (carried across resumes), for the held-out curve (:mod:`palettelink.train.curve`).
+    alone as ``<out>/../snapshots/<out name>-cpu<seconds>.pt``, named by the CPU seconds of the training
+    process (carried across resumes), for the held-out curve (:mod:`palettelink.train.curve`).
     """
     from tqdm import tqdm
 
@@ -146,6 +146,7 @@ def train_bottleneck(det: Any, cache: CrossingCache, cfg: BottleneckConfig | Any
         report = state.get("report", {})
     else:
         report = {"sensitivity": sens if sensitivity else None, "tensor_weights": cfg.tensor_weights}
+    resumed = state is not None
     if ckpt and state is None:
         state = {}
     reset_anchors(det)
@@ -153,7 +154,9 @@ def train_bottleneck(det: Any, cache: CrossingCache, cfg: BottleneckConfig | Any
     dec.train()
     budget_s = minutes * 60 if minutes else None
 
-    cpu_start = time.process_time()
+    # CPU seconds of the training process, what the held-out curve plots: a fresh run counts what the
+    # process spent before it (cache building, an earlier stage); a resumed one adds to its checkpoint's.
+    cpu_start = time.process_time() if resumed else 0.0
     last_snapshot = -float("inf")
 
     def save() -> None:
