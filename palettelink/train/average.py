@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from palettelink.bundle import atomic_write_folder
 from palettelink.errors import InvalidRequest
 
 
@@ -79,12 +80,11 @@ def write_average(paths: Sequence[Path], out: Path, stage_work: Path | None = No
     record = {"recipe": f"average of {len(paths)} checkpoints (palettelink.train.average)",
               "checkpoints": [{"file": Path(p).name, "step": int(s["step"])} for p, s in zip(paths, states,
                                                                                             strict=True)]}
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    bn.save_models(enc, dec, tmp, report=record)
-    torch.save({k: avg[k] for k in ("cfg", "enc", "dec", "step", "elapsed")}, tmp / "average.pt")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)  # whole or not at all
+    def write(tmp: Path) -> None:
+        bn.save_models(enc, dec, tmp, report=record)
+        torch.save({k: avg[k] for k in ("cfg", "enc", "dec", "step", "elapsed")}, tmp / "average.pt")
+
+    atomic_write_folder(out, write)  # whole or not at all
     if stage is not None:
         shutil.copytree(out, stage.dir)
         stage.finish({"minutes": None, "tiny": False, **record})

