@@ -57,6 +57,7 @@ from edge.transport import (
     ServerUnavailable,
     StreamFailed,
     make_channel,
+    server_decodes_windows,
     wait_ready,
 )
 from palettelink import capture
@@ -105,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("auto", "fp32", "int8"), default="auto",
                    help="edge graph precision: auto (default: the bundle's int8 graph where its measured "
                         "agreement with fp32 is ≥ 0.97, see `palettelink int8`), fp32 or int8")
+    p.add_argument("--canvas", choices=("auto", "square", "window"), default="auto",
+                   help="palette codec: code the frame's window of the letterbox (its rows and columns, "
+                        "stride-aligned: a quarter less work and bits for 4:3 frames) or the whole square; "
+                        "auto (default): the window where the bundle can and the server says it decodes it")
     p.add_argument("--codec", default=None,
                    help="a codec the bundle offers, e.g. palette, baseline, avif (`palettelink info` lists "
                         "them and their levels; default: the bundle's best)")
@@ -149,6 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
 def _fail(code: int, msg: str) -> int:
     print(f"{PROG}: error: {msg}", file=sys.stderr)
     return code
+
+
+def _choose_canvas(encoder: EdgeEncoder, canvas: str, channel: grpc.Channel, bundle_id: str,
+                   metadata: list[tuple[str, str]]) -> None:
+    """Window or whole square (``--canvas``) for an encoder that can code windows (the palette codec
+    of a bundle built with them); ``auto`` asks the server first, since one built before windows
+    refuses them."""
+    if not getattr(encoder, "window_capable", False):
+        if canvas == "window":
+            print(f"{PROG}: warning: this bundle's codec codes whole squares only (--canvas window "
+                  "ignored; rebuild it with `palettelink build-bundle`)", file=sys.stderr)
+        return
+    encoder.window = canvas == "window" or (  # type: ignore[attr-defined]
+        canvas == "auto" and server_decodes_windows(channel, bundle_id, metadata))
 
 
 def _level_for(args: argparse.Namespace, codec: str, encoder: EdgeEncoder) -> int | None:
@@ -300,6 +319,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     try:
         try:
             wait_ready(channel, args.server, args.connect_timeout, tls=args.tls_ca is not None)
+            _choose_canvas(encoder, args.canvas, channel, bundle.id, metadata)
             header = pb.StreamHeader(client_id=args.client_id, bundle=bundle.id,
                                      task=args.task or bundle.task, want_preview=args.preview is not None)
             stream = EdgeStream(channel, header, metadata, window=args.window,

@@ -12,6 +12,7 @@ would print a libjpeg warning and hand back a picture half grey, or print a libp
 from __future__ import annotations
 
 import io
+import math
 import struct
 import warnings
 from dataclasses import dataclass
@@ -52,6 +53,49 @@ def letterbox_info(width: int, height: int, size: int) -> Letterbox:
     scale = min(size / width, size / height)
     nw, nh = round(width * scale), round(height * scale)
     return Letterbox(scale, (size - nw) // 2, (size - nh) // 2, width, height)
+
+
+@dataclass(frozen=True)
+class Window:
+    """Pixels [x0, x1) × [y0, y1) of the letterboxed square input, multiples of the alignment."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+    def box(self) -> tuple[int, int, int, int]:
+        return (self.x0, self.y0, self.x1, self.y1)
+
+    def cells(self, stride: int) -> tuple[slice, slice]:
+        """(rows, columns) of a tensor at ``stride`` that this window covers."""
+        return slice(self.y0 // stride, self.y1 // stride), slice(self.x0 // stride, self.x1 // stride)
+
+
+def content_window(image_size: tuple[int, int], size: int, align: int) -> Window:
+    """The part of the ``size``² letterbox that holds an image of ``image_size`` (W, H), widened to
+    multiples of ``align`` (never empty)."""
+    lb = letterbox_info(int(image_size[0]), int(image_size[1]), size)
+    nw, nh = round(lb.width * lb.scale), round(lb.height * lb.scale)
+
+    def span(pad: int, n: int) -> tuple[int, int]:
+        a = max(0, (pad // align) * align)
+        b = min(size, math.ceil((pad + n) / align) * align)
+        if b <= a:  # a sliver (a 1×10000 picture): one cell
+            a = min(a, size - align)
+            b = a + align
+        return a, b
+
+    x0, x1 = span(lb.pad_x, nw)
+    y0, y1 = span(lb.pad_y, nh)
+    return Window(x0, y0, x1, y1)
+
+
+def window_letterbox(lb: Letterbox, window: tuple[int, int, int, int] | None) -> Letterbox:
+    """``lb`` for boxes found in ``window`` (x0, y0, x1, y1) of the letterbox rather than all of it."""
+    if window is None:
+        return lb
+    return Letterbox(lb.scale, lb.pad_x - int(window[0]), lb.pad_y - int(window[1]), lb.width, lb.height)
 
 
 def letterbox(rgb: np.ndarray, size: int, image_size: tuple[int, int] | None = None

@@ -200,7 +200,10 @@ class TryIt:
         key = (bundle.id, codec)
         with self._lock:
             if key not in self._encoders:
-                self._encoders[key] = (codecs.make_encoder(bundle, codec), threading.Lock())
+                enc = codecs.make_encoder(bundle, codec)
+                if getattr(enc, "window_capable", False):
+                    enc.window = True  # this server decodes windows: code the upload as an edge would
+                self._encoders[key] = (enc, threading.Lock())
             return self._encoders[key]
 
     def _one(self, lb: Any, task: str, rgb: Any, codec: str, level: int | None,

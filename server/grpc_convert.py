@@ -38,9 +38,10 @@ def info_to_proto(service: Service) -> pb.GetInfoResponse:
         pb.BundleInfo(
             name=b.name, version=b.version, table_hash=b.table_hash, tasks=b.tasks, class_names=b.class_names,
             input_size=b.input_size,
-            codecs=[pb.CodecInfo(name=c.name, progressive=c.progressive, levels=[
-                pb.LevelInfo(level=lv.level, palette_size=lv.palette_size, mean_bits=lv.mean_bits,
-                             mean_bpp=lv.mean_bpp) for lv in c.levels]) for c in b.codecs],
+            codecs=[pb.CodecInfo(name=c.name, progressive=c.progressive, window_latent=c.window_latent,
+                                 levels=[pb.LevelInfo(level=lv.level, palette_size=lv.palette_size,
+                                                      mean_bits=lv.mean_bits, mean_bpp=lv.mean_bpp)
+                                         for lv in c.levels]) for c in b.codecs],
             tensors=[pb.TensorInfo(name=t.name, layer=t.layer, shape=t.shape) for t in b.tensors],
         )
         for b in service.info()

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from palettelink import codecs
 from palettelink.bundle import Bundle
+from palettelink.codecs.palette import window as palette_window
 from palettelink.levels import codec_levels
 from server.batching import Batcher
 
@@ -26,6 +27,7 @@ class CodecInfo:
     name: str
     levels: list[LevelInfo]
     progressive: bool = False
+    window_latent: bool = False  # decodes a latent of the frame's window (palettelink.codecs.palette.window)
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,8 @@ def codec_info(bundle: Bundle, name: str) -> CodecInfo:
     entry = bundle.codecs.get(name, {})
     levels = [LevelInfo(int(lv["level"]), int(lv.get("palette_size") or 0), float(lv.get("mean_bits") or 0),
                         float(lv.get("mean_bpp") or 0)) for lv in codec_levels(bundle, name)]
-    return CodecInfo(name, levels, bool(entry.get("progressive", False)))
+    return CodecInfo(name, levels, bool(entry.get("progressive", False)),
+                     name == palette_window.CODEC and palette_window.supports_window(bundle))
 
 
 @dataclass

@@ -21,16 +21,13 @@ from palettelink import bitstream
 from palettelink.bundle import MANIFEST, find_bundle, write_manifest
 from palettelink.codecs import Decoder, make_encoder
 from palettelink.codecs.palette import PaletteDecoder
-from palettelink.image import Letterbox, letterbox_info, load_image
+from palettelink.image import Letterbox, Window, content_window, letterbox_info, load_image, window_letterbox
 from palettelink.models.ultra_ort import (
     RUNTIME_ENV,
     SERVER_INT8_MIN_AGREEMENT,
-    Window,
     choose_server_graph,
-    content_window,
     tail_file,
     uses_onnxruntime,
-    window_letterbox,
 )
 from palettelink.models.windowed_palette import WindowedPaletteDecoder
 from palettelink.train.int8_serve import agreement, torch_reference

@@ -69,6 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "int8"), default="auto",
                    help="edge graph precision: auto (the default, as the edge client: the bundle's int8 "
                         "graph where its measured agreement is ≥ 0.97), fp32 or int8")
+    p.add_argument("--canvas", choices=("window", "square"), default="window",
+                   help="palette codec: the frame's window of the letterbox (default, what the edge sends a "
+                        "server that decodes windows, where the bundle can) or the whole square")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for bench-edge.json")
 
 
@@ -193,6 +196,9 @@ def run(args: argparse.Namespace) -> int:
     set_session_defaults(threads, spinning=args.spin, precision=args.precision)
     codec = args.codec or default_codec(bundle)
     encoder = make_encoder(bundle, codec)
+    if getattr(encoder, "window_capable", False):
+        encoder.window = args.canvas == "window"  # type: ignore[attr-defined]
+    canvas = "window" if getattr(encoder, "window", False) else "square"
     graph = getattr(encoder, "graph", None) or getattr(getattr(encoder, "front", None), "graph", None)
     if args.level is not None and args.level not in encoder.levels():
         raise InvalidRequest(f"--level {args.level} is not offered by the {codec} codec; its levels are "
@@ -211,7 +217,8 @@ def run(args: argparse.Namespace) -> int:
     total = result["stages"]["total"]
     report: dict[str, Any] = {
         "palettelink": __version__, "bundle": bundle.id, "codec": codec, "level": result["level"],
-        "size": list(args.size), "input": bundle.input_size, "frames": [name for name, _ in frames],
+        "size": list(args.size), "input": bundle.input_size, "canvas": canvas,
+        "frames": [name for name, _ in frames],
         "cpu": cpu, "usable_cpus": cpus, "online_cpus": os.cpu_count(), "threads": threads,
         "cpus": _cpu.describe(), "session": session_settings(threads),
         "graph": None if graph is None else {"file": graph.file, "precision": graph.precision,
@@ -236,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
     w, h = args.size
     print(f"bench-edge {bundle.id}: {codec} level {result['level']}, {len(frames)} frame(s) at {w}x{h} "
           f"({', '.join(report['frames'][:4])}{', …' if len(frames) > 4 else ''}) letterboxed to "
-          f"{bundle.input_size}²")
+          f"{bundle.input_size}²" + (", the frame's window of it coded" if canvas == "window" else ""))
     limit = report["cpus"]["cgroup_cpu_limit"]
     print(f"  CPU {cpu}: {cpus} usable of {os.cpu_count()} online"
           f"{'' if limit is None else f' (cgroup quota {limit:g} CPUs)'}; onnxruntime {ort.__version__} "

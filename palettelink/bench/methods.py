@@ -51,6 +51,7 @@ class Output:
     tensors: list[np.ndarray] | None = None
     rgb: np.ndarray | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    window: tuple[int, int, int, int] | None = None  # the letterbox's part ``tensors`` cover (None: all)
 
 
 @dataclass
@@ -140,6 +141,13 @@ class CodecMethod:
         self.spec = codecs.spec(codec)
         self.encoder = codecs.make_encoder(ctx.bundle, codec)
         self.decoder = codecs.Decoder(ctx.bundle)
+        if ctx.options.get("canvas") == "window" and getattr(self.encoder, "window_capable", False):
+            # what the edge sends a server that decodes windows, decoded as that server's
+            # onnxruntime path decodes it: the window's latent as it is
+            from palettelink.models.windowed_palette import WindowedPaletteDecoder
+
+            self.encoder.window = True  # type: ignore[attr-defined]
+            self.decoder = codecs.Decoder(ctx.bundle, overrides={codec: WindowedPaletteDecoder(ctx.bundle)})
         wanted = ctx.options.get(f"{codec}_levels")
         self._points = list(wanted) if wanted else self.encoder.levels()  # finest first
         self._analysis: tuple[Item, codecs.Analysis, float] | None = None  # the last item, its analysis, ms
@@ -172,7 +180,7 @@ class CodecMethod:
         t0 = time.perf_counter()
         dec = self.decoder.decode(payload)
         timings["decode_ms"] = _ms(t0)
-        return Output(len(payload), tensors=dec.tensors, timings_ms=timings)
+        return Output(len(payload), tensors=dec.tensors, timings_ms=timings, window=dec.window)
 
 
 def _codec_method(codec: str) -> Callable[[Context], Method]:

@@ -29,7 +29,7 @@ from palettelink.bundle import Bundle, find_bundle
 from palettelink.cliutil import ints
 from palettelink.errors import InvalidRequest
 from palettelink.front import PRECISIONS, Front, GraphChoice, session_defaults, set_session_defaults
-from palettelink.image import letterbox, load_image
+from palettelink.image import letterbox, load_image, window_letterbox
 from palettelink.samples import sample_images
 
 DEFAULT_BUNDLE = "fall-yolov8"
@@ -69,6 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--assets", type=Path, default=None, help="trained codec assets (for ablations)")
     p.add_argument("--every", type=int, default=1, metavar="N", help="keep every N-th video frame")
     p.add_argument("--max-frames", type=int, default=None, metavar="N", help="cap on --images frames")
+    p.add_argument("--canvas", choices=("square", "window"), default="square",
+                   help="palette codec: code the whole letterbox (default, the committed results) or the "
+                        "frame's window of it, as an edge does with a server that decodes windows")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="edge graphs (front, palette encoder): fp32 (default: the codec measured against the "
                         "float pipeline), int8, or auto (what the edge runs: int8 where the bundle measured "
@@ -211,7 +214,8 @@ class Runner:
                 out = m.run(item, point)
                 t0 = time.perf_counter()
                 if out.tensors is not None:
-                    dets = self.det.detect_tensors(out.tensors, item.letterbox, conf=self.pred_conf)
+                    lb = window_letterbox(item.letterbox, out.window)
+                    dets = self.det.detect_tensors(out.tensors, lb, conf=self.pred_conf)
                 else:
                     assert out.rgb is not None
                     x, lb = letterbox(out.rgb, self.bundle.input_size)
@@ -333,6 +337,9 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("edge_graphs"):
         graphs = ", ".join(f"{g} → {c['file']} ({c['reason']})" for g, c in report["edge_graphs"].items())
         head += [f"Edge graphs (--precision {report.get('precision', 'auto')}): {graphs}", ""]
+    if report.get("canvas") == "window":
+        head += ["Palette canvas: the frame's window of the letterbox (`--canvas window`), decoded as it is",
+                 ""]
     out = head + ["| method | point | bytes/image | bpp | AP50 | AP50:95 | F1 | small | medium | large "
                   "| flips | missed | false boxes/image | per-class AP50 |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -403,7 +410,8 @@ def run(args: argparse.Namespace) -> int:
 
         capture.expand(args.images)  # a bad --images path fails before any work, not after the samples
     bundle = find_bundle(args.bundle, args.bundles)
-    options = {"baseline_levels": args.bits, "palette_levels": args.levels, "assets": args.assets}
+    options = {"baseline_levels": args.bits, "palette_levels": args.levels, "assets": args.assets,
+               "canvas": args.canvas}
     ablations = list(ABLATIONS) if args.ablations == ["all"] else list(args.ablations)
     for fmt in ("jpeg", "webp", "avif"):
         options[f"{fmt}_qualities"] = args.qualities
@@ -453,7 +461,7 @@ def _run_bench(args: argparse.Namespace, bundle: Bundle, options: dict[str, Any]
     report = {
         "palettelink": __version__, "bundle": bundle.id, "table_hash": bundle.table_hash_hex,
         "reference": f"unsplit detector on the letterboxed original, conf ≥ {args.ref_conf}",
-        "pred_conf": args.pred_conf, "precision": args.precision,
+        "pred_conf": args.pred_conf, "precision": args.precision, "canvas": args.canvas,
         "edge_graphs": _edge_graphs(front, methods),
         "metric": "COCO AP (101-point, class-aware) vs reference boxes",
         "bpp": "8*sum(bytes)/sum(W*H of the original images)",

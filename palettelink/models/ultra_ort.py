@@ -28,10 +28,8 @@ grey-padding features: the agreement measured with it is recorded under ``serve.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,7 +37,6 @@ import numpy as np
 from palettelink.bundle import Bundle
 from palettelink.errors import BundleError, InvalidRequest
 from palettelink.front import GraphChoice, choose_variant
-from palettelink.image import Letterbox, letterbox_info
 
 TAIL = "tail.onnx"
 # The int8 decoder/tail run only where the whole int8 path's detections agree with the torch path's
@@ -98,56 +95,6 @@ def choose_server_graph(bundle: Bundle, graph: str, precision: str | None = None
 
 
 # -- window --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Window:
-    """Pixels [x0, x1) × [y0, y1) of the letterboxed square input, multiples of the alignment."""
-
-    x0: int
-    y0: int
-    x1: int
-    y1: int
-
-    def box(self) -> tuple[int, int, int, int]:
-        return (self.x0, self.y0, self.x1, self.y1)
-
-    def cells(self, stride: int) -> tuple[slice, slice]:
-        """(rows, columns) of a tensor at ``stride`` that this window covers."""
-        return slice(self.y0 // stride, self.y1 // stride), slice(self.x0 // stride, self.x1 // stride)
-
-
-def tail_alignment(bundle: Bundle) -> int:
-    """The coarsest stride among the crossing tensors (32 for YOLOv8): a window must cut every one of
-    them on whole cells."""
-    s = bundle.input_size
-    return max(s // t.shape[2] for t in bundle.tensors)
-
-
-def content_window(image_size: tuple[int, int], size: int, align: int) -> Window:
-    """The part of the ``size``² letterbox that holds an image of ``image_size`` (W, H), widened to
-    multiples of ``align`` (never empty)."""
-    lb = letterbox_info(int(image_size[0]), int(image_size[1]), size)
-    nw, nh = round(lb.width * lb.scale), round(lb.height * lb.scale)
-
-    def span(pad: int, n: int) -> tuple[int, int]:
-        a = max(0, (pad // align) * align)
-        b = min(size, math.ceil((pad + n) / align) * align)
-        if b <= a:  # a sliver (a 1×10000 picture): one cell
-            a = min(a, size - align)
-            b = a + align
-        return a, b
-
-    x0, x1 = span(lb.pad_x, nw)
-    y0, y1 = span(lb.pad_y, nh)
-    return Window(x0, y0, x1, y1)
-
-
-def window_letterbox(lb: Letterbox, window: tuple[int, int, int, int] | None) -> Letterbox:
-    """``lb`` for boxes found in ``window`` (x0, y0, x1, y1) of the letterbox rather than all of it."""
-    if window is None:
-        return lb
-    return Letterbox(lb.scale, lb.pad_x - int(window[0]), lb.pad_y - int(window[1]), lb.width, lb.height)
 
 
 # -- sessions ------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ where the bundle measured the whole path agreeing with the torch one.
 The stream is decoded exactly as :class:`PaletteDecoder` decodes it (bit-exact index maps, every
 check); only the dequantised latent is cut to the window before ``decoder.onnx`` runs, so the crossing
 tensors cover the window (``Decoded.window``) and the tail that reads them must know it (the server's
-onnxruntime detect runner does; nothing else is given this decoder).
+onnxruntime detect runner does; nothing else is given this decoder). Where the edge already coded only
+the window (:mod:`palettelink.codecs.palette.window`), its latent is decoded as it is.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import numpy as np
 from palettelink import bitstream
 from palettelink.bundle import Bundle
 from palettelink.codecs import Decoded
+from palettelink.codecs.palette import window as palette_window
 from palettelink.codecs.palette.runtime import CODEC, PaletteDecoder
 from palettelink.front import GraphChoice
-from palettelink.models.ultra_ort import choose_server_graph, content_window, server_session, tail_alignment
+from palettelink.models.ultra_ort import choose_server_graph, server_session
 
 
 class WindowedPaletteDecoder(PaletteDecoder):
@@ -33,7 +35,7 @@ class WindowedPaletteDecoder(PaletteDecoder):
         super().__init__(bundle, threads, precision=precision)
         zin = next(i for i in self.session.get_inputs() if i.name == "z")
         dynamic = not all(isinstance(d, int) for d in list(zin.shape)[-2:])
-        self.align = tail_alignment(bundle)
+        self.align = palette_window.alignment(bundle)
         self.window = bool(window and dynamic and self.latent_hw is not None)
 
     def _choose_graph(self, bundle: Bundle, precision: str | None) -> GraphChoice:
@@ -48,16 +50,18 @@ class WindowedPaletteDecoder(PaletteDecoder):
         """The frame's dequantised latent cut to its window: (z, level, sent level, window box or
         None for the whole latent). The symbols are decoded and checked as the base class does."""
         r = self.decode_indices(frame, generate_to)
+        if not self.window:  # whole squares, as the base class (a window the edge sent is placed)
+            return self.tables.dequantise(self.square_indices(frame, r), r.level), r.level, r.sent_level, None
         z = self.tables.dequantise(r.indices, r.level)
+        sent = self.window_of(frame)
+        if sent is not None:  # the edge coded the window: decode it as it is
+            return z, r.level, r.sent_level, sent.box()
         box = None
-        if self.window and tuple(z.shape[-2:]) == self.latent_hw:  # a letterboxed square latent
-            size = self.bundle.input_size
-            stride = size // z.shape[-1]
-            win = content_window(frame.image_size, size, self.align)
-            if (win.x1 - win.x0, win.y1 - win.y0) != (size, size):
-                rows, cols = win.cells(stride)
-                z = np.ascontiguousarray(z[:, :, rows, cols])
-                box = win.box()
+        win = palette_window.frame_window(self.bundle, frame.image_size)
+        if win is not None and tuple(z.shape[-2:]) == self.latent_hw:  # a letterboxed square: cut it
+            rows, cols = win.cells(self.bundle.input_size // z.shape[-1])
+            z = np.ascontiguousarray(z[:, :, rows, cols])
+            box = win.box()
         return z, r.level, r.sent_level, box
 
     def decode_frame(self, frame: bitstream.Frame, n_bytes: int, generate_to: int | None = None) -> Decoded:

@@ -114,11 +114,15 @@ def _export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, input
 
 def export_edge_onnx(det: Any, enc: Encoder, tables: Mapping[str, np.ndarray], path: str | Path,
                      size: int | None = None) -> Path:
-    """Write ``edge.onnx`` (see module docstring) for square inputs of ``size`` (default enc.cfg.size)."""
+    """Write ``edge.onnx`` (see module docstring), traced at ``size``² (default enc.cfg.size) with
+    height and width dynamic: the edge runs it on the letterbox's whole square or on the frame's
+    window of it (:func:`palettelink.codecs.palette.window.edge_window`), any multiple of the
+    detector's coarsest stride."""
     s = int(size or enc.cfg.size)
     g = EdgeGraph(det, enc.eval(), tables).eval()
+    dyn = {"images": {2: "height", 3: "width"}, "indices": {1: "h", 2: "w"}}
     _export(g, (torch.zeros(1, 3, s, s), torch.tensor(0, dtype=torch.int64)), Path(path),
-            ["images", "level"], ["indices", "novelty"])
+            ["images", "level"], ["indices", "novelty"], dyn)
     return Path(path)
 
 
@@ -200,7 +204,8 @@ def install_server_graphs(det: Any, bundle_dir: str | Path, names: Sequence[str]
     """Export ``tail.onnx`` into ``bundle_dir`` and check it against the torch tail on the front's
     tensors of ``samples`` (letterboxed 1×3×S×S inputs), whole and cut to a 640×480 frame's window.
     Returns the manifest's ``serve`` entry (:mod:`palettelink.models.ultra_ort`)."""
-    from palettelink.models.ultra_ort import TAIL, content_window
+    from palettelink.image import content_window
+    from palettelink.models.ultra_ort import TAIL
 
     dest = Path(bundle_dir)
     export_tail_onnx(det, dest / TAIL, names, shapes)
@@ -287,6 +292,22 @@ def verify_assets(assets_dir: str | Path, detector_sha256: str | None,
     return am
 
 
+def grey_latent(edge_onnx: str | Path, size: int) -> dict[str, Any]:
+    """What ``edge.onnx`` makes of the letterbox's grey (a square of 114): the finest palette index
+    per group at its centre (``pad_indices``) and its novelty (``pad_novelty``), with which a server
+    places a window latent into the square and the edge puts a window's novelty on the square's scale
+    (:mod:`palettelink.codecs.palette.window`)."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(edge_onnx), providers=["CPUExecutionProvider"])
+    grey = np.full((1, 3, size, size), 114.0 / 255.0, np.float32)
+    outs = sess.run(None, {"images": grey, "level": np.asarray(0, np.int64)})
+    idx = np.asarray(outs[0])
+    h, w = idx.shape[-2:]
+    return {"pad_indices": [int(v) for v in idx.reshape(-1, h, w)[:, h // 2, w // 2]],
+            "pad_novelty": round(float(np.asarray(outs[1]).reshape(())), 6)}
+
+
 def install_palette_codec(det: Any, assets_dir: str | Path, bundle_dir: str | Path,
                           manifest: dict[str, Any]) -> dict[str, Any]:
     """Verify trained assets and build the palette codec into ``bundle_dir`` (CONTRACTS).
@@ -317,12 +338,13 @@ def install_palette_codec(det: Any, assets_dir: str | Path, bundle_dir: str | Pa
         if (assets / name).is_file():
             shutil.copyfile(assets / name, dest / "codec" / name)
     level_sizes = [int(v) for v in np.asarray(tables["level_sizes"])]
+    pad = grey_latent(dest / "edge.onnx", size)
     entry = {k: v for k, v in codec.items() if k not in ("report", "training")}
     entry.update({"param": "level", "levels": codec.get("levels", list(range(len(level_sizes)))),
                   "level_sizes": level_sizes, "edge": "edge.onnx", "decoder": "decoder.onnx",
                   "tables": "palette.npz", "edge_files": ["edge.onnx", "palette.npz"],
                   "latent": [cfg.z_channels, size // cfg.z_stride, size // cfg.z_stride],
-                  "group_offsets": [int(v) for v in np.asarray(tables["groups"])]})
+                  "group_offsets": [int(v) for v in np.asarray(tables["groups"])], **pad})
     manifest.setdefault("codecs", {})["palette"] = entry
     tables_list = manifest.setdefault("tables", [])
     if "palette.npz" not in tables_list:

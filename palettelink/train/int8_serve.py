@@ -81,9 +81,8 @@ class ServePath:
 
     def detect(self, payload: bytes, conf: float = 0.001) -> tuple[list[Any], float, float]:
         """Boxes of one frame, the decoder network's ms and the tail's ms."""
-        from palettelink.image import letterbox_info
+        from palettelink.image import letterbox_info, window_letterbox
         from palettelink.models.ultra import postprocess
-        from palettelink.models.ultra_ort import window_letterbox
 
         d = self.decoder.decode(payload)
         t0 = time.perf_counter()

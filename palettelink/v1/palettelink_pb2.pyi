@@ -197,14 +197,16 @@ class LevelInfo(_message.Message):
     def __init__(self, level: _Optional[int] = ..., palette_size: _Optional[int] = ..., mean_bits: _Optional[float] = ..., mean_bpp: _Optional[float] = ...) -> None: ...
 
 class CodecInfo(_message.Message):
-    __slots__ = ("name", "levels", "progressive")
+    __slots__ = ("name", "levels", "progressive", "window_latent")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LEVELS_FIELD_NUMBER: _ClassVar[int]
     PROGRESSIVE_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_LATENT_FIELD_NUMBER: _ClassVar[int]
     name: str
     levels: _containers.RepeatedCompositeFieldContainer[LevelInfo]
     progressive: bool
-    def __init__(self, name: _Optional[str] = ..., levels: _Optional[_Iterable[_Union[LevelInfo, _Mapping]]] = ..., progressive: _Optional[bool] = ...) -> None: ...
+    window_latent: bool
+    def __init__(self, name: _Optional[str] = ..., levels: _Optional[_Iterable[_Union[LevelInfo, _Mapping]]] = ..., progressive: _Optional[bool] = ..., window_latent: _Optional[bool] = ...) -> None: ...
 
 class TensorInfo(_message.Message):
     __slots__ = ("name", "layer", "shape")

@@ -82,8 +82,8 @@ class _YoloOrt:
         self.class_names = list(bundle.class_names)
 
     def _boxes(self, preds: np.ndarray, d: Decoded) -> TaskOutput:
+        from palettelink.image import window_letterbox
         from palettelink.models.ultra import postprocess
-        from palettelink.models.ultra_ort import window_letterbox
 
         lb = window_letterbox(letterbox_info(*d.image_size, self.bundle.input_size), d.window)
         return _boxes(postprocess(preds, lb), self.class_names)

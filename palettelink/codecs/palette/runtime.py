@@ -22,9 +22,18 @@ from palettelink.codecs.palette.stream import (
     encode_levels_between,
 )
 from palettelink.codecs.palette.tables import TABLES_FILE, PaletteTables, check_model
+from palettelink.codecs.palette.window import (
+    frame_window,
+    latent_stride,
+    pad_indices,
+    place,
+    square_novelty,
+    supports_window,
+    window_latent_hw,
+)
 from palettelink.errors import BundleError, InvalidRequest, InvalidStream
 from palettelink.front import GraphChoice, choose_graph, ort_session
-from palettelink.image import Letterbox, letterbox
+from palettelink.image import Letterbox, Window, letterbox
 
 CODEC = "palette"
 WIRE_ID = 2  # the container's codec byte: never renumber (committed streams must decode)
@@ -45,6 +54,7 @@ class PaletteAnalysis(Analysis):
     layers: list[bytes] | None = None  # the progressive stream's layers, coarsest first, made on use
     layer_ms: float = 0.0  # time spent coding them (all calls)
     novelty: float | None = None  # edge.onnx's "novelty" (None: a bundle exported before it existed)
+    window: Window | None = None  # the letterbox's part the indices cover (None: all of it)
 
 
 class PaletteEncoder:
@@ -53,7 +63,10 @@ class PaletteEncoder:
     codec = CODEC
 
     def __init__(self, bundle: Bundle, threads: int | None = None, model: str | None = None,
-                 precision: str | None = None) -> None:
+                 precision: str | None = None, window: bool = False) -> None:
+        """``window``: code the frame's window of the letterbox instead of the whole square
+        (:mod:`palettelink.codecs.palette.window`), where the bundle can (:attr:`window_capable`);
+        the edge asks for it once the server has said it decodes windows."""
         self.bundle = bundle
         self.tables = PaletteTables.load(_tables_file(bundle))
         self.model = check_model(self.tables, model)
@@ -74,6 +87,20 @@ class PaletteEncoder:
         self._default = int(default) if offered_default else self._offered[0]
         threshold = (entry.get("novelty") or {}).get("threshold")
         self._novelty_threshold = float(threshold) if threshold is not None else None
+        dims = list(self.session.get_inputs()[0].shape)[-2:]
+        self.window_capable = (supports_window(bundle)
+                               and not all(isinstance(d, int) for d in dims))
+        self._pad_novelty = float(entry.get("pad_novelty", 0.0))
+        self.window = window
+
+    @property
+    def window(self) -> bool:
+        """Whether frames are coded as their window of the letterbox (only where the bundle can)."""
+        return self._window
+
+    @window.setter
+    def window(self, on: bool) -> None:
+        self._window = bool(on) and self.window_capable
 
     def levels(self) -> list[int]:
         """The levels this bundle offers, finest first: those that measured well at training
@@ -96,6 +123,9 @@ class PaletteEncoder:
 
     def analyse(self, rgb: np.ndarray) -> PaletteAnalysis:
         x, info = letterbox(rgb, self.bundle.input_size)
+        win = frame_window(self.bundle, (info.width, info.height)) if self.window else None
+        if win is not None:
+            x = np.ascontiguousarray(x[:, :, win.y0:win.y1, win.x0:win.x1])
         t0 = time.perf_counter()
         feeds = {self.input_name: x, "level": np.asarray(0, dtype=np.int64)}
         outs = self.session.run(self.outputs, feeds)
@@ -105,7 +135,11 @@ class PaletteEncoder:
         idx = np.asarray(idx).astype(np.int64).reshape(self.tables.n_groups, *np.shape(idx)[-2:])
         if idx.min() < 0 or idx.max() >= self.tables.sizes[0]:
             raise BundleError(f"{self.bundle.id}: edge.onnx produced indices outside the palette")
-        return PaletteAnalysis((info.width, info.height), ms, idx, info, novelty=novelty)
+        if win is not None and novelty is not None:
+            side = self.bundle.input_size // int(latent_stride(self.bundle) or 1)
+            novelty = square_novelty(novelty, idx.shape[1] * idx.shape[2], side * side,
+                                                    self._pad_novelty)
+        return PaletteAnalysis((info.width, info.height), ms, idx, info, novelty=novelty, window=win)
 
     def _layers(self, analysis: Analysis, level: int = 0) -> list[bytes]:
         """The stream's layers down to ``level`` at least: only the levels asked for are coded (the
@@ -209,8 +243,13 @@ class PaletteDecoder:
         if c != self.tables.channels:
             raise InvalidStream(f"latent has {c} channels; this bundle's palette codes "
                                 f"{self.tables.channels}")
-        if self.latent_hw is not None and (h, w) != self.latent_hw:
-            raise InvalidStream(f"latent {h}x{w} does not match the bundle's {self.latent_hw}")
+        if self.latent_hw is not None and (h, w) != self.latent_hw and self.window_of(frame) is None:
+            win_hw = window_latent_hw(self.bundle, frame.image_size)
+            iw, ih = frame.image_size
+            also = (f" nor the {win_hw[0]}x{win_hw[1]} window of a {iw}x{ih} picture"
+                    if win_hw and supports_window(self.bundle) else "")
+            raise InvalidStream(f"latent {h}x{w} is not the bundle's {self.latent_hw[0]}x{self.latent_hw[1]}"
+                                f"{also}")
         if not frame.progressive:
             raise InvalidStream("palette frame is not flagged progressive")
         if frame.declared_layers > self.tables.n_levels:
@@ -226,10 +265,31 @@ class PaletteDecoder:
         return decode_layers_full(frame.layers, self.tables, frame.param, (h, w), model, gen,
                                   self.mode, self.seed)
 
+    def window_of(self, frame: bitstream.Frame) -> Window | None:
+        """The window of the letterbox the frame's latent covers, where the edge sent one (its shape is
+        the window's for the frame's image size and this bundle codes windows); None otherwise."""
+        if len(frame.shapes) != 1 or not supports_window(self.bundle):
+            return None
+        hw = tuple(frame.shapes[0][1:])
+        if hw == self.latent_hw or hw != window_latent_hw(self.bundle, frame.image_size):
+            return None
+        return frame_window(self.bundle, frame.image_size)
+
+    def square_indices(self, frame: bitstream.Frame, r: DecodedIndices) -> np.ndarray:
+        """The decoded index maps on the whole letterbox: a window's placed among the grey's entries."""
+        win = self.window_of(frame)
+        if win is None or self.latent_hw is None:
+            return r.indices
+        pad = pad_indices(self.bundle)
+        assert pad is not None  # window_of checked it
+        fill = self.tables.ids_at(pad.reshape(-1, 1, 1), r.level).reshape(-1)
+        stride = int(latent_stride(self.bundle) or 1)
+        return place(r.indices, win, self.latent_hw, stride, fill)
+
     def decode_frame(self, frame: bitstream.Frame, n_bytes: int, generate_to: int | None = None) -> Decoded:
         t0 = time.perf_counter()
         r = self.decode_indices(frame, generate_to)
-        z = self.tables.dequantise(r.indices, r.level)
+        z = self.tables.dequantise(self.square_indices(frame, r), r.level)
         t1 = time.perf_counter()
         outs = self.session.run(self.outputs, {"z": z, "level": np.asarray(r.level, dtype=np.int64)})
         t2 = time.perf_counter()
