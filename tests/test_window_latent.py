@@ -172,3 +172,24 @@ def test_getinfo_tells_the_edge_the_server_decodes_windows(live_server, bundle) 
         assert not server_decodes_windows(channel, "no-such-bundle/1", [])
     with grpc.insecure_channel("127.0.0.1:1") as nowhere:  # no server: no, and no exception
         assert not server_decodes_windows(nowhere, bundle.id, [], timeout=0.5)
+
+
+def test_the_image_bundle_codes_windows_on_its_latent_cells(image_bundle, images) -> None:  # noqa: ANN001
+    """The image bundle's one crossing tensor is the picture (stride 1): its windows are cut on the
+    latent's 8-px cells, and the rebuilt picture inside the window is the square stream's."""
+    from palettelink.codecs import Decoder, make_encoder
+
+    assert palette_window.alignment(image_bundle) == palette_window.latent_stride(image_bundle) == 8
+    enc, dec = make_encoder(image_bundle, "palette"), Decoder(image_bundle)
+    assert enc.window_capable
+    rgb = _camera_frames(images)[0]
+    square = dec.decode(enc.encode(rgb).payload).tensors[0]
+    enc.window = True
+    payload = enc.encode(rgb).payload
+    assert bitstream.unpack(payload).shapes == ((32, 48, 64),)
+    rebuilt = dec.decode(payload).tensors[0]
+    assert rebuilt.shape == square.shape == (1, 3, 512, 512)
+    win = palette_window.frame_window(image_bundle, (640, 480))
+    assert win == Window(0, 64, 512, 448)
+    inside = (slice(None), slice(None), slice(win.y0, win.y1), slice(win.x0, win.x1))
+    assert float(np.abs(rebuilt[inside] - square[inside]).mean()) < 0.02

@@ -36,10 +36,10 @@ CODEC = "palette"
 
 
 def alignment(bundle: Bundle) -> int:
-    """The coarsest stride among the crossing tensors (32 for YOLOv8): a window must cut every one of
-    them, and the latent, on whole cells."""
+    """The coarsest stride among the crossing tensors and the latent (32 for YOLOv8, 16 for the image
+    bundle, whose one crossing tensor is the picture): a window cuts every one of them on whole cells."""
     s = bundle.input_size
-    return max(s // int(t.shape[2]) for t in bundle.tensors)
+    return max([s // int(t.shape[2]) for t in bundle.tensors] + [latent_stride(bundle) or 1])
 
 
 def entry(bundle: Bundle) -> dict[str, Any]:
