@@ -101,11 +101,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", choices=("auto", "torch"), default="auto",
                    help="auto: onnxruntime decoder window and tail where the bundle has tail.onnx (int8 "
                         "where kept), else torch; torch: the torch tail on the whole latent (the old path)")
+    p.add_argument("--canvas", choices=("window", "square"), default="window",
+                   help="palette frames coded as the frame's window of the letterbox (default, what an edge "
+                        "sends a server that decodes windows) or the whole square")
     p.add_argument("--out", type=Path, default=Path("bench-out/bench-serve.json"))
 
 
 def _frames(root: Path, bundle_name: str, codecs: list[str] | None, bits: int,
-            level: int, size: tuple[int, int] | None = None) -> dict[str, list[bytes]]:
+            level: int, size: tuple[int, int] | None = None, canvas: str = "window"
+            ) -> dict[str, list[bytes]]:
     from palettelink.bench.edge_speed import frames_at
     from palettelink.bundle import find_bundle
     from palettelink.codecs import available, make_encoder
@@ -118,6 +122,8 @@ def _frames(root: Path, bundle_name: str, codecs: list[str] | None, bits: int,
     out = {}
     for codec in codecs or available(bundle):
         enc = make_encoder(bundle, codec)
+        if getattr(enc, "window_capable", False):  # what an edge sends this server (it decodes windows)
+            enc.window = canvas == "window"
         out[codec] = [enc.encode(rgb, bits if codec == "baseline" else level).payload for rgb in rgbs]
     return out
 
@@ -278,7 +284,7 @@ def _run(args: argparse.Namespace) -> int:
     unknown = [t for t in tasks if t not in tasks_for(bundle)]
     if unknown:
         raise InvalidRequest(f"bundle {bundle.id} runs tasks {tasks_for(bundle)}, not {unknown}")
-    frames = _frames(root, args.bundle, args.codec, args.bits, args.level, args.size)
+    frames = _frames(root, args.bundle, args.codec, args.bits, args.level, args.size, args.canvas)
     fallback = cuda_fallback(asked)
     device = "cpu" if fallback else asked
     if fallback:
@@ -320,7 +326,7 @@ def _run(args: argparse.Namespace) -> int:
               "torch": torch.__version__, "cpus": cpu.describe(), **threads,
               "cuda_device": name if device.startswith("cuda") else None, "seconds": args.seconds,
               "warmup": args.warmup, "repeat": args.repeat, "bits": args.bits, "level": args.level,
-              "runtime": args.runtime, "size": list(args.size) if args.size else None,
+              "runtime": args.runtime, "size": list(args.size) if args.size else None, "canvas": args.canvas,
               "bundle": bundle.id, "tasks": tasks, "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
