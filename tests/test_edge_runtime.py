@@ -203,6 +203,7 @@ def test_palettelink_int8_quantises_measures_and_records(bundle, tmp_path: Path,
     rec = json.loads(out.read_text())
     assert rec["graph"] == "edge.onnx" and rec["frames"] == 2 and rec["calibration_images"] == 2
     assert 0 <= rec["agreement"] <= 1 and rec["level"] == make_encoder(bundle, "palette").default_level()
+    assert rec["canvas"] == "window"  # measured on what the edge codes for a server that decodes windows
     assert rec["default"] == (rec["agreement"] >= front.INT8_MIN_AGREEMENT)
     loaded = Bundle.load(root / bundle.name / bundle.version)  # every hash still verifies
     assert loaded.table_hash_hex == bundle.table_hash_hex and loaded.has_file("edge.int8.onnx")

@@ -122,7 +122,10 @@ def measure(bundle: Any, graph: str, int8_file: Path, frames: list[np.ndarray], 
         int8.session = ort_session(str(int8_file), threads)  # the candidate, not yet in the manifest
         decoder = PaletteDecoder(bundle, threads)
         level = fp32.default_level() if level is None else level
+        # measured on what the edge codes for a server that decodes windows (where the bundle can)
+        fp32.window = int8.window = True
         out["codec"], out["level"] = "palette", level
+        out["canvas"] = "window" if fp32.window else "square"
         same = []
         for rgb in frames:
             x, lb = letterbox(rgb, bundle.input_size)
