@@ -63,6 +63,8 @@ def test_bundle_records_the_grey_latent_and_a_dynamic_edge_graph(bundle) -> None
     assert len(entry["pad_indices"]) == enc.tables.n_groups
     assert all(0 <= v < enc.tables.sizes[0] for v in entry["pad_indices"])
     assert entry["pad_novelty"] > 0
+    # fitted on training pictures where this machine has them (the grey square's own otherwise)
+    assert entry["pad_novelty_fit"].startswith(("least squares over", "the grey square's own"))
     assert enc.window_capable and not enc.window  # capable; whole squares unless asked
     dims = enc.session.get_inputs()[0].shape[-2:]
     assert not all(isinstance(d, int) for d in dims)
@@ -88,7 +90,7 @@ def test_edge_codes_the_window_with_fewer_bytes_and_a_latent_of_its_shape(bundle
         inner = a_sq.indices[:, 4 + 2:4 + 30, 2:38] == a_w.indices[:, 2:30, 2:38]
         assert inner.mean() > 0.75
         # the novelty is put on the square's scale: close to the square's own
-        assert a_w.novelty == pytest.approx(a_sq.novelty, rel=0.15)
+        assert a_w.novelty == pytest.approx(a_sq.novelty, rel=0.1)
         for level in win.levels():
             e_sq, e_w = square.encode_analysis(a_sq, level), win.encode_analysis(a_w, level)
             assert bitstream.unpack(e_w.payload).shapes == ((32, 32, 40),)

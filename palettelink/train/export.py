@@ -292,20 +292,60 @@ def verify_assets(assets_dir: str | Path, detector_sha256: str | None,
     return am
 
 
-def grey_latent(edge_onnx: str | Path, size: int) -> dict[str, Any]:
-    """What ``edge.onnx`` makes of the letterbox's grey (a square of 114): the finest palette index
-    per group at its centre (``pad_indices``) and its novelty (``pad_novelty``), with which a server
-    places a window latent into the square and the edge puts a window's novelty on the square's scale
-    (:mod:`palettelink.codecs.palette.window`)."""
+def grey_latent(edge_onnx: str | Path, size: int, align: int, latent_stride: int,
+                calibration: Sequence[np.ndarray] = ()) -> dict[str, Any]:
+    """What a window latent needs from the bundle (:mod:`palettelink.codecs.palette.window`).
+
+    ``pad_indices``: the finest palette entry per group that ``edge.onnx`` gives the centre of the
+    letterbox's grey (a square of 114): a server places a window among them.
+
+    ``pad_novelty``: the novelty of the cells a window leaves out, which puts a window's novelty on
+    the scale of the whole square's (the threshold's scale). Those cells are grey, but the ones next to
+    the picture see it through the front's receptive field and sit further from the palette than the
+    grey's interior (0.38 for the shipped codec, where the sample pictures' left-out cells average
+    0.5–1.0). With ``calibration`` pictures (training images, never held-out ones) it is fitted to them:
+    the least-squares value of p in ``square ≈ (n·window + (N − n)·p) / N`` over those whose window is
+    not the whole square. Without, the grey square's own novelty.
+    """
     import onnxruntime as ort
 
+    from palettelink.image import content_window, letterbox
+
     sess = ort.InferenceSession(str(edge_onnx), providers=["CPUExecutionProvider"])
+    level = np.asarray(0, np.int64)
     grey = np.full((1, 3, size, size), 114.0 / 255.0, np.float32)
-    outs = sess.run(None, {"images": grey, "level": np.asarray(0, np.int64)})
+    outs = sess.run(None, {"images": grey, "level": level})
     idx = np.asarray(outs[0])
     h, w = idx.shape[-2:]
-    return {"pad_indices": [int(v) for v in idx.reshape(-1, h, w)[:, h // 2, w // 2]],
-            "pad_novelty": round(float(np.asarray(outs[1]).reshape(())), 6)}
+    out: dict[str, Any] = {"pad_indices": [int(v) for v in idx.reshape(-1, h, w)[:, h // 2, w // 2]],
+                           "pad_novelty": round(float(np.asarray(outs[1]).reshape(())), 6),
+                           "pad_novelty_fit": "the grey square's own"}
+    num = den = 0.0
+    used = 0
+    cells = (size // latent_stride) ** 2
+    for rgb in calibration:
+        x, lb = letterbox(rgb, size)
+        win = content_window((lb.width, lb.height), size, align)
+        n = ((win.x1 - win.x0) // latent_stride) * ((win.y1 - win.y0) // latent_stride)
+        if n >= cells:
+            continue
+        square = float(np.asarray(sess.run(None, {"images": x, "level": level})[1]).reshape(()))
+        crop = np.ascontiguousarray(x[:, :, win.y0:win.y1, win.x0:win.x1])
+        window = float(np.asarray(sess.run(None, {"images": crop, "level": level})[1]).reshape(()))
+        num += (cells * square - n * window) * (cells - n)
+        den += float(cells - n) ** 2
+        used += 1
+    if den > 0:
+        out["pad_novelty"] = round(num / den, 6)
+        out["pad_novelty_fit"] = f"least squares over {used} training pictures"
+    return out
+
+
+def _calibration_pictures(n: int = 24) -> list[np.ndarray]:
+    """Training pictures (never held-out ones) spread over the sources, where this machine has them."""
+    from palettelink.train import data
+
+    return data.load_all_rgb(data.spread(data.training_images(), n))
 
 
 def install_palette_codec(det: Any, assets_dir: str | Path, bundle_dir: str | Path,
@@ -338,7 +378,10 @@ def install_palette_codec(det: Any, assets_dir: str | Path, bundle_dir: str | Pa
         if (assets / name).is_file():
             shutil.copyfile(assets / name, dest / "codec" / name)
     level_sizes = [int(v) for v in np.asarray(tables["level_sizes"])]
-    pad = grey_latent(dest / "edge.onnx", size)
+    # the window's alignment as palettelink.codecs.palette.window.alignment reads it from the bundle
+    crossing = [int(t["shape"][-1]) for t in (manifest.get("split") or {}).get("tensors", [])]
+    align = max([size // c for c in crossing] + [cfg.z_stride])
+    pad = grey_latent(dest / "edge.onnx", size, align, cfg.z_stride, _calibration_pictures())
     entry = {k: v for k, v in codec.items() if k not in ("report", "training")}
     entry.update({"param": "level", "levels": codec.get("levels", list(range(len(level_sizes)))),
                   "level_sizes": level_sizes, "edge": "edge.onnx", "decoder": "decoder.onnx",
