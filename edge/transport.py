@@ -273,16 +273,16 @@ def wait_ready(channel: grpc.Channel, target: str, timeout: float, tls: bool = F
 
 
 def server_decodes_windows(channel: grpc.Channel, bundle_id: str, metadata: Sequence[tuple[str, str]],
-                           timeout: float = 5.0) -> bool:
+                           timeout: float = 5.0) -> bool | None:
     """Whether the server says (``GetInfo``) that it decodes a palette latent of the frame's window for
-    the bundle ``bundle_id`` ("name/version"). Any failure reads as no: the edge then sends whole
-    squares, which every server decodes, and the stream itself reports what is wrong."""
+    the bundle ``bundle_id`` ("name/version"); None where it did not answer. Both read as no: the edge
+    then sends whole squares, which every server decodes, and the stream itself reports what is wrong."""
     name, _, version = bundle_id.partition("/")
     try:
         info = pb_grpc.PaletteLinkStub(channel).GetInfo(pb.GetInfoRequest(), timeout=timeout,
                                                         metadata=tuple(metadata))
     except grpc.RpcError:
-        return False
+        return None
     return any(c.name == "palette" and c.window_latent
                for b in info.bundles if b.name == name and (not version or b.version == version)
                for c in b.codecs)

@@ -170,10 +170,10 @@ def test_getinfo_tells_the_edge_the_server_decodes_windows(live_server, bundle) 
         info = pb_grpc.PaletteLinkStub(channel).GetInfo(pb.GetInfoRequest(), timeout=10)
         codecs = {c.name: c for b in info.bundles if b.name == "fall-yolov8" for c in b.codecs}
         assert codecs["palette"].window_latent and not codecs["baseline"].window_latent
-        assert server_decodes_windows(channel, bundle.id, [])
-        assert not server_decodes_windows(channel, "no-such-bundle/1", [])
-    with grpc.insecure_channel("127.0.0.1:1") as nowhere:  # no server: no, and no exception
-        assert not server_decodes_windows(nowhere, bundle.id, [], timeout=0.5)
+        assert server_decodes_windows(channel, bundle.id, []) is True
+        assert server_decodes_windows(channel, "no-such-bundle/1", []) is False
+    with grpc.insecure_channel("127.0.0.1:1") as nowhere:  # no answer: None, and no exception
+        assert server_decodes_windows(nowhere, bundle.id, [], timeout=0.5) is None
 
 
 def test_the_image_bundle_codes_windows_on_its_latent_cells(image_bundle, images) -> None:  # noqa: ANN001
@@ -195,3 +195,43 @@ def test_the_image_bundle_codes_windows_on_its_latent_cells(image_bundle, images
     assert win == Window(0, 64, 512, 448)
     inside = (slice(None), slice(None), slice(win.y0, win.y1), slice(win.x0, win.x1))
     assert float(np.abs(rebuilt[inside] - square[inside]).mean()) < 0.02
+
+
+def _edge_records(server: str, bundles: Path, images: list[Path], *extra: str) -> tuple[list[dict], str]:
+    import subprocess
+
+    from helpers import env, script
+
+    cmd = [*script("palettelink-edge"), "--server", server, "--bundle", "fall-yolov8", "--bundles",
+           str(bundles), "--codec", "palette", "--json", *extra, *map(str, images)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")], r.stderr
+
+
+def test_the_edge_codes_windows_for_a_server_that_decodes_them(bundles_root: Path, images,  # noqa: ANN001
+                                                               server_process) -> None:  # noqa: ANN001
+    from helpers import env, script
+
+    cmd = [*script("palettelink-server"), "--bundles", str(bundles_root), "--grpc-port", "0",
+           "--http-port", "0"]
+    with server_process(cmd, env(), Path.cwd(), stop_timeout=30) as ready:
+        auto, note = _edge_records(ready["grpc"], bundles_root, images)
+        square, _ = _edge_records(ready["grpc"], bundles_root, images, "--canvas", "square")
+    assert "does not say it decodes" not in note
+    assert [r["outcome"] for r in auto + square] == ["ok"] * 4
+    for a, s in zip(auto, square, strict=True):  # the pictures are not square: their windows are smaller
+        assert a["level"] == s["level"] and a["bytes"] < s["bytes"]
+        assert len(a["boxes"]) >= 1 and len(s["boxes"]) >= 1
+
+
+def test_the_edge_codes_squares_for_a_server_that_does_not(bundle, bundles_root: Path, tmp_path: Path,  # noqa: ANN001
+                                                           images, server_process) -> None:  # noqa: ANN001
+    from helpers import env, script
+
+    old = _without_windows(bundles_root, tmp_path)
+    cmd = [*script("palettelink-server"), "--bundles", str(old), "--grpc-port", "0", "--http-port", "0"]
+    with server_process(cmd, env(), Path.cwd(), stop_timeout=30) as ready:
+        recs, note = _edge_records(ready["grpc"], bundles_root, images)
+    assert "does not say it decodes the frame's window" in note and "Traceback" not in note
+    assert [r["outcome"] for r in recs] == ["ok", "ok"] and all(r["boxes"] for r in recs)
