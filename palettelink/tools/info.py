@@ -12,6 +12,7 @@ from typing import Any
 
 from palettelink import codecs
 from palettelink.bundle import Bundle, default_root, list_bundles
+from palettelink.codecs.palette import window as palette_window
 from palettelink.errors import BundleError, PaletteLinkError
 from palettelink.levels import codec_levels
 
@@ -28,7 +29,8 @@ def codec_entry(bundle: Bundle, codec: str) -> dict[str, Any]:
     """One codec of ``bundle``: its manifest levels and its registry capabilities."""
     s = codecs.spec(codec)
     return {"levels": codec_levels(bundle, codec), "progressive": s.progressive, "param": s.param,
-            "wire_id": s.wire_id, "exact_sizes": s.exact_sizes, "cut": s.cut}
+            "wire_id": s.wire_id, "exact_sizes": s.exact_sizes, "cut": s.cut,
+            "window_latent": codec == palette_window.CODEC and palette_window.supports_window(bundle)}
 
 
 def describe(bundle: Bundle) -> dict[str, Any]:
@@ -95,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         for name, c in b["codecs"].items():
             mark = " (default)" if name == b["default_codec"] else ""
             prog = ", progressive" if c["progressive"] else ""
+            prog += ", codes the frame's window" if c.get("window_latent") else ""
             print(f"  codec {name}{mark}{prog}: {c['param']} "
                   f"{', '.join(_level_text(lv) for lv in c['levels'])}")
     for p in problems:
