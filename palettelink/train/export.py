@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from palettelink.bundle import read_manifest, verify_files
+from palettelink.codecs.palette.window import alignment_for
 from palettelink.errors import BundleError
 from palettelink.train.bottleneck import BottleneckConfig, Decoder, Encoder
 
@@ -116,7 +117,7 @@ def export_edge_onnx(det: Any, enc: Encoder, tables: Mapping[str, np.ndarray], p
                      size: int | None = None) -> Path:
     """Write ``edge.onnx`` (see module docstring), traced at ``size``² (default enc.cfg.size) with
     height and width dynamic: the edge runs it on the letterbox's whole square or on the frame's
-    window of it (:func:`palettelink.codecs.palette.window.edge_window`), any multiple of the
+    window of it (:func:`palettelink.codecs.palette.window.frame_window`), any multiple of the
     detector's coarsest stride."""
     s = int(size or enc.cfg.size)
     g = EdgeGraph(det, enc.eval(), tables).eval()
@@ -378,9 +379,8 @@ def install_palette_codec(det: Any, assets_dir: str | Path, bundle_dir: str | Pa
         if (assets / name).is_file():
             shutil.copyfile(assets / name, dest / "codec" / name)
     level_sizes = [int(v) for v in np.asarray(tables["level_sizes"])]
-    # the window's alignment as palettelink.codecs.palette.window.alignment reads it from the bundle
     crossing = [int(t["shape"][-1]) for t in (manifest.get("split") or {}).get("tensors", [])]
-    align = max([size // c for c in crossing] + [cfg.z_stride])
+    align = alignment_for(size, crossing, cfg.z_stride)  # what the bundle's window will be cut on
     pad = grey_latent(dest / "edge.onnx", size, align, cfg.z_stride, _calibration_pictures())
     entry = {k: v for k, v in codec.items() if k not in ("report", "training")}
     entry.update({"param": "level", "levels": codec.get("levels", list(range(len(level_sizes)))),

@@ -137,8 +137,7 @@ class PaletteEncoder:
             raise BundleError(f"{self.bundle.id}: edge.onnx produced indices outside the palette")
         if win is not None and novelty is not None:
             side = self.bundle.input_size // int(latent_stride(self.bundle) or 1)
-            novelty = square_novelty(novelty, idx.shape[1] * idx.shape[2], side * side,
-                                                    self._pad_novelty)
+            novelty = square_novelty(novelty, idx.shape[1] * idx.shape[2], side * side, self._pad_novelty)
         return PaletteAnalysis((info.width, info.height), ms, idx, info, novelty=novelty, window=win)
 
     def _layers(self, analysis: Analysis, level: int = 0) -> list[bytes]:
@@ -277,11 +276,9 @@ class PaletteDecoder:
 
     def square_indices(self, frame: bitstream.Frame, r: DecodedIndices) -> np.ndarray:
         """The decoded index maps on the whole letterbox: a window's placed among the grey's entries."""
-        win = self.window_of(frame)
-        if win is None or self.latent_hw is None:
+        win, pad = self.window_of(frame), pad_indices(self.bundle)
+        if win is None or pad is None or self.latent_hw is None:
             return r.indices
-        pad = pad_indices(self.bundle)
-        assert pad is not None  # window_of checked it
         fill = self.tables.ids_at(pad.reshape(-1, 1, 1), r.level).reshape(-1)
         stride = int(latent_stride(self.bundle) or 1)
         return place(r.indices, win, self.latent_hw, stride, fill)

@@ -37,11 +37,16 @@ from palettelink.image import Window, content_window
 CODEC = "palette"
 
 
+def alignment_for(size: int, crossing_widths: Sequence[int], stride: int | None) -> int:
+    """The coarsest stride among the crossing tensors (``size`` over their widths) and the latent's
+    (32 for YOLOv8; 8 for the image bundle, whose one crossing tensor is the picture): a window cuts
+    every one of them on whole cells."""
+    return max([size // int(w) for w in crossing_widths] + [stride or 1])
+
+
 def alignment(bundle: Bundle) -> int:
-    """The coarsest stride among the crossing tensors and the latent (32 for YOLOv8, 16 for the image
-    bundle, whose one crossing tensor is the picture): a window cuts every one of them on whole cells."""
-    s = bundle.input_size
-    return max([s // int(t.shape[2]) for t in bundle.tensors] + [latent_stride(bundle) or 1])
+    """:func:`alignment_for` of a built bundle."""
+    return alignment_for(bundle.input_size, [int(t.shape[2]) for t in bundle.tensors], latent_stride(bundle))
 
 
 def entry(bundle: Bundle) -> dict[str, Any]:
