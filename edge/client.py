@@ -64,6 +64,7 @@ from palettelink import capture
 from palettelink.bundle import Bundle, find_bundle
 from palettelink.cliutil import ArgumentParser, add_version, quiet_on_broken_pipe
 from palettelink.codecs import EdgeEncoder, default_codec, make_encoder, spec
+from palettelink.codecs.palette.window import use_window
 from palettelink.errors import BundleNotFound, InvalidRequest, PaletteLinkError, Unauthenticated
 from palettelink.fetch import Client, FetchError, default_cache, default_http_url, fetch_bundle
 from palettelink.ratecontrol import LevelCoder, all_levels, controller_from
@@ -167,7 +168,7 @@ def _choose_canvas(encoder: EdgeEncoder, canvas: str, channel: grpc.Channel, bun
                   "ignored; rebuild it with `palettelink build-bundle`)", file=sys.stderr)
         return
     said = server_decodes_windows(channel, bundle_id, metadata) if canvas == "auto" else None
-    encoder.window = canvas == "window" or bool(said)  # type: ignore[attr-defined]
+    use_window(encoder, canvas == "window" or bool(said))
     if said is False:  # it answered, and not yes: an older server (or a bundle it does not serve)
         print(f"{PROG}: note: the server does not say it decodes the frame's window for {bundle_id}; "
               "coding whole letterboxed squares (upgrade the server for about 15 % fewer bytes)",

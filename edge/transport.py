@@ -30,6 +30,7 @@ from typing import Any
 
 import grpc
 
+from palettelink.codecs.palette.window import CODEC as PALETTE
 from palettelink.v1 import palettelink_pb2 as pb
 from palettelink.v1 import palettelink_pb2_grpc as pb_grpc
 
@@ -283,7 +284,7 @@ def server_decodes_windows(channel: grpc.Channel, bundle_id: str, metadata: Sequ
                                                         metadata=tuple(metadata))
     except grpc.RpcError:
         return None
-    return any(c.name == "palette" and c.window_latent
+    return any(c.name == PALETTE and c.window_latent
                for b in info.bundles if b.name == name and (not version or b.version == version)
                for c in b.codecs)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from palettelink import benchfile, codecs
+from palettelink.codecs.palette.window import use_window
 from palettelink.errors import ImageTooLarge, InvalidRequest, ResourceExhausted, ServiceUnavailable, TooLarge
 from palettelink.image import decode_image
 from palettelink.ratecontrol import FixedLevel, LevelCoder, TargetBpp
@@ -201,8 +202,7 @@ class TryIt:
         with self._lock:
             if key not in self._encoders:
                 enc = codecs.make_encoder(bundle, codec)
-                if getattr(enc, "window_capable", False):
-                    enc.window = True  # this server decodes windows: code the upload as an edge would
+                use_window(enc)  # this server decodes windows: code the upload as an edge would
                 self._encoders[key] = (enc, threading.Lock())
             return self._encoders[key]
 

@@ -55,7 +55,7 @@ def codec_info(bundle: Bundle, name: str) -> CodecInfo:
     levels = [LevelInfo(int(lv["level"]), int(lv.get("palette_size") or 0), float(lv.get("mean_bits") or 0),
                         float(lv.get("mean_bpp") or 0)) for lv in codec_levels(bundle, name)]
     return CodecInfo(name, levels, bool(entry.get("progressive", False)),
-                     name == palette_window.CODEC and palette_window.supports_window(bundle))
+                     palette_window.codec_codes_windows(bundle, name))
 
 
 @dataclass

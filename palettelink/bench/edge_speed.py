@@ -190,15 +190,14 @@ def run(args: argparse.Namespace) -> int:
     import onnxruntime as ort
 
     from palettelink.codecs import default_codec, make_encoder
+    from palettelink.codecs.palette.window import use_window
     from palettelink.front import session_settings, set_session_defaults
 
     threads = args.threads or usable_cpus()
     set_session_defaults(threads, spinning=args.spin, precision=args.precision)
     codec = args.codec or default_codec(bundle)
     encoder = make_encoder(bundle, codec)
-    if getattr(encoder, "window_capable", False):
-        encoder.window = args.canvas == "window"  # type: ignore[attr-defined]
-    canvas = "window" if getattr(encoder, "window", False) else "square"
+    canvas = "window" if use_window(encoder, args.canvas == "window") else "square"
     graph = getattr(encoder, "graph", None) or getattr(getattr(encoder, "front", None), "graph", None)
     if args.level is not None and args.level not in encoder.levels():
         raise InvalidRequest(f"--level {args.level} is not offered by the {codec} codec; its levels are "

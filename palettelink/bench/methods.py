@@ -18,6 +18,7 @@ from PIL import Image, features
 
 from palettelink import codecs
 from palettelink.bundle import Bundle
+from palettelink.codecs.palette.window import use_window
 from palettelink.errors import InvalidRequest
 from palettelink.front import Front
 from palettelink.image import Letterbox, letterbox
@@ -141,12 +142,11 @@ class CodecMethod:
         self.spec = codecs.spec(codec)
         self.encoder = codecs.make_encoder(ctx.bundle, codec)
         self.decoder = codecs.Decoder(ctx.bundle)
-        if ctx.options.get("canvas") == "window" and getattr(self.encoder, "window_capable", False):
+        if ctx.options.get("canvas") == "window" and use_window(self.encoder):
             # what the edge sends a server that decodes windows, decoded as that server's
             # onnxruntime path decodes it: the window's latent as it is
             from palettelink.models.windowed_palette import WindowedPaletteDecoder
 
-            self.encoder.window = True  # type: ignore[attr-defined]
             self.decoder = codecs.Decoder(ctx.bundle, overrides={codec: WindowedPaletteDecoder(ctx.bundle)})
         wanted = ctx.options.get(f"{codec}_levels")
         self._points = list(wanted) if wanted else self.encoder.levels()  # finest first

@@ -113,6 +113,7 @@ def _frames(root: Path, bundle_name: str, codecs: list[str] | None, bits: int,
     from palettelink.bench.edge_speed import frames_at
     from palettelink.bundle import find_bundle
     from palettelink.codecs import available, make_encoder
+    from palettelink.codecs.palette.window import use_window
     from palettelink.image import load_image
     from palettelink.samples import sample_images
 
@@ -122,8 +123,7 @@ def _frames(root: Path, bundle_name: str, codecs: list[str] | None, bits: int,
     out = {}
     for codec in codecs or available(bundle):
         enc = make_encoder(bundle, codec)
-        if getattr(enc, "window_capable", False):  # what an edge sends this server (it decodes windows)
-            enc.window = canvas == "window"
+        use_window(enc, canvas == "window")  # what an edge sends this server (it decodes windows)
         out[codec] = [enc.encode(rgb, bits if codec == "baseline" else level).payload for rgb in rgbs]
     return out
 

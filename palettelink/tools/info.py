@@ -30,7 +30,7 @@ def codec_entry(bundle: Bundle, codec: str) -> dict[str, Any]:
     s = codecs.spec(codec)
     return {"levels": codec_levels(bundle, codec), "progressive": s.progressive, "param": s.param,
             "wire_id": s.wire_id, "exact_sizes": s.exact_sizes, "cut": s.cut,
-            "window_latent": codec == palette_window.CODEC and palette_window.supports_window(bundle)}
+            "window_latent": palette_window.codec_codes_windows(bundle, codec)}
 
 
 def describe(bundle: Bundle) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from palettelink.codecs.palette.stream import (
 )
 from palettelink.codecs.palette.tables import TABLES_FILE, PaletteTables, check_model
 from palettelink.codecs.palette.window import (
+    CODEC,
     frame_window,
     latent_stride,
     pad_indices,
@@ -35,7 +36,6 @@ from palettelink.errors import BundleError, InvalidRequest, InvalidStream
 from palettelink.front import GraphChoice, choose_graph, ort_session
 from palettelink.image import Letterbox, Window, letterbox
 
-CODEC = "palette"
 WIRE_ID = 2  # the container's codec byte: never renumber (committed streams must decode)
 FLAG_STATIC = 0x01  # container codec flag: the layers use the static tables (else the context model)
 

@@ -34,7 +34,7 @@ import numpy as np
 from palettelink.bundle import Bundle
 from palettelink.image import Window, content_window
 
-CODEC = "palette"
+CODEC = "palette"  # the palette codec's registry name (runtime.py registers it under this one)
 
 
 def alignment_for(size: int, crossing_widths: Sequence[int], stride: int | None) -> int:
@@ -71,6 +71,21 @@ def pad_indices(bundle: Bundle) -> np.ndarray | None:
 def supports_window(bundle: Bundle) -> bool:
     """Whether this bundle's palette codec can code and decode windows (see the module docstring)."""
     return pad_indices(bundle) is not None and latent_stride(bundle) is not None
+
+
+def codec_codes_windows(bundle: Bundle, codec: str) -> bool:
+    """Whether ``codec`` of ``bundle`` codes (and a server decodes) windows: what ``GetInfo`` and
+    ``palettelink info`` report."""
+    return codec == CODEC and supports_window(bundle)
+
+
+def use_window(encoder: Any, on: bool = True) -> bool:
+    """Ask ``encoder`` to code each frame's window (``on``) or the whole square; only a palette
+    encoder of a bundle built with windows can. Returns whether it now codes windows."""
+    if not getattr(encoder, "window_capable", False):
+        return False
+    encoder.window = on
+    return bool(encoder.window)
 
 
 def frame_window(bundle: Bundle, image_size: tuple[int, int]) -> Window | None:
