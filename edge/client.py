@@ -64,7 +64,6 @@ from palettelink import capture
 from palettelink.bundle import Bundle, find_bundle
 from palettelink.cliutil import ArgumentParser, add_version, quiet_on_broken_pipe
 from palettelink.codecs import EdgeEncoder, default_codec, make_encoder, spec
-from palettelink.codecs.palette.window import use_window
 from palettelink.errors import BundleNotFound, InvalidRequest, PaletteLinkError, Unauthenticated
 from palettelink.fetch import Client, FetchError, default_cache, default_http_url, fetch_bundle
 from palettelink.ratecontrol import LevelCoder, all_levels, controller_from
@@ -162,6 +161,8 @@ def _choose_canvas(encoder: EdgeEncoder, canvas: str, channel: grpc.Channel, bun
     """Window or whole square (``--canvas``) for an encoder that can code windows (the palette codec
     of a bundle built with them); ``auto`` asks the server first, since one built before windows
     refuses them."""
+    from palettelink.codecs.palette.window import use_window  # (imports onnxruntime: once needed)
+
     if not getattr(encoder, "window_capable", False):
         if canvas == "window":
             print(f"{PROG}: warning: this bundle's codec codes whole squares only (--canvas window "

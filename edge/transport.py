@@ -30,7 +30,6 @@ from typing import Any
 
 import grpc
 
-from palettelink.codecs.palette.window import CODEC as PALETTE
 from palettelink.v1 import palettelink_pb2 as pb
 from palettelink.v1 import palettelink_pb2_grpc as pb_grpc
 
@@ -278,6 +277,8 @@ def server_decodes_windows(channel: grpc.Channel, bundle_id: str, metadata: Sequ
     """Whether the server says (``GetInfo``) that it decodes a palette latent of the frame's window for
     the bundle ``bundle_id`` ("name/version"); None where it did not answer. Both read as no: the edge
     then sends whole squares, which every server decodes, and the stream itself reports what is wrong."""
+    from palettelink.codecs.palette.window import CODEC as PALETTE  # (imports onnxruntime: once needed)
+
     name, _, version = bundle_id.partition("/")
     try:
         info = pb_grpc.PaletteLinkStub(channel).GetInfo(pb.GetInfoRequest(), timeout=timeout,
