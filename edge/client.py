@@ -161,13 +161,12 @@ def _choose_canvas(encoder: EdgeEncoder, canvas: str, channel: grpc.Channel, bun
     """Window or whole square (``--canvas``) for an encoder that can code windows (the palette codec
     of a bundle built with them); ``auto`` asks the server first, since one built before windows
     refuses them."""
-    from palettelink.codecs.palette.window import use_window  # (imports onnxruntime: once needed)
-
     if not getattr(encoder, "window_capable", False):
         if canvas == "window":
             print(f"{PROG}: warning: this bundle's codec codes whole squares only (--canvas window "
                   "ignored; rebuild it with `palettelink build-bundle`)", file=sys.stderr)
         return
+    from palettelink.codecs.palette.window import use_window  # only a palette encoder gets here
     said = server_decodes_windows(channel, bundle_id, metadata) if canvas == "auto" else None
     use_window(encoder, canvas == "window" or bool(said))
     if said is False:  # it answered, and not yes: an older server (or a bundle it does not serve)
