@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 import grpc
 
@@ -62,7 +62,7 @@ from edge.transport import (
 )
 from palettelink import capture
 from palettelink.bundle import Bundle, find_bundle
-from palettelink.cliutil import ArgumentParser, add_version, quiet_on_broken_pipe
+from palettelink.cliutil import ArgumentParser, add_version, exit_without_teardown, quiet_on_broken_pipe
 from palettelink.codecs import EdgeEncoder, default_codec, make_encoder, spec
 from palettelink.errors import BundleNotFound, InvalidRequest, PaletteLinkError, Unauthenticated
 from palettelink.fetch import Client, FetchError, default_cache, default_http_url, fetch_bundle
@@ -78,6 +78,8 @@ REFUSALS = frozenset({
     grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.ALREADY_EXISTS,
 })
+# Channels of finished streams that main() leaves open until the process exits (see run()).
+_HELD: list[grpc.Channel] = []
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,11 +230,14 @@ def _check_limits(args: argparse.Namespace) -> None:
         raise InvalidRequest("--retries must be ≥ 0, --connect-timeout and --frame-timeout > 0")
 
 
-def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def run(args: argparse.Namespace, out: TextIO = sys.stdout, close_channel: bool = True) -> int:
     """Stream ``args.paths``; every input frame gets exactly one record (stdout) whatever happens:
     answered (``ok``, ``failed``, ``refused``), ``not_answered`` (the server never answered it),
     ``not_sent`` (the stream was lost before its turn; listed one by one with ``--json``) or
-    ``not_read`` (the input could not be read or coded). The stderr summary counts the same records."""
+    ``not_read`` (the input could not be read or coded). The stderr summary counts the same records.
+
+    ``close_channel=False`` leaves the gRPC channel open (held until the process ends) for a caller
+    that exits without teardown (:func:`main`); the stream itself is cancelled either way."""
     tally: Counter[str] = Counter()
     unreadable: list[str] = []
     ids = itertools.count()  # one frame id per record, sent or not
@@ -372,7 +377,10 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     finally:
         if stream is not None:
             stream.close()
-        channel.close()
+        if close_channel:
+            channel.close()
+        else:
+            _HELD.append(channel)  # never collected: collecting it closes it, as close() would
     if stream is not None and stream.reconnects:
         print(f"{PROG}: reconnected {stream.reconnects} time(s)", file=sys.stderr)
     if stream is not None and stream.deferred:
@@ -396,9 +404,13 @@ def _summary(tally: Counter[str]) -> None:
     print(f"{PROG}: {failed} of {sum(tally.values())} frame(s) failed ({parts})", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return quiet_on_broken_pipe(lambda: run(build_parser().parse_args(argv)))
+def main(argv: list[str] | None = None) -> NoReturn:
+    """The console script: stream, then leave without closing the channel or tearing down gRPC and
+    onnxruntime (:func:`~palettelink.cliutil.exit_without_teardown`: gRPC's channel teardown can
+    deadlock, and an edge whose records are all written must exit with their code)."""
+    args = build_parser().parse_args(argv)
+    exit_without_teardown(quiet_on_broken_pipe(lambda: run(args, close_channel=False)))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

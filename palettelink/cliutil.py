@@ -96,6 +96,24 @@ def quiet_on_broken_pipe(main: Callable[[], int]) -> int:
         return EXIT_BROKEN_PIPE
 
 
+def exit_without_teardown(code: int) -> NoReturn:
+    """Flush stdout and stderr and leave with ``code`` at once (``os._exit``), skipping the
+    interpreter's teardown of native libraries.
+
+    For a command whose work is done and written: gRPC's C core can deadlock while a channel is
+    destroyed with the GIL held (its event engine waits for a worker that waits for the GIL;
+    grpc/grpc#42247, open), freezing the whole process with every thread idle. The edge hit it twice
+    in about a thousand runs (a CI run and a demo), after every record was printed. A camera script
+    or a CI job must not hang on a stream that has finished, and the OS closes sockets and files
+    anyway. Atexit handlers do not run: nothing here registers one that matters."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can be said there
+            pass
+    os._exit(code)
+
+
 N = TypeVar("N", int, float)
 
 
