@@ -229,6 +229,32 @@ def sync_level_rows(dec: Decoder) -> None:
     dec.level_emb.weight[: dec.n_levels] = dec.level_emb.weight[dec.n_levels]
 
 
+@torch.no_grad()
+def grow_decoder(dec: Decoder, shallower: Decoder) -> None:
+    """Load ``shallower``'s weights into ``dec``, which has as many or more residual blocks, the same
+    widths otherwise; the added blocks (after the existing ones) start as the identity: their last
+    norm's scale and shift (or, without norms, their last conv) are zero, so ``dec`` decodes exactly
+    as ``shallower`` did.
+
+    Why: a codec whose held-out curve has flattened needs capacity, and a wider or deeper decoder
+    trained from scratch costs hours of CPU that the warm start already spent. A block that starts as
+    the identity keeps everything learned; its scale leaves zero at the first step (its gradient is
+    the block's own output), and then the block learns like any other (Net2Net's "deeper" move)."""
+    if dec.cfg.dec_blocks < shallower.cfg.dec_blocks:
+        raise ValueError(f"a decoder cannot shrink: {shallower.cfg.dec_blocks} blocks into "
+                         f"{dec.cfg.dec_blocks}")
+    missing, unexpected = dec.load_state_dict(shallower.state_dict(), strict=False)
+    new_blocks = range(shallower.cfg.dec_blocks, dec.cfg.dec_blocks)
+    allowed = tuple(f"blocks.{i}." for i in new_blocks)
+    if unexpected or any(not k.startswith(allowed) for k in missing):
+        raise ValueError(f"decoder shapes differ beyond the number of blocks (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    for i in new_blocks:
+        last = dec.blocks[i].n2 if isinstance(dec.blocks[i].n2, nn.BatchNorm2d) else dec.blocks[i].c2
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+
+
 def save_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=1))
 

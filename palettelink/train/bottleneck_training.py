@@ -29,6 +29,7 @@ from palettelink.train.bottleneck import (
     QuantiseFn,
     as_bottleneck_config,
     encode_latents,
+    grow_decoder,
     load_models,
     n_params,
     save_json,
@@ -129,7 +130,7 @@ def train_bottleneck(det: Any, cache: CrossingCache, cfg: BottleneckConfig | Any
     if init is not None and state is None:
         enc0, dec0 = load_models(init, dev)
         enc.load_state_dict(enc0.state_dict())
-        dec.load_state_dict(dec0.state_dict())
+        grow_decoder(dec, dec0)  # the same decoder, or a deeper one that starts decoding as it did
     params = list(enc.parameters()) + list(dec.parameters())
     opt = torch.optim.Adam(params, lr=cfg.lr)
     step, elapsed, log, cpu_before = 0, 0.0, [], 0.0

@@ -66,6 +66,7 @@ class TrainConfig:
     class_weights: tuple[float, ...] | None = None  # class-KL weight per detector class; None: all 1
     enc_width: int | None = None  # hidden width of the edge encoder (None: BottleneckConfig's 96)
     dec_width: int | None = None  # hidden width of the server decoder (None: BottleneckConfig's 192)
+    dec_blocks: int | None = None  # residual blocks of the server decoder (None: BottleneckConfig's 2)
     snapshot_minutes: float = 0.0  # keep the bottleneck's models this often for the held-out curve (0: never)
     video_every: int = 3  # --images videos: every Nth frame ...
     video_span: tuple[float, float] = (0.0, 1.0)  # ... inside this time range (fractions of the video)
@@ -273,6 +274,8 @@ def recipe_overrides(cfg: TrainConfig) -> dict[str, Any]:
         out["enc_width"] = int(cfg.enc_width)
     if cfg.dec_width:
         out["dec_width"] = int(cfg.dec_width)
+    if cfg.dec_blocks:
+        out["dec_blocks"] = int(cfg.dec_blocks)
     return out
 
 
@@ -303,6 +306,10 @@ def train_bottleneck_warm(det: Any, cache: Any, out: Path, assets: Path, init: P
         if k in overrides and k in prev and overrides[k] != prev[k]:
             raise InvalidRequest(f"--{k.replace('_', '-')} {overrides[k]}: the codec warm-started from has "
                                  f"{prev[k]}; a warm start keeps the architecture")
+    had = int(prev.get("dec_blocks", 2))
+    if overrides.get("dec_blocks", had) < had:
+        raise InvalidRequest(f"--dec-blocks {overrides['dec_blocks']}: the codec warm-started from has "
+                             f"{had}; a warm start may add decoder blocks, not remove them")
     keep.update(overrides)
     bcfg = bn.BottleneckConfig.for_detector(det, z_channels=int(prev.get("z_channels", cfg.latent_channels)),
                                             n_levels=int(prev.get("n_levels", cfg.n_levels)), seed=cfg.seed,
@@ -517,6 +524,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="hidden width of the edge encoder (default 96; more costs the edge more per frame)")
     p.add_argument("--dec-width", type=int, default=None, metavar="N",
                    help="hidden width of the server decoder (default 192)")
+    p.add_argument("--dec-blocks", type=int, default=None, metavar="N",
+                   help="residual blocks of the server decoder (default 2); with --init, more blocks than "
+                        "the codec has grow it: the new ones start as the identity, so it decodes as before "
+                        "and trains on from there")
     p.add_argument("--snapshot-minutes", type=non_negative_float, default=0.0, metavar="M",
                    help="keep the bottleneck's models every M minutes under WORK/snapshots/, named by the "
                         "CPU seconds spent, for `python -m palettelink.train.curve` (0: never)")
@@ -546,7 +557,7 @@ def run(args: argparse.Namespace) -> int:
                       tiny=args.tiny, init=args.init, false_weight=args.false_weight, crop=args.crop,
                       lr=args.lr, neck_weight=args.neck_weight, tensor_weights=args.tensor_weights,
                       class_weights=args.class_weights,
-                      enc_width=args.enc_width, dec_width=args.dec_width,
+                      enc_width=args.enc_width, dec_width=args.dec_width, dec_blocks=args.dec_blocks,
                       snapshot_minutes=args.snapshot_minutes, video_every=args.every, video_span=args.span)
     if args.image_codec:
         from palettelink.train import data
