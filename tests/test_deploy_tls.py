@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -924,9 +925,17 @@ class Stack:
         ]
         if "--json" not in argv:
             argv.append("--json")
-        return subprocess.run(
-            argv, capture_output=True, text=True, timeout=180, env=self.env("edge"), cwd=self.work
+        env = {**self.env("edge"), "PYTHONFAULTHANDLER": "1"}
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=self.work
         )
+        try:
+            out, err = proc.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack, then it dies
+            out, err = proc.communicate(timeout=30)
+            pytest.fail(f"the edge did not exit within 180 s; its records:\n{out}\nits stacks:\n{err}")
+        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
     def prometheus(self, http_port: int, stats_port: int) -> dict[str, str]:
         """Run Prometheus with the compose service's files laid out as in its container (targets by
