@@ -4,6 +4,7 @@ warm start never removes blocks (palettelink/train/bottleneck.grow_decoder)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,9 @@ def test_a_decoder_never_shrinks_or_changes_width() -> None:
 
 def test_a_warm_start_with_fewer_blocks_than_the_codec_is_refused(tmp_path: Path) -> None:
     """Before any training starts (no detector, no cache needed): the message names both counts."""
-    with pytest.raises(InvalidRequest, match=r"--dec-blocks 1: the codec warm-started from has 2"):
-        train_bottleneck_warm(None, None, tmp_path / "out", REPO / "assets/codecs/fall-yolov8",
-                              tmp_path / "init", TrainConfig(dec_blocks=1))
+    shipped = REPO / "assets/codecs/fall-yolov8"
+    has = json.loads((shipped / "codec.json").read_text())["bottleneck"]["dec_blocks"]
+    assert has >= 2
+    with pytest.raises(InvalidRequest, match=rf"--dec-blocks 1: the codec warm-started from has {has}\b"):
+        train_bottleneck_warm(None, None, tmp_path / "out", shipped, tmp_path / "init",
+                              TrainConfig(dec_blocks=1))
