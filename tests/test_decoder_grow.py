@@ -70,3 +70,64 @@ def test_a_warm_start_with_fewer_blocks_than_the_codec_is_refused(tmp_path: Path
     with pytest.raises(InvalidRequest, match=rf"--dec-blocks 1: the codec warm-started from has {has}\b"):
         train_bottleneck_warm(None, None, tmp_path / "out", shipped, tmp_path / "init",
                               TrainConfig(dec_blocks=1))
+
+
+def _trained_encoder(z_channels: int) -> bn.Encoder:
+    torch.manual_seed(z_channels)
+    enc = bn.Encoder(bn.BottleneckConfig(**{**SMALL, "z_channels": z_channels}))
+    for p in enc.parameters():
+        p.data.normal_(0, 0.2)
+    return enc.eval()
+
+
+def _crossing() -> list[torch.Tensor]:
+    """The three crossing tensors of a 64-pixel input (strides 8, 16, 32)."""
+    return [torch.randn(2, c, 64 // s, 64 // s)
+            for c, s in zip(SMALL["in_channels"], (8, 16, 32), strict=True)]
+
+
+def test_a_wider_latent_keeps_its_first_channels_and_decodes_exactly_as_before() -> None:
+    """``train --init … --latent-channels 12`` on an 8-channel codec: z's first 8 channels are the old
+    z, the 4 new ones carry something (not zero), and the grown decoder ignores them at first."""
+    enc8, dec8 = _trained_encoder(8), _trained(2)
+    wide = {**SMALL, "z_channels": 12}
+    enc12 = bn.Encoder(bn.BottleneckConfig(**wide)).eval()
+    dec12 = bn.Decoder(bn.BottleneckConfig(dec_blocks=2, **wide)).eval()
+    bn.grow_encoder(enc12, enc8)
+    bn.grow_decoder(dec12, dec8)
+    x = _crossing()
+    z8, z12 = enc8(x), enc12(x)
+    assert z12.shape[1] == 12
+    assert torch.equal(z12[:, :8], z8)
+    assert z12[:, 8:].abs().mean() > 0
+    for level in (None, 1):
+        for a, b in zip(dec8(z8, level), dec12(z12, level), strict=True):
+            assert torch.allclose(a, b, atol=1e-5), level
+
+
+def test_the_new_latent_channels_learn_from_the_first_step() -> None:
+    wide = {**SMALL, "z_channels": 12}
+    enc12 = bn.Encoder(bn.BottleneckConfig(**wide)).train()
+    dec12 = bn.Decoder(bn.BottleneckConfig(dec_blocks=2, **wide)).train()
+    bn.grow_encoder(enc12, _trained_encoder(8))
+    bn.grow_decoder(dec12, _trained(2))
+    loss = sum(t.square().mean() for t in dec12(enc12(_crossing()), None))
+    loss.backward()
+    assert dec12.stem[0].weight.grad[:, 8:].abs().sum() > 0  # the zero weights move at once
+
+
+def test_a_latent_never_shrinks() -> None:
+    with pytest.raises(ValueError, match="latent cannot shrink"):
+        bn.grow_encoder(bn.Encoder(bn.BottleneckConfig(**{**SMALL, "z_channels": 4})), _trained_encoder(8))
+    with pytest.raises(ValueError, match="latent cannot shrink"):
+        bn.grow_decoder(bn.Decoder(bn.BottleneckConfig(dec_blocks=2, **{**SMALL, "z_channels": 4})),
+                        _trained(2))
+
+
+def test_a_warm_start_with_fewer_latent_channels_than_the_codec_is_refused(tmp_path: Path) -> None:
+    shipped = REPO / "assets/codecs/fall-yolov8"
+    has = json.loads((shipped / "codec.json").read_text())["bottleneck"]["z_channels"]
+    refused = rf"--latent-channels {has - 4}: the codec warm-started from has {has}\b"
+    with pytest.raises(InvalidRequest, match=refused):
+        train_bottleneck_warm(None, None, tmp_path / "out", shipped, tmp_path / "init",
+                              TrainConfig(latent_channels=has - 4))

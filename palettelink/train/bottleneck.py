@@ -89,7 +89,7 @@ def as_bottleneck_config(cfg: Any, det: Any, size: int = 640) -> BottleneckConfi
         return base
     if isinstance(cfg, dict):
         return BottleneckConfig.from_dict({**base.to_dict(), **cfg})
-    return replace(base, z_channels=int(getattr(cfg, "latent_channels", base.z_channels)),
+    return replace(base, z_channels=int(getattr(cfg, "latent_channels", None) or base.z_channels),
                    n_levels=int(getattr(cfg, "n_levels", base.n_levels)),
                    seed=int(getattr(cfg, "seed", base.seed)))
 
@@ -229,21 +229,55 @@ def sync_level_rows(dec: Decoder) -> None:
     dec.level_emb.weight[: dec.n_levels] = dec.level_emb.weight[dec.n_levels]
 
 
+def _latent_grown(state: dict[str, torch.Tensor], key: str, target: torch.Tensor, dim: int,
+                  fill: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``state`` with ``state[key]`` placed into ``fill`` (``target``'s shape) along ``dim``: the
+    first latent channels keep their trained weights, the added ones take ``fill``'s."""
+    old = state[key]
+    if old.shape[dim] > target.shape[dim]:
+        raise ValueError(f"a latent cannot shrink: {old.shape[dim]} channels into {target.shape[dim]}")
+    grown = fill.clone()
+    grown.narrow(dim, 0, old.shape[dim]).copy_(old)
+    return {**state, key: grown}
+
+
+@torch.no_grad()
+def grow_encoder(enc: Encoder, narrower: Encoder) -> None:
+    """Load ``narrower``'s weights into ``enc``, whose latent has as many or more channels, the same
+    shapes otherwise. The first channels of z are computed exactly as before; the added ones keep
+    ``enc``'s own random start, so they carry something the decoder can learn to use
+    (:func:`grow_decoder` gives them zero weight there: decoding starts unchanged).
+
+    Why: the held-out curve flattened with 32 channels at every bottleneck length and decoder depth
+    tried (p11-p13); what the latent can carry is the remaining cap, and a latent trained from scratch
+    costs hours of CPU that the warm start already spent (Net2Net's "wider" move, on z)."""
+    last = f"mix.{len(enc.mix) - 1}"
+    state = narrower.state_dict()
+    for name in ("weight", "bias"):
+        key = f"{last}.{name}"
+        state = _latent_grown(state, key, enc.state_dict()[key], 0, enc.state_dict()[key])
+    enc.load_state_dict(state)
+
+
 @torch.no_grad()
 def grow_decoder(dec: Decoder, shallower: Decoder) -> None:
-    """Load ``shallower``'s weights into ``dec``, which has as many or more residual blocks, the same
-    widths otherwise; the added blocks (after the existing ones) start as the identity: their last
-    norm's scale and shift (or, without norms, their last conv) are zero, so ``dec`` decodes exactly
-    as ``shallower`` did.
+    """Load ``shallower``'s weights into ``dec``, which has as many or more residual blocks and latent
+    channels, the same widths otherwise; the added blocks (after the existing ones) start as the
+    identity: their last norm's scale and shift (or, without norms, their last conv) are zero, and
+    the added latent channels enter the stem with zero weights, so ``dec`` decodes exactly as
+    ``shallower`` did.
 
     Why: a codec whose held-out curve has flattened needs capacity, and a wider or deeper decoder
     trained from scratch costs hours of CPU that the warm start already spent. A block that starts as
     the identity keeps everything learned; its scale leaves zero at the first step (its gradient is
-    the block's own output), and then the block learns like any other (Net2Net's "deeper" move)."""
+    the block's own output), and then the block learns like any other (Net2Net's "deeper" move). A
+    zero stem weight likewise moves at the first step wherever the new channel is non-zero."""
     if dec.cfg.dec_blocks < shallower.cfg.dec_blocks:
         raise ValueError(f"a decoder cannot shrink: {shallower.cfg.dec_blocks} blocks into "
                          f"{dec.cfg.dec_blocks}")
-    missing, unexpected = dec.load_state_dict(shallower.state_dict(), strict=False)
+    stem = dec.stem[0].weight
+    state = _latent_grown(shallower.state_dict(), "stem.0.weight", stem, 1, torch.zeros_like(stem))
+    missing, unexpected = dec.load_state_dict(state, strict=False)
     new_blocks = range(shallower.cfg.dec_blocks, dec.cfg.dec_blocks)
     allowed = tuple(f"blocks.{i}." for i in new_blocks)
     if unexpected or any(not k.startswith(allowed) for k in missing):

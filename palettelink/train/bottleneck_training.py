@@ -30,6 +30,7 @@ from palettelink.train.bottleneck import (
     as_bottleneck_config,
     encode_latents,
     grow_decoder,
+    grow_encoder,
     load_models,
     n_params,
     save_json,
@@ -129,8 +130,8 @@ def train_bottleneck(det: Any, cache: CrossingCache, cfg: BottleneckConfig | Any
     dec.set_stats(stats)
     if init is not None and state is None:
         enc0, dec0 = load_models(init, dev)
-        enc.load_state_dict(enc0.state_dict())
-        grow_decoder(dec, dec0)  # the same decoder, or a deeper one that starts decoding as it did
+        grow_encoder(enc, enc0)  # the same latent, or a wider one whose first channels are as they were
+        grow_decoder(dec, dec0)  # the same decoder, or a deeper/wider one that starts decoding as it did
     params = list(enc.parameters()) + list(dec.parameters())
     opt = torch.optim.Adam(params, lr=cfg.lr)
     step, elapsed, log, cpu_before = 0, 0.0, [], 0.0

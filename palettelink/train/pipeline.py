@@ -42,7 +42,7 @@ STAGES = ("bottleneck", "pseudolabels", "contrastive", "palette", "finetune", "c
 
 @dataclass
 class TrainConfig:
-    latent_channels: int = 32
+    latent_channels: int | None = None  # channels of z (None: 32, or with init the codec's own)
     groups: int = 4
     k0: int = 256
     n_levels: int = 8
@@ -223,7 +223,8 @@ def train_bottleneck_two_stage(det: Any, cache: Any, out: Path, stage1: Path, cf
     from palettelink.train.bottleneck_training import train_bottleneck
 
     steps = 4 if cfg.tiny else 100_000
-    base = dict(z_channels=cfg.latent_channels, n_levels=cfg.n_levels, seed=cfg.seed, **recipe_overrides(cfg))
+    base = dict(z_channels=cfg.latent_channels or 32, n_levels=cfg.n_levels, seed=cfg.seed,
+                **recipe_overrides(cfg))
     cfg1 = bn.BottleneckConfig.for_detector(det, w_feat=1.0, w_neck=0.0, w_box=0.5, task_start=0.1,
                                             task_ramp=0.2, **base)
     if cfg.neck_weight == 0:
@@ -306,12 +307,17 @@ def train_bottleneck_warm(det: Any, cache: Any, out: Path, assets: Path, init: P
         if k in overrides and k in prev and overrides[k] != prev[k]:
             raise InvalidRequest(f"--{k.replace('_', '-')} {overrides[k]}: the codec warm-started from has "
                                  f"{prev[k]}; a warm start keeps the architecture")
+    had_z = int(prev.get("z_channels", 32))
+    z_channels = cfg.latent_channels or had_z
+    if z_channels < had_z:
+        raise InvalidRequest(f"--latent-channels {z_channels}: the codec warm-started from has {had_z}; "
+                             f"a warm start may add latent channels, not remove them")
     had = int(prev.get("dec_blocks", 2))
     if overrides.get("dec_blocks", had) < had:
         raise InvalidRequest(f"--dec-blocks {overrides['dec_blocks']}: the codec warm-started from has "
                              f"{had}; a warm start may add decoder blocks, not remove them")
     keep.update(overrides)
-    bcfg = bn.BottleneckConfig.for_detector(det, z_channels=int(prev.get("z_channels", cfg.latent_channels)),
+    bcfg = bn.BottleneckConfig.for_detector(det, z_channels=z_channels,
                                             n_levels=int(prev.get("n_levels", cfg.n_levels)), seed=cfg.seed,
                                             task_start=0.0, task_ramp=0.02, warmup=50, **keep)
     train_bottleneck(det, cache, bcfg, steps=4 if cfg.tiny else 100_000, minutes=cfg.bottleneck_minutes,
@@ -369,7 +375,7 @@ def write_assets(out: Path, bundle: Any, enc: Any, dec: Any, tables: dict[str, n
         bottleneck_cfg = json.loads((work / "bottleneck" / "config.json").read_text())
         sizes = [int(k) for k in tables["level_sizes"]]
         codec = {
-            "latent_channels": int(bottleneck_cfg.get("z_channels", cfg.latent_channels)),
+            "latent_channels": int(bottleneck_cfg["z_channels"]),
             "stride": int(bottleneck_cfg.get("z_stride", 16)), "groups": cfg.groups,
             "bottleneck": bottleneck_cfg, "level_sizes": sizes,
             **_measured_levels(report, len(sizes)),
@@ -472,8 +478,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k0", type=int, default=256)
     p.add_argument("--levels", type=int, default=8)
     p.add_argument("--groups", type=int, default=4)
-    p.add_argument("--latent-channels", type=int, default=32, metavar="C",
-                   help="channels of the latent z (a multiple of --groups; more carries more per level)")
+    p.add_argument("--latent-channels", type=int, default=None, metavar="C",
+                   help="channels of the latent z (default 32; a multiple of --groups; more carries more per "
+                        "level); with --init, more channels than the codec has widen it: the new ones enter "
+                        "the decoder with zero weight, so it decodes as before and trains on from there")
     p.add_argument("--palette-space", choices=["raw", "contrastive"], default="raw")
     p.add_argument("--palette-foreground", type=non_negative_float, default=0.0, metavar="W",
                    help="weight the palette hierarchy towards what the detector sees: a latent position "
