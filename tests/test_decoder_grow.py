@@ -88,7 +88,8 @@ def _crossing() -> list[torch.Tensor]:
 
 def test_a_wider_latent_keeps_its_first_channels_and_decodes_exactly_as_before() -> None:
     """``train --init … --latent-channels 12`` on an 8-channel codec: z's first 8 channels are the old
-    z, the 4 new ones carry something (not zero), and the grown decoder ignores them at first."""
+    z, the 4 new ones carry something (not zero), and the grown decoder all but ignores them at first
+    (their stem weights are near zero, not zero: see the next test)."""
     enc8, dec8 = _trained_encoder(8), _trained(2)
     wide = {**SMALL, "z_channels": 12}
     enc12 = bn.Encoder(bn.BottleneckConfig(**wide)).eval()
@@ -102,10 +103,10 @@ def test_a_wider_latent_keeps_its_first_channels_and_decodes_exactly_as_before()
     assert z12[:, 8:].abs().mean() > 0
     for level in (None, 1):
         for a, b in zip(dec8(z8, level), dec12(z12, level), strict=True):
-            assert torch.allclose(a, b, atol=1e-5), level
+            assert (a - b).abs().max() <= 0.05 * a.abs().max(), level
 
 
-def test_the_new_latent_channels_learn_from_the_first_step() -> None:
+def test_the_new_latent_channels_and_their_encoder_filters_learn_from_the_first_step() -> None:
     wide = {**SMALL, "z_channels": 12}
     enc12 = bn.Encoder(bn.BottleneckConfig(**wide)).train()
     dec12 = bn.Decoder(bn.BottleneckConfig(dec_blocks=2, **wide)).train()
@@ -113,7 +114,9 @@ def test_the_new_latent_channels_learn_from_the_first_step() -> None:
     bn.grow_decoder(dec12, _trained(2))
     loss = sum(t.square().mean() for t in dec12(enc12(_crossing()), None))
     loss.backward()
-    assert dec12.stem[0].weight.grad[:, 8:].abs().sum() > 0  # the zero weights move at once
+    assert dec12.stem[0].weight.grad[:, 8:].abs().sum() > 0
+    # the new channels' encoder filters get a gradient too (a zero stem weight would pass none back)
+    assert enc12.mix[-1].weight.grad[8:].abs().sum() > 0
 
 
 def test_a_latent_never_shrinks() -> None:

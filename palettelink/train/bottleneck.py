@@ -229,6 +229,13 @@ def sync_level_rows(dec: Decoder) -> None:
     dec.level_emb.weight[: dec.n_levels] = dec.level_emb.weight[dec.n_levels]
 
 
+# the decoder's stem weights of added latent channels, relative to the trained ones' spread: near zero,
+# so decoding starts as before to within about a percent, but not zero: a zero weight passes no
+# gradient back to the new channels' encoder filters, and with it the grown channels stayed random
+# (880 steps from p11 with 16 added channels: their stem weights reached 4 % of the old ones' size)
+NEW_LATENT_WEIGHT = 0.01
+
+
 def _latent_grown(state: dict[str, torch.Tensor], key: str, target: torch.Tensor, dim: int,
                   fill: torch.Tensor) -> dict[str, torch.Tensor]:
     """``state`` with ``state[key]`` placed into ``fill`` (``target``'s shape) along ``dim``: the
@@ -245,8 +252,8 @@ def _latent_grown(state: dict[str, torch.Tensor], key: str, target: torch.Tensor
 def grow_encoder(enc: Encoder, narrower: Encoder) -> None:
     """Load ``narrower``'s weights into ``enc``, whose latent has as many or more channels, the same
     shapes otherwise. The first channels of z are computed exactly as before; the added ones keep
-    ``enc``'s own random start, so they carry something the decoder can learn to use
-    (:func:`grow_decoder` gives them zero weight there: decoding starts unchanged).
+    ``enc``'s own random start, and the decoder gives them near-zero weight (:func:`grow_decoder`):
+    decoding starts as before, and both sides learn from the first step.
 
     Why: the held-out curve flattened with 32 channels at every bottleneck length and decoder depth
     tried (p11-p13); what the latent can carry is the remaining cap, and a latent trained from scratch
@@ -263,20 +270,24 @@ def grow_encoder(enc: Encoder, narrower: Encoder) -> None:
 def grow_decoder(dec: Decoder, shallower: Decoder) -> None:
     """Load ``shallower``'s weights into ``dec``, which has as many or more residual blocks and latent
     channels, the same widths otherwise; the added blocks (after the existing ones) start as the
-    identity: their last norm's scale and shift (or, without norms, their last conv) are zero, and
-    the added latent channels enter the stem with zero weights, so ``dec`` decodes exactly as
-    ``shallower`` did.
+    identity: their last norm's scale and shift (or, without norms, their last conv) are zero, so
+    ``dec`` decodes exactly as ``shallower`` did; added latent channels enter the stem with near-zero
+    weights (:data:`NEW_LATENT_WEIGHT`), so it decodes as before to within about a percent.
 
     Why: a codec whose held-out curve has flattened needs capacity, and a wider or deeper decoder
     trained from scratch costs hours of CPU that the warm start already spent. A block that starts as
     the identity keeps everything learned; its scale leaves zero at the first step (its gradient is
-    the block's own output), and then the block learns like any other (Net2Net's "deeper" move). A
-    zero stem weight likewise moves at the first step wherever the new channel is non-zero."""
+    the block's own output), and then the block learns like any other (Net2Net's "deeper" move). The
+    new channels' small stem weights give their encoder filters a gradient from the first step, which
+    Adam scales to a full-size update."""
     if dec.cfg.dec_blocks < shallower.cfg.dec_blocks:
         raise ValueError(f"a decoder cannot shrink: {shallower.cfg.dec_blocks} blocks into "
                          f"{dec.cfg.dec_blocks}")
     stem = dec.stem[0].weight
-    state = _latent_grown(shallower.state_dict(), "stem.0.weight", stem, 1, torch.zeros_like(stem))
+    old = shallower.state_dict()["stem.0.weight"]
+    gen = torch.Generator().manual_seed(dec.cfg.seed)
+    fill = torch.randn(stem.shape, generator=gen).to(stem) * (NEW_LATENT_WEIGHT * old.std())
+    state = _latent_grown(shallower.state_dict(), "stem.0.weight", stem, 1, fill)
     missing, unexpected = dec.load_state_dict(state, strict=False)
     new_blocks = range(shallower.cfg.dec_blocks, dec.cfg.dec_blocks)
     allowed = tuple(f"blocks.{i}." for i in new_blocks)
