@@ -16,7 +16,13 @@ from palettelink.train import augment, crossing_cache, data
 from palettelink.train import bottleneck as bn
 from palettelink.train.bottleneck_eval import ScalarQuantiser, evaluate_detection
 from palettelink.train.bottleneck_training import finetune_decoder, same_run, train_bottleneck
-from palettelink.train.distill import head_of, measure_sensitivity, sensitivity_weights, task_loss
+from palettelink.train.distill import (
+    head_of,
+    measure_sensitivity,
+    rank_loss,
+    sensitivity_weights,
+    task_loss,
+)
 
 SIZE = 320
 
@@ -160,6 +166,34 @@ def test_class_weights_scale_each_class_share_of_the_class_loss(detector) -> Non
         plain, _ = task_loss(detector, y_s, y_t)
         weighted, _ = task_loss(detector, y_s, y_t, class_weights=[1.0, 4.0])
         assert plain > 0 and torch.allclose(weighted, factor * plain, rtol=1e-5)
+
+
+def _tail_outputs(scores: list[tuple[float, float]], anchors: int) -> torch.Tensor:
+    """Tail outputs [1, 4 + 2, anchors]: zero boxes, the given (class 0, class 1) scores on the first
+    anchors, 0.01 on the rest."""
+    y = torch.zeros(1, 6, anchors)
+    y[0, 4:] = 0.01
+    y[0, 4:, : len(scores)] = torch.tensor(scores).T
+    return y
+
+
+def test_the_class_order_term_sees_a_flipped_near_tie_that_the_class_kl_hardly_does(detector) -> None:  # noqa: ANN001
+    """A box the teacher calls class 1 by a hair (0.28 vs 0.30) and the student calls class 0 by the
+    same hair: the tail would report the other class (a miss and a false box). Against a student that
+    keeps the order, the per-class KL rises by about 0.001, the class-order term by ten times more;
+    and the class-order term ignores anchors the teacher would not report."""
+    n = head_of(detector).strides.numel()  # the box term reads the head's anchor strides
+    teacher = _tail_outputs([(0.28, 0.30)], n)
+    right = _tail_outputs([(0.27, 0.31)], n)
+    flipped = _tail_outputs([(0.30, 0.28)], n)
+    kl_right, _ = task_loss(detector, right, teacher)
+    kl_flipped, _ = task_loss(detector, flipped, teacher)
+    kl_gap = float(kl_flipped - kl_right)
+    rank_gap = float(rank_loss(flipped, teacher) - rank_loss(right, teacher))
+    assert 0 < kl_gap < 0.005
+    assert rank_gap > 10 * kl_gap
+    quiet = _tail_outputs([(0.10, 0.05)], n)  # nothing the teacher would report
+    assert float(rank_loss(_tail_outputs([(0.05, 0.10), (0.3, 0.2)], n), quiet)) == 0.0
 
 
 def test_class_weights_must_match_the_detector_classes(detector, cache, tmp_path: Path) -> None:  # noqa: ANN001

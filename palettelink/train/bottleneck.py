@@ -61,6 +61,7 @@ class BottleneckConfig(JsonConfig):
     w_cls: float = 20.0
     w_box: float = 0.2
     w_false: float = 0.0  # extra class-KL weight where the student fires above the teacher (false boxes)
+    w_rank: float = 0.0  # which class wins where the teacher reports a box (distill.rank_loss)
     task_start: float = 0.05  # task loss off for this fraction of training (features first) ...
     task_ramp: float = 0.1  # ... then ramps in linearly over this fraction
     tensor_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])

@@ -59,6 +59,7 @@ class TrainConfig:
     tiny: bool = False  # CI smoke run: a few steps on a few images
     init: str | None = None  # warm start the bottleneck from this assets folder (same architecture)
     false_weight: float = 0.0  # background distillation (BottleneckConfig.w_false)
+    rank_weight: float = 0.0  # the teacher's winning class where it reports a box (BottleneckConfig.w_rank)
     crop: int | None = None  # training window in input pixels (None: BottleneckConfig's 256)
     lr: float | None = None  # bottleneck peak learning rate (None: BottleneckConfig's 1e-3)
     neck_weight: float | None = None  # stage 2's neck term (None: BottleneckConfig's 2.0); 0 = stage 1 only
@@ -263,6 +264,8 @@ def recipe_overrides(cfg: TrainConfig) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if cfg.false_weight:
         out["w_false"] = float(cfg.false_weight)
+    if cfg.rank_weight:
+        out["w_rank"] = float(cfg.rank_weight)
     if cfg.crop:
         out["crop"] = int(cfg.crop)
     if cfg.lr:
@@ -299,7 +302,8 @@ def train_bottleneck_warm(det: Any, cache: Any, out: Path, assets: Path, init: P
     # the codec's own loss mix carries over (a codec trained with background distillation keeps it
     # when adapted: without it, adapting to vtest raised false boxes per frame from 0.1-0.3 to 0.5-0.7;
     # a stage-1-only codec, w_neck 0, is not handed the neck term it was trained without)
-    keep.update({k: prev[k] for k in ("w_false", "w_neck", "w_feat", "w_box", "class_weights") if k in prev})
+    keep.update({k: prev[k] for k in ("w_false", "w_rank", "w_neck", "w_feat", "w_box", "class_weights")
+                 if k in prev})
     if cfg.neck_weight is not None:
         keep["w_neck"] = float(cfg.neck_weight)
     overrides = recipe_overrides(cfg)
@@ -514,6 +518,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--false-weight", type=float, default=0.0, metavar="W",
                    help="background distillation: extra class-loss weight where the rebuilt features "
                         "make the head fire above the uncompressed ones (false boxes); 0 = off")
+    p.add_argument("--rank-weight", type=non_negative_float, default=0.0, metavar="W",
+                   help="weight of the class-order term: where the teacher reports a box, the rebuilt "
+                        "features must make the same class win (a near-tie flipped is a missed box and a "
+                        "false one); 0 = off")
     p.add_argument("--crop", type=int, metavar="PX", help="training window in input pixels (default 256; "
                    "larger windows give large objects their context, at a higher cost per step)")
     p.add_argument("--lr", type=float, help="bottleneck peak learning rate (default 1e-3)")
@@ -562,7 +570,8 @@ def run(args: argparse.Namespace) -> int:
                       max_images=args.max_images, seed=args.seed, augment=args.augment, paste=args.paste,
                       paste_lying=args.paste_lying,
                       calibration=args.calibration,
-                      tiny=args.tiny, init=args.init, false_weight=args.false_weight, crop=args.crop,
+                      tiny=args.tiny, init=args.init, false_weight=args.false_weight,
+                      rank_weight=args.rank_weight, crop=args.crop,
                       lr=args.lr, neck_weight=args.neck_weight, tensor_weights=args.tensor_weights,
                       class_weights=args.class_weights,
                       enc_width=args.enc_width, dec_width=args.dec_width, dec_blocks=args.dec_blocks,
