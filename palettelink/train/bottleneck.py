@@ -260,10 +260,10 @@ def grow_encoder(enc: Encoder, narrower: Encoder) -> None:
     tried (p11-p13); what the latent can carry is the remaining cap, and a latent trained from scratch
     costs hours of CPU that the warm start already spent (Net2Net's "wider" move, on z)."""
     last = f"mix.{len(enc.mix) - 1}"
-    state = narrower.state_dict()
+    own, state = enc.state_dict(), narrower.state_dict()
     for name in ("weight", "bias"):
         key = f"{last}.{name}"
-        state = _latent_grown(state, key, enc.state_dict()[key], 0, enc.state_dict()[key])
+        state = _latent_grown(state, key, own[key], 0, own[key])
     enc.load_state_dict(state)
 
 
@@ -284,11 +284,11 @@ def grow_decoder(dec: Decoder, shallower: Decoder) -> None:
     if dec.cfg.dec_blocks < shallower.cfg.dec_blocks:
         raise ValueError(f"a decoder cannot shrink: {shallower.cfg.dec_blocks} blocks into "
                          f"{dec.cfg.dec_blocks}")
-    stem = dec.stem[0].weight
-    old = shallower.state_dict()["stem.0.weight"]
+    stem, state = dec.stem[0].weight, shallower.state_dict()
     gen = torch.Generator().manual_seed(dec.cfg.seed)
-    fill = torch.randn(stem.shape, generator=gen).to(stem) * (NEW_LATENT_WEIGHT * old.std())
-    state = _latent_grown(shallower.state_dict(), "stem.0.weight", stem, 1, fill)
+    scale = NEW_LATENT_WEIGHT * state["stem.0.weight"].std()
+    fill = torch.randn(stem.shape, generator=gen).to(stem) * scale
+    state = _latent_grown(state, "stem.0.weight", stem, 1, fill)
     missing, unexpected = dec.load_state_dict(state, strict=False)
     new_blocks = range(shallower.cfg.dec_blocks, dec.cfg.dec_blocks)
     allowed = tuple(f"blocks.{i}." for i in new_blocks)

@@ -95,13 +95,10 @@ def rank_loss(y_s: torch.Tensor, y_t: torch.Tensor, class_weights: Sequence[floa
     and a false one. The per-class Bernoulli KL of :func:`task_loss` hardly sees that (0.30/0.28 and
     0.28/0.30 are close in both classes); the sharpened target asks for the teacher's order itself."""
     eps = 1e-6
-    p_t = y_t[:, 4:].clamp(eps, 1 - eps)
-    p_s = y_s[:, 4:].clamp(eps, 1 - eps)
-    logit_t = p_t.log() - (-p_t).log1p()
-    logit_s = p_s.log() - (-p_s).log1p()
+    logit_t = torch.logit(y_t[:, 4:], eps=eps)
     target = F.softmax(logit_t / temperature, dim=1)
-    ce = -(target * F.log_softmax(logit_s / temperature, dim=1)).sum(1)  # [B, A]
-    conf, best = p_t.max(1)
+    ce = -(target * F.log_softmax(torch.logit(y_s[:, 4:], eps=eps) / temperature, dim=1)).sum(1)  # [B, A]
+    conf, best = y_t[:, 4:].clamp(eps, 1 - eps).max(1)
     w = conf * (conf >= min_conf)
     if class_weights is not None:
         w = w * torch.as_tensor(class_weights, dtype=w.dtype, device=w.device)[best]
@@ -213,11 +210,11 @@ def step_losses(det: Any, dec: Decoder, z: torch.Tensor, level: Level, ts: Seque
     neck = neck_loss(cap_s.value, cap_t.value)
     cls, box = task_loss(det, y_s, y_t, cfg.w_false, cfg.class_weights)
     loss = cfg.w_feat * feat + task_weight * (cfg.w_neck * neck + cfg.w_cls * cls + cfg.w_box * box)
-    logs = {"loss": 0.0, "neck": float(neck.detach()), "cls": float(cls.detach()),
-            "box": float(box.detach()), **nm}
-    if cfg.w_rank > 0:
-        rank = rank_loss(y_s, y_t, cfg.class_weights)
+    rank = rank_loss(y_s, y_t, cfg.class_weights) if cfg.w_rank > 0 else None
+    if rank is not None:
         loss = loss + task_weight * cfg.w_rank * rank
+    logs = {"loss": float(loss.detach()), "neck": float(neck.detach()), "cls": float(cls.detach()),
+            "box": float(box.detach()), **nm}
+    if rank is not None:
         logs["rank"] = float(rank.detach())
-    logs["loss"] = float(loss.detach())
     return loss, logs

@@ -57,7 +57,7 @@ class TrainConfig:
     calibration: int = 200  # training views the levels stage measures every level on
     seed: int = 0
     tiny: bool = False  # CI smoke run: a few steps on a few images
-    init: str | None = None  # warm start the bottleneck from this assets folder (same architecture)
+    init: str | None = None  # warm start the bottleneck from this assets folder (same widths; may grow)
     false_weight: float = 0.0  # background distillation (BottleneckConfig.w_false)
     rank_weight: float = 0.0  # the teacher's winning class where it reports a box (BottleneckConfig.w_rank)
     crop: int | None = None  # training window in input pixels (None: BottleneckConfig's 256)
@@ -485,7 +485,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--latent-channels", type=int, default=None, metavar="C",
                    help="channels of the latent z (default 32; a multiple of --groups; more carries more per "
                         "level); with --init, more channels than the codec has widen it: the new ones enter "
-                        "the decoder with zero weight, so it decodes as before and trains on from there")
+                        "the decoder with near-zero weight, so it decodes as before and trains on from there")
     p.add_argument("--palette-space", choices=["raw", "contrastive"], default="raw")
     p.add_argument("--palette-foreground", type=non_negative_float, default=0.0, metavar="W",
                    help="weight the palette hierarchy towards what the detector sees: a latent position "
