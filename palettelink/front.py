@@ -19,8 +19,14 @@ from palettelink.image import Letterbox, letterbox
 _DEFAULTS: dict[str, int | bool | str | None] = {"threads": None, "spinning": None, "precision": None}
 
 # The int8 variant of an edge graph (``palettelink int8`` writes it and records its measurement in
-# the manifest's ``int8`` entry) is run by default only where its measured agreement reaches this.
+# the manifest's ``int8`` entry) is run by default only where its measured agreement reaches this...
 INT8_MIN_AGREEMENT = 0.97
+# ... and, where the record has it, it keeps this share of the fp32 configuration's AP50 against the
+# uncompressed fp32 pipeline (``retained``): int8 may cost at most 1 % relative, the usual acceptance
+# criterion for a quantised model (Intel Neural Compressor's default tolerable loss). Agreement alone
+# is lenient: int8 boxes are scored against fp32's confident ones, so an int8 graph that finds the same
+# objects at shifted scores agreed 0.999 and still cost the edge 0.011 AP50 (the p15 codec).
+INT8_MIN_RETAINED = 0.99
 PRECISIONS = ("auto", "fp32", "int8")
 
 
@@ -56,25 +62,40 @@ def int8_entry(bundle: Bundle, graph: str) -> dict[str, Any] | None:
     return entry if isinstance(entry, dict) and entry.get("file") else None
 
 
+def edge_int8_passes(entry: dict[str, Any]) -> bool:
+    """Whether an edge graph's int8 record makes it the default: agreement ≥ INT8_MIN_AGREEMENT and,
+    where recorded, retained ≥ INT8_MIN_RETAINED (the one rule; the build records its verdict)."""
+    agreement, retained = _number(entry.get("agreement")), _number(entry.get("retained"))
+    return (agreement is not None and agreement >= INT8_MIN_AGREEMENT
+            and (retained is None or retained >= INT8_MIN_RETAINED))
+
+
 def choose_graph(bundle: Bundle, graph: str, precision: str | None = None) -> GraphChoice:
     """The file to run for ``graph`` (``edge.onnx``, ``front.onnx``): ``fp32`` the graph itself;
     ``int8`` its int8 variant (BundleError where the bundle has none); ``auto`` (the default) the int8
-    variant where the bundle has one whose measured agreement with fp32 is ≥ INT8_MIN_AGREEMENT."""
+    variant where the bundle has one that passes :func:`edge_int8_passes`."""
     return choose_variant(bundle, graph, int8_entry(bundle, graph), precision, INT8_MIN_AGREEMENT,
-                          f"make one with `palettelink int8 --bundle {bundle.name}`")
+                          f"make one with `palettelink int8 --bundle {bundle.name}`",
+                          min_retained=INT8_MIN_RETAINED)
+
+
+def _number(raw: object) -> float | None:
+    return float(raw) if isinstance(raw, int | float) and not isinstance(raw, bool) else None
 
 
 def choose_variant(bundle: Bundle, graph: str, entry: dict[str, Any] | None, precision: str | None,
-                   threshold: float, how_to_make: str, need_default: bool = False) -> GraphChoice:
+                   threshold: float, how_to_make: str, need_default: bool = False,
+                   min_retained: float | None = None) -> GraphChoice:
     """The one rule for every graph with a measured int8 variant (the edge's ``int8`` records, the
     server's ``serve.int8``): ``fp32``/``int8`` force (``int8`` where the bundle has none: BundleError
-    saying ``how_to_make``); ``auto`` runs the variant where its recorded agreement is ≥ ``threshold``
-    (and, with ``need_default``, the build kept it as the default), else the graph itself."""
+    saying ``how_to_make``); ``auto`` runs the variant where its recorded agreement is ≥ ``threshold``,
+    with ``min_retained`` its recorded ``retained`` (where there is one) is ≥ that, and with
+    ``need_default`` the build kept it as the default; else the graph itself."""
     precision = precision or str(_DEFAULTS["precision"] or "auto")
     if precision not in PRECISIONS:
         raise InvalidRequest(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    raw = entry.get("agreement") if entry else None
-    agreement = float(raw) if isinstance(raw, int | float) else None
+    agreement = _number(entry.get("agreement")) if entry else None
+    retained = _number(entry.get("retained")) if entry else None
     if precision == "fp32":
         return GraphChoice(graph, "fp32", "fp32 asked for", agreement)
     if entry is None or not bundle.has_file(str(entry["file"])):
@@ -85,8 +106,15 @@ def choose_variant(bundle: Bundle, graph: str, entry: dict[str, Any] | None, pre
     if precision == "int8":
         return GraphChoice(file, "int8", "int8 asked for", agreement)
     kept = entry.get("default") is True or not need_default
-    if kept and agreement is not None and agreement >= threshold:
-        return GraphChoice(file, "int8", f"int8: measured agreement {agreement:.3f} ≥ {threshold}", agreement)
+    costly = min_retained is not None and retained is not None and retained < min_retained
+    if kept and agreement is not None and agreement >= threshold and not costly:
+        why = f"int8: measured agreement {agreement:.3f} ≥ {threshold}"
+        if min_retained is not None and retained is not None:
+            why += f", AP50 retained {retained:.3f} ≥ {min_retained}"
+        return GraphChoice(file, "int8", why, agreement)
+    if kept and costly and agreement is not None and agreement >= threshold:
+        return GraphChoice(graph, "fp32", f"fp32: the int8 variant keeps {retained:.3f} of fp32's AP50 "
+                           f"against the uncompressed pipeline (< {min_retained})", agreement)
     if agreement is None:
         shown = "not recorded"
     else:

@@ -98,16 +98,23 @@ def window_letterbox(lb: Letterbox, window: tuple[int, int, int, int] | None) ->
     return Letterbox(lb.scale, lb.pad_x - int(window[0]), lb.pad_y - int(window[1]), lb.width, lb.height)
 
 
-def letterbox(rgb: np.ndarray, size: int, image_size: tuple[int, int] | None = None
-              ) -> tuple[np.ndarray, Letterbox]:
+def rgb_size(rgb: np.ndarray) -> tuple[int, int]:
+    """(W, H) of an HxWx3 uint8 RGB image; InvalidRequest for anything else."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise InvalidRequest(f"expected an HxWx3 uint8 RGB image, got {rgb.dtype} {rgb.shape}")
+    return int(rgb.shape[1]), int(rgb.shape[0])
+
+
+def letterbox(rgb: np.ndarray, size: int, image_size: tuple[int, int] | None = None,
+              window: Window | None = None) -> tuple[np.ndarray, Letterbox]:
     """``rgb`` uint8 HxWx3 → float32 1x3xSxS in [0, 1] and the mapping back.
 
     ``image_size``: the (W, H) of the original when ``rgb`` is a smaller copy of it (a picture coded
     downscaled): the letterbox is the original's, the copy resized straight into its place (bicubic
-    where it is enlarged)."""
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise InvalidRequest(f"expected an HxWx3 uint8 RGB image, got {rgb.dtype} {rgb.shape}")
-    h, w = rgb.shape[:2]
+    where it is enlarged). ``window``: only that part of the square (1x3x(y1-y0)x(x1-x0)), the same
+    values as slicing the whole one: the edge converts only the pixels it runs, in one float copy
+    (a third of its preparation time for a 640x480 frame)."""
+    w, h = rgb_size(rgb)
     ow, oh = (w, h) if image_size is None else image_size
     info = letterbox_info(ow, oh, size)
     nw, nh = round(ow * info.scale), round(oh * info.scale)
@@ -116,8 +123,12 @@ def letterbox(rgb: np.ndarray, size: int, image_size: tuple[int, int] | None = N
     resized = cv2.resize(rgb, (nw, nh), interpolation=how) if (nw, nh) != (w, h) else rgb
     canvas = np.full((size, size, 3), 114, dtype=np.uint8)
     canvas[info.pad_y : info.pad_y + nh, info.pad_x : info.pad_x + nw] = resized
-    x = canvas.transpose(2, 0, 1)[None].astype(np.float32) / 255.0
-    return np.ascontiguousarray(x), info
+    if window is not None:
+        canvas = canvas[window.y0 : window.y1, window.x0 : window.x1]
+    x = np.empty((1, 3, *canvas.shape[:2]), dtype=np.float32)
+    x[0] = canvas.transpose(2, 0, 1)
+    np.divide(x, np.float32(255.0), out=x)  # x / 255 in float32, in place
+    return x, info
 
 
 def check_size(name: str | Path, width: int, height: int, max_pixels: int = MAX_IMAGE_PIXELS) -> None:

@@ -19,7 +19,7 @@ from palettelink.bundle import MANIFEST, find_bundle, write_manifest
 from palettelink.codecs.palette import PaletteDecoder, PaletteEncoder
 from palettelink.codecs.palette import window as palette_window
 from palettelink.errors import InvalidStream
-from palettelink.image import Window, letterbox_info, load_image, window_letterbox
+from palettelink.image import Window, letterbox, letterbox_info, load_image, window_letterbox
 from palettelink.models.windowed_palette import WindowedPaletteDecoder
 from palettelink.scoring import evaluate
 
@@ -39,6 +39,17 @@ def test_window_of_a_4_by_3_frame_is_its_rows_on_whole_cells(bundle) -> None:  #
     assert palette_window.window_latent_hw(bundle, (1080, 1920)) == (40, 24)  # portrait: columns
     assert palette_window.frame_window(bundle, (500, 500)) is None  # a square picture: no window
     assert palette_window.window_latent_hw(bundle, (500, 500)) is None
+
+
+def test_letterbox_of_a_window_is_that_part_of_the_square(images) -> None:  # noqa: ANN001
+    """The edge converts only its window's pixels: the same float values as cutting the whole square."""
+    for rgb in _camera_frames(images):
+        square, info = letterbox(rgb, 640)
+        win = Window(0, 64, 640, 576)
+        part, info_part = letterbox(rgb, 640, window=win)
+        assert info_part == info and part.flags["C_CONTIGUOUS"] and part.dtype == np.float32
+        assert np.array_equal(part, square[:, :, 64:576, :])
+        assert np.array_equal(square[0, :, 0, 0], np.full(3, np.float32(114) / np.float32(255)))
 
 
 def test_place_puts_the_window_among_the_fill() -> None:

@@ -58,8 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, bundle: Any, graph: str) -> int:
-    from palettelink.front import INT8_MIN_AGREEMENT
-    from palettelink.train.int8_edge import make, record
+    from palettelink.train.int8_edge import make, record, verdict
     from palettelink.train.onnx_int8 import int8_name
 
     if graph == "decoder.onnx":
@@ -76,8 +75,8 @@ def _run(args: argparse.Namespace, bundle: Any, graph: str) -> int:
         for k in ("agreement", "ap50_fp32", "ap50_int8", "retained", "index_agreement", "fp32_ms", "int8_ms"):
             if k in entry:
                 print(f"  {k:<16} {entry[k]}")
-        verdict = "runs int8 by default" if entry["default"] else "keeps fp32 by default"
-        print(f"  agreement {entry['agreement']} vs the {INT8_MIN_AGREEMENT} rule: the edge {verdict}")
+        outcome = "runs int8 by default" if entry["default"] else "keeps fp32 by default"
+        print(f"  {verdict(entry)}: the edge {outcome}")
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             rec = {"bundle": bundle.id, "table_hash": bundle.table_hash_hex, "graph": graph, **entry}

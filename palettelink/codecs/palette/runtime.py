@@ -34,7 +34,7 @@ from palettelink.codecs.palette.window import (
 )
 from palettelink.errors import BundleError, InvalidRequest, InvalidStream
 from palettelink.front import GraphChoice, choose_graph, ort_session
-from palettelink.image import Letterbox, Window, letterbox
+from palettelink.image import Letterbox, Window, letterbox, rgb_size
 
 WIRE_ID = 2  # the container's codec byte: never renumber (committed streams must decode)
 FLAG_STATIC = 0x01  # container codec flag: the layers use the static tables (else the context model)
@@ -122,10 +122,8 @@ class PaletteEncoder:
         return self._novelty_threshold
 
     def analyse(self, rgb: np.ndarray) -> PaletteAnalysis:
-        x, info = letterbox(rgb, self.bundle.input_size)
-        win = frame_window(self.bundle, (info.width, info.height)) if self.window else None
-        if win is not None:
-            x = np.ascontiguousarray(x[:, :, win.y0:win.y1, win.x0:win.x1])
+        win = frame_window(self.bundle, rgb_size(rgb)) if self.window else None
+        x, info = letterbox(rgb, self.bundle.input_size, window=win)
         t0 = time.perf_counter()
         feeds = {self.input_name: x, "level": np.asarray(0, dtype=np.int64)}
         outs = self.session.run(self.outputs, feeds)
