@@ -207,12 +207,14 @@ def test_palettelink_int8_quantises_measures_and_records(bundle, tmp_path: Path,
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "agreement" in text and ("≥ 0.97" in text or "< 0.97" in text), text
-    assert "recorded edge.int8.onnx" in text and "of fp32's AP50: the edge" in text, text
+    assert "recorded edge.int8.onnx" in text, text
     rec = json.loads(out.read_text())
     assert rec["graph"] == "edge.onnx" and rec["frames"] == 2 and rec["calibration_images"] == 2
     assert 0 <= rec["agreement"] <= 1 and rec["level"] == make_encoder(bundle, "palette").default_level()
     assert rec["canvas"] == "window"  # measured on what the edge codes for a server that decodes windows
     assert rec["default"] == front.edge_int8_passes(rec) and rec["min_retained"] == front.INT8_MIN_RETAINED
+    if rec["retained"] is not None:  # None where the fp32 configuration found nothing on these frames
+        assert f"retained {rec['retained']}" in text, text
     loaded = Bundle.load(root / bundle.name / bundle.version)  # every hash still verifies
     assert loaded.table_hash_hex == bundle.table_hash_hex and loaded.has_file("edge.int8.onnx")
     entry = loaded.manifest["int8"]["edge.onnx"]
