@@ -62,18 +62,20 @@ def int8_entry(bundle: Bundle, graph: str) -> dict[str, Any] | None:
     return entry if isinstance(entry, dict) and entry.get("file") else None
 
 
-def edge_int8_passes(entry: dict[str, Any]) -> bool:
-    """Whether an edge graph's int8 record makes it the default: agreement ≥ INT8_MIN_AGREEMENT and,
-    where recorded, retained ≥ INT8_MIN_RETAINED (the one rule; the build records its verdict)."""
+def int8_passes(entry: dict[str, Any], threshold: float = INT8_MIN_AGREEMENT,
+                min_retained: float | None = INT8_MIN_RETAINED) -> bool:
+    """Whether an int8 record reaches the rule: agreement ≥ ``threshold`` and, with ``min_retained``
+    and where the record has one, retained ≥ that. The defaults are the edge's rule (the build
+    records its verdict as ``default``); :func:`choose_variant` applies it with each caller's bounds."""
     agreement, retained = _number(entry.get("agreement")), _number(entry.get("retained"))
-    return (agreement is not None and agreement >= INT8_MIN_AGREEMENT
-            and (retained is None or retained >= INT8_MIN_RETAINED))
+    return (agreement is not None and agreement >= threshold
+            and (min_retained is None or retained is None or retained >= min_retained))
 
 
 def choose_graph(bundle: Bundle, graph: str, precision: str | None = None) -> GraphChoice:
     """The file to run for ``graph`` (``edge.onnx``, ``front.onnx``): ``fp32`` the graph itself;
     ``int8`` its int8 variant (BundleError where the bundle has none); ``auto`` (the default) the int8
-    variant where the bundle has one that passes :func:`edge_int8_passes`."""
+    variant where the bundle has one that passes :func:`int8_passes`."""
     return choose_variant(bundle, graph, int8_entry(bundle, graph), precision, INT8_MIN_AGREEMENT,
                           f"make one with `palettelink int8 --bundle {bundle.name}`",
                           min_retained=INT8_MIN_RETAINED)
@@ -106,21 +108,22 @@ def choose_variant(bundle: Bundle, graph: str, entry: dict[str, Any] | None, pre
     if precision == "int8":
         return GraphChoice(file, "int8", "int8 asked for", agreement)
     kept = entry.get("default") is True or not need_default
-    costly = min_retained is not None and retained is not None and retained < min_retained
-    if kept and agreement is not None and agreement >= threshold and not costly:
+    if kept and int8_passes(entry, threshold, min_retained):
         why = f"int8: measured agreement {agreement:.3f} ≥ {threshold}"
         if min_retained is not None and retained is not None:
             why += f", AP50 retained {retained:.3f} ≥ {min_retained}"
         return GraphChoice(file, "int8", why, agreement)
-    if kept and costly and agreement is not None and agreement >= threshold:
-        return GraphChoice(graph, "fp32", f"fp32: the int8 variant keeps {retained:.3f} of fp32's AP50 "
-                           f"against the uncompressed pipeline (< {min_retained})", agreement)
     if agreement is None:
-        shown = "not recorded"
+        why = "the int8 variant's measured agreement is not recorded"
+    elif agreement < threshold:
+        why = f"the int8 variant's measured agreement is {agreement:.3f} < {threshold}"
+    elif kept:  # agreement enough, the AP50 it keeps not
+        why = (f"the int8 variant keeps {retained:.3f} of fp32's AP50 against the uncompressed pipeline "
+               f"(< {min_retained})")
     else:
-        shown = f"{agreement:.3f}" + (f" < {threshold}" if agreement < threshold else "")
-        shown += "" if kept else " (the build did not keep it as the default)"
-    return GraphChoice(graph, "fp32", f"fp32: the int8 variant's measured agreement is {shown}", agreement)
+        why = (f"the int8 variant's measured agreement is {agreement:.3f} (the build did not keep it as the "
+               "default)")
+    return GraphChoice(graph, "fp32", f"fp32: {why}", agreement)
 
 
 def session_settings(threads: int | None = None) -> dict[str, object]:

@@ -212,7 +212,7 @@ def test_palettelink_int8_quantises_measures_and_records(bundle, tmp_path: Path,
     assert rec["graph"] == "edge.onnx" and rec["frames"] == 2 and rec["calibration_images"] == 2
     assert 0 <= rec["agreement"] <= 1 and rec["level"] == make_encoder(bundle, "palette").default_level()
     assert rec["canvas"] == "window"  # measured on what the edge codes for a server that decodes windows
-    assert rec["default"] == front.edge_int8_passes(rec) and rec["min_retained"] == front.INT8_MIN_RETAINED
+    assert rec["default"] == front.int8_passes(rec) and rec["min_retained"] == front.INT8_MIN_RETAINED
     if rec["retained"] is not None:  # None where the fp32 configuration found nothing on these frames
         assert f"retained {rec['retained']}" in text, text
     loaded = Bundle.load(root / bundle.name / bundle.version)  # every hash still verifies
@@ -280,7 +280,7 @@ def test_build_bundles_edge_int8_step_keeps_only_what_reaches_the_rule(bundle, t
     assert loaded.table_hash_hex == bundle.table_hash_hex
     for graph, entry in made.items():
         file = graph.replace(".onnx", ".int8.onnx")
-        assert entry["frames"] == 3 and entry["default"] == front.edge_int8_passes(entry)
+        assert entry["frames"] == 3 and entry["default"] == front.int8_passes(entry)
         assert (copy / file).is_file() == entry["default"] == (graph in loaded.manifest.get("int8", {}))
         assert front.choose_graph(loaded, graph).file == (file if entry["default"] else graph)
         assert any(graph in line and ("kept" in line or "dropped" in line) for line in lines), lines

@@ -33,7 +33,7 @@ skips it); ``palettelink int8`` (:mod:`palettelink.bench.int8`) runs :func:`make
 The edge (``--precision auto``, the default) runs the int8 graph where ``agreement`` ≥ 0.97
 (:data:`palettelink.front.INT8_MIN_AGREEMENT`) and ``retained`` ≥ 0.99
 (:data:`palettelink.front.INT8_MIN_RETAINED`: int8 costs at most 1 % of the AP50), else fp32
-(:func:`palettelink.front.edge_int8_passes`).
+(:func:`palettelink.front.int8_passes`).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def make(bundle: Bundle, graph: str, dst: Path, calibration: int = 24, frames: i
          log: Callable[[str], None] = print) -> dict[str, Any] | None:
     """Quantise ``graph`` of ``bundle`` into ``dst`` and measure it (module docstring): the manifest
     entry, or None where this machine has no training images or no leave-source-out frames."""
-    from palettelink.front import INT8_MIN_AGREEMENT, INT8_MIN_RETAINED, edge_int8_passes
+    from palettelink.front import INT8_MIN_AGREEMENT, INT8_MIN_RETAINED, int8_passes
     from palettelink.image import letterbox
     from palettelink.train import data
     from palettelink.train.onnx_int8 import quantise
@@ -86,7 +86,7 @@ def make(bundle: Bundle, graph: str, dst: Path, calibration: int = 24, frames: i
     log(f"  quantised in {time.perf_counter() - t0:.0f} s; measuring")
     result = measure(bundle, graph, dst, data.load_all_rgb(eval_items), level, threads)
     return {**result, "threshold": INT8_MIN_AGREEMENT, "min_retained": INT8_MIN_RETAINED,
-            "default": edge_int8_passes(result), "metric": METRIC,
+            "default": int8_passes(result), "metric": METRIC,
             "frames": len(eval_items), "sources": data.describe_sources(eval_items),
             "calibration_images": len(calib_items), "quantisation": QUANTISATION,
             "fp32_convolutions": len(fp32_convs)}
