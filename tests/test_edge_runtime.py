@@ -251,13 +251,16 @@ def test_fine_convolutions_are_the_layers_at_stride_four_or_finer(bundle) -> Non
     """The quantiser keeps fp32 what runs at a quarter of the input's side or finer: YOLOv8n's stem
     (stride 2), its second conv (stride 4) and the C2f block at stride 4; the stride-8 conv after them
     and everything deeper is quantised."""
+    import onnx
+
     from palettelink.train.onnx_int8 import fine_convolutions
 
-    fine = fine_convolutions(bundle.file("front.onnx"), 4)
+    graph = onnx.load(str(bundle.file("front.onnx"))).graph
+    fine = fine_convolutions(graph, 4)
     assert fine[:2] == ["/layers.0/conv/Conv", "/layers.1/conv/Conv"] and len(fine) == 6
     assert all(n.startswith("/layers.2/") for n in fine[2:])
-    assert "/layers.3/conv/Conv" in fine_convolutions(bundle.file("front.onnx"), 8)
-    assert fine_convolutions(bundle.file("front.onnx"), 1) == []
+    assert "/layers.3/conv/Conv" in fine_convolutions(graph, 8)
+    assert fine_convolutions(graph, 1) == []
 
 
 def test_build_bundles_edge_int8_step_keeps_only_what_reaches_the_rule(bundle, tmp_path: Path,  # noqa: ANN001

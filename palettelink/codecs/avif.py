@@ -53,7 +53,7 @@ from palettelink.bundle import Bundle
 from palettelink.codecs import Analysis, CodecSpec, Decoded, Encoded, register
 from palettelink.errors import BundleError, InvalidRequest, InvalidStream
 from palettelink.front import Front
-from palettelink.image import letterbox
+from palettelink.image import letterbox, rgb_size
 
 try:  # Pillow ≥ 11.3 wheels carry libavif; named here so one-file builds (PyInstaller) collect it
     from PIL import AvifImagePlugin
@@ -195,9 +195,7 @@ class AvifEncoder:
         return DEFAULT_LEVEL
 
     def analyse(self, rgb: np.ndarray) -> AvifAnalysis:
-        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-            raise InvalidRequest(f"expected an HxWx3 uint8 RGB image, got {rgb.dtype} {rgb.shape}")
-        return AvifAnalysis((int(rgb.shape[1]), int(rgb.shape[0])), 0.0, rgb)
+        return AvifAnalysis(rgb_size(rgb), 0.0, rgb)
 
     def _frame(self, analysis: AvifAnalysis, level: int, data: bytes) -> bytes:
         w, h = coded_size(analysis.image_size, LADDER[level].downscale)

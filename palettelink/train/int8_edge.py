@@ -99,8 +99,8 @@ def fp32_convolutions(path: Path) -> list[str]:
 
     from palettelink.train.onnx_int8 import fine_convolutions
 
-    fine = fine_convolutions(path, FP32_MAX_STRIDE)
     graph = onnx.load(str(path), load_external_data=False).graph
+    fine = fine_convolutions(graph, FP32_MAX_STRIDE)
     encoder = [n.name for n in graph.node if n.op_type == "Conv" and n.name.startswith(ENCODER_SCOPE)]
     return fine + [n for n in encoder if n not in fine]
 

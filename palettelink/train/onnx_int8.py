@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -56,16 +57,13 @@ def quantise(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], exclude: 
         shutil.copyfile(out, dst)
 
 
-def fine_convolutions(path: Path, max_stride: int) -> list[str]:
-    """Names of the convolutions of the ONNX graph at ``path`` whose output is at a stride ≤
+def fine_convolutions(graph: Any, max_stride: int) -> list[str]:
+    """Names of the convolutions of ``graph`` (an ``onnx.GraphProto``) whose output is at a stride ≤
     ``max_stride`` of its image input (the network's first, high-resolution layers).
 
     Strides are followed through the graph in its (topological) order: a Conv or pooling node
     multiplies its input's stride by its own, every other node keeps the largest of its inputs' (a
     Resize, which would divide it, only comes after the layers this picks in our graphs)."""
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False).graph
     stride: dict[str, int] = {graph.input[0].name: 1}
     fine = []
     for node in graph.node:
