@@ -139,6 +139,14 @@ def positive_ints(text: str) -> list[int]:
     return out
 
 
+def positive_int(text: str) -> int:
+    """One integer ≥ 1 (a count), or a usage error naming what was given."""
+    out = positive_ints(text)
+    if len(out) != 1:
+        raise argparse.ArgumentTypeError(f"expected one integer ≥ 1, got {text!r}")
+    return out[0]
+
+
 def non_negative_float(text: str) -> float:
     """One number ≥ 0 (a weight), or a usage error naming what was given."""
     try:

@@ -255,6 +255,33 @@ def test_train_resume_encode_finetune_evaluate(detector, cache, tmp_path: Path) 
     assert {"z unquantised", "z 4 bit"} <= set(rows) and rows["z 4 bit"]["bpp"] > 0
 
 
+def test_a_step_budgeted_finetune_is_reproducible_and_takes_the_runs_seed_and_loss_mix(  # noqa: PLR0913
+        detector, cache, tmp_path: Path) -> None:  # noqa: ANN001
+    """The level fine-tune of a bottleneck trained earlier (seed 0, no class-order term) trains with
+    the seed and loss mix it is given, not those recorded with the bottleneck: two runs with one seed
+    and a step budget give the same decoder, another seed another one, and the decoder's config says
+    the mix it was tuned with."""
+    enc, dec = train_bottleneck(detector, cache, _cfg(detector), steps=1, out=tmp_path / "bn",
+                                progress=False, sensitivity=False)
+    assert dec.cfg.seed == 0 and dec.cfg.w_rank == 0
+    z = bn.encode_latents(enc, cache)
+    q = ScalarQuantiser(z, 3)
+
+    def tune(seed: int, name: str) -> dict[str, torch.Tensor]:
+        out = tmp_path / name
+        finetune_decoder(detector, enc, dec, cache, q, levels=[0, 1], steps=2, latents=z, progress=False,
+                         out=out, seed=seed, recipe={"w_rank": 0.5})
+        log = json.loads((out / "finetune_log.json").read_text())
+        assert log["steps"] == 2 and log["seed"] == seed
+        assert json.loads((out / "config.json").read_text())["w_rank"] == 0.5
+        return torch.load(out / "decoder.pt", map_location="cpu")
+
+    first, again, other = tune(3, "a"), tune(3, "b"), tune(4, "c")
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+    assert dec.cfg.w_rank == 0  # the decoder handed in is left as it was
+
+
 def test_training_keeps_snapshots_that_the_heldout_curve_scores_after_earlier_rows(  # noqa: PLR0913
         detector, cache, bundle, tmp_path: Path) -> None:  # noqa: ANN001
     """The trainer keeps its models now and then as ``snapshots/<stage>-cpu<seconds>.pt``; a run

@@ -12,7 +12,8 @@ import copy
 import io
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -244,7 +245,8 @@ def freeze_batchnorm(model: nn.Module) -> None:
 def finetune_decoder(det: Any, enc: Encoder, dec: Decoder, cache: CrossingCache, quantise_fn: QuantiseFn,
                      levels: Sequence[int], steps: int = 600, minutes: float | None = None,
                      lr: float = 5e-4, latents: np.ndarray | None = None, unquantised_frac: float = 0.1,
-                     progress: bool = True, out: str | Path | None = None, cfg: Any = None) -> Decoder:
+                     progress: bool = True, out: str | Path | None = None, seed: int | None = None,
+                     recipe: Mapping[str, Any] | None = None) -> Decoder:
     """Fine-tune ``dec`` on palette-quantised z at every level in ``levels``; encoder frozen.
 
     z is computed once at full size (:func:`encode_latents`, or pass ``latents``), then each step
@@ -253,24 +255,26 @@ def finetune_decoder(det: Any, enc: Encoder, dec: Decoder, cache: CrossingCache,
     quantises with ``quantise_fn(z, level)`` and trains the decoder with the same losses as
     :func:`train_bottleneck`. Returns a new decoder (``dec`` is left as it was; resized to cover
     max(levels)+1 if needed) in eval mode.
+
+    The run stops after ``steps`` or ``minutes``, whichever comes first, and the learning rate follows
+    whichever is further along: a step budget (``minutes=None``) is what makes a run reproducible on
+    another machine or beside other work. ``seed`` (default: the decoder's own) draws the batches and
+    levels, and ``recipe`` overrides fields of the decoder's loss mix (``w_rank``, ``class_weights``...):
+    a fine-tune of a copied bottleneck stage otherwise trains with that stage's seed and mix, whatever
+    the run asked for.
     """
     from tqdm import tqdm
 
-    if cfg is not None and not isinstance(cfg, BottleneckConfig):  # a pipeline config
-        minutes = minutes if minutes is not None else getattr(cfg, "finetune_minutes", None)
-        if minutes and steps == 600:
-            steps = 100_000
-        if getattr(cfg, "tiny", False):
-            steps, minutes = 2, None
-    cfg = dec.cfg
+    cfg = replace(dec.cfg, **dict(recipe or {}))
     dev = device_of(det)
     levels = [int(v) for v in levels]
     dec = dec.resized(max(levels) + 1) if levels and max(levels) >= dec.n_levels else copy.deepcopy(dec)
+    dec.cfg = cfg
     dec = dec.to(dev).train()
     freeze_batchnorm(dec)
     enc.eval()
     z_all = latents if latents is not None else encode_latents(enc, cache, device=dev)
-    rng = np.random.default_rng(cfg.seed + 1)
+    rng = np.random.default_rng((cfg.seed if seed is None else seed) + 1)
     opt = torch.optim.Adam(dec.parameters(), lr=lr)
     order: list[int] = []
     zs = cfg.z_stride
@@ -278,11 +282,13 @@ def finetune_decoder(det: Any, enc: Encoder, dec: Decoder, cache: CrossingCache,
     t0 = time.perf_counter()
     log: list[dict[str, float]] = []
     run: dict[str, float] = {}
+    done = 0
     bar = tqdm(range(steps), desc="finetune decoder", unit="step", disable=not progress)
     for step in bar:
         prog = max(step / steps, (time.perf_counter() - t0) / (minutes * 60) if minutes else 0.0)
         if prog >= 1.0:
             break
+        done = step + 1
         for g in opt.param_groups:
             g["lr"] = lr * (cfg.lr_min_frac + (1 - cfg.lr_min_frac) * 0.5 * (1 + math.cos(math.pi * prog)))
         if rng.random() < unquantised_frac or not levels:
@@ -318,6 +324,7 @@ def finetune_decoder(det: Any, enc: Encoder, dec: Decoder, cache: CrossingCache,
         outp.mkdir(parents=True, exist_ok=True)
         torch.save(dec.state_dict(), outp / "decoder.pt")
         save_json(outp / "config.json", {**cfg.to_dict(), "decoder_n_levels": dec.n_levels})
-        save_json(outp / "finetune_log.json", {"levels": levels, "log": log,
+        save_json(outp / "finetune_log.json", {"levels": levels, "log": log, "steps": done,
+                                                "seed": int(cfg.seed if seed is None else seed),
                                                 "s": round(time.perf_counter() - t0, 1)})
     return dec

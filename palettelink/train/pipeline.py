@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from palettelink.bundle import atomic_write_folder, find_bundle, write_manifest
-from palettelink.cliutil import floats, non_negative_float, probability
+from palettelink.cliutil import floats, non_negative_float, positive_int, probability
 from palettelink.errors import InvalidRequest
 from palettelink.train.stages import Stage, context_stage, jsonable, seed_everything
 
@@ -50,6 +50,8 @@ class TrainConfig:
     palette_foreground: float = 0.0  # Ward weight of a latent position: 1 + this·teacher score (0: counts)
     bottleneck_minutes: float = 33.0
     finetune_minutes: float = 5.0
+    finetune_steps: int | None = None  # a step budget instead of the minutes: the same run on any machine
+    finetune_seed: int | None = None  # the fine-tune's batches and levels (None: seed); the views keep seed
     max_images: int | None = None
     augment: int = 4
     paste: float = 0.0  # probability that an augmented view gets people pasted in (augment.paste_people)
@@ -175,10 +177,15 @@ def train(bundle_name: str, images: list[str] | None, work: Path, out: Path | No
     st = Stage(work, "finetune")
     if not st.done:
         levels = list(range(len(tables["level_sizes"])))
+        steps = 4 if cfg.tiny else cfg.finetune_steps or 100_000
+        finetune_seed = cfg.seed if cfg.finetune_seed is None else cfg.finetune_seed
+        minutes = None if cfg.finetune_steps else cfg.finetune_minutes
+        recipe = finetune_recipe(cfg)
         finetune_decoder(det, enc, dec, cache, palette.torch_quantiser(tables), levels=levels,
-                         steps=4 if cfg.tiny else 100_000, minutes=cfg.finetune_minutes,
-                         latents=latents, out=st.dir)
-        st.finish({"minutes": cfg.finetune_minutes, "levels": levels})
+                         steps=steps, minutes=minutes, latents=latents, out=st.dir, seed=finetune_seed,
+                         recipe=recipe)
+        st.finish({"minutes": minutes, "steps": cfg.finetune_steps, "seed": finetune_seed, "recipe": recipe,
+                   "levels": levels})
     dec = bottleneck.load_decoder(st.dir)
     report["stages"]["finetune"] = st.info()
 
@@ -280,6 +287,19 @@ def recipe_overrides(cfg: TrainConfig) -> dict[str, Any]:
         out["dec_width"] = int(cfg.dec_width)
     if cfg.dec_blocks:
         out["dec_blocks"] = int(cfg.dec_blocks)
+    return out
+
+
+FINETUNE_RECIPE = ("w_false", "w_rank", "w_neck", "crop", "tensor_weights", "class_weights")
+
+
+def finetune_recipe(cfg: TrainConfig) -> dict[str, Any]:
+    """The loss-mix fields this run sets explicitly, for the level fine-tune: without them a fine-tune of
+    a bottleneck stage done earlier (or copied in) would train with that stage's mix, whatever the
+    command line asked for (a silent no-op of e.g. ``--rank-weight``)."""
+    out = {k: v for k, v in recipe_overrides(cfg).items() if k in FINETUNE_RECIPE}
+    if cfg.neck_weight is not None:
+        out["w_neck"] = float(cfg.neck_weight)
     return out
 
 
@@ -495,6 +515,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"bottleneck training budget (default 33; --adapt: {ADAPT_MINUTES:g})")
     p.add_argument("--finetune-minutes", type=float, default=None,
                    help=f"level-conditioned decoder budget (default 5; --adapt: {ADAPT_FINETUNE_MINUTES:g})")
+    p.add_argument("--finetune-steps", type=positive_int, default=None, metavar="N",
+                   help="run the level fine-tune for exactly N steps instead of --finetune-minutes: the "
+                        "same run on a slower or busier machine (a minutes budget is not reproducible)")
+    p.add_argument("--finetune-seed", type=int, default=None, metavar="S",
+                   help="seed of the level fine-tune's batches and levels (default --seed): a fine-tune "
+                        "drawn anew on the same teacher views, which --seed would draw anew too")
     p.add_argument("--max-images", type=int)
     p.add_argument("--augment", type=int, default=4, help="augmented views per item (besides the plain one)")
     p.add_argument("--calibration", type=int, default=200, metavar="N",
@@ -567,6 +593,7 @@ def run(args: argparse.Namespace) -> int:
                       groups=args.groups, k0=args.k0, n_levels=args.levels, palette_space=args.palette_space,
                       palette_foreground=args.palette_foreground,
                       bottleneck_minutes=minutes, finetune_minutes=ft,
+                      finetune_steps=args.finetune_steps, finetune_seed=args.finetune_seed,
                       max_images=args.max_images, seed=args.seed, augment=args.augment, paste=args.paste,
                       paste_lying=args.paste_lying,
                       calibration=args.calibration,
