@@ -122,6 +122,42 @@ def _as_arrays(boxes: Iterable[BoxLike]) -> tuple[np.ndarray, np.ndarray, np.nda
     return xyxy, cls, score
 
 
+Matches = list[dict[int, tuple[np.ndarray, np.ndarray, int]]]
+
+
+def _image_matches(refs: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                   preds: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], classes: Sequence[int],
+                   thresholds: np.ndarray, max_dets: int) -> Matches:
+    """Per image and class: its ranked predictions' scores [D], their hits [T,D] and its count of
+    reference boxes. Matching never crosses images, so any multiset of images (a bootstrap resample)
+    pools these without matching again."""
+    out: Matches = []
+    for (g_xyxy, g_cls, _), (d_xyxy, d_cls, d_score) in zip(refs, preds, strict=True):
+        per: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}
+        for c in classes:
+            g = g_xyxy[g_cls == c]
+            dm = d_cls == c
+            order = np.argsort(-d_score[dm], kind="mergesort")[:max_dets]
+            d, sc = d_xyxy[dm][order], d_score[dm][order]
+            per[c] = (sc, _match(iou_matrix(d, g), thresholds), len(g))
+        out.append(per)
+    return out
+
+
+def _pooled_ap(matches: Matches, classes: Sequence[int], images: Iterable[int]) -> list[np.ndarray]:
+    """[T] AP per class with reference boxes among ``images`` (indices, repeats allowed), pooled."""
+    idx = list(images)
+    out = []
+    for c in classes:
+        n_gt = sum(matches[i][c][2] for i in idx)
+        if n_gt == 0:  # undefined for this set of images: left out, as COCO does
+            continue
+        scores = np.concatenate([matches[i][c][0] for i in idx])
+        tps = np.concatenate([matches[i][c][1] for i in idx], axis=1)
+        out.append(_ap_from_ranked(scores, tps, n_gt))
+    return out
+
+
 def evaluate(references: Sequence[Iterable[BoxLike]], predictions: Sequence[Iterable[BoxLike]],
              iou_thresholds: np.ndarray = IOU_THRESHOLDS, max_dets: int = 100) -> APResult:
     """AP of ``predictions[i]`` against ``references[i]`` pooled over all images i.
@@ -134,21 +170,8 @@ def evaluate(references: Sequence[Iterable[BoxLike]], predictions: Sequence[Iter
     refs = [_as_arrays(r) for r in references]
     preds = [_as_arrays(p) for p in predictions]
     classes = sorted({int(c) for _, cls, _ in refs for c in cls})
-    per_class = []
-    for c in classes:
-        n_gt = 0
-        scores: list[np.ndarray] = []
-        tps: list[np.ndarray] = []
-        for (g_xyxy, g_cls, _), (d_xyxy, d_cls, d_score) in zip(refs, preds, strict=True):
-            g = g_xyxy[g_cls == c]
-            dm = d_cls == c
-            d, s = d_xyxy[dm], d_score[dm]
-            order = np.argsort(-s, kind="mergesort")[:max_dets]
-            d, s = d[order], s[order]
-            n_gt += len(g)
-            scores.append(s)
-            tps.append(_match(iou_matrix(d, g), thresholds))
-        per_class.append(_ap_from_ranked(np.concatenate(scores), np.concatenate(tps, axis=1), n_gt))
+    per_class = _pooled_ap(_image_matches(refs, preds, classes, thresholds, max_dets), classes,
+                           range(len(refs)))
     n_ref = sum(len(r[1]) for r in refs)
     n_pred = sum(len(p[1]) for p in preds)
     if not per_class:
@@ -158,6 +181,70 @@ def evaluate(references: Sequence[Iterable[BoxLike]], predictions: Sequence[Iter
     i50 = int(np.argmin(np.abs(thresholds - 0.5)))
     return APResult(float(ap[i50]), float(ap.mean()), tuple(float(v) for v in ap), n_ref, n_pred,
                     tuple(classes), tuple(float(pc[i50]) for pc in per_class))
+
+
+@dataclass(frozen=True)
+class APInterval:
+    """AP50 of one or more prediction sets on the same images, with bootstrap percentile intervals.
+
+    ``difference`` is each set minus the first, resampled *paired* (the same images in every set), so
+    it says whether two configurations differ by more than the choice of images: the question an
+    int8-versus-fp32 or a codec-versus-codec comparison on 85 pictures asks."""
+
+    ap50: tuple[float, ...]
+    interval: tuple[tuple[float, float], ...]
+    difference: tuple[tuple[float, float], ...]  # set i minus set 0 (the first is (0, 0))
+    level: float
+    resamples: int
+    strata: int  # groups resampled apart (sources): 1 = the images as one pool
+
+
+def bootstrap_ap50(references: Sequence[Iterable[BoxLike]],
+                   prediction_sets: Sequence[Sequence[Iterable[BoxLike]]], resamples: int = 1000,
+                   level: float = 0.95, strata: Sequence[str] | None = None, seed: int = 0,
+                   max_dets: int = 100) -> APInterval:
+    """Percentile bootstrap of pooled AP50 over images (Efron & Tibshirani 1993, ch. 13).
+
+    Each resample draws the images with replacement, within each stratum where ``strata`` names one
+    per image (a source), so every resample keeps the set's mix of sources; every prediction set is
+    scored on the same draw. Frames of one video are not independent, so an interval over them is
+    narrower than a new camera would show: read it as the uncertainty of *these* pictures, a floor.
+    """
+    if not 0 < level < 1 or resamples < 1:
+        raise ValueError(f"level must be in (0, 1) and resamples ≥ 1, got {level}, {resamples}")
+    n = len(references)
+    if any(len(p) != n for p in prediction_sets) or (strata is not None and len(strata) != n):
+        raise ValueError("every prediction set (and strata) needs one entry per reference image")
+    th = np.asarray([0.5])
+    refs = [_as_arrays(r) for r in references]
+    classes = sorted({int(c) for _, cls, _ in refs for c in cls})
+    matches = [_image_matches(refs, [_as_arrays(p) for p in preds], classes, th, max_dets)
+               for preds in prediction_sets]
+
+    def ap50(m: Matches, images: Iterable[int]) -> float:
+        per_class = _pooled_ap(m, classes, images)
+        return float(np.mean([pc[0] for pc in per_class])) if per_class else math.nan
+
+    groups: dict[str, list[int]] = {}
+    for i, g in enumerate(strata if strata is not None else [""] * n):
+        groups.setdefault(g, []).append(i)
+    rng = np.random.default_rng(seed)
+    draws = np.empty((resamples, len(matches)))
+    for b in range(resamples):
+        idx = [int(i) for members in groups.values() for i in rng.choice(members, len(members))]
+        draws[b] = [ap50(m, idx) for m in matches]
+    q = ((1 - level) / 2 * 100, (1 + level) / 2 * 100)
+
+    def span(x: np.ndarray) -> tuple[float, float]:
+        if np.isnan(x).all():  # no reference box in any draw: undefined, as evaluate says
+            return math.nan, math.nan
+        lo, hi = np.nanpercentile(x, q)
+        return float(lo), float(hi)
+
+    return APInterval(tuple(ap50(m, range(n)) for m in matches),
+                      tuple(span(draws[:, k]) for k in range(len(matches))),
+                      tuple(span(draws[:, k] - draws[:, 0]) for k in range(len(matches))),
+                      level, resamples, len(groups))
 
 
 # COCO's area buckets, in pixels² of the original image

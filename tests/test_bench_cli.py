@@ -38,6 +38,8 @@ def test_bench_table_json_and_plot(bundles_root: Path, images: list[Path], tmp_p
     for r in rows.values():
         assert r["bpp"] == pytest.approx(8 * r["bytes_mean"] / (w * h))
         assert 0 <= r["ap50_95"] <= r["ap50"] <= 1
+        lo, hi = r["ap50_ci95"]  # one picture: every resample is that picture, so no width
+        assert lo == hi == pytest.approx(r["ap50"])
     # Uncompressed split features agree with the unsplit reference; 8 bits nearly so.
     assert rows[("bypass", "f32")]["ap50"] == 1.0
     assert rows[("baseline", "8b")]["ap50"] >= 0.95
@@ -51,7 +53,7 @@ def test_bench_table_json_and_plot(bundles_root: Path, images: list[Path], tmp_p
     assert report["precision"] == "fp32" and report["edge_graphs"]["front.onnx"]["file"] == "front.onnx"
     md = (out / "bench.md").read_text()
     assert md.startswith("Edge graphs (--precision fp32): front.onnx → front.onnx")
-    assert "| bypass | f32 |" in md
+    assert "| bypass | f32 |" in md and "AP50 95 % interval" in md
 
 
 def test_a_new_method_is_one_registration(bundle, detector, images: list[Path],  # noqa: ANN001

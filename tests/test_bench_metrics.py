@@ -132,3 +132,44 @@ def test_the_old_import_path_is_the_core_scoring() -> None:
     from palettelink.bench import metrics
 
     assert all(getattr(metrics, n) is getattr(scoring, n) for n in metrics.__all__)
+
+
+def _scene(hit: bool) -> list[Box]:
+    return [Box(A, 0, 0.9)] if hit else [Box(B, 0, 0.9)]
+
+
+def test_the_bootstrap_interval_holds_the_estimate_and_a_set_agrees_with_itself() -> None:
+    """Ten images, one box each; one set finds 8, another 6. The point estimates are evaluate's, each
+    interval holds its estimate, a set minus itself is exactly 0 on every resample, and the paired
+    difference of the two is negative throughout where the second never finds what the first misses."""
+    from palettelink.scoring import bootstrap_ap50
+
+    refs = [[Box(A, 0)] for _ in range(10)]
+    eight = [_scene(i < 8) for i in range(10)]
+    six = [_scene(i < 6) for i in range(10)]
+    r = bootstrap_ap50(refs, [eight, eight, six], resamples=300, seed=1)
+    assert r.ap50 == pytest.approx((evaluate(refs, eight).ap50, evaluate(refs, eight).ap50,
+                                    evaluate(refs, six).ap50))
+    for est, (lo, hi) in zip(r.ap50, r.interval, strict=True):
+        assert lo <= est <= hi and lo < hi  # the images vary, so the interval has width
+    assert r.difference[0] == (0.0, 0.0) and r.difference[1] == (0.0, 0.0)
+    lo, hi = r.difference[2]
+    assert hi <= 0 and lo < -0.05
+    again = bootstrap_ap50(refs, [eight, six], resamples=300, seed=1)  # the same draws, the same answer
+    assert again.interval == (r.interval[0], r.interval[2])
+
+
+def test_a_stratified_bootstrap_keeps_each_sources_share() -> None:
+    """Two sources: one always right, one always wrong. Resampled within each source, every draw keeps
+    five of each, so AP50 is the same on every draw; pooled, the draws vary."""
+    from palettelink.scoring import bootstrap_ap50
+
+    refs = [[Box(A, 0)] for _ in range(10)]
+    preds = [_scene(i < 5) for i in range(10)]
+    strata = ["good"] * 5 + ["bad"] * 5
+    kept = bootstrap_ap50(refs, [preds], resamples=200, strata=strata)
+    assert kept.strata == 2 and kept.interval[0][0] == kept.interval[0][1] == pytest.approx(kept.ap50[0])
+    pooled = bootstrap_ap50(refs, [preds], resamples=200)
+    assert pooled.strata == 1 and pooled.interval[0][0] < pooled.ap50[0] < pooled.interval[0][1]
+    with pytest.raises(ValueError):
+        bootstrap_ap50(refs, [preds], strata=strata[:3])

@@ -215,6 +215,9 @@ def test_palettelink_int8_quantises_measures_and_records(bundle, tmp_path: Path,
     assert rec["default"] == front.int8_passes(rec) and rec["min_retained"] == front.INT8_MIN_RETAINED
     if rec["retained"] is not None:  # None where the fp32 configuration found nothing on these frames
         assert f"retained {rec['retained']}" in text, text
+        lo, hi = rec["int8_minus_fp32_ci95"]  # int8's cost, paired over the frames, holds the point figure
+        assert lo <= round(rec["ap50_int8"] - rec["ap50_fp32"], 4) <= hi
+        assert rec["ap50_int8_ci95"][0] <= rec["ap50_int8"] <= rec["ap50_int8_ci95"][1]
     loaded = Bundle.load(root / bundle.name / bundle.version)  # every hash still verifies
     assert loaded.table_hash_hex == bundle.table_hash_hex and loaded.has_file("edge.int8.onnx")
     entry = loaded.manifest["int8"]["edge.onnx"]

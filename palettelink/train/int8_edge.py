@@ -26,7 +26,9 @@ skips it); ``palettelink int8`` (:mod:`palettelink.bench.int8`) runs :func:`make
    pipeline (``front.onnx`` → tail). ``agreement`` is AP50 of the int8 configuration's boxes scored
    against the fp32 configuration's (same codec, same level): how often int8 finds what fp32 finds —
    the figure the edge's rule reads; ``ap50_fp32`` / ``ap50_int8`` are each against the uncompressed
-   reference, ``retained`` their ratio; the graphs' median times on this machine too.
+   reference, ``retained`` their ratio; ``*_ci95`` their 95 % bootstrap intervals over the frames and
+   ``int8_minus_fp32_ci95`` the paired interval of int8's cost (same frames in every draw): whether
+   int8 costs more than the choice of frames moves; the graphs' median times on this machine too.
 3. **Record** the file on the bundle's edge side and ``int8: {graph: {...}}`` in its manifest
    (rewritten with fresh hashes; the table hash, hence every stream, is unchanged).
 
@@ -152,7 +154,7 @@ def measure(bundle: Any, graph: str, int8_file: Path, frames: list[np.ndarray], 
     from palettelink.front import Front, ort_session
     from palettelink.image import letterbox
     from palettelink.models.ultra import SplitDetector
-    from palettelink.scoring import evaluate
+    from palettelink.scoring import bootstrap_ap50, evaluate
 
     det = SplitDetector.from_bundle(bundle)
     ref_front = Front(bundle, threads, precision="fp32")
@@ -206,6 +208,11 @@ def measure(bundle: Any, graph: str, int8_file: Path, frames: list[np.ndarray], 
     out["ap50_fp32"] = round(float(evaluate(refs, fp32_all).ap50), 4)
     out["ap50_int8"] = round(float(evaluate(refs, int8_all).ap50), 4)
     out["retained"] = round(out["ap50_int8"] / out["ap50_fp32"], 4) if out["ap50_fp32"] > 0 else None
+    # what the frames' choice alone moves: int8's cost read against it (paired, the same frames)
+    if out["retained"] is not None:
+        boot = bootstrap_ap50(refs, [fp32_all, int8_all])
+        out["ap50_fp32_ci95"], out["ap50_int8_ci95"] = ([round(v, 4) for v in ci] for ci in boot.interval)
+        out["int8_minus_fp32_ci95"] = [round(v, 4) for v in boot.difference[1]]
     out["reference_boxes"] = sum(len(r) for r in refs)
     return out
 
