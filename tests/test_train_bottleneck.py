@@ -281,6 +281,17 @@ def test_a_step_budgeted_finetune_is_reproducible_and_takes_the_runs_seed_and_lo
     assert any(not torch.equal(first[k], other[k]) for k in first)
     assert dec.cfg.w_rank == 0  # the decoder handed in is left as it was
 
+    # --finetune-ema: the weights' moving average, here (decay 0.5, two steps) the mean of the weights
+    # after the first step and after the second; the batch-norm statistics are the frozen ones
+    one = finetune_decoder(detector, enc, dec, cache, q, levels=[0, 1], steps=1, latents=z, progress=False,
+                           seed=3, recipe={"w_rank": 0.5}).state_dict()
+    ema = finetune_decoder(detector, enc, dec, cache, q, levels=[0, 1], steps=2, latents=z, progress=False,
+                           seed=3, recipe={"w_rank": 0.5}, ema=0.5).state_dict()
+    params = {k for k, _ in dec.named_parameters()}
+    assert all(torch.allclose(ema[k], (one[k] + first[k]) / 2, atol=1e-6) for k in params)
+    assert all(torch.equal(ema[k], first[k]) for k in ema if k not in params)
+    assert any(not torch.allclose(ema[k], first[k]) for k in params)
+
 
 def test_training_keeps_snapshots_that_the_heldout_curve_scores_after_earlier_rows(  # noqa: PLR0913
         detector, cache, bundle, tmp_path: Path) -> None:  # noqa: ANN001

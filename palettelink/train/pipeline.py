@@ -52,6 +52,7 @@ class TrainConfig:
     finetune_minutes: float = 5.0
     finetune_steps: int | None = None  # a step budget instead of the minutes: the same run on any machine
     finetune_seed: int | None = None  # the fine-tune's batches and levels (None: seed); the views keep seed
+    finetune_ema: float = 0.0  # the fine-tune keeps its weights' moving average at this decay (0: last step)
     max_images: int | None = None
     augment: int = 4
     paste: float = 0.0  # probability that an augmented view gets people pasted in (augment.paste_people)
@@ -183,9 +184,9 @@ def train(bundle_name: str, images: list[str] | None, work: Path, out: Path | No
         recipe = finetune_recipe(cfg)
         finetune_decoder(det, enc, dec, cache, palette.torch_quantiser(tables), levels=levels,
                          steps=steps, minutes=minutes, latents=latents, out=st.dir, seed=finetune_seed,
-                         recipe=recipe)
+                         recipe=recipe, ema=cfg.finetune_ema)
         st.finish({"minutes": minutes, "steps": cfg.finetune_steps, "seed": finetune_seed, "recipe": recipe,
-                   "levels": levels})
+                   "ema": cfg.finetune_ema, "levels": levels})
     dec = bottleneck.load_decoder(st.dir)
     report["stages"]["finetune"] = st.info()
 
@@ -521,6 +522,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finetune-seed", type=int, default=None, metavar="S",
                    help="seed of the level fine-tune's batches and levels (default --seed): a fine-tune "
                         "drawn anew on the same teacher views, which --seed would draw anew too")
+    p.add_argument("--finetune-ema", type=_decay, default=0.0, metavar="D",
+                   help="keep the exponential moving average of the fine-tuned decoder's weights (decay D "
+                        "per step, e.g. 0.99) instead of its last step: less of one draw's luck (0: off)")
     p.add_argument("--max-images", type=int)
     p.add_argument("--augment", type=int, default=4, help="augmented views per item (besides the plain one)")
     p.add_argument("--calibration", type=int, default=200, metavar="N",
@@ -578,6 +582,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "bundle's feature codec; --out defaults to assets/codecs/image-512")
 
 
+def _decay(text: str) -> float:
+    value = probability(text)
+    if value == 1:
+        raise argparse.ArgumentTypeError("a decay of 1 never leaves the start: expected a number in [0, 1)")
+    return value
+
+
 def _weights(text: str) -> tuple[float, ...]:
     w = floats(text)
     if not w or min(w) < 0:
@@ -594,6 +605,7 @@ def run(args: argparse.Namespace) -> int:
                       palette_foreground=args.palette_foreground,
                       bottleneck_minutes=minutes, finetune_minutes=ft,
                       finetune_steps=args.finetune_steps, finetune_seed=args.finetune_seed,
+                      finetune_ema=args.finetune_ema,
                       max_images=args.max_images, seed=args.seed, augment=args.augment, paste=args.paste,
                       paste_lying=args.paste_lying,
                       calibration=args.calibration,
