@@ -26,9 +26,10 @@ skips it); ``palettelink int8`` (:mod:`palettelink.bench.int8`) runs :func:`make
    pipeline (``front.onnx`` → tail). ``agreement`` is AP50 of the int8 configuration's boxes scored
    against the fp32 configuration's (same codec, same level): how often int8 finds what fp32 finds —
    the figure the edge's rule reads; ``ap50_fp32`` / ``ap50_int8`` are each against the uncompressed
-   reference, ``retained`` their ratio; ``*_ci95`` their 95 % bootstrap intervals over the frames and
-   ``int8_minus_fp32_ci95`` the paired interval of int8's cost (same frames in every draw): whether
-   int8 costs more than the choice of frames moves; the graphs' median times on this machine too.
+   reference, ``retained`` their ratio; ``*_ci95`` their 95 % bootstrap intervals over the frames
+   (resampled within each source) and ``int8_minus_fp32_ci95`` the paired interval of int8's cost
+   (the same frames in every draw): whether int8 costs more than the choice of frames moves; the
+   graphs' median times on this machine too.
 3. **Record** the file on the bundle's edge side and ``int8: {graph: {...}}`` in its manifest
    (rewritten with fresh hashes; the table hash, hence every stream, is unchanged).
 
@@ -86,7 +87,9 @@ def make(bundle: Bundle, graph: str, dst: Path, calibration: int = 24, frames: i
     quantise(bundle.file(graph), dst, [{"images": x, **extra} for x in calib], exclude=fp32_convs,
              calibration=CALIBRATION)
     log(f"  quantised in {time.perf_counter() - t0:.0f} s; measuring")
-    result = measure(bundle, graph, dst, data.load_all_rgb(eval_items), level, threads)
+    source = {data.item_key(i): name for name, items in data.eval_sources().items() for i in items}
+    strata = [source.get(data.item_key(i), "other") for i in eval_items]
+    result = measure(bundle, graph, dst, data.load_all_rgb(eval_items), level, threads, strata)
     return {**result, "threshold": INT8_MIN_AGREEMENT, "min_retained": INT8_MIN_RETAINED,
             "default": int8_passes(result), "metric": METRIC,
             "frames": len(eval_items), "sources": data.describe_sources(eval_items),
@@ -148,8 +151,9 @@ def verdict(entry: dict[str, Any]) -> str:
 
 
 def measure(bundle: Any, graph: str, int8_file: Path, frames: list[np.ndarray], level: int | None,
-            threads: int | None) -> dict[str, Any]:
-    """The int8 graph against fp32 on ``frames`` (module docstring)."""
+            threads: int | None, strata: list[str] | None = None) -> dict[str, Any]:
+    """The int8 graph against fp32 on ``frames`` (module docstring); ``strata`` names each frame's
+    source, which the bootstrap intervals resample within."""
     from palettelink import bitstream
     from palettelink.front import Front, ort_session
     from palettelink.image import letterbox
@@ -210,7 +214,7 @@ def measure(bundle: Any, graph: str, int8_file: Path, frames: list[np.ndarray], 
     out["retained"] = round(out["ap50_int8"] / out["ap50_fp32"], 4) if out["ap50_fp32"] > 0 else None
     # what the frames' choice alone moves: int8's cost read against it (paired, the same frames)
     if out["retained"] is not None:
-        boot = bootstrap_ap50(refs, [fp32_all, int8_all])
+        boot = bootstrap_ap50(refs, [fp32_all, int8_all], strata=strata)
         out["ap50_fp32_ci95"], out["ap50_int8_ci95"] = ([round(v, 4) for v in ci] for ci in boot.interval)
         out["int8_minus_fp32_ci95"] = [round(v, 4) for v in boot.difference[1]]
     out["reference_boxes"] = sum(len(r) for r in refs)
