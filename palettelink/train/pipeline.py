@@ -524,7 +524,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "drawn anew on the same teacher views, which --seed would draw anew too")
     p.add_argument("--finetune-ema", type=_decay, default=0.0, metavar="D",
                    help="keep the exponential moving average of the fine-tuned decoder's weights (decay D "
-                        "per step, e.g. 0.99) instead of its last step: less of one draw's luck (0: off)")
+                        "per step, e.g. 0.99) instead of its last step (0: off; measured once: the training "
+                        "views gained, held-out sources did not)")
     p.add_argument("--max-images", type=int)
     p.add_argument("--augment", type=int, default=4, help="augmented views per item (besides the plain one)")
     p.add_argument("--calibration", type=int, default=200, metavar="N",
