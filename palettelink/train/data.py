@@ -325,10 +325,15 @@ def describe_sources(items: Sequence[Item] | None = None) -> dict[str, int]:
         out.update({f"EVAL: {k}": len(v) for k, v in eval_sources().items()})
         out.update({f"SAME SITE: {k}": len(v) for k, v in same_site_sources().items()})
         return out
-    owner = {item_key(i): k for src in (training_sources(), eval_sources(), same_site_sources())
-             for k, v in src.items() for i in v}
     counts: dict[str, int] = {}
-    for i in items:
-        k = owner.get(item_key(i)) or f"user: {(i[0] if isinstance(i, tuple) else i).parent}"
+    for k in source_names(items):
         counts[k] = counts.get(k, 0) + 1
     return counts
+
+
+def source_names(items: Sequence[Item]) -> list[str]:
+    """The source each item comes from, in order (an item of no known source: "user: <its folder>"):
+    what reports count by and what a bootstrap resamples within."""
+    owner = {item_key(i): k for src in (training_sources(), eval_sources(), same_site_sources())
+             for k, v in src.items() for i in v}
+    return [owner.get(item_key(i)) or f"user: {(i[0] if isinstance(i, tuple) else i).parent}" for i in items]

@@ -87,9 +87,8 @@ def make(bundle: Bundle, graph: str, dst: Path, calibration: int = 24, frames: i
     quantise(bundle.file(graph), dst, [{"images": x, **extra} for x in calib], exclude=fp32_convs,
              calibration=CALIBRATION)
     log(f"  quantised in {time.perf_counter() - t0:.0f} s; measuring")
-    source = {data.item_key(i): name for name, items in data.eval_sources().items() for i in items}
-    strata = [source.get(data.item_key(i), "other") for i in eval_items]
-    result = measure(bundle, graph, dst, data.load_all_rgb(eval_items), level, threads, strata)
+    result = measure(bundle, graph, dst, data.load_all_rgb(eval_items), level, threads,
+                     data.source_names(eval_items))
     return {**result, "threshold": INT8_MIN_AGREEMENT, "min_retained": INT8_MIN_RETAINED,
             "default": int8_passes(result), "metric": METRIC,
             "frames": len(eval_items), "sources": data.describe_sources(eval_items),
