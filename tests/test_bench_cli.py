@@ -14,6 +14,7 @@ from palettelink.bench import methods
 from palettelink.bench.methods import Context, Item, Output
 from palettelink.bench.run import sample_images
 from palettelink.cli import main
+from palettelink.errors import InvalidRequest
 
 
 def test_sample_images_are_found() -> None:
@@ -133,3 +134,39 @@ def test_codec_levels_merge_per_level_numbers(bundle) -> None:  # noqa: ANN001
     assert got == [{"level": 0, "palette_size": 64},
                    {"level": 1, "mean_bpp": 0.05, "palette_size": 8, "mean_bits": 12.5}]
     assert [lv["level"] for lv in codec_levels(bundle, "baseline")] == list(range(2, 9))
+
+
+def test_server_precision_auto_runs_the_servers_own_graphs(bundles_root: Path, images: list[Path],
+                                                           tmp_path: Path) -> None:
+    """``--server-precision auto`` decodes and detects as the server does (its onnxruntime tail and its
+    palette decoder at the precision the bundle's manifest chooses) and names the files in the report;
+    the default, fp32, is the float pipeline (the torch tail). On a bundle without server int8 graphs
+    the two are the same network in two runtimes, so they score alike."""
+    from palettelink.bundle import find_bundle
+    from palettelink.models.ultra_ort import choose_server_graph
+
+    reports = {}
+    for precision in ("fp32", "auto"):
+        out = tmp_path / precision
+        rc = main(["bench", "--bundles", str(bundles_root), "--no-samples", "--images", str(images[0]),
+                   "--no-bypass", "--codec", "palette", "--levels", "1", "--anchors", "",
+                   "--canvas", "window", "--server-precision", precision, "--out", str(out), "--no-progress"])
+        assert rc == 0
+        reports[precision] = json.loads((out / "bench.json").read_text())
+        assert reports[precision]["server_precision"] == precision
+        assert f"Server graphs (--server-precision {precision})" in (out / "bench.md").read_text()
+    bundle = find_bundle("fall-yolov8", bundles_root)
+    fp32, auto = reports["fp32"]["server_graphs"], reports["auto"]["server_graphs"]
+    assert fp32["tail"]["file"] == "torch" and fp32["palette decoder"]["precision"] == "fp32"
+    assert auto["tail"]["file"] == choose_server_graph(bundle, "tail.onnx").file
+    assert auto["palette decoder"]["file"] == choose_server_graph(bundle, "decoder.onnx").file
+    (a,), (b,) = reports["fp32"]["rows"], reports["auto"]["rows"]
+    assert a["bytes_mean"] == b["bytes_mean"]  # the same stream, decoded on two paths
+    assert abs(a["ap50"] - b["ap50"]) <= 0.05
+
+
+def test_server_precision_is_checked() -> None:
+    from palettelink.bench.run import server_tail
+
+    with pytest.raises(InvalidRequest, match="server precision"):
+        server_tail(None, "int4")  # type: ignore[arg-type]

@@ -21,6 +21,7 @@ from palettelink import bitstream
 from palettelink.bundle import MANIFEST, find_bundle, write_manifest
 from palettelink.codecs import Decoder, make_encoder
 from palettelink.codecs.palette import PaletteDecoder
+from palettelink.front import INT8_MIN_RETAINED
 from palettelink.image import Letterbox, Window, content_window, letterbox_info, load_image, window_letterbox
 from palettelink.models.ultra_ort import (
     RUNTIME_ENV,
@@ -30,7 +31,7 @@ from palettelink.models.ultra_ort import (
     uses_onnxruntime,
 )
 from palettelink.models.windowed_palette import WindowedPaletteDecoder
-from palettelink.train.int8_serve import agreement, torch_reference
+from palettelink.train.int8_serve import agreement, output_convs, passes, torch_reference
 
 
 def _frames(images: list[Path]) -> list[np.ndarray]:
@@ -244,9 +245,14 @@ def test_server_int8_graphs_are_measured_and_kept_by_the_rule(bundles_root: Path
         meas["configurations"])
     for row in meas["configurations"].values():
         assert row["palette"]["tail_ms"] > 0
+    for row in meas["configurations"].values():  # each path also against the uncompressed pipeline
+        assert 0 <= row["palette"]["ap50"] <= 1 and row["retained"] == min(
+            row[c]["retained"] for c in ("palette", "baseline") if c in row)
     kept = b.manifest["serve"]["int8"]
     for graph, entry in kept.items():
         assert entry["default"] is True and entry["agreement"] >= SERVER_INT8_MIN_AGREEMENT
+        assert entry["retained"] >= INT8_MIN_RETAINED
+        assert passes(meas["configurations"][entry["configuration"]])
         assert b.has_file(entry["file"]) and entry["file"] in b.sides["server"]
         assert choose_server_graph(b, graph).precision == "int8"
     for graph in {"decoder.onnx", "tail.onnx"} - set(kept):
@@ -293,3 +299,33 @@ def test_bench_serve_names_the_path_it_measured(bundles_root: Path, tmp_path: Pa
     assert rows["torch"] == {"runtime": "torch", "tail": "torch", "decoder": "decoder.onnx (fp32)",
                              "window": False}
     assert RUNTIME_ENV not in os.environ
+
+
+def test_the_decoders_output_convolutions_stay_fp32(bundle) -> None:  # noqa: ANN001
+    """The convolutions the int8 decoder keeps fp32 are exactly those whose outputs become the crossing
+    tensors through elementwise operations only: one per output, the last of its head."""
+    import onnx
+
+    path = bundle.file("decoder.onnx")
+    found = output_convs(path)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    assert len(found) == len(graph.output) == len(bundle.tensors)
+    convs = [n.name for n in graph.node if n.op_type == "Conv"]
+    assert set(found) <= set(convs) and len(found) < len(convs)
+    consumers: dict[str, list[str]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.op_type)
+    for n in graph.node:  # no activation follows any of them
+        if n.name in found:
+            assert "Sigmoid" not in consumers.get(n.output[0], [])
+
+
+def test_the_server_int8_rule_reads_both_references() -> None:
+    """A path that agrees with the torch path but loses what the codec kept against the uncompressed
+    pipeline is refused, as is one that agrees too little; missing figures never pass."""
+    ok = {"agreement": 0.999, "retained": 0.995}
+    assert passes(ok)
+    assert not passes({**ok, "retained": 0.98})
+    assert not passes({**ok, "agreement": 0.98})
+    assert not passes({**ok, "retained": None}) and not passes({"agreement": 1.0})

@@ -18,9 +18,10 @@ from PIL import Image, features
 
 from palettelink import codecs
 from palettelink.bundle import Bundle
+from palettelink.codecs.palette.window import CODEC as PALETTE
 from palettelink.codecs.palette.window import use_window
 from palettelink.errors import InvalidRequest
-from palettelink.front import Front
+from palettelink.front import Front, GraphChoice
 from palettelink.image import Letterbox, letterbox
 
 
@@ -142,12 +143,19 @@ class CodecMethod:
         self.spec = codecs.spec(codec)
         self.encoder = codecs.make_encoder(ctx.bundle, codec)
         self.decoder = codecs.Decoder(ctx.bundle)
-        if ctx.options.get("canvas") == "window" and use_window(self.encoder):
-            # what the edge sends a server that decodes windows, decoded as that server's
-            # onnxruntime path decodes it: the window's latent as it is
+        window = ctx.options.get("canvas") == "window" and use_window(self.encoder)
+        served = ctx.options.get("server_precision", "fp32") == "auto"
+        self._server_graph: GraphChoice | None = None
+        if codec == PALETTE:
+            # the server's own palette decoder: a window's latent decoded as it is (``auto`` also cuts a
+            # square's window out, as the server does); ``auto`` at the server's precision (int8 where the
+            # bundle kept it), else fp32 on what the edge sent
             from palettelink.models.windowed_palette import WindowedPaletteDecoder
 
-            self.decoder = codecs.Decoder(ctx.bundle, overrides={codec: WindowedPaletteDecoder(ctx.bundle)})
+            dec = WindowedPaletteDecoder(ctx.bundle, precision=None if served else "fp32",
+                                         window=window or served)
+            self.decoder = codecs.Decoder(ctx.bundle, overrides={codec: dec})
+            self._server_graph = dec.graph
         wanted = ctx.options.get(f"{codec}_levels")
         self._points = list(wanted) if wanted else self.encoder.levels()  # finest first
         self._analysis: tuple[Item, codecs.Analysis, float] | None = None  # the last item, its analysis, ms
@@ -168,6 +176,10 @@ class CodecMethod:
                 analysis = self.encoder.analyse(item.rgb)
             self._analysis = (item, analysis, _ms(t0))
         return self._analysis[1], self._analysis[2]
+
+    def server_graph(self) -> GraphChoice | None:
+        """Which file ran this codec's server-side network (None: it has none)."""
+        return self._server_graph
 
     def run(self, item: Item, point: int) -> Output:
         """``encode_ms`` is the codec's own work at this point; the edge network run shared by all

@@ -31,9 +31,13 @@ from palettelink.cliutil import ints
 from palettelink.errors import InvalidRequest
 from palettelink.front import PRECISIONS, Front, GraphChoice, session_defaults, set_session_defaults
 from palettelink.image import letterbox, load_image, window_letterbox
+from palettelink.models.ultra import postprocess
 from palettelink.samples import sample_images
 
 DEFAULT_BUNDLE = "fall-yolov8"
+# The server's graphs as the bench runs them: ``fp32`` the float pipeline (fp32 decoder, torch tail),
+# ``auto`` what the server runs (:func:`palettelink.models.ultra_ort.choose_server_graph`)
+SERVER_PRECISIONS = ("fp32", "auto")
 
 
 def _names(text: str) -> list[str]:
@@ -77,6 +81,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="edge graphs (front, palette encoder): fp32 (default: the codec measured against the "
                         "float pipeline), int8, or auto (what the edge runs: int8 where the bundle measured "
                         "it agreeing); the report names the graphs")
+    p.add_argument("--server-precision", choices=SERVER_PRECISIONS, default="fp32",
+                   help="server graphs (feature decoder, detector tail): fp32 (default: the fp32 decoder and "
+                        "the torch tail, the float pipeline) or auto (what the server runs: its onnxruntime "
+                        "path, with the int8 decoder and tail where the bundle kept them); with --precision "
+                        "auto and --canvas window, the product's default configuration end to end")
     p.add_argument("--ref-conf", type=float, default=0.25, help="score threshold of the reference")
     p.add_argument("--pred-conf", type=float, default=0.001, help="score threshold of predictions")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder (default bench-out/)")
@@ -192,11 +201,15 @@ class Runner:
     """Holds the detector and methods; :meth:`add_image` scores one image at every rate point."""
 
     def __init__(self, bundle: Bundle, methods: list[Method], ref_conf: float, pred_conf: float,
-                 front: Front, detector: Any = None) -> None:
+                 front: Front, detector: Any = None, tail: Any = None) -> None:
+        """``tail``: an :class:`~palettelink.models.ultra_ort.OrtTail` (the server's onnxruntime tail)
+        that feature outputs go through instead of the torch tail; image anchors always run the unsplit
+        torch detector, like the reference."""
         from palettelink.models.ultra import SplitDetector
 
         self.bundle = bundle
         self.det = detector if detector is not None else SplitDetector.from_bundle(bundle)
+        self.tail = tail
         self.front = front
         self.methods = methods
         self.ref_conf, self.pred_conf = ref_conf, pred_conf
@@ -216,7 +229,10 @@ class Runner:
                 t0 = time.perf_counter()
                 if out.tensors is not None:
                     lb = window_letterbox(item.letterbox, out.window)
-                    dets = self.det.detect_tensors(out.tensors, lb, conf=self.pred_conf)
+                    if self.tail is not None:
+                        dets = postprocess(self.tail.run(out.tensors), lb, conf=self.pred_conf)
+                    else:
+                        dets = self.det.detect_tensors(out.tensors, lb, conf=self.pred_conf)
                 else:
                     assert out.rgb is not None
                     x, lb = letterbox(out.rgb, self.bundle.input_size)
@@ -347,6 +363,10 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("edge_graphs"):
         graphs = ", ".join(f"{g} → {c['file']} ({c['reason']})" for g, c in report["edge_graphs"].items())
         head += [f"Edge graphs (--precision {report.get('precision', 'auto')}): {graphs}", ""]
+    if report.get("server_graphs"):
+        graphs = ", ".join(f"{g} → {c['file']} ({c['precision']})"
+                           for g, c in report["server_graphs"].items())
+        head += [f"Server graphs (--server-precision {report.get('server_precision', 'fp32')}): {graphs}", ""]
     if report.get("canvas") == "window":
         head += ["Palette canvas: the frame's window of the letterbox (`--canvas window`), decoded as it is",
                  ""]
@@ -425,7 +445,7 @@ def run(args: argparse.Namespace) -> int:
         capture.expand(args.images)  # a bad --images path fails before any work, not after the samples
     bundle = find_bundle(args.bundle, args.bundles)
     options = {"baseline_levels": args.bits, "palette_levels": args.levels, "assets": args.assets,
-               "canvas": args.canvas}
+               "canvas": args.canvas, "server_precision": args.server_precision}
     ablations = list(ABLATIONS) if args.ablations == ["all"] else list(args.ablations)
     for fmt in ("jpeg", "webp", "avif"):
         options[f"{fmt}_qualities"] = args.qualities
@@ -448,6 +468,31 @@ def _edge_graphs(front: Front, methods: list[Method]) -> dict[str, dict[str, str
     return {k: {"file": c.file, "precision": c.precision, "reason": c.reason} for k, c in choices.items()}
 
 
+def server_tail(bundle: Bundle, precision: str) -> Any:
+    """The server's onnxruntime tail where ``precision`` is ``auto`` and the server runs one for this
+    bundle (:func:`palettelink.models.ultra_ort.uses_onnxruntime`), else None (the torch tail)."""
+    from palettelink.models.ultra_ort import OrtTail, uses_onnxruntime
+
+    if precision not in SERVER_PRECISIONS:
+        raise InvalidRequest(f"server precision must be one of {SERVER_PRECISIONS}, got {precision!r}")
+    return OrtTail(bundle) if precision == "auto" and uses_onnxruntime(bundle) else None
+
+
+def _server_graphs(methods: list[Method], tail: Any) -> dict[str, dict[str, str]]:
+    """Which file ran each server graph of this bench: each codec's decoder network, then the tail."""
+    def entry(c: GraphChoice) -> dict[str, str]:
+        return {"file": c.file, "precision": c.precision, "reason": c.reason}
+
+    out = {}
+    for m in methods:
+        graph = getattr(m, "server_graph", lambda: None)()
+        if isinstance(graph, GraphChoice):
+            out[f"{m.name} decoder"] = entry(graph)
+    out["tail"] = (entry(tail.graph) if tail is not None
+                   else {"file": "torch", "precision": "fp32", "reason": "the float pipeline"})
+    return out
+
+
 def _run_bench(args: argparse.Namespace, bundle: Bundle, options: dict[str, Any],
                ablations: list[str]) -> int:
     from tqdm import tqdm
@@ -459,7 +504,8 @@ def _run_bench(args: argparse.Namespace, bundle: Bundle, options: dict[str, Any]
     if unknown:
         raise InvalidRequest(f"unknown method(s) {unknown}; known: {', '.join(sorted(METHODS))}")
     methods = [make_method(n, ctx) for n in names]
-    runner = Runner(bundle, methods, args.ref_conf, args.pred_conf, front)
+    tail = server_tail(bundle, args.server_precision)
+    runner = Runner(bundle, methods, args.ref_conf, args.pred_conf, front, tail=tail)
     per_image = sum(len(m.points()) for m in methods)
     t_start = time.perf_counter()
     images = tqdm(iter_images(args), desc="images", unit="img", disable=args.no_progress)
@@ -477,6 +523,7 @@ def _run_bench(args: argparse.Namespace, bundle: Bundle, options: dict[str, Any]
         "reference": f"unsplit detector on the letterboxed original, conf ≥ {args.ref_conf}",
         "pred_conf": args.pred_conf, "precision": args.precision, "canvas": args.canvas,
         "edge_graphs": _edge_graphs(front, methods),
+        "server_precision": args.server_precision, "server_graphs": _server_graphs(methods, tail),
         "metric": "COCO AP (101-point, class-aware) vs reference boxes",
         "bpp": "8*sum(bytes)/sum(W*H of the original images)",
         "images": runner.images, "reference_boxes": sum(i["reference_boxes"] for i in runner.images),

@@ -5,7 +5,8 @@
 ``preds`` [B, 4+nc, anchors], batch and size dynamic; checked against the torch tail) and, where it
 was asked to and has calibration images, int8 variants of the feature decoder and of the tail that are
 kept only where the detections of the whole int8 path agree with the torch path's (AP50 ≥
-:data:`SERVER_INT8_MIN_AGREEMENT` on the codec's leave-source-out frames). The manifest records them
+:data:`SERVER_INT8_MIN_AGREEMENT` on the codec's leave-source-out frames) and keep ≥ 99 % of its AP50
+against the uncompressed pipeline (:mod:`palettelink.train.int8_serve`). The manifest records them
 under ``serve``::
 
     "serve": {"tail": {"file": "tail.onnx", "inputs": [...], "outputs": ["preds"], ...},
@@ -41,7 +42,9 @@ from palettelink.front import GraphChoice, choose_variant
 TAIL = "tail.onnx"
 # The int8 decoder/tail run only where the whole int8 path's detections agree with the torch path's
 # at least this well (AP50, the torch path's boxes as reference): the server's answers are the
-# product, so its rule is stricter than the edge's (palettelink.front.INT8_MIN_AGREEMENT).
+# product, so its rule is stricter than the edge's (palettelink.front.INT8_MIN_AGREEMENT); and, like
+# the edge's, only where it keeps palettelink.front.INT8_MIN_RETAINED of the torch path's AP50
+# against the uncompressed pipeline (agreement alone is blind to what the codec keeps at low scores).
 SERVER_INT8_MIN_AGREEMENT = 0.99
 RUNTIMES = ("auto", "torch")
 RUNTIME_ENV = "PALETTELINK_SERVER_RUNTIME"
