@@ -155,9 +155,10 @@ def measure(bundle: Any, graph: str, int8_file: Path, frames: list[np.ndarray], 
     source, which the bootstrap intervals resample within."""
     from palettelink import bitstream
     from palettelink.front import Front, ort_session
-    from palettelink.image import letterbox
+    from palettelink.image import letterbox, letterbox_info, rgb_size
     from palettelink.models.ultra import SplitDetector
     from palettelink.scoring import bootstrap_ap50, evaluate
+    from palettelink.train.int8_serve import uncompressed_reference
 
     det = SplitDetector.from_bundle(bundle)
     ref_front = Front(bundle, threads, precision="fp32")
@@ -167,7 +168,10 @@ def measure(bundle: Any, graph: str, int8_file: Path, frames: list[np.ndarray], 
     def kept(boxes: list[Any]) -> list[Any]:
         return [b for b in boxes if b.score >= 0.25]
 
-    refs, fp32_all, int8_all = [], [], []
+    uncompressed = uncompressed_reference(bundle, frames, threads)
+    refs = [kept(b) for b in uncompressed]
+    fp32_all: list[list[Any]] = []
+    int8_all: list[list[Any]] = []
     if graph == "edge.onnx":
         from palettelink.codecs.palette import PaletteDecoder, PaletteEncoder
 
@@ -182,8 +186,7 @@ def measure(bundle: Any, graph: str, int8_file: Path, frames: list[np.ndarray], 
         out["canvas"] = "window" if fp32.window else "square"
         same = []
         for rgb in frames:
-            x, lb = letterbox(rgb, bundle.input_size)
-            refs.append(kept(det.detect_tensors(ref_front.run_tensor(x), lb, conf=0.001)))
+            lb = letterbox_info(*rgb_size(rgb), bundle.input_size)
             a32, a8 = fp32.analyse(rgb), int8.analyse(rgb)
             same.append(float(np.mean(a32.indices == a8.indices)))
             for enc, a, sink in ((fp32, a32, fp32_all), (int8, a8, int8_all)):
@@ -198,11 +201,9 @@ def measure(bundle: Any, graph: str, int8_file: Path, frames: list[np.ndarray], 
     else:
         sess = ort_session(str(int8_file), threads)
         out["codec"], out["level"] = "uncompressed", None
+        fp32_all = uncompressed
         for rgb in frames:
             x, lb = letterbox(rgb, bundle.input_size)
-            fp = det.detect_tensors(ref_front.run_tensor(x), lb, conf=0.001)
-            refs.append(kept(fp))
-            fp32_all.append(fp)
             int8_all.append(det.detect_tensors(sess.run(None, {name: x}), lb, conf=0.001))
         x0 = letterbox(frames[0], bundle.input_size)[0]
         out["fp32_ms"] = median_ms(lambda: ref_front.run_tensor(x0))

@@ -162,12 +162,12 @@ def uncompressed_reference(bundle: Bundle, rgbs: Sequence[np.ndarray], threads: 
 
 
 def passes(row: dict[str, Any]) -> bool:
-    """The server's int8 rule (module docstring) for one measured configuration."""
-    from palettelink.front import INT8_MIN_RETAINED
+    """The server's int8 rule (module docstring) for one measured configuration: the edge's rule
+    (:func:`palettelink.front.int8_passes`) at the server's agreement bound, retained measured."""
+    from palettelink.front import int8_passes
     from palettelink.models.ultra_ort import SERVER_INT8_MIN_AGREEMENT
 
-    return (row.get("agreement") is not None and row["agreement"] >= SERVER_INT8_MIN_AGREEMENT
-            and row.get("retained") is not None and row["retained"] >= INT8_MIN_RETAINED)
+    return row.get("retained") is not None and int8_passes(row, SERVER_INT8_MIN_AGREEMENT)
 
 
 def agreement(reference: Sequence[Sequence[Any]], predictions: Sequence[Sequence[Any]]) -> float | None:
