@@ -465,7 +465,12 @@ def _edge_graphs(front: Front, methods: list[Method]) -> dict[str, dict[str, str
         graph = getattr(getattr(m, "encoder", None), "graph", None)
         if isinstance(graph, GraphChoice):
             choices[m.name] = graph
-    return {k: {"file": c.file, "precision": c.precision, "reason": c.reason} for k, c in choices.items()}
+    return {k: _graph_entry(c) for k, c in choices.items()}
+
+
+def _graph_entry(choice: GraphChoice) -> dict[str, str]:
+    """How the report names one graph that ran: its file, precision and why."""
+    return {"file": choice.file, "precision": choice.precision, "reason": choice.reason}
 
 
 def server_tail(bundle: Bundle, precision: str) -> Any:
@@ -480,15 +485,12 @@ def server_tail(bundle: Bundle, precision: str) -> Any:
 
 def _server_graphs(methods: list[Method], tail: Any) -> dict[str, dict[str, str]]:
     """Which file ran each server graph of this bench: each codec's decoder network, then the tail."""
-    def entry(c: GraphChoice) -> dict[str, str]:
-        return {"file": c.file, "precision": c.precision, "reason": c.reason}
-
     out = {}
     for m in methods:
         graph = getattr(m, "server_graph", lambda: None)()
         if isinstance(graph, GraphChoice):
-            out[f"{m.name} decoder"] = entry(graph)
-    out["tail"] = (entry(tail.graph) if tail is not None
+            out[f"{m.name} decoder"] = _graph_entry(graph)
+    out["tail"] = (_graph_entry(tail.graph) if tail is not None
                    else {"file": "torch", "precision": "fp32", "reason": "the float pipeline"})
     return out
 

@@ -168,7 +168,7 @@ def measure(bundle: Any, graph: str, int8_file: Path, frames: list[np.ndarray], 
     def kept(boxes: list[Any]) -> list[Any]:
         return [b for b in boxes if b.score >= 0.25]
 
-    uncompressed = uncompressed_reference(bundle, frames, threads)
+    uncompressed = uncompressed_reference(det, ref_front, frames)
     refs = [kept(b) for b in uncompressed]
     fp32_all: list[list[Any]] = []
     int8_all: list[list[Any]] = []

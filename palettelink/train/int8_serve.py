@@ -130,13 +130,15 @@ class ServePath:
         return postprocess(preds, lb, conf), float(d.timings_ms.get("decoder_ms", 0.0)), tail_ms
 
 
-def torch_reference(bundle: Bundle, payloads: Sequence[bytes], conf: float = 0.001) -> list[list[Any]]:
-    """The torch path's boxes: the library decoder on the whole latent, the torch tail."""
+def torch_reference(bundle: Bundle, payloads: Sequence[bytes], conf: float = 0.001,
+                    det: Any = None) -> list[list[Any]]:
+    """The torch path's boxes: the library decoder on the whole latent, the torch tail (``det``, a
+    :class:`~palettelink.models.ultra.SplitDetector`; loaded here where not given)."""
     from palettelink.codecs import Decoder
     from palettelink.image import letterbox_info
     from palettelink.models.ultra import SplitDetector
 
-    det = SplitDetector.from_bundle(bundle)
+    det = det if det is not None else SplitDetector.from_bundle(bundle)
     dec = Decoder(bundle)
     out = []
     for p in payloads:
@@ -145,18 +147,16 @@ def torch_reference(bundle: Bundle, payloads: Sequence[bytes], conf: float = 0.0
     return out
 
 
-def uncompressed_reference(bundle: Bundle, rgbs: Sequence[np.ndarray], threads: int | None,
+def uncompressed_reference(det: Any, front: Any, rgbs: Sequence[np.ndarray],
                            conf: float = 0.001) -> list[list[Any]]:
-    """The uncompressed pipeline's boxes: ``front.onnx`` (fp32) on the letterbox, the torch tail."""
-    from palettelink.front import Front
+    """The uncompressed pipeline's boxes: ``front`` (an fp32 :class:`~palettelink.front.Front`) on the
+    letterbox, then ``det``'s torch tail (a :class:`~palettelink.models.ultra.SplitDetector`); the
+    caller's own, so a measurement that also needs them loads each once."""
     from palettelink.image import letterbox
-    from palettelink.models.ultra import SplitDetector
 
-    det = SplitDetector.from_bundle(bundle)
-    front = Front(bundle, threads, precision="fp32")
     out = []
     for rgb in rgbs:
-        x, lb = letterbox(rgb, bundle.input_size)
+        x, lb = letterbox(rgb, front.bundle.input_size)
         out.append(det.detect_tensors(front.run_tensor(x), lb, conf=conf))
     return out
 
@@ -219,7 +219,8 @@ def build(bundle_dir: Path, calibration: int = 24, frames: int = 0, threads: int
     manifest's ``serve`` entry (the kept files are written beside it), or None where this machine has
     no calibration images or no leave-source-out frames."""
     from palettelink.codecs import make_encoder
-    from palettelink.front import INT8_MIN_RETAINED
+    from palettelink.front import INT8_MIN_RETAINED, Front
+    from palettelink.models.ultra import SplitDetector
     from palettelink.models.ultra_ort import SERVER_INT8_MIN_AGREEMENT, tail_file
     from palettelink.train import data
     from palettelink.train.onnx_int8 import quantise
@@ -248,9 +249,10 @@ def build(bundle_dir: Path, calibration: int = 24, frames: int = 0, threads: int
         payloads["palette"] = [enc.encode(rgb).payload for rgb in frames_rgb]
     base = make_encoder(bundle, "baseline")
     payloads["baseline"] = [base.encode(rgb, 4).payload for rgb in frames_rgb]
-    unc = uncompressed_reference(bundle, frames_rgb, threads)
+    det = SplitDetector.from_bundle(bundle)
+    unc = uncompressed_reference(det, Front(bundle, threads, precision="fp32"), frames_rgb)
     del frames_rgb
-    refs = {c: torch_reference(bundle, p) for c, p in payloads.items()}
+    refs = {c: torch_reference(bundle, p, det=det) for c, p in payloads.items()}
     ref_ap = {c: agreement(unc, r) for c, r in refs.items()}  # the torch path against the uncompressed one
 
     with tempfile.TemporaryDirectory() as tmp:
